@@ -23,6 +23,10 @@ const (
 	// WebhookIdentity is the client-certificate identity (CN or DNS SAN) the agent accepts for
 	// starting dumps. Every other caller gets 403; callers without a client certificate get 401.
 	WebhookIdentity = "stasis-webhook"
+
+	// ServerName is the name every agent's serving certificate carries (agents are reached by pod
+	// or node IP, so the webhook verifies this fixed name instead of the address).
+	ServerName = "stasis-agent"
 )
 
 // Phase is where a checkpoint operation is.
