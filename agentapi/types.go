@@ -57,6 +57,9 @@ type CheckpointRequest struct {
 	Reason string `json:"reason,omitempty"`
 	// Diagnosis keeps CRIU logs and the images of failed dumps (checkpoint-diagnosis label).
 	Diagnosis bool `json:"diagnosis,omitempty"`
+	// Keep is how many complete checkpoints per container to keep besides the new one
+	// (webhook --keep-checkpoints); 0 leaves the agent's own default.
+	Keep int `json:"keep,omitempty"`
 }
 
 // ContainerSpec is one container to checkpoint.

@@ -174,3 +174,8 @@ type RestorePlan struct {
 	// Reason says why a cold start was chosen (missing, partial, corrupt).
 	Reason string `json:"reason,omitempty"`
 }
+
+// LauncherCapabilities are added to every wrapped container: the launcher needs SYS_ADMIN for its
+// nested PID namespace, CRIU restore needs SYS_ADMIN + SYS_TIME + NET_ADMIN (or CHECKPOINT_RESTORE),
+// and SYS_PTRACE lets the dump and restore inspect the app's processes.
+var LauncherCapabilities = []string{"SYS_ADMIN", "SYS_PTRACE", "SYS_TIME", "NET_ADMIN", "CHECKPOINT_RESTORE"}

@@ -1,0 +1,336 @@
+// Package agent is `stasis agent`, the node agent: it dumps the app trees of checkpoint-enabled
+// containers with CRIU when the webhook asks (mTLS API, agentapi), keeps the dumped apps frozen
+// until their pod is deleted (or thaws them after a timeout), and serves the launchers of its node
+// on a local unix socket (image entrypoints, restore results turned into Events).
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/wiring"
+)
+
+// ProcessFinder finds the host PID of a container's PID 1 (the launcher).
+type ProcessFinder interface {
+	Find(ctx context.Context, pod agentapi.PodRef, container string) (Target, error)
+}
+
+// Target is a running container found by a ProcessFinder.
+type Target struct {
+	PID      int
+	Image    string
+	ImageRef string
+}
+
+// EventRecorder records Events on pods (nil: no Events).
+type EventRecorder interface {
+	PodEvent(ctx context.Context, pod agentapi.PodRef, warning bool, reason, message string)
+}
+
+// Config configures an Agent.
+type Config struct {
+	NodeName string
+	// ContainerCriuPath is CRIU inside wrapped containers (staged there by the tools init-container).
+	ContainerCriuPath string
+	// CriuVersion is the version the agent's version gate measured (recorded in manifests).
+	CriuVersion        int
+	MaxConcurrentDumps int
+	// FreezeTimeout: an app still frozen this long after its dump (its pod was not deleted) is thawed.
+	FreezeTimeout time.Duration
+	// DumpTimeout bounds one container's dump.
+	DumpTimeout     time.Duration
+	KeepCheckpoints int
+	// ScratchDir holds per-dump wrapper scripts.
+	ScratchDir string
+	Finder     ProcessFinder
+	Events     EventRecorder
+	Metrics    *Metrics
+	Log        zerolog.Logger
+	// Now is the clock (tests: none needed; kept for checkpoint IDs).
+	Now func() time.Time
+}
+
+func (c *Config) defaults() error {
+	if c.Finder == nil {
+		return errors.New("agent: no process finder")
+	}
+	if c.ContainerCriuPath == "" {
+		c.ContainerCriuPath = wiring.CriuBinary
+	}
+	if c.MaxConcurrentDumps <= 0 {
+		c.MaxConcurrentDumps = 2
+	}
+	if c.FreezeTimeout <= 0 {
+		c.FreezeTimeout = 5 * time.Minute
+	}
+	if c.DumpTimeout <= 0 {
+		c.DumpTimeout = 15 * time.Minute
+	}
+	if c.KeepCheckpoints <= 0 {
+		c.KeepCheckpoints = 2
+	}
+	if c.Metrics == nil {
+		c.Metrics = NewMetrics(nil)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	return nil
+}
+
+// Agent runs checkpoint operations, one per pod UID.
+type Agent struct {
+	cfg   Config
+	ctx   context.Context
+	slots chan struct{}
+
+	mu  sync.Mutex
+	ops map[string]*operation
+}
+
+type operation struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	bytes  atomic.Int64
+
+	mu     sync.Mutex
+	status agentapi.CheckpointStatus
+	frozen []frozenTree
+	timer  *time.Timer
+}
+
+// New returns an agent whose operations live as long as ctx.
+func New(ctx context.Context, cfg Config) (*Agent, error) {
+	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	return &Agent{cfg: cfg, ctx: ctx, slots: make(chan struct{}, cfg.MaxConcurrentDumps), ops: map[string]*operation{}}, nil
+}
+
+// ValidateRequest checks a request and names the offending field.
+func ValidateRequest(req agentapi.CheckpointRequest) error {
+	if req.Pod.UID == "" {
+		return errors.New("pod.uid: required")
+	}
+	if len(req.Containers) == 0 {
+		return errors.New("containers: at least one container is required")
+	}
+	seen := map[string]bool{}
+	for i, c := range req.Containers {
+		switch {
+		case c.Name == "":
+			return fmt.Errorf("containers[%d].name: required", i)
+		case seen[c.Name]:
+			return fmt.Errorf("containers[%d].name: %q listed twice", i, c.Name)
+		case !path.IsAbs(c.Dir) || path.Clean(c.Dir) != c.Dir || c.Dir == "/":
+			return fmt.Errorf("containers[%d].dir: %q is not a clean absolute directory", i, c.Dir)
+		}
+		seen[c.Name] = true
+		for j, f := range c.Files {
+			if !path.IsAbs(f) {
+				return fmt.Errorf("containers[%d].files[%d]: %q is not an absolute path", i, j, f)
+			}
+		}
+	}
+	return nil
+}
+
+// Start starts a checkpoint for the request's pod, or joins the operation that exists for its UID
+// (in flight or finished): a retried eviction never causes a second dump.
+func (a *Agent) Start(req agentapi.CheckpointRequest) (agentapi.CheckpointStatus, error) {
+	if err := ValidateRequest(req); err != nil {
+		return agentapi.CheckpointStatus{}, err
+	}
+	a.mu.Lock()
+	if op, ok := a.ops[req.Pod.UID]; ok {
+		a.mu.Unlock()
+		return op.snapshot(), nil
+	}
+	ctx, cancel := context.WithCancel(a.ctx)
+	op := &operation{cancel: cancel, done: make(chan struct{})}
+	op.status = agentapi.CheckpointStatus{Pod: req.Pod, Node: a.cfg.NodeName, Phase: agentapi.PhasePending, StartedAt: a.cfg.Now().UTC(), Message: "waiting for a dump slot"}
+	a.ops[req.Pod.UID] = op
+	a.mu.Unlock()
+	go a.run(ctx, op, req)
+	return op.snapshot(), nil
+}
+
+// Wait blocks until the operation for uid is done (or ctx ends) and returns its status.
+func (a *Agent) Wait(ctx context.Context, uid string) (agentapi.CheckpointStatus, error) {
+	a.mu.Lock()
+	op, ok := a.ops[uid]
+	a.mu.Unlock()
+	if !ok {
+		return agentapi.CheckpointStatus{}, fmt.Errorf("no checkpoint operation for pod %s", uid)
+	}
+	select {
+	case <-op.done:
+	case <-ctx.Done():
+		return op.snapshot(), ctx.Err()
+	}
+	return op.snapshot(), nil
+}
+
+// Status returns the operation for uid.
+func (a *Agent) Status(uid string) (agentapi.CheckpointStatus, bool) {
+	a.mu.Lock()
+	op, ok := a.ops[uid]
+	a.mu.Unlock()
+	if !ok {
+		return agentapi.CheckpointStatus{}, false
+	}
+	return op.snapshot(), true
+}
+
+// List returns every operation.
+func (a *Agent) List() agentapi.CheckpointList {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	l := agentapi.CheckpointList{Items: []agentapi.CheckpointStatus{}}
+	for _, op := range a.ops {
+		l.Items = append(l.Items, op.snapshot())
+	}
+	return l
+}
+
+// Delete forgets the operation for uid: a dump in flight is cancelled and a frozen app is thawed
+// (the caller decided the pod stays).
+func (a *Agent) Delete(uid string) bool {
+	a.mu.Lock()
+	op, ok := a.ops[uid]
+	delete(a.ops, uid)
+	a.mu.Unlock()
+	if !ok {
+		return false
+	}
+	op.cancel()
+	<-op.done
+	a.thaw(op, "checkpoint operation deleted")
+	return true
+}
+
+func (op *operation) snapshot() agentapi.CheckpointStatus {
+	op.mu.Lock()
+	defer op.mu.Unlock()
+	s := op.status
+	s.Containers = append([]agentapi.ContainerResult(nil), op.status.Containers...)
+	s.BytesWritten = op.bytes.Load()
+	return s
+}
+
+func (a *Agent) run(ctx context.Context, op *operation, req agentapi.CheckpointRequest) {
+	defer close(op.done)
+	log := a.cfg.Log.With().Str("pod", req.Pod.Namespace+"/"+req.Pod.Name).Str("uid", req.Pod.UID).Str("reason", req.Reason).Logger()
+	select {
+	case a.slots <- struct{}{}:
+		defer func() { <-a.slots }()
+	case <-ctx.Done():
+		a.finish(op, req, false, "cancelled while waiting for a dump slot")
+		return
+	}
+	op.mu.Lock()
+	op.status.Phase = agentapi.PhaseRunning
+	op.status.Message = "dumping"
+	op.mu.Unlock()
+
+	ok := true
+	var base int64
+	for _, c := range req.Containers {
+		res, frozen := a.dumpContainer(ctx, log, op, base, req, c)
+		base += res.Bytes
+		op.bytes.Store(base)
+		op.mu.Lock()
+		op.status.Containers = append(op.status.Containers, res)
+		if frozen != nil {
+			op.frozen = append(op.frozen, *frozen)
+		}
+		op.mu.Unlock()
+		if res.Phase != agentapi.PhaseSucceeded {
+			ok = false
+			break // the pod cannot be evicted anyway; thaw what was frozen
+		}
+	}
+	msg := fmt.Sprintf("checkpointed %d container(s), %d bytes", len(req.Containers), base)
+	if !ok {
+		msg = "checkpoint failed: " + op.snapshot().Containers[len(op.snapshot().Containers)-1].Message
+	}
+	a.finish(op, req, ok, msg)
+	if !ok {
+		a.thaw(op, "checkpoint failed")
+		return
+	}
+	// The app stays frozen until its pod is deleted (the launcher then kills it). A pod that stays
+	// (PDB refusal, suspend rejected elsewhere) must not stay frozen.
+	op.mu.Lock()
+	op.timer = time.AfterFunc(a.cfg.FreezeTimeout, func() {
+		// Forget the operation too: the app runs on, so its checkpoint is stale and the next
+		// request for this pod must dump again instead of joining this one.
+		a.mu.Lock()
+		if a.ops[req.Pod.UID] == op {
+			delete(a.ops, req.Pod.UID)
+		}
+		a.mu.Unlock()
+		a.thaw(op, fmt.Sprintf("pod not deleted within --freeze-timeout %s", a.cfg.FreezeTimeout))
+	})
+	op.mu.Unlock()
+}
+
+func (a *Agent) finish(op *operation, req agentapi.CheckpointRequest, ok bool, msg string) {
+	now := a.cfg.Now().UTC()
+	op.mu.Lock()
+	op.status.FinishedAt = &now
+	op.status.Message = msg
+	if ok {
+		op.status.Phase = agentapi.PhaseSucceeded
+	} else {
+		op.status.Phase = agentapi.PhaseFailed
+	}
+	op.mu.Unlock()
+	lg := a.cfg.Log.Info()
+	if !ok {
+		lg = a.cfg.Log.Warn()
+	}
+	lg.Str("pod", req.Pod.Namespace+"/"+req.Pod.Name).Str("uid", req.Pod.UID).Msg(msg)
+	if a.cfg.Events != nil && req.Pod.Name != "" {
+		reason := "Checkpointed"
+		if !ok {
+			reason = "CheckpointFailed"
+		}
+		a.cfg.Events.PodEvent(a.ctx, req.Pod, !ok, reason, msg)
+	}
+}
+
+// thaw resumes every app the operation left frozen (once).
+func (a *Agent) thaw(op *operation, why string) {
+	op.mu.Lock()
+	frozen := op.frozen
+	op.frozen = nil
+	if op.timer != nil {
+		op.timer.Stop()
+	}
+	pod := op.status.Pod
+	op.mu.Unlock()
+	for _, t := range frozen {
+		resumed, err := t.thaw()
+		ev := a.cfg.Log.Info()
+		if err != nil {
+			ev = a.cfg.Log.Error().Err(err)
+		}
+		if resumed {
+			a.cfg.Metrics.Thaws.Inc()
+			ev.Str("uid", pod.UID).Int("pid", t.pid).Str("why", why).Msg("thawed the frozen app")
+			if a.cfg.Events != nil && pod.Name != "" {
+				a.cfg.Events.PodEvent(a.ctx, pod, false, "Thawed", "resumed the app frozen by its checkpoint: "+why)
+			}
+		}
+	}
+}

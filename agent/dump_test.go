@@ -1,0 +1,265 @@
+package agent
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/checkpoint"
+	"github.com/stasis-k8s/stasis/launcher"
+	"github.com/stasis-k8s/stasis/wiring"
+)
+
+// rig is one pod's worth of test setup: a checkpoint volume, a tools dir for plans, an agent.
+type rig struct {
+	t        *testing.T
+	criu     string
+	root     string // the checkpoint volume (same path inside the test containers)
+	identity string
+	planDir  string
+	agent    *Agent
+	finder   pidFinder
+	socket   string
+}
+
+func newRig(t *testing.T, cfg Config) *rig {
+	criu := needCriu(t)
+	base := t.TempDir()
+	r := &rig{t: t, criu: criu, root: filepath.Join(base, "volume"), identity: "job/default/counter/0",
+		planDir: filepath.Join(base, "tools", "restore"), finder: pidFinder{}}
+	cfg.Finder = r.finder
+	cfg.ContainerCriuPath = criu
+	cfg.NodeName = "node-a"
+	cfg.Log = zerolog.New(zerolog.NewTestWriter(t))
+	cfg.ScratchDir = base
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	a, err := New(ctx, cfg)
+	require.NoError(t, err)
+	r.agent = a
+	return r
+}
+
+func (r *rig) dir(container string) string {
+	return filepath.Join(r.root, wiring.IdentityDir(r.identity), container)
+}
+
+func (r *rig) env(container string) []string {
+	return []string{
+		wiring.EnvContainerName + "=" + container,
+		wiring.EnvPodUID + "=uid-1",
+		launcher.EnvCriuPath + "=" + r.criu,
+		launcher.EnvRestorePlans + "=" + r.planDir,
+		launcher.EnvAgentSocket + "=" + r.socketPath(),
+	}
+}
+
+func (r *rig) socketPath() string {
+	if r.socket == "" {
+		return filepath.Join(r.root, "no-agent.sock")
+	}
+	return r.socket
+}
+
+// checkpoint runs the agent's dump (the code path behind POST /v1/checkpoints) and waits for it.
+func (r *rig) checkpoint(uid string, specs ...agentapi.ContainerSpec) agentapi.CheckpointStatus {
+	r.t.Helper()
+	_, err := r.agent.Start(agentapi.CheckpointRequest{Pod: agentapi.PodRef{Namespace: "default", Name: "counter", UID: uid}, Containers: specs, Reason: "eviction"})
+	require.NoError(r.t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	st, err := r.agent.Wait(ctx, uid)
+	require.NoError(r.t, err)
+	return st
+}
+
+// restoreContainer runs restore-prepare (the restore init-container) and then the launcher with
+// the restore environment in new namespaces.
+func (r *rig) restoreContainer(container, id string, cmd ...string) *container {
+	r.t.Helper()
+	out, err := exec.Command(stasisBin, "restore-prepare", "--identity", r.identity, "--restore-id", id,
+		"--restore-containers", container, "--checkpoint-root", r.root, "--plan-dir", r.planDir).CombinedOutput()
+	require.NoError(r.t, err, "restore-prepare: %s", out)
+	env := append(r.env(container), wiring.EnvRestoreID+"="+id)
+	return startContainer(r.t, env, append([]string{"--"}, cmd...)...)
+}
+
+func isSequence(nums []int) bool {
+	for i := range nums {
+		if nums[i] != i+1 {
+			return false
+		}
+	}
+	return true
+}
+
+// The whole path: counter under the launcher → agent dump (left frozen) → pod deletion (SIGTERM:
+// the launcher kills the frozen app and exits 143) → the writable layer is gone → restore-prepare
+// + launcher in new namespaces → the counter continues where it stopped, and the file listed in
+// checkpoint-files is back.
+func TestDumpRestoreCounterContinues(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	work := t.TempDir()
+	out := filepath.Join(work, "counter.txt") // open by the app, listed in checkpoint-files
+	c := startContainer(t, r.env("app"), "--", counterBin, out)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 10)
+
+	st := r.checkpoint("uid-1", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app"), Files: []string{out}})
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	require.Len(t, st.Containers, 1)
+	id := st.Containers[0].CheckpointID
+	assert.Greater(t, st.BytesWritten, int64(0))
+
+	// Frozen: nothing is written after the dump.
+	dumped := readCounts(t, out)
+	require.True(t, isSequence(dumped), "counter before dump: %v", dumped)
+	root, err := appRoot(r.finder["app"])
+	require.NoError(t, err)
+	assert.True(t, launcher.Stopped(root), "the app must stay stopped after its dump")
+
+	m, err := checkpoint.Verify(filepath.Join(r.dir("app"), id))
+	require.NoError(t, err)
+	assert.Equal(t, "app", m.Container)
+	assert.Contains(t, strings.Join(m.Process.Argv, " "), counterBin)
+	assert.Len(t, m.Stdio, 3)
+	assert.GreaterOrEqual(t, m.CriuVersion, 0)
+
+	assert.Equal(t, 143, c.stop(), "a checkpointed app's container exits 143 on SIGTERM")
+	assert.Equal(t, dumped, readCounts(t, out), "the frozen app must not run on before it is killed")
+
+	// A new container has a fresh writable layer: the file is gone until the launcher puts it back.
+	require.NoError(t, os.Remove(out))
+
+	c2 := r.restoreContainer("app", id, counterBin, out)
+	got := waitCount(t, c2, out, len(dumped)+5)
+	assert.Equal(t, dumped, got[:len(dumped)], "checkpoint-files content restored")
+	assert.True(t, isSequence(got), "the restored counter continues from %d, got %v", len(dumped), got)
+	assert.Contains(t, c2.out.String(), "restored; supervising the restored tree")
+	// The restored tree is supervised like a fresh one: SIGTERM reaches the app and ends it.
+	code := c2.stop()
+	assert.Equal(t, 128+15, code, "the counter dies of SIGTERM: 128+15")
+}
+
+// A corrupt image is refused by restore-prepare and the launcher cold-starts the original command.
+func TestCorruptCheckpointColdStarts(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	work := t.TempDir()
+	out := filepath.Join(work, "counter.txt")
+	c := startContainer(t, r.env("app"), "--", counterBin, out)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 5)
+	st := r.checkpoint("uid-2", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	id := st.Containers[0].CheckpointID
+	assert.Equal(t, 143, c.stop())
+
+	// Flip one byte in the largest image.
+	imgs, err := filepath.Glob(filepath.Join(r.dir("app"), id, checkpoint.ImagesDir, "pages-*.img"))
+	require.NoError(t, err)
+	require.NotEmpty(t, imgs)
+	f, err := os.OpenFile(imgs[0], os.O_RDWR, 0)
+	require.NoError(t, err)
+	b := make([]byte, 1)
+	_, err = f.ReadAt(b, 100)
+	require.NoError(t, err)
+	b[0] ^= 0xff
+	_, err = f.WriteAt(b, 100)
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+	require.NoError(t, os.Remove(out))
+
+	c2 := r.restoreContainer("app", id, counterBin, out)
+	got := waitCount(t, c2, out, 3)
+	assert.Equal(t, []int{1, 2, 3}, got[:3], "cold start counts from 1")
+	assert.Contains(t, c2.out.String(), "COLD START")
+	assert.Contains(t, c2.out.String(), "corrupt checkpoint")
+
+	plan, err := os.ReadFile(filepath.Join(r.planDir, "app.json"))
+	require.NoError(t, err)
+	assert.Contains(t, string(plan), `"restore": false`)
+}
+
+// Two requests for one pod at once produce one dump, and both callers see the same operation.
+func TestConcurrentRequestsOneDump(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	out := filepath.Join(t.TempDir(), "counter.txt")
+	c := startContainer(t, r.env("app"), "--", counterBin, out)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 3)
+
+	req := agentapi.CheckpointRequest{Pod: agentapi.PodRef{Namespace: "default", Name: "counter", UID: "uid-3"},
+		Containers: []agentapi.ContainerSpec{{Name: "app", Dir: r.dir("app")}}}
+	var wg sync.WaitGroup
+	starts := make([]agentapi.CheckpointStatus, 2)
+	for i := range starts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, err := r.agent.Start(req)
+			assert.NoError(t, err)
+			starts[i] = st
+		}()
+	}
+	wg.Wait()
+	assert.Equal(t, starts[0].StartedAt, starts[1].StartedAt, "one operation")
+	st, err := r.agent.Wait(context.Background(), "uid-3")
+	require.NoError(t, err)
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	// A third request after completion joins the finished operation.
+	again, err := r.agent.Start(req)
+	require.NoError(t, err)
+	assert.Equal(t, st.Containers[0].CheckpointID, again.Containers[0].CheckpointID)
+
+	list, err := checkpoint.List(r.dir("app"))
+	require.NoError(t, err)
+	assert.Len(t, list, 1, "exactly one checkpoint written")
+	assert.Equal(t, 143, c.stop())
+}
+
+// A dumped app whose pod is not deleted is thawed after --freeze-timeout and runs on.
+func TestFrozenAppThawedWhenPodStays(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: 2 * time.Second})
+	out := filepath.Join(t.TempDir(), "counter.txt")
+	c := startContainer(t, r.env("app"), "--", counterBin, out)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 3)
+	st := r.checkpoint("uid-4", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	dumped := readCounts(t, out)
+	root, err := appRoot(r.finder["app"])
+	require.NoError(t, err)
+	require.True(t, launcher.Stopped(root), "stopped right after the dump")
+
+	got := waitCount(t, c, out, len(dumped)+5)
+	assert.True(t, isSequence(got), "the thawed app runs on: %v", got)
+	_, known := r.agent.Status("uid-4")
+	assert.False(t, known, "a thawed operation is forgotten so the next request dumps again")
+	// Not frozen any more: SIGTERM is forwarded, the counter dies of it.
+	assert.Equal(t, 128+15, c.stop())
+}
+
+// DELETE thaws at once.
+func TestDeleteThaws(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	out := filepath.Join(t.TempDir(), "counter.txt")
+	c := startContainer(t, r.env("app"), "--", counterBin, out)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 3)
+	st := r.checkpoint("uid-5", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	dumped := readCounts(t, out)
+	require.True(t, r.agent.Delete("uid-5"))
+	waitCount(t, c, out, len(dumped)+3)
+	assert.Equal(t, 128+15, c.stop())
+}

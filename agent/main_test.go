@@ -1,0 +1,217 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/criurun"
+	"github.com/stasis-k8s/stasis/wiring"
+)
+
+// Binaries built once for the whole package: the stasis binary (launcher, restore-prepare) and the
+// counter test app.
+var (
+	stasisBin  string
+	counterBin string
+	buildErr   error
+)
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "stasis-agent-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	stasisBin = filepath.Join(dir, "stasis")
+	counterBin = filepath.Join(dir, "counter")
+	for _, b := range [][2]string{{stasisBin, "github.com/stasis-k8s/stasis"}, {counterBin, "./testdata/counter"}} {
+		cmd := exec.Command("go", "build", "-o", b[0], b[1])
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build %s: %v\n%s", b[1], err, out)
+		}
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// needCriu returns the CRIU wrapper the tests use, failing (not skipping) when it is missing.
+func needCriu(t testing.TB) string {
+	t.Helper()
+	require.NoError(t, buildErr)
+	if os.Geteuid() != 0 {
+		t.Fatal("these tests dump real processes with CRIU and must run as root")
+	}
+	p := os.Getenv("STASIS_CRIU")
+	if p == "" {
+		t.Fatal("STASIS_CRIU not set: run `make unit` (it installs CRIU 4.x with hack/criu/install.sh and sets STASIS_CRIU)")
+	}
+	if _, err := criurun.CheckVersion(p); err != nil {
+		t.Fatalf("STASIS_CRIU=%s: %v", p, err)
+	}
+	return p
+}
+
+// containerCaps is what a container gets under containerd by default plus what the webhook adds
+// (wiring.LauncherCapabilities): the tests run the launcher with exactly these.
+func containerCaps() string {
+	caps := []string{"chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid", "setuid",
+		"setfcap", "setpcap", "net_bind_service", "sys_chroot", "kill", "audit_write"}
+	for _, c := range wiring.LauncherCapabilities {
+		caps = append(caps, strings.ToLower(c))
+	}
+	return "-all,+" + strings.Join(caps, ",+")
+}
+
+// container is `stasis launcher -- CMD` as PID 1 of fresh mount, PID, UTS and IPC namespaces with
+// its own /proc and the capabilities of a wired container: what containerd would start.
+type container struct {
+	t      testing.TB
+	cmd    *exec.Cmd
+	out    *syncBuffer
+	done   chan struct{}
+	status syscall.WaitStatus
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func startContainer(t testing.TB, env []string, launcherArgs ...string) *container {
+	t.Helper()
+	args := []string{"--mount", "--pid", "--uts", "--ipc", "--fork", "--mount-proc", "--",
+		"setpriv", "--bounding-set", containerCaps(), "--", stasisBin, "launcher"}
+	args = append(args, launcherArgs...)
+	c := &container{t: t, cmd: exec.Command("unshare", args...), out: &syncBuffer{}, done: make(chan struct{})}
+	c.cmd.Env = append(os.Environ(), env...)
+	// Pipes for stdout/stderr, as containerd gives containers.
+	c.cmd.Stdout, c.cmd.Stderr = c.out, c.out
+	require.NoError(t, c.cmd.Start())
+	go func() {
+		_ = c.cmd.Wait()
+		c.status = c.cmd.ProcessState.Sys().(syscall.WaitStatus)
+		close(c.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-c.done:
+		default:
+			_ = c.cmd.Process.Kill()
+			if p := c.launcherPID(); p > 0 {
+				_ = syscall.Kill(p, syscall.SIGKILL)
+			}
+			<-c.done
+		}
+		if t.Failed() {
+			t.Logf("container output:\n%s", c.out.String())
+		}
+	})
+	return c
+}
+
+// launcherPID is the host PID of the container's PID 1 (unshare's child).
+func (c *container) launcherPID() int {
+	for i := 0; i < 200; i++ {
+		if ch := criurun.Children(c.cmd.Process.Pid); len(ch) > 0 {
+			return ch[0]
+		}
+		select {
+		case <-c.done:
+			return 0
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return 0
+}
+
+// stop sends SIGTERM to the container's PID 1, as the kubelet does on pod deletion, and returns
+// the launcher's exit code (unshare exits with its child's status).
+func (c *container) stop() int {
+	c.t.Helper()
+	p := c.launcherPID()
+	require.NotZero(c.t, p, "launcher not running")
+	require.NoError(c.t, syscall.Kill(p, syscall.SIGTERM))
+	select {
+	case <-c.done:
+	case <-time.After(30 * time.Second):
+		c.t.Fatalf("container did not exit after SIGTERM; output:\n%s", c.out.String())
+	}
+	return c.status.ExitStatus()
+}
+
+// pidFinder finds containers by the launcher PIDs the test started (the CRI finder's stand-in
+// where no container runtime runs: the lookup is the only part replaced, the dump is the agent's).
+type pidFinder map[string]int
+
+func (f pidFinder) Find(_ context.Context, _ agentapi.PodRef, container string) (Target, error) {
+	p, ok := f[container]
+	if !ok || p == 0 {
+		return Target{}, fmt.Errorf("no such container %q", container)
+	}
+	return Target{PID: p, Image: "counter:test"}, nil
+}
+
+// readCounts returns the numbers in a counter file.
+func readCounts(t testing.TB, path string) []int {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	require.NoError(t, err)
+	var out []int
+	for _, l := range strings.Fields(string(b)) {
+		n, err := strconv.Atoi(l)
+		require.NoError(t, err, "counter file %s: %q", path, b)
+		out = append(out, n)
+	}
+	return out
+}
+
+// waitCount waits until the counter file holds at least n numbers (bounded by a generous limit so
+// a broken app fails the test instead of hanging it; not a timing assertion).
+func waitCount(t testing.TB, c *container, path string, n int) []int {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if got := readCounts(t, path); len(got) >= n {
+			return got
+		}
+		select {
+		case <-c.done:
+			t.Fatalf("container exited (status %v) before counting to %d; output:\n%s", c.status, n, c.out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("counter %s did not reach %d numbers; output:\n%s", path, n, c.out.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -1,0 +1,48 @@
+package agent
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the agent's Prometheus metrics.
+type Metrics struct {
+	Registry       *prometheus.Registry
+	DumpDuration   prometheus.Histogram
+	DumpBytes      prometheus.Counter
+	DumpFailures   prometheus.Counter
+	Thaws          prometheus.Counter
+	RestoreResults *prometheus.CounterVec
+}
+
+// NewMetrics registers the agent's metrics in reg (a new registry when nil).
+func NewMetrics(reg *prometheus.Registry) *Metrics {
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+	m := &Metrics{
+		Registry: reg,
+		DumpDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "stasis_agent_dump_duration_seconds",
+			Help:    "Time to checkpoint one container: CRIU dump, file copies, checksums, fsync and commit.",
+			Buckets: prometheus.ExponentialBuckets(0.1, 2, 12),
+		}),
+		DumpBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "stasis_agent_dump_bytes_total",
+			Help: "Bytes of complete checkpoints written.",
+		}),
+		DumpFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "stasis_agent_dump_failures_total",
+			Help: "Container dumps that failed.",
+		}),
+		Thaws: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "stasis_agent_thaws_total",
+			Help: "Frozen apps resumed because their pod stayed or their dump failed.",
+		}),
+		RestoreResults: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "stasis_agent_restore_results_total",
+			Help: "Restore outcomes reported by launchers (result=restored|cold-start).",
+		}, []string{"result"}),
+	}
+	reg.MustRegister(m.DumpDuration, m.DumpBytes, m.DumpFailures, m.Thaws, m.RestoreResults)
+	return m
+}

@@ -1,0 +1,223 @@
+package agent
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/stasis-k8s/stasis/checkpoint"
+	"github.com/stasis-k8s/stasis/criurun"
+)
+
+// Helpers over /proc. The agent runs with hostPID, so every PID here is a host PID unless named
+// otherwise.
+
+// appRoot returns the launcher's nested-namespace init (the root of the tree to dump): the
+// launcher's only child living in another PID namespace.
+func appRoot(launcher int) (int, error) {
+	lns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", launcher))
+	if err != nil {
+		return 0, fmt.Errorf("launcher process %d: %w", launcher, err)
+	}
+	var found []int
+	for _, c := range criurun.Children(launcher) {
+		ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", c))
+		if err == nil && ns != lns {
+			found = append(found, c)
+		}
+	}
+	switch len(found) {
+	case 0:
+		return 0, fmt.Errorf("process %d has no child in a nested PID namespace: is the container started by `stasis launcher`?", launcher)
+	case 1:
+		return found[0], nil
+	}
+	return 0, fmt.Errorf("process %d has %d children in nested PID namespaces, expected one", launcher, len(found))
+}
+
+// nsPids returns the NSpid line of a process: its PID in each namespace from ours down to its own.
+func nsPids(pid int) ([]int, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "NSpid:"); ok {
+			var out []int
+			for _, f := range strings.Fields(v) {
+				n, err := strconv.Atoi(f)
+				if err != nil {
+					return nil, err
+				}
+				out = append(out, n)
+			}
+			return out, nil
+		}
+	}
+	return nil, fmt.Errorf("no NSpid in /proc/%d/status", pid)
+}
+
+// pidIn returns pid's PID as seen in the PID namespace of ref (ref must be an ancestor namespace).
+func pidIn(pid, ref int) (int, error) {
+	r, err := nsPids(ref)
+	if err != nil {
+		return 0, err
+	}
+	p, err := nsPids(pid)
+	if err != nil {
+		return 0, err
+	}
+	lvl := len(r) - 1
+	if lvl >= len(p) {
+		return 0, fmt.Errorf("process %d is not below the PID namespace of %d", pid, ref)
+	}
+	return p[lvl], nil
+}
+
+// descendants returns pid and every process below it.
+func descendants(pid int) []int {
+	out := []int{pid}
+	for i := 0; i < len(out); i++ {
+		out = append(out, criurun.Children(out[i])...)
+	}
+	return out
+}
+
+// startTime is field 22 of /proc/<pid>/stat: with the PID it names one process for good (PIDs
+// are reused).
+func startTime(pid int) (uint64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("bad /proc/%d/stat", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return 0, fmt.Errorf("bad /proc/%d/stat", pid)
+	}
+	return strconv.ParseUint(f[19], 10, 64)
+}
+
+// frozenTree is an app tree left stopped by a dump.
+type frozenTree struct {
+	pid   int
+	start uint64
+}
+
+func newFrozenTree(pid int) frozenTree {
+	st, _ := startTime(pid)
+	return frozenTree{pid: pid, start: st}
+}
+
+// thaw resumes the tree if it is still the same process: SIGCONT to every process of it (CRIU
+// leaves each task stopped, a SIGCONT to the root alone resumes only the root).
+func (t frozenTree) thaw() (bool, error) {
+	st, err := startTime(t.pid)
+	if err != nil || st != t.start {
+		return false, nil // gone: the pod was deleted and the launcher killed it
+	}
+	var errs []string
+	for _, p := range descendants(t.pid) {
+		if err := syscall.Kill(p, syscall.SIGCONT); err != nil && err != syscall.ESRCH {
+			errs = append(errs, fmt.Sprintf("%d: %v", p, err))
+		}
+	}
+	if len(errs) > 0 {
+		return true, fmt.Errorf("SIGCONT: %s", strings.Join(errs, ", "))
+	}
+	return true, nil
+}
+
+// processInfo records what restore needs to know about the dumped (stopped) tree.
+func processInfo(root, ref int, m *checkpoint.Manifest) error {
+	m.RootPid, _ = pidIn(root, ref)
+	for fd := 0; fd < 3; fd++ {
+		t, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", root, fd))
+		if err != nil {
+			t = ""
+		}
+		m.Stdio = append(m.Stdio, t)
+	}
+	app := root
+	if c := criurun.Children(root); len(c) > 0 {
+		app = c[0]
+	}
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", app)); err == nil {
+		m.Process.Argv = splitNul(b)
+	}
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", app)); err == nil {
+		m.Process.Env = splitNul(b)
+	}
+	m.Process.Cwd, _ = os.Readlink(fmt.Sprintf("/proc/%d/cwd", app))
+	for _, p := range descendants(root) {
+		cp, err := pidIn(p, ref)
+		if err != nil {
+			continue
+		}
+		fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p))
+		for _, de := range fds {
+			fd, err := strconv.Atoi(de.Name())
+			if err != nil {
+				continue
+			}
+			link := fmt.Sprintf("/proc/%d/fd/%d", p, fd)
+			target, err := os.Readlink(link)
+			if err != nil || !filepath.IsAbs(target) || strings.HasSuffix(target, " (deleted)") {
+				continue
+			}
+			fi, err := os.Stat(link)
+			if err != nil || !fi.Mode().IsRegular() {
+				continue
+			}
+			flags, pos := fdInfo(p, fd)
+			m.OpenFiles = append(m.OpenFiles, checkpoint.OpenFile{Pid: cp, FD: fd, Path: target, Size: fi.Size(), Flags: flags, Pos: pos})
+		}
+	}
+	return nil
+}
+
+func fdInfo(pid, fd int) (flags int, pos int64) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%d", pid, fd))
+	if err != nil {
+		return 0, 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		if !ok {
+			continue
+		}
+		v = strings.TrimSpace(v)
+		switch k {
+		case "pos":
+			pos, _ = strconv.ParseInt(v, 10, 64)
+		case "flags":
+			f, _ := strconv.ParseInt(v, 8, 64)
+			flags = int(f)
+		}
+	}
+	return flags, pos
+}
+
+func splitNul(b []byte) []string {
+	b = bytes.TrimRight(b, "\x00")
+	if len(b) == 0 {
+		return nil
+	}
+	return strings.Split(string(b), "\x00")
+}
+
+// processUID returns the real uid and gid of a process (to give the checkpoint to the app's user).
+func processUID(pid int) (uid, gid int, err error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(fmt.Sprintf("/proc/%d", pid), &st); err != nil {
+		return 0, 0, err
+	}
+	return int(st.Uid), int(st.Gid), nil
+}

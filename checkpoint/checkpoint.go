@@ -1,0 +1,216 @@
+// Package checkpoint is the on-volume layout of checkpoints: one directory per checkpoint below a
+// container's checkpoint directory, a manifest with the sha256 of every file, and a completion
+// marker written last. The agent writes checkpoints; the restore init-container and the launcher
+// verify them. A checkpoint without its marker, or whose files do not match the manifest, is never
+// restored.
+//
+//	<dir>/                         wiring.CheckpointDir(identity, container)
+//	  <id>/                        a complete checkpoint
+//	    manifest.json              Manifest
+//	    images/…                   CRIU images
+//	    files/<absolute path>      checkpoint-files copied from the container's filesystem
+//	    dump.log                   CRIU's dump log
+//	    COMPLETE                   the marker: sha256 of manifest.json, written last
+//	  .tmp-<id>/                   a checkpoint being written (never read)
+//	  .failed-<id>/                a failed dump kept for diagnosis (checkpoint-diagnosis)
+package checkpoint
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+)
+
+// FormatVersion is the manifest format; a reader refuses others.
+const FormatVersion = 1
+
+// File and directory names inside a checkpoint.
+const (
+	ManifestName = "manifest.json"
+	MarkerName   = "COMPLETE"
+	ImagesDir    = "images"
+	FilesDir     = "files"
+	DumpLogName  = "dump.log"
+	tmpPrefix    = ".tmp-"
+	failedPrefix = ".failed-"
+)
+
+// Manifest describes one checkpoint.
+type Manifest struct {
+	Format    int             `json:"format"`
+	ID        string          `json:"id"`
+	Pod       agentapi.PodRef `json:"pod"`
+	Container string          `json:"container"`
+	Node      string          `json:"node,omitempty"`
+	Image     string          `json:"image,omitempty"`
+	// ImageRef is the image the runtime ran (digest), when known.
+	ImageRef string `json:"imageRef,omitempty"`
+	Reason   string `json:"reason,omitempty"`
+
+	// Process is the app as it was dumped (the first process under the launcher's nested init).
+	Process Process `json:"process"`
+	// RootPid is the PID of the dumped root as seen in the container.
+	RootPid int `json:"rootPid"`
+	// Stdio of the dumped root: readlink of fds 0, 1, 2 ("pipe:[123]", "/dev/null", …), for
+	// --inherit-fd at restore.
+	Stdio []string `json:"stdio"`
+	// OpenFiles are the regular files the tree had open: one whose size changed by restore time
+	// must be handed to CRIU with --inherit-fd (else "has bad size").
+	OpenFiles []OpenFile `json:"openFiles,omitempty"`
+	// CopiedFiles are the checkpoint-files copied into files/.
+	CopiedFiles []CopiedFile `json:"copiedFiles,omitempty"`
+
+	CriuVersion int `json:"criuVersion"`
+	// Files lists every file of the checkpoint (relative paths) but the manifest and the marker.
+	Files []FileSum `json:"files"`
+	// Size is the total of Files' sizes; ImagesSize the CRIU images alone.
+	Size       int64     `json:"size"`
+	ImagesSize int64     `json:"imagesSize"`
+	Started    time.Time `json:"started"`
+	Dumped     time.Time `json:"dumped"`
+	Created    time.Time `json:"created"`
+}
+
+// Process is what the app was started with.
+type Process struct {
+	Argv []string `json:"argv"`
+	Env  []string `json:"env,omitempty"`
+	Cwd  string   `json:"cwd,omitempty"`
+}
+
+// OpenFile is a regular file open in the dumped tree.
+type OpenFile struct {
+	Pid   int    `json:"pid"` // as seen in the container
+	FD    int    `json:"fd"`
+	Path  string `json:"path"` // as seen in the container
+	Size  int64  `json:"size"`
+	Flags int    `json:"flags"`
+	Pos   int64  `json:"pos"`
+}
+
+// CopiedFile is one checkpoint-files path.
+type CopiedFile struct {
+	Path string `json:"path"` // absolute, in the container
+	// Stored is the relative path below the checkpoint directory; empty when the path did not exist.
+	Stored  string `json:"stored,omitempty"`
+	Missing bool   `json:"missing,omitempty"`
+}
+
+// FileSum is one file's size and sha256.
+type FileSum struct {
+	Path   string `json:"path"`
+	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256"`
+}
+
+// NewID returns a checkpoint ID that sorts by creation time.
+func NewID(now time.Time) string {
+	var b [3]byte
+	_, _ = rand.Read(b[:])
+	return now.UTC().Format("20060102T150405.000Z") + "-" + hex.EncodeToString(b[:])
+}
+
+// ValidID reports whether id can name a checkpoint directory.
+func ValidID(id string) bool {
+	return id != "" && id != "." && id != ".." && !strings.ContainsAny(id, "/\x00") && !strings.HasPrefix(id, ".")
+}
+
+// Entry is one complete checkpoint found by List.
+type Entry struct {
+	ID   string
+	Path string
+}
+
+// List returns the complete checkpoints below dir (those with a marker), newest first. It does not
+// verify checksums (Verify does).
+func List(dir string) ([]Entry, error) {
+	des, err := os.ReadDir(dir)
+	if os.IsNotExist(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []Entry
+	for _, de := range des {
+		if !de.IsDir() || !ValidID(de.Name()) {
+			continue
+		}
+		p := filepath.Join(dir, de.Name())
+		if _, err := os.Stat(filepath.Join(p, MarkerName)); err != nil {
+			continue
+		}
+		out = append(out, Entry{ID: de.Name(), Path: p})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID > out[j].ID })
+	return out, nil
+}
+
+// Prune keeps the newest keep complete checkpoints below dir (at least 1) and the newest keep
+// failed ones, and removes leftovers of interrupted writes other than except (the one in progress).
+func Prune(dir string, keep int, except string) error {
+	if keep < 1 {
+		keep = 1
+	}
+	list, err := List(dir)
+	if err != nil {
+		return err
+	}
+	var errs []string
+	for _, e := range list[min(keep, len(list)):] {
+		if err := os.RemoveAll(e.Path); err != nil {
+			errs = append(errs, err.Error())
+		}
+	}
+	des, _ := os.ReadDir(dir)
+	var failed []string
+	for _, de := range des {
+		n := de.Name()
+		switch {
+		case strings.HasPrefix(n, tmpPrefix) && n != tmpPrefix+except:
+			if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {
+				errs = append(errs, err.Error())
+			}
+		case strings.HasPrefix(n, failedPrefix):
+			failed = append(failed, n)
+		case de.IsDir() && ValidID(n):
+			// A directory without marker that is not in progress: a crash between rename and marker.
+			if _, err := os.Stat(filepath.Join(dir, n, MarkerName)); os.IsNotExist(err) && n != except {
+				if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {
+					errs = append(errs, err.Error())
+				}
+			}
+		}
+	}
+	sort.Sort(sort.Reverse(sort.StringSlice(failed)))
+	for _, n := range failed[min(keep, len(failed)):] {
+		if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {
+			errs = append(errs, err.Error())
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("pruning %s: %s", dir, strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+// ReadManifest reads a checkpoint's manifest without verifying anything else.
+func ReadManifest(ckpt string) (*Manifest, error) {
+	b, err := os.ReadFile(filepath.Join(ckpt, ManifestName))
+	if err != nil {
+		return nil, err
+	}
+	var m Manifest
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(ckpt, ManifestName), err)
+	}
+	return &m, nil
+}

@@ -1,0 +1,215 @@
+// Package catalog is where the webhook learns that a checkpoint exists: records kept as annotations
+// on the checkpoint PVC, so that they survive webhook restarts and every replica sees the same
+// thing. A record is written only after the agent reported a complete checkpoint, with optimistic
+// concurrency (the PVC's resourceVersion), and an older record never replaces a newer one.
+//
+// One PVC can hold the records of several identities (a user volume shared by the pods of a Job),
+// so every annotation is keyed by a hash of the identity: checkpoint.stasis.dev/<hash> holds the
+// Record, claim.stasis.dev/<hash> the claim of a NonIndexed Job's pod on that identity.
+package catalog
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/util/retry"
+)
+
+const (
+	recordPrefix = "checkpoint.stasis.dev/"
+	claimPrefix  = "claim.stasis.dev/"
+	// LabelManaged marks PVCs Stasis created.
+	LabelManaged = "stasis.dev/managed"
+	// AnnotationIdentity on a Stasis-created PVC names the identity it was created for.
+	AnnotationIdentity = "stasis.dev/identity"
+	// AnnotationClaim on a pod of a NonIndexed Job carries the token of its claim.
+	AnnotationClaim = "stasis.dev/claim"
+)
+
+// Record is one complete checkpoint of an identity.
+type Record struct {
+	Identity string `json:"identity"`
+	// ID is the checkpoint ID of the operation (the agent uses one per operation); Containers has
+	// the ID per container, which is what the restore uses.
+	ID         string            `json:"id"`
+	Containers map[string]string `json:"containers"`
+	Node       string            `json:"node"`
+	Time       time.Time         `json:"time"`
+	Size       int64             `json:"size"`
+	PodUID     string            `json:"podUID,omitempty"`
+}
+
+// Claim is a NonIndexed Job pod's hold on an identity.
+type Claim struct {
+	Token string    `json:"token"`
+	Time  time.Time `json:"time"`
+}
+
+// Hash is the key of an identity in annotation names.
+func Hash(identity string) string {
+	h := sha256.Sum256([]byte(identity))
+	return hex.EncodeToString(h[:16])
+}
+
+// RecordKey and ClaimKey are the annotation names for an identity.
+func RecordKey(identity string) string { return recordPrefix + Hash(identity) }
+func ClaimKey(identity string) string  { return claimPrefix + Hash(identity) }
+
+var notName = regexp.MustCompile(`[^a-z0-9-]+`)
+
+// PVCName is the deterministic name of the PVC Stasis creates for an identity: readable prefix,
+// hash suffix so that distinct identities never collide.
+func PVCName(identity string) string {
+	s := strings.Trim(notName.ReplaceAllString(strings.ToLower(identity), "-"), "-")
+	if len(s) > 40 {
+		s = strings.Trim(s[:40], "-")
+	}
+	return "stasis-" + s + "-" + Hash(identity)[:10]
+}
+
+// RecordOf returns the record for identity on pvc.
+func RecordOf(pvc *corev1.PersistentVolumeClaim, identity string) (*Record, bool) {
+	v, ok := pvc.Annotations[RecordKey(identity)]
+	if !ok {
+		return nil, false
+	}
+	var r Record
+	if json.Unmarshal([]byte(v), &r) != nil || r.Identity != identity || len(r.Containers) == 0 {
+		return nil, false
+	}
+	return &r, true
+}
+
+// ClaimOf returns the claim for identity on pvc.
+func ClaimOf(pvc *corev1.PersistentVolumeClaim, identity string) (*Claim, bool) {
+	v, ok := pvc.Annotations[ClaimKey(identity)]
+	if !ok {
+		return nil, false
+	}
+	var c Claim
+	if json.Unmarshal([]byte(v), &c) != nil {
+		return nil, false
+	}
+	return &c, true
+}
+
+// Store reads and writes records through the API server.
+type Store struct {
+	Client kubernetes.Interface
+	Now    func() time.Time
+}
+
+func (s *Store) now() time.Time {
+	if s.Now != nil {
+		return s.Now()
+	}
+	return time.Now()
+}
+
+// Lookup returns the record for identity on the PVC ns/pvc, nil when there is none.
+func (s *Store) Lookup(ctx context.Context, ns, pvc, identity string) (*Record, error) {
+	p, err := s.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, pvc, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading checkpoint record from PVC %s/%s: %w", ns, pvc, err)
+	}
+	r, _ := RecordOf(p, identity)
+	return r, nil
+}
+
+// Save writes rec on the PVC ns/pvc unless a newer record is already there. A conflict (another
+// replica wrote meanwhile) re-reads and tries again.
+func (s *Store) Save(ctx context.Context, ns, pvc string, rec Record) error {
+	val, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		p, err := s.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, pvc, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if old, ok := RecordOf(p, rec.Identity); ok && (old.Time.After(rec.Time) || old.ID == rec.ID) {
+			return nil
+		}
+		if p.Annotations == nil {
+			p.Annotations = map[string]string{}
+		}
+		p.Annotations[RecordKey(rec.Identity)] = string(val)
+		// Update, not patch: it carries the resourceVersion, so a concurrent write is a conflict.
+		_, err = s.Client.CoreV1().PersistentVolumeClaims(ns).Update(ctx, p, metav1.UpdateOptions{})
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("recording checkpoint %s of %s on PVC %s/%s: %w", rec.ID, rec.Identity, ns, pvc, err)
+	}
+	return nil
+}
+
+// PVCSpec is what EnsurePVC creates.
+type PVCSpec struct {
+	Namespace, Name, Identity string
+	Size                      resource.Quantity
+	StorageClass              string
+	Owner                     *metav1.OwnerReference
+	// Annotations set at creation (e.g. a claim).
+	Annotations map[string]string
+}
+
+// NewPVC builds the PVC Stasis creates for an identity: ReadWriteOnce (one pod at a time uses an
+// identity), owned by the controller so it is garbage-collected with it.
+func NewPVC(s PVCSpec) *corev1.PersistentVolumeClaim {
+	ann := map[string]string{AnnotationIdentity: s.Identity}
+	for k, v := range s.Annotations {
+		ann[k] = v
+	}
+	p := &corev1.PersistentVolumeClaim{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: s.Name, Namespace: s.Namespace,
+			Labels:      map[string]string{LabelManaged: "true"},
+			Annotations: ann,
+		},
+		Spec: corev1.PersistentVolumeClaimSpec{
+			AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			Resources: corev1.VolumeResourceRequirements{
+				Requests: corev1.ResourceList{corev1.ResourceStorage: s.Size},
+			},
+		},
+	}
+	if s.StorageClass != "" {
+		sc := s.StorageClass
+		p.Spec.StorageClassName = &sc
+	}
+	if s.Owner != nil {
+		o := *s.Owner
+		// The controller owns the PVC for garbage collection only; it must not block its deletion.
+		o.BlockOwnerDeletion = nil
+		p.OwnerReferences = []metav1.OwnerReference{o}
+	}
+	return p
+}
+
+// EnsurePVC creates the PVC unless it exists. created reports whether this call created it.
+func (s *Store) EnsurePVC(ctx context.Context, spec PVCSpec) (created bool, err error) {
+	_, err = s.Client.CoreV1().PersistentVolumeClaims(spec.Namespace).Create(ctx, NewPVC(spec), metav1.CreateOptions{})
+	if apierrors.IsAlreadyExists(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("creating checkpoint PVC %s/%s: %w", spec.Namespace, spec.Name, err)
+	}
+	return true, nil
+}

@@ -1,0 +1,265 @@
+package webhook
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/labels"
+	"github.com/stasis-k8s/stasis/webhook/catalog"
+	"github.com/stasis-k8s/stasis/wiring"
+)
+
+// Event reasons.
+const (
+	ReasonCheckpointed       = "Checkpointed"
+	ReasonCheckpointRunning  = "CheckpointInProgress"
+	ReasonCheckpointFailed   = "CheckpointFailed"
+	ReasonCheckpointSkipped  = "CheckpointSkipped"
+	ReasonWired              = "CheckpointWired"
+	ReasonRestoring          = "Restoring"
+	ReasonRefused            = "CheckpointConfigRefused"
+	ReasonPodFailurePolicy   = "PodFailurePolicyAdded"
+	ReasonNoPodFailurePolicy = "PodFailurePolicyNotAdded"
+)
+
+// target is one pod to checkpoint.
+type target struct {
+	pod      *corev1.Pod
+	cfg      *labels.Config
+	identity string
+}
+
+// podOutcome is what happened to one pod within the budget.
+type podOutcome struct {
+	t      target
+	status agentapi.CheckpointStatus
+	err    error // the agent could not be asked, or the checkpoint could not be recorded
+}
+
+func (o podOutcome) failed() bool { return o.err != nil || o.status.Phase == agentapi.PhaseFailed }
+func (o podOutcome) succeeded() bool {
+	return o.err == nil && o.status.Phase == agentapi.PhaseSucceeded
+}
+
+func (o podOutcome) failure() string {
+	if o.err != nil {
+		return o.err.Error()
+	}
+	if o.status.Message != "" {
+		return o.status.Message
+	}
+	return "the agent reported the checkpoint as failed"
+}
+
+// checkpointAll asks the agents to checkpoint every target in parallel, waits up to the budget
+// and turns the outcome into a verdict: all done → allow; one failed → the failure policy; else
+// 429 with progress. subject is what the request is about (the pod or the Job), for Events.
+func (w *Webhook) checkpointAll(ctx context.Context, webhookID, reason string, subject runtime.Object, subjectName string, targets []target) verdict {
+	t0 := w.d.Now()
+	bctx, cancel := context.WithTimeout(ctx, w.cfg.WaitBudget)
+	defer cancel()
+	outs := make([]podOutcome, len(targets))
+	var wg sync.WaitGroup
+	for i, t := range targets {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			outs[i] = w.checkpointPod(ctx, bctx, reason, t)
+		}()
+	}
+	wg.Wait()
+
+	var failed, running []podOutcome
+	var written int64
+	for _, o := range outs {
+		written += o.status.BytesWritten
+		switch {
+		case o.failed():
+			failed = append(failed, o)
+		case !o.succeeded():
+			running = append(running, o)
+		}
+	}
+	took := w.d.Now().Sub(t0).Seconds()
+	switch {
+	case len(failed) > 0:
+		w.metrics.checkpointWait.WithLabelValues(webhookID, "failed").Observe(took)
+		w.metrics.failures.WithLabelValues(webhookID, w.cfg.FailurePolicy).Inc()
+		var msgs []string
+		for _, o := range failed {
+			m := fmt.Sprintf("checkpoint of pod %s/%s failed: %s", o.t.pod.Namespace, o.t.pod.Name, o.failure())
+			msgs = append(msgs, m)
+			if w.cfg.FailurePolicy == FailOpen {
+				w.d.Events.Eventf(o.t.pod, corev1.EventTypeWarning, ReasonCheckpointFailed, "%s; allowed (%s): progress since the last checkpoint will be lost", m, FailOpen)
+			} else {
+				w.d.Events.Eventf(o.t.pod, corev1.EventTypeWarning, ReasonCheckpointFailed, "%s; %s refused (%s)", m, reason, FailClosed)
+			}
+		}
+		msg := strings.Join(msgs, "; ")
+		if subject != nil && len(targets) > 1 {
+			w.d.Events.Eventf(subject, corev1.EventTypeWarning, ReasonCheckpointFailed, "%s", msg)
+		}
+		if w.cfg.FailurePolicy == FailOpen {
+			return allow("", fmt.Sprintf("%s; allowed by failure policy %s: progress will be lost", msg, FailOpen))
+		}
+		return deny(http.StatusForbidden, metav1.StatusReasonForbidden, "%s (failure policy %s)", msg, FailClosed)
+	case len(running) > 0:
+		w.metrics.checkpointWait.WithLabelValues(webhookID, "in-progress").Observe(took)
+		w.metrics.tooMany.WithLabelValues(webhookID).Inc()
+		var msg string
+		if len(targets) == 1 {
+			p := targets[0].pod
+			msg = fmt.Sprintf("checkpoint of pod %s/%s in progress: %s written, retry", p.Namespace, p.Name, humanBytes(written))
+		} else {
+			msg = fmt.Sprintf("checkpoint of %d pods of %s in progress (%d of %d done): %s written, retry",
+				len(targets), subjectName, len(targets)-len(running), len(targets), humanBytes(written))
+		}
+		for _, o := range running {
+			w.d.Events.Eventf(o.t.pod, corev1.EventTypeNormal, ReasonCheckpointRunning, "checkpoint for %s in progress: %s written", reason, humanBytes(o.status.BytesWritten))
+		}
+		return deny(http.StatusTooManyRequests, metav1.StatusReasonTooManyRequests, "%s", msg)
+	default:
+		w.metrics.checkpointWait.WithLabelValues(webhookID, "done").Observe(took)
+		for _, o := range outs {
+			w.d.Events.Eventf(o.t.pod, corev1.EventTypeNormal, ReasonCheckpointed, "checkpointed for %s on node %s: %s", reason, o.status.Node, humanBytes(o.status.BytesWritten))
+		}
+		if subject != nil && len(targets) > 1 {
+			w.d.Events.Eventf(subject, corev1.EventTypeNormal, ReasonCheckpointed, "checkpointed %d pods for %s: %s", len(targets), reason, humanBytes(written))
+		}
+		return allow("")
+	}
+}
+
+// checkpointPod starts (or joins) the agent's operation and polls it until it is done or the
+// budget (bctx) runs out. Recording uses ctx, so a dump finished at the budget's end is recorded.
+func (w *Webhook) checkpointPod(ctx, bctx context.Context, reason string, t target) podOutcome {
+	out := podOutcome{t: t}
+	base, err := w.d.Locate.URL(t.pod.Spec.NodeName)
+	if err != nil {
+		out.err = err
+		return out
+	}
+	req := agentapi.CheckpointRequest{
+		Pod:       agentapi.PodRef{Namespace: t.pod.Namespace, Name: t.pod.Name, UID: string(t.pod.UID)},
+		Reason:    reason,
+		Diagnosis: t.cfg.Diagnosis,
+		Keep:      w.cfg.KeepCheckpoints,
+	}
+	for _, c := range t.cfg.Containers {
+		req.Containers = append(req.Containers, agentapi.ContainerSpec{
+			Name: c.Name, Dir: wiring.CheckpointDir(t.identity, c.Name),
+			Files: c.Files, CriuOptions: c.CheckpointOptions,
+		})
+	}
+	st, err := w.d.Agents.Checkpoint(bctx, base, req)
+	for err == nil && !st.Phase.Done() {
+		timer := time.NewTimer(w.cfg.PollInterval)
+		select {
+		case <-bctx.Done():
+			timer.Stop()
+			out.status = st
+			return out
+		case <-timer.C:
+		}
+		var next agentapi.CheckpointStatus
+		next, err = w.d.Agents.Status(bctx, base, string(t.pod.UID))
+		if err == nil {
+			st = next
+		}
+	}
+	out.status = st
+	if err != nil {
+		if bctx.Err() != nil && ctx.Err() == nil && st.Phase != "" {
+			// The budget ran out during a request: the dump is still in progress.
+			return out
+		}
+		out.err = fmt.Errorf("agent on node %s: %w", t.pod.Spec.NodeName, err)
+		return out
+	}
+	if st.Phase == agentapi.PhaseFailed {
+		// Forget the failed operation (the agent thaws the pod) so that a later eviction or
+		// suspend starts a fresh dump instead of joining this failure.
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if derr := w.d.Agents.Delete(dctx, base, string(t.pod.UID)); derr != nil && !agentapi.IsNotFound(derr) {
+			w.d.Log.Warn().Err(derr).Str("pod", t.pod.Namespace+"/"+t.pod.Name).Msg("forgetting the failed checkpoint")
+		}
+		return out
+	}
+	if err := w.record(ctx, t, st); err != nil {
+		out.err = err
+	}
+	return out
+}
+
+// record writes the complete checkpoint on the checkpoint PVC. Only a checkpoint with an ID for
+// every requested container is recorded; anything less is a failure.
+func (w *Webhook) record(ctx context.Context, t target, st agentapi.CheckpointStatus) error {
+	rec := catalog.Record{Identity: t.identity, Node: st.Node, Size: st.BytesWritten, PodUID: string(t.pod.UID),
+		Containers: map[string]string{}}
+	if rec.Node == "" {
+		rec.Node = t.pod.Spec.NodeName
+	}
+	rec.Time = w.d.Now().UTC()
+	if st.FinishedAt != nil {
+		rec.Time = st.FinishedAt.UTC()
+	}
+	for _, c := range st.Containers {
+		if c.Phase == agentapi.PhaseSucceeded && c.CheckpointID != "" {
+			rec.Containers[c.Name] = c.CheckpointID
+			if rec.ID == "" {
+				rec.ID = c.CheckpointID
+			}
+		}
+	}
+	for _, c := range t.cfg.Containers {
+		if rec.Containers[c.Name] == "" {
+			return fmt.Errorf("the agent reported success but gave no complete checkpoint for container %q; not recorded", c.Name)
+		}
+	}
+	pvc, err := checkpointPVC(t.pod, t.cfg)
+	if err != nil {
+		return err
+	}
+	return w.store.Save(ctx, t.pod.Namespace, pvc, rec)
+}
+
+// checkpointPVC is the claim name of the pod's checkpoint volume.
+func checkpointPVC(pod *corev1.Pod, cfg *labels.Config) (string, error) {
+	vol := cfg.StorageVolume
+	if vol == "" {
+		vol = wiring.CheckpointVolume
+	}
+	for _, v := range pod.Spec.Volumes {
+		if v.Name == vol {
+			if v.PersistentVolumeClaim == nil {
+				return "", fmt.Errorf("checkpoint volume %q of pod %s/%s is not a persistentVolumeClaim", vol, pod.Namespace, pod.Name)
+			}
+			return v.PersistentVolumeClaim.ClaimName, nil
+		}
+	}
+	return "", fmt.Errorf("pod %s/%s has no checkpoint volume %q", pod.Namespace, pod.Name, vol)
+}
+
+// humanBytes formats a byte count as "1.2 GiB".
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,130 @@
+package webhook
+
+import (
+	"context"
+	"fmt"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/stasis-k8s/stasis/webhook/catalog"
+)
+
+// The Job controller marks each pod of an Indexed Job with its completion index (annotation
+// always, label since Kubernetes 1.28).
+const jobCompletionIndex = "batch.kubernetes.io/job-completion-index"
+
+// identity is the key of a pod's checkpoints, stable across re-creation of the pod.
+type identity struct {
+	// Key is the identity; empty when Claim is set.
+	Key string
+	// ClaimBase is set for NonIndexed Job pods: the identity is a slot claimed under it.
+	ClaimBase string
+	// Owner is the controller that owns Stasis-created PVCs; nil for plain pods.
+	Owner *metav1.OwnerReference
+	// What describes the workload for messages ("Job ns/name index 3").
+	What string
+}
+
+// unsupportedError is a pod whose owner Stasis cannot give a stable identity.
+type unsupportedError struct{ msg string }
+
+func (e *unsupportedError) Error() string { return e.msg }
+
+func unsupported(format string, a ...any) error {
+	return &unsupportedError{msg: fmt.Sprintf(format, a...) +
+		"; Stasis supports plain pods, Jobs, StatefulSets and single-replica Deployments/ReplicaSets"}
+}
+
+// resolveIdentity decides a pod's checkpoint identity from its controller:
+//
+//	plain pod                    pod/<ns>/<name>          (the re-created pod must use the same name)
+//	Indexed Job                  job/<ns>/<job>/<index>
+//	NonIndexed Job               job/<ns>/<job>/slot-<n>  (claimed: see catalog.Claim)
+//	StatefulSet                  sts/<ns>/<pod name>      (pod names are stable ordinals)
+//	Deployment with 1 replica    deploy/<ns>/<name>
+//	ReplicaSet with 1 replica    rs/<ns>/<name>           (not owned by a Deployment)
+func (w *Webhook) resolveIdentity(ctx context.Context, ns string, pod *corev1.Pod) (identity, error) {
+	ref := metav1.GetControllerOf(pod)
+	if ref == nil {
+		if pod.Name == "" {
+			return identity{}, unsupported("pod without a controller has no metadata.name (only generateName): a re-created pod could never find its checkpoint")
+		}
+		return identity{Key: fmt.Sprintf("pod/%s/%s", ns, pod.Name), What: fmt.Sprintf("pod %s/%s", ns, pod.Name)}, nil
+	}
+	owner := *ref
+	switch {
+	case ref.Kind == "Job" && isGroup(ref.APIVersion, "batch"):
+		idx := pod.Annotations[jobCompletionIndex]
+		if idx == "" {
+			idx = pod.Labels[jobCompletionIndex]
+		}
+		if idx != "" {
+			return identity{Key: fmt.Sprintf("job/%s/%s/%s", ns, ref.Name, idx), Owner: &owner,
+				What: fmt.Sprintf("Job %s/%s index %s", ns, ref.Name, idx)}, nil
+		}
+		return identity{ClaimBase: fmt.Sprintf("job/%s/%s/slot", ns, ref.Name), Owner: &owner,
+			What: fmt.Sprintf("Job %s/%s", ns, ref.Name)}, nil
+	case ref.Kind == "StatefulSet" && isGroup(ref.APIVersion, "apps"):
+		if pod.Name == "" {
+			return identity{}, unsupported("StatefulSet %s pod has no name", ref.Name)
+		}
+		return identity{Key: fmt.Sprintf("sts/%s/%s", ns, pod.Name), Owner: &owner,
+			What: fmt.Sprintf("StatefulSet %s/%s pod %s", ns, ref.Name, pod.Name)}, nil
+	case ref.Kind == "ReplicaSet" && isGroup(ref.APIVersion, "apps"):
+		rs, err := w.d.Client.AppsV1().ReplicaSets(ns).Get(ctx, ref.Name, metav1.GetOptions{})
+		if err != nil {
+			return identity{}, fmt.Errorf("reading ReplicaSet %s/%s: %w", ns, ref.Name, err)
+		}
+		if r := replicas(rs.Spec.Replicas); r != 1 {
+			return identity{}, unsupported("ReplicaSet %s/%s has %d replicas: its pods have no stable identity", ns, ref.Name, r)
+		}
+		if dref := metav1.GetControllerOf(rs); dref != nil && dref.Kind == "Deployment" {
+			d, err := w.d.Client.AppsV1().Deployments(ns).Get(ctx, dref.Name, metav1.GetOptions{})
+			if err != nil {
+				return identity{}, fmt.Errorf("reading Deployment %s/%s: %w", ns, dref.Name, err)
+			}
+			if r := replicas(d.Spec.Replicas); r != 1 {
+				return identity{}, unsupported("Deployment %s/%s has %d replicas: its pods have no stable identity", ns, d.Name, r)
+			}
+			downer := *dref
+			return identity{Key: fmt.Sprintf("deploy/%s/%s", ns, d.Name), Owner: &downer,
+				What: fmt.Sprintf("Deployment %s/%s", ns, d.Name)}, nil
+		}
+		return identity{Key: fmt.Sprintf("rs/%s/%s", ns, ref.Name), Owner: &owner,
+			What: fmt.Sprintf("ReplicaSet %s/%s", ns, ref.Name)}, nil
+	default:
+		return identity{}, unsupported("pods owned by %s %s are not supported", ref.Kind, ref.Name)
+	}
+}
+
+func replicas(r *int32) int32 {
+	if r == nil {
+		return 1
+	}
+	return *r
+}
+
+func isGroup(apiVersion, group string) bool {
+	return len(apiVersion) > len(group) && apiVersion[:len(group)+1] == group+"/"
+}
+
+// claimHolders answers catalog.Holders from the pod informer.
+type claimHolders struct{ w *Webhook }
+
+func (h claimHolders) Holder(ns, token string) (live, seen bool) {
+	pods, err := h.w.d.Pods.Pods(ns).List(everything())
+	if err != nil {
+		return false, false
+	}
+	for _, p := range pods {
+		if p.Annotations[catalog.AnnotationClaim] != token {
+			continue
+		}
+		seen = true
+		if p.DeletionTimestamp == nil && p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
+			return true, true
+		}
+	}
+	return false, seen
+}

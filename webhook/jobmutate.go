@@ -1,0 +1,91 @@
+package webhook
+
+import (
+	"context"
+	"slices"
+
+	"github.com/slok/kubewebhook/v2/pkg/model"
+	"github.com/slok/kubewebhook/v2/pkg/webhook/mutating"
+	batchv1 "k8s.io/api/batch/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/stasis-k8s/stasis/labels"
+)
+
+// IgnoreDisruptionRule is the podFailurePolicy rule added to checkpointed Jobs: a pod that failed
+// because it was disrupted (evicted, preempted, deleted by the Job's suspend — all set the
+// DisruptionTarget condition) is not counted against backoffLimit, and the Job controller
+// re-creates it, which restores it from its checkpoint.
+var IgnoreDisruptionRule = batchv1.PodFailurePolicyRule{
+	Action: batchv1.PodFailurePolicyActionIgnore,
+	OnPodConditions: []batchv1.PodFailurePolicyOnPodConditionsPattern{
+		{Type: corev1.DisruptionTarget, Status: corev1.ConditionTrue},
+	},
+}
+
+// mutateJob is CREATE jobs whose template is checkpoint-enabled (matchConditions).
+func (w *Webhook) mutateJob(ctx context.Context, ar *model.AdmissionReview, obj metav1.Object) (*mutating.MutatorResult, error) {
+	job, ok := obj.(*batchv1.Job)
+	if !ok {
+		return &mutating.MutatorResult{}, nil
+	}
+	msg, changed := AddIgnoreDisruption(w.cfg.LabelPrefix, job)
+	if msg != "" {
+		w.jobEvent(ar, job, changed, msg)
+	}
+	if !changed {
+		if msg != "" {
+			return &mutating.MutatorResult{Warnings: []string{"stasis: " + msg}}, nil
+		}
+		return &mutating.MutatorResult{}, nil
+	}
+	return &mutating.MutatorResult{MutatedObject: job}, nil
+}
+
+// AddIgnoreDisruption adds IgnoreDisruptionRule first in the Job's podFailurePolicy (rules are
+// evaluated in order, the first match wins). It returns what it did, or why it did nothing.
+func AddIgnoreDisruption(prefix string, job *batchv1.Job) (msg string, changed bool) {
+	tmpl := job.Spec.Template.ObjectMeta
+	if !labels.Enabled(prefix, tmpl.Labels, tmpl.Annotations) {
+		return "", false
+	}
+	if job.Spec.PodFailurePolicy != nil && slices.ContainsFunc(job.Spec.PodFailurePolicy.Rules, isIgnoreDisruption) {
+		return "", false
+	}
+	if job.Spec.Template.Spec.RestartPolicy != corev1.RestartPolicyNever {
+		// The API server accepts a podFailurePolicy only with restartPolicy Never.
+		return "podFailurePolicy not added: it needs restartPolicy Never; evicted or suspended pods will count against backoffLimit", false
+	}
+	if job.Spec.PodFailurePolicy == nil {
+		job.Spec.PodFailurePolicy = &batchv1.PodFailurePolicy{}
+	}
+	job.Spec.PodFailurePolicy.Rules = append([]batchv1.PodFailurePolicyRule{IgnoreDisruptionRule}, job.Spec.PodFailurePolicy.Rules...)
+	return "added podFailurePolicy rule Ignore on DisruptionTarget: checkpointed pods that are evicted do not count against backoffLimit", true
+}
+
+func isIgnoreDisruption(r batchv1.PodFailurePolicyRule) bool {
+	return r.Action == batchv1.PodFailurePolicyActionIgnore && slices.ContainsFunc(r.OnPodConditions,
+		func(p batchv1.PodFailurePolicyOnPodConditionsPattern) bool {
+			return p.Type == corev1.DisruptionTarget && (p.Status == "" || p.Status == corev1.ConditionTrue)
+		})
+}
+
+func (w *Webhook) jobEvent(ar *model.AdmissionReview, job *batchv1.Job, changed bool, msg string) {
+	if job.Name == "" {
+		return // generateName: no object to attach the Event to yet
+	}
+	ns := job.Namespace
+	if ns == "" {
+		ns = ar.Namespace
+	}
+	typ, reason := corev1.EventTypeNormal, ReasonPodFailurePolicy
+	if !changed {
+		typ, reason = corev1.EventTypeWarning, ReasonNoPodFailurePolicy
+	}
+	ref := &metav1.PartialObjectMetadata{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "batch/v1", Kind: "Job"},
+		ObjectMeta: metav1.ObjectMeta{Name: job.Name, Namespace: ns},
+	}
+	w.d.Events.Eventf(ref, typ, reason, "%s", msg)
+}

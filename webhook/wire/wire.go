@@ -1,0 +1,203 @@
+// Package wire applies the pod-wiring contract (package wiring) to a pod spec: the tools
+// init-container, the launcher-wrapped commands, the checkpoint and agent volumes, the environment
+// and, when a checkpoint is restored, the restore init-container and annotation.
+//
+// Pod is idempotent: it checks every piece before adding it, so wiring a wired pod again (a
+// reinvoked webhook, a retried request) changes nothing.
+package wire
+
+import (
+	"encoding/json"
+	"slices"
+	"sort"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/stasis-k8s/stasis/labels"
+	"github.com/stasis-k8s/stasis/wiring"
+)
+
+// Input is what the webhook decided about a pod.
+type Input struct {
+	Identity string
+	Config   *labels.Config
+	// ToolsImage runs the tools and restore init-containers.
+	ToolsImage string
+	// CheckpointVolume is the pod volume holding checkpoints (the user's, or wiring.CheckpointVolume).
+	CheckpointVolume string
+	// PVCName, when set, adds wiring.CheckpointVolume backed by this claim (Stasis-created storage).
+	PVCName string
+	// Restore is the checkpoint to restore; nil for a fresh start.
+	Restore *Restore
+	// Extra annotations to set (e.g. the NonIndexed Job claim).
+	Annotations map[string]string
+}
+
+// Restore names a complete checkpoint.
+type Restore struct {
+	Ref wiring.RestoreRef
+	// IDs maps container name to the checkpoint ID to restore (below CheckpointDir(identity, name)).
+	IDs map[string]string
+}
+
+// Pod wires pod in place.
+func Pod(pod *corev1.Pod, in Input) {
+	if pod.Annotations == nil {
+		pod.Annotations = map[string]string{}
+	}
+	pod.Annotations[wiring.AnnotationIdentity] = in.Identity
+	pod.Annotations[wiring.AnnotationWired] = "true"
+	for k, v := range in.Annotations {
+		pod.Annotations[k] = v
+	}
+
+	ensureVolume(&pod.Spec, corev1.Volume{Name: wiring.ToolsVolume,
+		VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}})
+	if in.PVCName != "" {
+		ensureVolume(&pod.Spec, corev1.Volume{Name: wiring.CheckpointVolume,
+			VolumeSource: corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: in.PVCName}}})
+	}
+	dirOrCreate := corev1.HostPathDirectoryOrCreate
+	ensureVolume(&pod.Spec, corev1.Volume{Name: wiring.AgentVolume,
+		VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: wiring.HostAgentDir, Type: &dirOrCreate}}})
+
+	toolsMount := corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount}
+	ckptMount := corev1.VolumeMount{Name: in.CheckpointVolume, MountPath: wiring.CheckpointMount}
+
+	if !slices.ContainsFunc(pod.Spec.InitContainers, named(wiring.ToolsInitContainer)) {
+		tools := corev1.Container{
+			Name:            wiring.ToolsInitContainer,
+			Image:           in.ToolsImage,
+			ImagePullPolicy: corev1.PullIfNotPresent,
+			Command:         []string{wiring.ImageBinary, "tools-install", "--dest", wiring.ToolsMount},
+			VolumeMounts:    []corev1.VolumeMount{toolsMount},
+		}
+		pod.Spec.InitContainers = append([]corev1.Container{tools}, pod.Spec.InitContainers...)
+	}
+
+	var restored []string
+	if in.Restore != nil {
+		for _, c := range in.Config.Containers {
+			if in.Restore.IDs[c.Name] != "" {
+				restored = append(restored, c.Name)
+			}
+		}
+	}
+	if len(restored) > 0 {
+		ref, _ := json.Marshal(in.Restore.Ref)
+		pod.Annotations[wiring.AnnotationRestore] = string(ref)
+		if !slices.ContainsFunc(pod.Spec.InitContainers, named(wiring.RestoreInitContainer)) {
+			restore := corev1.Container{
+				Name:            wiring.RestoreInitContainer,
+				Image:           in.ToolsImage,
+				ImagePullPolicy: corev1.PullIfNotPresent,
+				Command:         []string{wiring.ImageBinary, "restore-prepare"},
+				Env: []corev1.EnvVar{
+					{Name: wiring.EnvRestoreID, Value: in.Restore.Ref.ID},
+					{Name: wiring.EnvIdentity, Value: in.Identity},
+					{Name: wiring.EnvRestoreContainers, Value: strings.Join(restored, ",")},
+				},
+				VolumeMounts: []corev1.VolumeMount{toolsMount, ckptMount},
+			}
+			at := slices.IndexFunc(pod.Spec.InitContainers, named(wiring.ToolsInitContainer)) + 1
+			pod.Spec.InitContainers = slices.Insert(pod.Spec.InitContainers, at, restore)
+		}
+	}
+
+	for i := range pod.Spec.Containers {
+		c := &pod.Spec.Containers[i]
+		cc, ok := in.Config.Container(c.Name)
+		if !ok {
+			continue
+		}
+		if !wiring.Wrapped(c.Command) {
+			c.Command = wiring.LauncherCommand(c.Command)
+		}
+		fieldEnv := func(name, path string) corev1.EnvVar {
+			return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: path}}}
+		}
+		setEnv(c, fieldEnv(wiring.EnvPodName, "metadata.name"))
+		setEnv(c, fieldEnv(wiring.EnvPodNamespace, "metadata.namespace"))
+		setEnv(c, fieldEnv(wiring.EnvPodUID, "metadata.uid"))
+		setEnv(c, corev1.EnvVar{Name: wiring.EnvContainerName, Value: c.Name})
+		setEnv(c, corev1.EnvVar{Name: wiring.EnvImage, Value: c.Image})
+		setEnv(c, corev1.EnvVar{Name: wiring.EnvCheckpointDir, Value: wiring.CheckpointDir(in.Identity, c.Name)})
+		setEnv(c, corev1.EnvVar{Name: wiring.EnvIdentity, Value: in.Identity})
+		if id := restoreID(in.Restore, c.Name); id != "" {
+			setEnv(c, corev1.EnvVar{Name: wiring.EnvRestoreID, Value: id})
+			if len(cc.RestoreOptions) > 0 {
+				opts, _ := json.Marshal(cc.RestoreOptions)
+				setEnv(c, corev1.EnvVar{Name: wiring.EnvRestoreOptions, Value: string(opts)})
+			}
+		}
+		ensureMount(c, corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true})
+		ensureMount(c, ckptMount)
+		ensureMount(c, corev1.VolumeMount{Name: wiring.AgentVolume, MountPath: wiring.AgentMount})
+		addCapabilities(c, wiring.LauncherCapabilities)
+	}
+}
+
+func restoreID(r *Restore, container string) string {
+	if r == nil {
+		return ""
+	}
+	return r.IDs[container]
+}
+
+func named(name string) func(corev1.Container) bool {
+	return func(c corev1.Container) bool { return c.Name == name }
+}
+
+func ensureVolume(spec *corev1.PodSpec, v corev1.Volume) {
+	if !slices.ContainsFunc(spec.Volumes, func(x corev1.Volume) bool { return x.Name == v.Name }) {
+		spec.Volumes = append(spec.Volumes, v)
+	}
+}
+
+// ensureMount adds m unless something is already mounted at its path (a user who mounted the
+// checkpoint volume there themselves keeps their mount).
+func ensureMount(c *corev1.Container, m corev1.VolumeMount) {
+	if !slices.ContainsFunc(c.VolumeMounts, func(x corev1.VolumeMount) bool { return x.MountPath == m.MountPath }) {
+		c.VolumeMounts = append(c.VolumeMounts, m)
+	}
+}
+
+// setEnv sets a variable, replacing one of the same name: Stasis owns the STASIS_* names.
+func setEnv(c *corev1.Container, e corev1.EnvVar) {
+	for i := range c.Env {
+		if c.Env[i].Name == e.Name {
+			c.Env[i] = e
+			return
+		}
+	}
+	c.Env = append(c.Env, e)
+}
+
+func addCapabilities(c *corev1.Container, caps []string) {
+	if c.SecurityContext == nil {
+		c.SecurityContext = &corev1.SecurityContext{}
+	}
+	if c.SecurityContext.Capabilities == nil {
+		c.SecurityContext.Capabilities = &corev1.Capabilities{}
+	}
+	have := c.SecurityContext.Capabilities.Add
+	for _, cp := range caps {
+		if !slices.Contains(have, corev1.Capability(cp)) {
+			have = append(have, corev1.Capability(cp))
+		}
+	}
+	c.SecurityContext.Capabilities.Add = have
+}
+
+// RestoredContainers lists the containers a restore covers, sorted.
+func RestoredContainers(r *Restore) []string {
+	var out []string
+	for n, id := range r.IDs {
+		if id != "" {
+			out = append(out, n)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
