@@ -9,7 +9,7 @@ LDFLAGS := -s -w -X github.com/stasis-k8s/stasis/internal/version.Version=$(VERS
 # Tests that need CRIU find it here (a wrapper around trixie's CRIU 4.x, unpacked privately).
 CRIU_WRAPPER = $(STASIS_CACHE)/criu/criu
 
-.PHONY: all build deps criu k8s lint unit integration e2e test bench demo down clean
+.PHONY: all build deps criu k8s lint unit integration images e2e test bench demo down clean
 
 all: build
 
@@ -39,12 +39,28 @@ unit: criu
 	STASIS_CRIU=$(CRIU_WRAPPER) $(GO) test -count=1 ./...
 
 # Integration tier: the webhook inside a real kube-apiserver + controller-manager + scheduler.
-integration: k8s build
+integration: k8s build criu
 	$(GO) test -tags integration -count=1 -timeout 30m ./tests/integration/...
+	# deploy/ on a real control plane: cert-manager (hack/cert-manager/build.sh) and the no-cert-manager overlay.
+	$(GO) test -tags integration -count=1 -timeout 30m ./tests/deploy/...
+
+# The two images as docker-archive tarballs (no Docker needed), for `ctr -n k8s.io images import`.
+images: build criu
+	$(GO) run ./hack/image --out $(STASIS_CACHE)/images --stasis bin/stasis --criu-dir $(STASIS_CACHE)/criu
 
 # End-to-end tier: two real kubelets with containerd, Stasis deployed from deploy/.
 e2e: k8s build criu
-	STASIS_CRIU=$(CRIU_WRAPPER) $(GO) test -tags e2e -count=1 -timeout 45m ./tests/e2e/...
+	STASIS_CRIU=$(CRIU_WRAPPER) $(GO) test -tags e2e -count=1 -v -timeout 45m ./tests/e2e/...
+
+# The README's run command: a local 2-node cluster (real kubelets + containerd on this machine),
+# Stasis installed from deploy/overlays/local, scenario 1 shown; the cluster stays up.
+# Against an existing cluster: make demo KUBECONFIG=/path (installs deploy/overlays/no-cert-manager).
+DEMO_DIR ?= /var/tmp/stasis-demo
+demo: k8s build criu
+	STASIS_DEMO_DIR=$(DEMO_DIR) $(GO) run ./hack/cluster demo $(if $(KUBECONFIG),--kubeconfig $(KUBECONFIG))
+
+down:
+	STASIS_DEMO_DIR=$(DEMO_DIR) $(GO) run ./hack/cluster down
 
 test: lint unit integration e2e
 

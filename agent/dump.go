@@ -143,7 +143,11 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 		_ = os.Lchown(hostDir, uid, gid)
 		_ = chownTree(w.Final(), uid, gid)
 	}
-	if err := checkpoint.Prune(hostDir, a.cfg.KeepCheckpoints, ""); err != nil {
+	keep := a.cfg.KeepCheckpoints
+	if req.Keep > 0 {
+		keep = req.Keep + 1 // the webhook counts the checkpoints kept besides the new one
+	}
+	if err := checkpoint.Prune(hostDir, keep, ""); err != nil {
 		log.Warn().Err(err).Msg("pruning old checkpoints")
 	}
 	res.Phase = agentapi.PhaseSucceeded

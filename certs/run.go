@@ -132,7 +132,7 @@ func Make(ctx context.Context, cfg Config) error {
 		if ca, err = NewCA(now, cfg.CAValidity); err != nil {
 			return err
 		}
-		cfg.Logger.Info().Dur("validity", cfg.CAValidity).Msg("created a new CA")
+		cfg.Logger.Info().Str("validity", cfg.CAValidity.String()).Msg("created a new CA")
 	}
 	b, err := Issue(ca, Request{Namespace: cfg.Namespace, Service: cfg.Service, Validity: cfg.Validity, CAValidity: cfg.CAValidity, Now: now})
 	if err != nil {

@@ -70,6 +70,7 @@ func Dump(ctx context.Context, o DumpOptions) error {
 	}
 	defer os.Remove(script)
 	defer os.Remove(pidFile)
+	defer os.Remove(script + ".stderr")
 
 	opts := &rpc.CriuOpts{
 		Pid:          proto.Int32(int32(o.Pid)),
@@ -101,6 +102,9 @@ func Dump(ctx context.Context, o DumpOptions) error {
 		if ctx.Err() != nil {
 			return fmt.Errorf("dump cancelled: %w (CRIU was killed; the app resumes)", ctx.Err())
 		}
+		if b, _ := os.ReadFile(script + ".stderr"); len(strings.TrimSpace(string(b))) > 0 {
+			return fmt.Errorf("%w; CRIU stderr: %s", err, strings.TrimSpace(string(b)))
+		}
 		return err
 	}
 	return nil
@@ -123,8 +127,8 @@ func writeNsenterWrapper(o DumpOptions, criuArgv []string) (script, pidFile stri
 	for i, a := range argv {
 		q[i] = shellQuote(a)
 	}
-	body := fmt.Sprintf("#!/bin/sh\n# criu swrk inside the namespaces of PID %d (written by the stasis agent)\necho $$ > %s\nexec %s \"$@\"\n",
-		o.NsPID, shellQuote(pidFile), strings.Join(q, " "))
+	body := fmt.Sprintf("#!/bin/sh\n# criu swrk inside the namespaces of PID %d (written by the stasis agent)\necho $$ > %s\nexec %s \"$@\" 2>%s\n",
+		o.NsPID, shellQuote(pidFile), strings.Join(q, " "), shellQuote(f.Name()+".stderr"))
 	if _, err := f.WriteString(body); err != nil {
 		f.Close()
 		os.Remove(f.Name())

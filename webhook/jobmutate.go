@@ -35,9 +35,11 @@ func (w *Webhook) mutateJob(ctx context.Context, ar *model.AdmissionReview, obj 
 		w.jobEvent(ar, job, changed, msg)
 	}
 	if !changed {
+		v := verdict{Allowed: true, Unchanged: true}
 		if msg != "" {
-			return &mutating.MutatorResult{Warnings: []string{"stasis: " + msg}}, nil
+			v.Warnings = []string{"stasis: " + msg}
 		}
+		setVerdict(ctx, v)
 		return &mutating.MutatorResult{}, nil
 	}
 	return &mutating.MutatorResult{MutatedObject: job}, nil

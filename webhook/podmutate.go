@@ -10,6 +10,7 @@ import (
 	"github.com/slok/kubewebhook/v2/pkg/model"
 	"github.com/slok/kubewebhook/v2/pkg/webhook/mutating"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	klabels "k8s.io/apimachinery/pkg/labels"
@@ -29,8 +30,13 @@ func (w *Webhook) mutatePod(ctx context.Context, ar *model.AdmissionReview, obj 
 	if !ok {
 		return &mutating.MutatorResult{}, nil
 	}
+	before := pod.DeepCopy()
 	if v := w.wirePod(ctx, ar, pod); v != nil {
 		setVerdict(ctx, *v)
+		return &mutating.MutatorResult{}, nil
+	}
+	if equality.Semantic.DeepEqual(before, pod) {
+		setVerdict(ctx, verdict{Allowed: true, Unchanged: true})
 		return &mutating.MutatorResult{}, nil
 	}
 	return &mutating.MutatorResult{MutatedObject: pod}, nil

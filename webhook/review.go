@@ -34,6 +34,9 @@ type verdict struct {
 	Reason   metav1.StatusReason
 	Message  string
 	Warnings []string
+	// Unchanged: a mutator changed nothing; the answer carries no patch (kubewebhook's diff of
+	// the re-marshalled object may hold no-op noise such as an added empty status).
+	Unchanged bool
 }
 
 func allow(msg string, warnings ...string) verdict {
@@ -150,7 +153,7 @@ func (h *reviewHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		v = deny(http.StatusBadRequest, metav1.StatusReasonBadRequest, "%s: %v", h.id, err)
 	case slot.v != nil:
 		v = *slot.v
-		if m, ok := resp.(*model.MutatingAdmissionResponse); ok && v.Allowed {
+		if m, ok := resp.(*model.MutatingAdmissionResponse); ok && v.Allowed && !v.Unchanged {
 			patch = m.JSONPatchPatch
 			v.Warnings = append(v.Warnings, m.Warnings...)
 		}
@@ -164,6 +167,9 @@ func (h *reviewHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				v.Code, v.Reason = http.StatusForbidden, metav1.StatusReasonForbidden
 			}
 		}
+	}
+	if string(patch) == "[]" || string(patch) == "null" {
+		patch = nil // nothing changed: answer without a patch
 	}
 	if !v.Allowed && v.Code == 0 {
 		v.Code, v.Reason = http.StatusForbidden, metav1.StatusReasonForbidden

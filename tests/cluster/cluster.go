@@ -155,7 +155,14 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 	if err := o.defaults(); err != nil {
 		return nil, err
 	}
-	for _, b := range []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"} {
+	need := []string{"etcd", "kube-apiserver"}
+	if o.ControllerManager {
+		need = append(need, "kube-controller-manager")
+	}
+	if o.Scheduler {
+		need = append(need, "kube-scheduler")
+	}
+	for _, b := range need {
 		if _, err := os.Stat(filepath.Join(o.BinDir, b)); err != nil {
 			return nil, fmt.Errorf("cluster: %s missing in %s (run hack/k8s/build.sh): %w", b, o.BinDir, err)
 		}

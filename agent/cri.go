@@ -1,0 +1,143 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+)
+
+// Labels the kubelet puts on every container it creates through CRI.
+const (
+	labelPodUID        = "io.kubernetes.pod.uid"
+	labelContainerName = "io.kubernetes.container.name"
+)
+
+// CRI finds containers and image configurations through the container runtime's CRI socket.
+type CRI struct {
+	conn    *grpc.ClientConn
+	runtime runtimeapi.RuntimeServiceClient
+	images  runtimeapi.ImageServiceClient
+}
+
+// DialCRI connects to a CRI endpoint ("unix:///run/containerd/containerd.sock" or a plain path).
+func DialCRI(endpoint string) (*CRI, error) {
+	if endpoint == "" {
+		return nil, fmt.Errorf("--cri-endpoint is empty")
+	}
+	if !strings.Contains(endpoint, "://") {
+		endpoint = "unix://" + endpoint
+	}
+	conn, err := grpc.NewClient(endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20)))
+	if err != nil {
+		return nil, fmt.Errorf("CRI endpoint %s: %w", endpoint, err)
+	}
+	return &CRI{conn: conn, runtime: runtimeapi.NewRuntimeServiceClient(conn), images: runtimeapi.NewImageServiceClient(conn)}, nil
+}
+
+// Close closes the connection.
+func (c *CRI) Close() error { return c.conn.Close() }
+
+// container returns the running container of a pod by name.
+func (c *CRI) container(ctx context.Context, podUID, name string) (*runtimeapi.Container, error) {
+	resp, err := c.runtime.ListContainers(ctx, &runtimeapi.ListContainersRequest{Filter: &runtimeapi.ContainerFilter{
+		State:         &runtimeapi.ContainerStateValue{State: runtimeapi.ContainerState_CONTAINER_RUNNING},
+		LabelSelector: map[string]string{labelPodUID: podUID, labelContainerName: name},
+	}})
+	if err != nil {
+		return nil, fmt.Errorf("CRI ListContainers: %w", err)
+	}
+	switch len(resp.Containers) {
+	case 0:
+		return nil, fmt.Errorf("no running container %q in pod %s on this node", name, podUID)
+	case 1:
+		return resp.Containers[0], nil
+	}
+	// Restarts leave one running container at most; take the newest to be safe.
+	newest := resp.Containers[0]
+	for _, ct := range resp.Containers[1:] {
+		if ct.CreatedAt > newest.CreatedAt {
+			newest = ct
+		}
+	}
+	return newest, nil
+}
+
+// Find implements ProcessFinder: the container's init PID from ContainerStatus verbose info.
+func (c *CRI) Find(ctx context.Context, pod agentapi.PodRef, name string) (Target, error) {
+	ct, err := c.container(ctx, pod.UID, name)
+	if err != nil {
+		return Target{}, err
+	}
+	st, err := c.runtime.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: ct.Id, Verbose: true})
+	if err != nil {
+		return Target{}, fmt.Errorf("CRI ContainerStatus %s: %w", ct.Id, err)
+	}
+	var info struct {
+		Pid int `json:"pid"`
+	}
+	if err := json.Unmarshal([]byte(st.Info["info"]), &info); err != nil || info.Pid <= 0 {
+		return Target{}, fmt.Errorf("CRI ContainerStatus %s: no pid in the verbose info (runtime not supported?)", ct.Id)
+	}
+	t := Target{PID: info.Pid, ImageRef: st.GetStatus().GetImageRef()}
+	if img := st.GetStatus().GetImage(); img != nil {
+		t.Image = img.Image
+	}
+	return t, nil
+}
+
+// Entrypoint returns an image's ENTRYPOINT/CMD from ImageStatus verbose info (the OCI image
+// config). The container's resolved image reference is preferred over the pod spec's name.
+func (c *CRI) Entrypoint(ctx context.Context, podUID, container, image string) (agentapi.Entrypoint, error) {
+	ref := image
+	if podUID != "" && container != "" {
+		if ct, err := c.container(ctx, podUID, container); err == nil && ct.ImageRef != "" {
+			ref = ct.ImageRef
+		}
+	}
+	if ref == "" {
+		return agentapi.Entrypoint{}, fmt.Errorf("no image: give image= or a running pod container")
+	}
+	resp, err := c.images.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: ref}, Verbose: true})
+	if err != nil {
+		return agentapi.Entrypoint{}, fmt.Errorf("CRI ImageStatus %s: %w", ref, err)
+	}
+	if resp.Image == nil {
+		return agentapi.Entrypoint{}, errImageNotFound{ref}
+	}
+	return parseImageInfo(resp.Info["info"], ref)
+}
+
+type errImageNotFound struct{ ref string }
+
+func (e errImageNotFound) Error() string {
+	return "image " + e.ref + " not found in the container runtime"
+}
+
+// parseImageInfo reads containerd's verbose ImageStatus info: {"imageSpec": <OCI image config>}.
+func parseImageInfo(info, ref string) (agentapi.Entrypoint, error) {
+	var v struct {
+		ImageSpec struct {
+			Config struct {
+				Entrypoint []string `json:"Entrypoint"`
+				Cmd        []string `json:"Cmd"`
+				WorkingDir string   `json:"WorkingDir"`
+			} `json:"config"`
+		} `json:"imageSpec"`
+	}
+	if info == "" {
+		return agentapi.Entrypoint{}, fmt.Errorf("CRI ImageStatus %s: no verbose info (the runtime does not expose the image config)", ref)
+	}
+	if err := json.Unmarshal([]byte(info), &v); err != nil {
+		return agentapi.Entrypoint{}, fmt.Errorf("CRI ImageStatus %s: verbose info: %w", ref, err)
+	}
+	c := v.ImageSpec.Config
+	return agentapi.Entrypoint{Entrypoint: c.Entrypoint, Cmd: c.Cmd, WorkingDir: c.WorkingDir, Image: ref}, nil
+}

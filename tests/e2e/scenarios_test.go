@@ -1,0 +1,262 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/stasis-k8s/stasis/tests/e2e/harness"
+)
+
+// continues asserts that a restored counter continued where the checkpointed one stopped: no
+// fresh start, and its first number follows the last number printed before.
+func continues(t *testing.T, before, after harness.CounterOutput) {
+	t.Helper()
+	require.NotEmpty(t, before.Lines, "the checkpointed pod printed nothing")
+	require.NotEmpty(t, after.Lines, "the restored pod printed nothing")
+	assert.Zero(t, after.FreshStarts, "the restored pod started the app afresh (printed its start line)")
+	assert.Equal(t, before.Last()+1, after.First(),
+		"the restored counter must continue the old sequence (last before: %d, first after: %d)", before.Last(), after.First())
+}
+
+// drainScenario is scenario 1's flow for a Job spec: drain, continue on the other node, complete
+// without a failure counted against backoffLimit (the Job has backoffLimit 0).
+func drainScenario(t *testing.T, ns string, spec harness.CounterSpec, to int) *harness.DrainResult {
+	ctx := context.Background()
+	r, err := env.JobDrain(ctx, ns, spec, 8)
+	if r.OldPod != nil {
+		t.Cleanup(func() { _ = env.Uncordon(context.Background(), r.OldPod.Spec.NodeName) })
+	}
+	require.NoError(t, err)
+	t.Log(r.Summary())
+	assert.NotEqual(t, r.OldPod.Spec.NodeName, r.NewPod.Spec.NodeName, "the replacement must run on the other node")
+	continues(t, r.Before, r.After)
+	require.NoError(t, env.Uncordon(ctx, r.OldPod.Spec.NodeName))
+
+	job, err := env.WaitJobComplete(ctx, ns, spec.Name, 3*time.Minute)
+	require.NoError(t, err)
+	assert.True(t, harness.JobSucceeded(job), "Job must complete; status %+v", job.Status)
+	assert.Zero(t, job.Status.Failed, "no failed pod may count against backoffLimit")
+	final, err := env.Logs(ctx, ns, r.NewPod.Name)
+	require.NoError(t, err)
+	assert.True(t, final.Done, "the restored app must run to its end")
+	assert.Equal(t, to, final.Last())
+	return r
+}
+
+// Scenario 1: a checkpointed counter Job survives `kubectl drain` of its node.
+func TestScenario1DrainJob(t *testing.T) {
+	ns := newNamespace(t, "s1")
+	drainScenario(t, ns, harness.CounterSpec{Name: "counter", Args: []string{"--to=40"}}, 40)
+}
+
+// Scenario 2: the Job suspended (checkpointed first), left suspended, resumed: it continues.
+func TestScenario2SuspendResume(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t, "s2")
+	const name = "counter"
+	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: name, Checkpoint: true, Args: []string{"--to=40"}})
+	require.NoError(t, err)
+	old, err := env.WaitJobPod(ctx, ns, name, 3*time.Minute)
+	require.NoError(t, err)
+	follow := env.Follow(ctx, ns, old.Name)
+	_, err = env.WaitCount(ctx, ns, old.Name, 8, 2*time.Minute)
+	require.NoError(t, err)
+
+	took, err := env.SetSuspend(ctx, ns, name, true)
+	require.NoError(t, err)
+	t.Logf("suspend accepted after %s", took.Round(10*time.Millisecond))
+	require.NoError(t, env.WaitNoActivePods(ctx, ns, name, 2*time.Minute))
+	before, err := follow.Wait(time.Minute)
+	require.NoError(t, err)
+	// Left suspended for a while: nothing may run meanwhile.
+	time.Sleep(3 * time.Second)
+	require.NoError(t, env.WaitNoActivePods(ctx, ns, name, time.Second))
+
+	_, err = env.SetSuspend(ctx, ns, name, false)
+	require.NoError(t, err)
+	newPod, err := env.WaitJobPod(ctx, ns, name, 3*time.Minute, old)
+	require.NoError(t, err)
+	after, err := env.WaitCount(ctx, ns, newPod.Name, 0, time.Minute)
+	require.NoError(t, err)
+	continues(t, before, after)
+
+	job, err := env.WaitJobComplete(ctx, ns, name, 3*time.Minute)
+	require.NoError(t, err)
+	assert.True(t, harness.JobSucceeded(job), "Job must complete; status %+v", job.Status)
+	assert.Zero(t, job.Status.Failed)
+}
+
+// Scenario 3: the plain-pod example of the documentation, with the counter image and a static PV:
+// evicted, recreated by the user with the same name, it continues.
+func TestScenario3PlainPodExample(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t, "s3")
+	raw, err := os.ReadFile("/work/shared/examples/plain-pod.yaml")
+	if err != nil {
+		raw, err = os.ReadFile(env.Root + "/docs/examples/plain-pod.yaml")
+	}
+	require.NoError(t, err, "the plain-pod example")
+	const class = "stasis-static"
+	manifest := strings.NewReplacer("<storage-class-name>", class, "my-image:latest", env.CounterImage).Replace(string(raw))
+	pvDir := fmt.Sprintf("%s/static-pv/%s", env.Dir, ns)
+	require.NoError(t, os.MkdirAll(pvDir, 0o700))
+	pv := &corev1.PersistentVolume{
+		ObjectMeta: metav1.ObjectMeta{Name: "plain-" + ns},
+		Spec: corev1.PersistentVolumeSpec{
+			StorageClassName:              class,
+			Capacity:                      corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("2Gi")},
+			AccessModes:                   []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			PersistentVolumeReclaimPolicy: corev1.PersistentVolumeReclaimRetain,
+			PersistentVolumeSource:        corev1.PersistentVolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: pvDir}},
+			ClaimRef:                      &corev1.ObjectReference{Namespace: ns, Name: "checkpointing-volume"},
+		},
+	}
+	_, err = env.Client.CoreV1().PersistentVolumes().Create(ctx, pv, metav1.CreateOptions{})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		_ = env.Client.CoreV1().PersistentVolumes().Delete(context.Background(), pv.Name, metav1.DeleteOptions{})
+	})
+	file := env.Dir + "/" + ns + "-plain-pod.yaml"
+	require.NoError(t, os.WriteFile(file, []byte(manifest), 0o600))
+
+	_, err = env.Run(ctx, "-n", ns, "apply", "-f", file)
+	require.NoError(t, err)
+	const pod = "my-checkpointed-pod"
+	_, err = env.WaitPodReady(ctx, ns, pod, 3*time.Minute)
+	require.NoError(t, err)
+	follow := env.Follow(ctx, ns, pod)
+	_, err = env.WaitCount(ctx, ns, pod, 8, 2*time.Minute)
+	require.NoError(t, err)
+	took, err := env.Evict(ctx, ns, pod)
+	require.NoError(t, err)
+	t.Logf("eviction done and pod gone after %s", took.Round(10*time.Millisecond))
+	before, err := follow.Wait(time.Minute)
+	require.NoError(t, err)
+
+	// The user recreates the pod with the same name.
+	_, err = env.Run(ctx, "-n", ns, "apply", "-f", file)
+	require.NoError(t, err)
+	_, err = env.WaitPodReady(ctx, ns, pod, 3*time.Minute)
+	require.NoError(t, err)
+	after, err := env.WaitCount(ctx, ns, pod, 0, time.Minute)
+	require.NoError(t, err)
+	continues(t, before, after)
+}
+
+// Scenario 4: a container without `command` (the image's entrypoint runs) is checkpointed and
+// restored.
+func TestScenario4EntrypointFromImage(t *testing.T) {
+	ns := newNamespace(t, "s4")
+	drainScenario(t, ns, harness.CounterSpec{Name: "counter", FromImage: true, Args: []string{"--interval=500ms", "--to=40"}}, 40)
+}
+
+// Scenario 5: a file written in the container's writable layer and listed in checkpoint-files is
+// there after the restore, with its content (the app checks the token it keeps in memory against
+// the file on every line).
+func TestScenario5CheckpointFiles(t *testing.T) {
+	ns := newNamespace(t, "s5")
+	r := drainScenario(t, ns, harness.CounterSpec{
+		Name:        "counter",
+		Args:        []string{"--to=40", "--file=/tmp/state"},
+		Annotations: map[string]string{"memverge.ai/checkpoint-files": "/tmp/state"},
+	}, 40)
+	for _, l := range append(r.Before.Lines, r.After.Lines...) {
+		require.Equal(t, "ok", l.Fields["file"], "line %d: the file must hold the app's token", l.N)
+	}
+}
+
+// Scenario 6: a checkpoint corrupted before the restore: the pod starts cold, an Event says why,
+// and the Job still completes.
+func TestScenario6CorruptCheckpoint(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t, "s6")
+	const name = "counter"
+	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: name, Checkpoint: true, Args: []string{"--to=30"}})
+	require.NoError(t, err)
+	old, err := env.WaitJobPod(ctx, ns, name, 3*time.Minute)
+	require.NoError(t, err)
+	_, err = env.WaitCount(ctx, ns, old.Name, 8, 2*time.Minute)
+	require.NoError(t, err)
+	_, err = env.SetSuspend(ctx, ns, name, true)
+	require.NoError(t, err)
+	require.NoError(t, env.WaitNoActivePods(ctx, ns, name, 2*time.Minute))
+
+	dir, err := env.CheckpointDir(ctx, old)
+	require.NoError(t, err)
+	damaged, err := harness.CorruptCheckpoint(dir)
+	require.NoError(t, err)
+	t.Logf("corrupted %s", damaged)
+
+	_, err = env.SetSuspend(ctx, ns, name, false)
+	require.NoError(t, err)
+	newPod, err := env.WaitJobPod(ctx, ns, name, 3*time.Minute, old)
+	require.NoError(t, err)
+	after, err := env.WaitCount(ctx, ns, newPod.Name, 0, time.Minute)
+	require.NoError(t, err)
+	assert.Equal(t, 1, after.FreshStarts, "a corrupt checkpoint must give a cold start")
+	assert.Equal(t, 0, after.First(), "a cold start counts from 0")
+
+	job, err := env.WaitJobComplete(ctx, ns, name, 3*time.Minute)
+	require.NoError(t, err)
+	assert.True(t, harness.JobSucceeded(job), "Job must complete; status %+v", job.Status)
+
+	evs, err := env.Client.CoreV1().Events(ns).List(ctx, metav1.ListOptions{})
+	require.NoError(t, err)
+	var why []string
+	for _, ev := range evs.Items {
+		if ev.InvolvedObject.Name == newPod.Name && ev.Type == corev1.EventTypeWarning {
+			why = append(why, ev.Reason+": "+ev.Message)
+		}
+	}
+	t.Logf("warning Events of %s: %q", newPod.Name, why)
+	assert.NotEmpty(t, why, "an Event on %s must say why the checkpoint was not restored", newPod.Name)
+}
+
+// Scenario 7: a memory-heavy app (600 MiB touched) drains within the CRIU-bound time. Reports the
+// drain with Stasis against a plain drain of the same pod without it, and the checkpoint's size.
+func TestScenario7MemoryHeavy(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t, "s7")
+	args := []string{"--touch-mib=600", "--to=60"}
+	r := drainScenario(t, ns, harness.CounterSpec{Name: "heavy", Args: args, MemoryRequest: "1Gi"}, 60)
+	for _, l := range r.After.Lines {
+		require.Equal(t, "ok", l.Fields["mem"], "line %d: the restored memory must hold the pattern written at start", l.N)
+	}
+
+	// The same pod without Stasis: a plain drain, and a replacement that starts from 0.
+	plain, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "plain", Args: args, MemoryRequest: "1Gi"})
+	require.NoError(t, err)
+	oldPlain, err := env.WaitJobPod(ctx, ns, plain.Name, 3*time.Minute)
+	require.NoError(t, err)
+	_, err = env.WaitCount(ctx, ns, oldPlain.Name, 8, 2*time.Minute)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = env.Uncordon(context.Background(), oldPlain.Spec.NodeName) })
+	plainTook, _, err := env.Drain(ctx, oldPlain.Spec.NodeName, "batch.kubernetes.io/job-name="+plain.Name, 5*time.Minute)
+	require.NoError(t, err)
+	require.NoError(t, env.Uncordon(ctx, oldPlain.Spec.NodeName))
+
+	figures := fmt.Sprintf("scenario 7 (600 MiB touched): drain with Stasis %s, plain drain %s; checkpoint %.0f MiB; "+
+		"restored pod Ready %s after the drain; restore annotation %s",
+		r.DrainTook.Round(10*time.Millisecond), plainTook.Round(10*time.Millisecond), float64(r.CheckpointBytes)/(1<<20),
+		r.NewPodReadyAfter.Round(10*time.Millisecond), r.Restore)
+	t.Log(figures)
+	logf("%s", figures)
+	for _, reason := range []string{"Checkpointed", "Restored", "Restoring"} {
+		if msgs, err := env.Events(ctx, ns, reason); err == nil && len(msgs) > 0 {
+			logf("scenario 7 %s Events: %q", reason, msgs)
+		}
+	}
+	assert.GreaterOrEqual(t, r.CheckpointBytes, int64(600<<20), "the checkpoint must hold the touched memory")
+}
