@@ -111,9 +111,14 @@ func startContainer(t testing.TB, env []string, launcherArgs ...string) *contain
 	args = append(args, launcherArgs...)
 	c := &container{t: t, cmd: exec.Command("unshare", args...), out: &syncBuffer{}, done: make(chan struct{})}
 	c.cmd.Env = append(os.Environ(), env...)
-	// Pipes for stdout/stderr, as containerd gives containers.
+	// Pipes for stdio, as containerd gives containers (stdin stays open and empty).
 	c.cmd.Stdout, c.cmd.Stderr = c.out, c.out
+	stdinR, stdinW, err := os.Pipe()
+	require.NoError(t, err)
+	c.cmd.Stdin = stdinR
 	require.NoError(t, c.cmd.Start())
+	stdinR.Close()
+	t.Cleanup(func() { stdinW.Close() })
 	go func() {
 		_ = c.cmd.Wait()
 		c.status = c.cmd.ProcessState.Sys().(syscall.WaitStatus)

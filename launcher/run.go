@@ -120,9 +120,19 @@ func startInit(cmd []string) (int, error) {
 		return 0, err
 	}
 	argv := append([]string{self, wiring.LauncherSubcommand, initFlag, "--"}, cmd...)
+	files := []uintptr{0, 1, 2}
+	// A /dev/null we inherited may have been opened in another mount namespace (the runtime's):
+	// CRIU cannot dump it ("Can't lookup mount"). Reopen it here, in the container's.
+	for fd := range files {
+		if t, _ := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd)); t == "/dev/null" {
+			if f, err := os.OpenFile("/dev/null", os.O_RDWR, 0); err == nil {
+				files[fd] = f.Fd() // kept open for the launcher's lifetime
+			}
+		}
+	}
 	return syscall.ForkExec("/proc/self/exe", argv, &syscall.ProcAttr{
 		Env:   os.Environ(),
-		Files: []uintptr{0, 1, 2},
+		Files: files,
 		Sys:   &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID, Setsid: true},
 	})
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	stdlog "log"
 	"net"
 	"net/http"
 	"os"
@@ -28,6 +29,9 @@ type ServerConfig struct {
 	CertReload time.Duration
 	// ShutdownGrace bounds the graceful shutdown; the API server's timeout is 30 s.
 	ShutdownGrace time.Duration
+
+	// Listeners already open (tests); nil means listen on Listen and HealthListen.
+	tlsListener, healthListener net.Listener
 }
 
 func (c *ServerConfig) defaults() error {
@@ -165,17 +169,21 @@ func Serve(ctx context.Context, cfg ServerConfig, admission http.Handler, gather
 		WriteTimeout:   45 * time.Second,
 		IdleTimeout:    120 * time.Second,
 		MaxHeaderBytes: 64 << 10,
+		ErrorLog:       stdlog.New(log.With().Str("server", "admission").Logger(), "", 0),
 	}
 	healthSrv := &http.Server{Addr: cfg.HealthListen, Handler: health, ReadHeaderTimeout: 5 * time.Second}
 
-	tlsLn, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return fmt.Errorf("listening on %s: %w", cfg.Listen, err)
+	tlsLn, healthLn := cfg.tlsListener, cfg.healthListener
+	if tlsLn == nil {
+		if tlsLn, err = net.Listen("tcp", cfg.Listen); err != nil {
+			return fmt.Errorf("listening on %s: %w", cfg.Listen, err)
+		}
 	}
-	healthLn, err := net.Listen("tcp", cfg.HealthListen)
-	if err != nil {
-		tlsLn.Close()
-		return fmt.Errorf("listening on %s: %w", cfg.HealthListen, err)
+	if healthLn == nil {
+		if healthLn, err = net.Listen("tcp", cfg.HealthListen); err != nil {
+			tlsLn.Close()
+			return fmt.Errorf("listening on %s: %w", cfg.HealthListen, err)
+		}
 	}
 	log.Info().Str("listen", tlsLn.Addr().String()).Str("health", healthLn.Addr().String()).Msg("stasis webhook serving")
 

@@ -155,7 +155,9 @@ func TestNoCertManagerOverlay(t *testing.T) {
 		assert.NotEqual(t, "cert-manager.io/v1", o.GetAPIVersion(), "the overlay must not need cert-manager: %s %s", o.GetKind(), o.GetName())
 	}
 	for _, name := range tlsSecrets {
-		assert.NotNil(t, find(objs, "Secret", name), "Secret %s", name)
+		if s := find(objs, "Secret", name); assert.NotNil(t, s, "Secret %s", name) {
+			assert.Equal(t, ns, s.GetNamespace(), "Secret %s", name)
+		}
 	}
 
 	c := startCluster(t)
@@ -398,4 +400,36 @@ func startCertManager(t *testing.T, bin, role, kubeconfig string) {
 			t.Logf("cert-manager %s log (tail):\n%s", role, data)
 		}
 	})
+}
+
+// `stasis certs --apply`: the Secrets go straight into the cluster, the CA is kept in the Secret
+// stasis-ca, every annotated webhook configuration gets the caBundle, and a rerun renews the leaves
+// with the same CA.
+func TestCertsApply(t *testing.T) {
+	tl := needTools(t)
+	c := startCluster(t)
+	kube := c.Client()
+	kc := c.Kubeconfig()
+	tl.kubectlOK(t, kc, "apply", "-k", filepath.Join(tl.root, "deploy", "base"))
+
+	run := func() {
+		out, err := exec.Command(tl.stasis, "certs", "--apply", "--kubeconfig", kc).CombinedOutput()
+		require.NoError(t, err, "stasis certs --apply: %s", out)
+	}
+	run()
+	ca := getSecret(t, kube, certs.CASecret)
+	require.NoError(t, caBundleIs(kube, ca["tls.crt"]))
+	first := map[string][]byte{}
+	for _, name := range tlsSecrets {
+		data := getSecret(t, kube, name)
+		assert.Equal(t, ca["tls.crt"], data["ca.crt"], "%s", name)
+		first[name] = data["tls.crt"]
+	}
+
+	run()
+	assert.Equal(t, ca, getSecret(t, kube, certs.CASecret), "the CA must be reused")
+	require.NoError(t, caBundleIs(kube, ca["tls.crt"]))
+	for _, name := range tlsSecrets {
+		assert.NotEqual(t, first[name], getSecret(t, kube, name)["tls.crt"], "%s must be renewed", name)
+	}
 }

@@ -120,6 +120,10 @@ func setup(ctx context.Context) error {
 }
 
 func teardown() {
+	if os.Getenv("STASIS_E2E_KEEP") != "" {
+		logf("STASIS_E2E_KEEP set: the cluster stays up; tear it down with: hack/node/node.sh down %s", env.Dir)
+		return
+	}
 	t0 := time.Now()
 	if err := env.Local.Down(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e teardown:", err)

@@ -3,12 +3,20 @@
 package integration
 
 import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/stasis-k8s/stasis/tests/cluster"
 )
 
 // The control plane is the real one, at the pinned version, with RBAC on.
@@ -67,4 +75,33 @@ func TestAdmissionReachesWebhookDryRunPod_NoKubelet(t *testing.T) {
 	assert.Greater(t, s.reviews("pod"), before)
 	_, err = s.c.CoreV1().Pods(s.ns).Get(s.ctx, "dry", metav1.GetOptions{})
 	assert.True(t, err != nil, "a dry run creates nothing")
+}
+
+// tests/cluster without the controller-manager: the harness creates the default ServiceAccount
+// itself, and Stop leaves no process behind (checked by PID).
+func TestClusterWithoutControllerManagerStartsAndStopsClean(t *testing.T) {
+	bin, err := cluster.Binaries()
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c, err := cluster.Start(ctx, cluster.Options{Dir: t.TempDir(), BinDir: bin})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Stop() })
+
+	_, err = c.Client().CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{})
+	require.NoError(t, err, "default ServiceAccount created by the harness")
+	pids := map[string]int{}
+	for _, name := range []string{"etcd", "kube-apiserver"} {
+		data, err := os.ReadFile(filepath.Join(c.Dir(), "pids", name+".pid"))
+		require.NoError(t, err)
+		pids[name], err = strconv.Atoi(strings.TrimSpace(string(data)))
+		require.NoError(t, err)
+	}
+	require.NoError(t, c.Stop())
+	for name, pid := range pids {
+		_, err := os.Stat(fmt.Sprintf("/proc/%d", pid))
+		assert.True(t, os.IsNotExist(err), "%s (pid %d) still running after Stop", name, pid)
+	}
+	_, err = c.Client().CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
+	assert.Error(t, err, "the API server is gone")
 }

@@ -69,7 +69,7 @@ func runMain(m *testing.M) (code int) {
 			if code == 0 && os.Getenv("STASIS_INTEGRATION_DIR") == "" {
 				_ = os.RemoveAll(dir)
 			} else {
-				fmt.Fprintf(os.Stderr, "integration: logs kept in %s/logs\n", dir)
+				fmt.Fprintf(os.Stderr, "integration: logs kept in %s/cluster/logs\n", dir)
 			}
 		}()
 	}
@@ -117,6 +117,9 @@ func setup(dir string) (*environment, error) {
 		return e, err
 	}
 	if e.agent, err = startFakeAgent(e.ca); err != nil {
+		return e, err
+	}
+	if err := applyWebhookRBAC(ctx, e); err != nil {
 		return e, err
 	}
 	if e.webhook, err = newWebhookProcess(e); err != nil {

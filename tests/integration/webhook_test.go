@@ -256,15 +256,20 @@ func deployDir() string {
 	return filepath.Join(root, "deploy", "base")
 }
 
-// applyWebhookConfigurations applies the webhook's namespace and RBAC, then the webhook
-// configurations from deploy/base/webhook-configurations.yaml — the single source — with two
-// changes only: each clientConfig.service becomes a url on 127.0.0.1 (the webhook runs on the
-// host, not behind a Service) and caBundle is the cluster CA.
-func applyWebhookConfigurations(ctx context.Context, e *environment) error {
+// applyWebhookRBAC applies the webhook's namespace, ServiceAccount and RBAC from deploy/base.
+func applyWebhookRBAC(ctx context.Context, e *environment) error {
 	if out, err := e.kubectl(ctx, "apply", "-f", filepath.Join(deployDir(), "namespace.yaml"),
 		"-f", filepath.Join(deployDir(), "webhook-rbac.yaml")); err != nil {
 		return fmt.Errorf("apply deploy/base namespace and RBAC: %v\n%s", err, out)
 	}
+	return nil
+}
+
+// applyWebhookConfigurations applies the webhook
+// configurations from deploy/base/webhook-configurations.yaml — the single source — with two
+// changes only: each clientConfig.service becomes a url on 127.0.0.1 (the webhook runs on the
+// host, not behind a Service) and caBundle is the cluster CA.
+func applyWebhookConfigurations(ctx context.Context, e *environment) error {
 	data, err := os.ReadFile(filepath.Join(deployDir(), "webhook-configurations.yaml"))
 	if err != nil {
 		return err

@@ -264,16 +264,18 @@ func (e *Env) Logs(ctx context.Context, ns, pod string) (CounterOutput, error) {
 // WaitCount waits until the pod's counter printed at least n.
 func (e *Env) WaitCount(ctx context.Context, ns, pod string, n int, timeout time.Duration) (CounterOutput, error) {
 	var out CounterOutput
+	var lastErr error
 	err := wait.PollUntilContextTimeout(ctx, 250*time.Millisecond, timeout, true, func(ctx context.Context) (bool, error) {
 		o, err := e.Logs(ctx, ns, pod)
 		if err != nil {
+			lastErr = err
 			return false, nil
 		}
 		out = o
 		return o.Last() >= n || o.Done, nil
 	})
 	if err != nil {
-		return out, fmt.Errorf("counter of %s/%s did not reach %d within %s (last %d)", ns, pod, n, timeout, out.Last())
+		return out, fmt.Errorf("counter of %s/%s did not reach %d within %s (last %d, last error: %v)", ns, pod, n, timeout, out.Last(), lastErr)
 	}
 	return out, nil
 }
