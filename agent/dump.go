@@ -94,12 +94,21 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	if req.Diagnosis {
 		logLevel = 4
 	}
+	// CRIU's RPC readlink()s the images directory it is given (it expects /proc/<pid>/fd/<n>,
+	// which cannot work across PID namespaces): hand it a symlink to the directory.
+	link := w.Path() + ".images"
+	ctrLink := ctrTmp + ".images"
+	if err := os.Symlink(path.Join(ctrTmp, checkpoint.ImagesDir), link); err != nil {
+		abort(err)
+		return fail(err)
+	}
+	defer os.Remove(link)
 	dumpStart := time.Now()
 	err = criurun.Dump(ctx, criurun.DumpOptions{
 		NsPID:      t.PID,
 		CriuPath:   a.cfg.ContainerCriuPath,
 		Pid:        rootInCtr,
-		ImagesDir:  path.Join(ctrTmp, checkpoint.ImagesDir),
+		ImagesDir:  ctrLink,
 		LogFile:    checkpoint.DumpLogName,
 		LogLevel:   logLevel,
 		ConfigFile: cfgFile,

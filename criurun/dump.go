@@ -28,9 +28,10 @@ type DumpOptions struct {
 	CriuPath string
 	// Pid is the root of the tree to dump, as a PID in NsPID's PID namespace.
 	Pid int
-	// ImagesDir is the images directory inside the container. CRIU takes it by path: an images fd
-	// cannot be used because CRIU opens it through /proc/<caller pid>/fd/N and the caller (the
-	// agent) is not visible in the container's PID namespace.
+	// ImagesDir is a symlink to the images directory, inside the container. CRIU takes it by path:
+	// an images fd cannot be used because CRIU opens it through /proc/<caller pid>/fd/N and the
+	// caller (the agent) is not visible in the container's PID namespace; and CRIU readlink()s the
+	// path it is given, so it must be a symlink.
 	ImagesDir string
 	// LogFile is a file name (CRIU allows no directory) written in ImagesDir.
 	LogFile  string

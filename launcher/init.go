@@ -32,7 +32,7 @@ func runInit(log zerolog.Logger, args []string) int {
 	wd, _ := os.Getwd()
 	pid, err := syscall.ForkExec(path, cmd, &syscall.ProcAttr{
 		Dir:   wd,
-		Env:   os.Environ(),
+		Env:   appEnv(os.Environ()),
 		Files: []uintptr{0, 1, 2},
 	})
 	if err != nil {

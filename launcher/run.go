@@ -48,6 +48,9 @@ func Run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	// Nothing but stdio may reach the dumped tree: an fd inherited from the runtime (opened in
+	// another mount namespace) makes CRIU fail ("Can't lookup mount").
+	_ = unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
 	// Orphans of the restored tree's CRIU, and the restored root itself, must come back to us even
 	// when we are not PID 1 (tests, debugging).
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
@@ -131,7 +134,7 @@ func startInit(cmd []string) (int, error) {
 		}
 	}
 	return syscall.ForkExec("/proc/self/exe", argv, &syscall.ProcAttr{
-		Env:   os.Environ(),
+		Env:   initEnv(os.Environ()),
 		Files: files,
 		Sys:   &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID, Setsid: true},
 	})
@@ -229,4 +232,52 @@ func report(ctx context.Context, log zerolog.Logger, env launchEnv, res agentapi
 	if err := c.ReportRestore(ctx, agentapi.LocalBase, res); err != nil {
 		log.Warn().Err(err).Msg("could not report the restore result to the agent (no Event will be recorded)")
 	}
+}
+
+// envOrigGodebug carries the app's own GODEBUG (or its absence) past the nested init.
+const envOrigGodebug = "STASIS_LAUNCHER_ORIG_GODEBUG"
+
+// initEnv is the nested init's environment. The Go runtime keeps cgroup files open to track CPU
+// limits (containermaxprocs, updatemaxprocs); the init is dumped and restored with the app, in
+// another container, so it must hold no such files: both are turned off for the init only.
+func initEnv(env []string) []string {
+	out := make([]string, 0, len(env)+2)
+	orig, had := "", false
+	for _, e := range env {
+		if v, ok := strings.CutPrefix(e, "GODEBUG="); ok {
+			orig, had = v, true
+			continue
+		}
+		out = append(out, e)
+	}
+	godebug := "containermaxprocs=0,updatemaxprocs=0"
+	if orig != "" {
+		godebug = orig + "," + godebug
+	}
+	out = append(out, "GODEBUG="+godebug)
+	if had {
+		out = append(out, envOrigGodebug+"="+orig)
+	}
+	return out
+}
+
+// appEnv undoes initEnv for the app.
+func appEnv(env []string) []string {
+	out := make([]string, 0, len(env))
+	orig, had := "", false
+	for _, e := range env {
+		if v, ok := strings.CutPrefix(e, envOrigGodebug+"="); ok {
+			orig, had = v, true
+		}
+	}
+	for _, e := range env {
+		if strings.HasPrefix(e, "GODEBUG=") || strings.HasPrefix(e, envOrigGodebug+"=") {
+			continue
+		}
+		out = append(out, e)
+	}
+	if had {
+		out = append(out, "GODEBUG="+orig)
+	}
+	return out
 }

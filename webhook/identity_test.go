@@ -10,18 +10,19 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
 )
 
 func TestResolveIdentity(t *testing.T) {
 	ctrl := func(apiVersion, kind, name string) []metav1.OwnerReference {
-		return []metav1.OwnerReference{{APIVersion: apiVersion, Kind: kind, Name: name, UID: "u-" + metav1.UID(name), Controller: ptr.To(true)}}
+		return []metav1.OwnerReference{{APIVersion: apiVersion, Kind: kind, Name: name, UID: types.UID("u-" + name), Controller: ptr.To(true)}}
 	}
 	rs := func(name string, replicas int32, owner []metav1.OwnerReference) *appsv1.ReplicaSet {
 		return &appsv1.ReplicaSet{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "ns", OwnerReferences: owner}, Spec: appsv1.ReplicaSetSpec{Replicas: ptr.To(replicas)}}
 	}
 	deploy := func(name string, replicas *int32) *appsv1.Deployment {
-		return &appsv1.Deployment{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "ns", UID: "u-" + metav1.UID(name)}, Spec: appsv1.DeploymentSpec{Replicas: replicas}}
+		return &appsv1.Deployment{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "ns", UID: types.UID("u-" + name)}, Spec: appsv1.DeploymentSpec{Replicas: replicas}}
 	}
 	tests := []struct {
 		name      string

@@ -61,6 +61,10 @@ func AddIgnoreDisruption(prefix string, job *batchv1.Job) (msg string, changed b
 	}
 	if job.Spec.PodFailurePolicy == nil {
 		job.Spec.PodFailurePolicy = &batchv1.PodFailurePolicy{}
+		// The API server defaults podReplacementPolicy to TerminatingOrFailed before admission and
+		// refuses a podFailurePolicy with anything but Failed (found by the integration tier).
+		failed := batchv1.Failed
+		job.Spec.PodReplacementPolicy = &failed
 	}
 	job.Spec.PodFailurePolicy.Rules = append([]batchv1.PodFailurePolicyRule{IgnoreDisruptionRule}, job.Spec.PodFailurePolicy.Rules...)
 	return "added podFailurePolicy rule Ignore on DisruptionTarget: checkpointed pods that are evicted do not count against backoffLimit", true

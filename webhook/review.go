@@ -187,7 +187,7 @@ func (h *reviewHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	ev.Str("webhook", h.id).Str("uid", ar.ID).Str("ns", ar.Namespace).Str("name", ar.Name).
 		Bool("dryRun", ar.DryRun).Bool("allowed", v.Allowed).Int32("code", v.Code).
-		Str("message", v.Message).Int("patchBytes", len(patch)).Dur("took", time.Since(t0)).Msg("admission review")
+		Str("detail", v.Message).Int("patchBytes", len(patch)).Dur("took", time.Since(t0)).Msg("admission review")
 }
 
 func (h *reviewHandler) read(w http.ResponseWriter, r *http.Request) (model.AdmissionReview, error) {

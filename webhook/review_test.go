@@ -106,7 +106,7 @@ func TestJobMutateHandler(t *testing.T) {
 	resp, patched := e.admit(PathMutateJob, fixture(t, "job-create.json"))
 	require.True(t, resp.Allowed)
 	require.NotNil(t, patched, "a checkpointed Job gets the podFailurePolicy rule")
-	assert.JSONEq(t, `[{"op":"add","path":"/spec/podFailurePolicy","value":{"rules":[{"action":"Ignore","onPodConditions":[{"type":"DisruptionTarget","status":"True"}]}]}}]`, string(resp.Patch))
+	assert.JSONEq(t, `[{"op":"add","path":"/spec/podReplacementPolicy","value":"Failed"},{"op":"add","path":"/spec/podFailurePolicy","value":{"rules":[{"action":"Ignore","onPodConditions":[{"type":"DisruptionTarget","status":"True"}]}]}}]`, string(resp.Patch))
 	var job batchv1.Job
 	require.NoError(t, json.Unmarshal(patched, &job))
 	require.NotNil(t, job.Spec.PodFailurePolicy)

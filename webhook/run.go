@@ -75,6 +75,13 @@ func Run(ctx context.Context, args []string) error {
 		return fmt.Errorf("--default-volume-size %q is not a positive size (e.g. 10Gi)", *defaultSize)
 	}
 	cfg.DefaultVolumeSize = q
+	// Refuse bad settings before connecting to anything.
+	if err := cfg.defaults(); err != nil {
+		return err
+	}
+	if err := srv.defaults(); err != nil {
+		return err
+	}
 
 	restCfg, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
 	if err != nil {
@@ -86,7 +93,7 @@ func Run(ctx context.Context, args []string) error {
 		return err
 	}
 
-	agents, err := agentClient(*agentEndpoint, *agentCA, *agentCert, *agentKey, ctx, log)
+	agents, err := agentClient(ctx, *agentEndpoint, *agentCA, *agentCert, *agentKey, log)
 	if err != nil {
 		return err
 	}
@@ -157,7 +164,7 @@ func Run(ctx context.Context, args []string) error {
 
 // agentClient builds the mTLS client to the agents: their CA, the fixed server name, and the
 // webhook's client certificate (reloaded when it changes).
-func agentClient(endpoint, caFile, certFile, keyFile string, ctx context.Context, log zerolog.Logger) (*agentapi.Client, error) {
+func agentClient(ctx context.Context, endpoint, caFile, certFile, keyFile string, log zerolog.Logger) (*agentapi.Client, error) {
 	if strings.HasPrefix(endpoint, "http://") {
 		return agentapi.NewClient(nil, 10*time.Second), nil
 	}

@@ -77,7 +77,7 @@ func (c *Config) defaults() error {
 		c.WaitBudget = 20 * time.Second
 	}
 	if c.WaitBudget < 0 || c.WaitBudget >= 30*time.Second {
-		return fmt.Errorf("wait budget %s must be positive and below the webhook timeout of 30s", c.WaitBudget)
+		return fmt.Errorf("--wait-budget %s must be positive and below the webhook timeoutSeconds of 30s", c.WaitBudget)
 	}
 	if c.PollInterval == 0 {
 		c.PollInterval = 250 * time.Millisecond
@@ -87,10 +87,10 @@ func (c *Config) defaults() error {
 		c.FailurePolicy = FailClosed
 	case FailClosed, FailOpen:
 	default:
-		return fmt.Errorf("failure policy %q is not %s or %s", c.FailurePolicy, FailClosed, FailOpen)
+		return fmt.Errorf("--failure-policy %q is not %s or %s", c.FailurePolicy, FailClosed, FailOpen)
 	}
 	if c.ToolsImage == "" {
-		return errors.New("tools image is required (the image of the tools and restore init-containers)")
+		return errors.New("--tools-image is required: the image of the tools and restore init-containers (the Stasis agent image)")
 	}
 	if c.DefaultVolumeSize.IsZero() {
 		c.DefaultVolumeSize = resource.MustParse("10Gi")

@@ -50,7 +50,7 @@ cgroup_hierarchies() {
 cg_pids() {
   local h
   for h in $(cgroup_hierarchies); do
-    [ -d "$h$1" ] && find "$h$1" -name cgroup.procs -exec cat {} + 2>/dev/null
+    if [ -d "$h$1" ]; then find "$h$1" -name cgroup.procs -exec cat {} + 2>/dev/null || true; fi
   done | sort -un
 }
 
@@ -196,34 +196,31 @@ cmd_node_down() {
   local nd="$DIR/nodes/$1"
   [ -f "$nd/node.env" ] || return 0
   . "$nd/node.env"
-  # The kubelet first, gracefully, so it does not restart what is killed next.
-  stop_pidfile "$nd/pids/kubelet.pid" 10
+  # The kubelet, containerd, the shims and every container are in the node's cgroup root: frozen
+  # together and killed together, nothing gets restarted meanwhile (test data needs no grace).
   kill_cgroup "$CGROUP_ROOT"
   rm -f "$nd"/pids/*.pid "$nd/ns-ready"
 }
 
-# stop_pidfile FILE SECONDS: SIGTERM, then SIGKILL; only if the PID still is the one started.
-stop_pidfile() {
-  local f=$1 t=$2 pid i
-  [ -f "$f" ] || return 0
-  pid=$(cat "$f")
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 $((t * 10))); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
+# alive PID: the process exists and is not a zombie (an exited child its parent has not reaped yet).
+alive() {
+  local st
+  st=$(cut -d' ' -f3 2>/dev/null </proc/"$1"/stat) || return 1
+  [ -n "$st" ] && [ "$st" != Z ]
 }
 
 # stop_control_plane: the processes tests/cluster started (DIR/pids/<binary>.pid), clients of the API
-# server first, etcd last; a PID is signalled only while it still runs that binary.
+# server first, etcd last; a PID is signalled only while it still runs that binary. SIGTERM, SIGKILL
+# after 3 s: the API server's graceful shutdown takes long and this cluster's data is thrown away.
 stop_control_plane() {
   local b f pid i
   for b in kube-scheduler kube-controller-manager kube-apiserver etcd; do
     f="$DIR/pids/$b.pid"
     [ -f "$f" ] || continue
     pid=$(cat "$f")
-    if [ "$(basename "$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -1)")" = "$b" ]; then
+    if [ "$(basename "$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/cmdline" | head -1)")" = "$b" ]; then
       kill -TERM "$pid" 2>/dev/null || true
-      for i in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      for i in $(seq 1 30); do alive "$pid" || break; sleep 0.1; done
       kill -KILL "$pid" 2>/dev/null || true
     fi
     rm -f "$f"
@@ -234,7 +231,8 @@ cmd_down() {
   local n line
   [ -d "$DIR" ] || return 0
   if [ -d "$DIR/nodes" ]; then
-    for n in "$DIR"/nodes/*/; do [ -d "$n" ] && cmd_node_down "$(basename "$n")"; done
+    for n in "$DIR"/nodes/*/; do [ -d "$n" ] && cmd_node_down "$(basename "$n")" & done
+    wait
   fi
   stop_control_plane
   if [ -f "$DIR/undo" ]; then

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -58,14 +57,16 @@ func UpLocal(ctx context.Context, o LocalOptions) (_ *Local, err error) {
 	if len(o.Nodes) == 0 {
 		o.Nodes = []string{"node-a", "node-b"}
 	}
-	if err := os.MkdirAll(o.Dir, 0o700); err != nil {
+	// A previous run that crashed in this directory leaves a journal: revert it first, then start
+	// from an empty directory (no kubelet, containerd or IPAM state of an earlier cluster).
+	if err := TeardownDir(o.Dir); err != nil {
 		return nil, err
 	}
-	// A previous run that crashed in this directory leaves a journal: revert it first.
-	if _, statErr := os.Stat(filepath.Join(o.Dir, "undo")); statErr == nil {
-		if err := TeardownDir(o.Dir); err != nil {
-			return nil, err
-		}
+	if err := os.RemoveAll(o.Dir); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(o.Dir, 0o700); err != nil {
+		return nil, err
 	}
 	l := &Local{dir: o.Dir}
 	defer func() {
@@ -90,6 +91,8 @@ func UpLocal(ctx context.Context, o LocalOptions) (_ *Local, err error) {
 		Scheduler:           true,
 		HostPathProvisioner: true,
 		Detach:              o.Detach,
+		// Node names are not resolvable here (no DNS): reach kubelets (logs, exec) at their IPs.
+		ExtraAPIServerArgs: []string{"--kubelet-preferred-address-types=InternalIP"},
 	}); err != nil {
 		return nil, err
 	}

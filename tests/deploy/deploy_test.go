@@ -334,6 +334,34 @@ func assertInstalled(t *testing.T, kube kubernetes.Interface) {
 	assert.NoError(t, err)
 	_, err = kube.AdmissionregistrationV1().MutatingWebhookConfigurations().Get(ctx, "stasis", metav1.GetOptions{})
 	assert.NoError(t, err)
+	// The pod template is admitted too (Pod Security "privileged" namespace, priority class): the
+	// ReplicaSet controller creates both replicas (they stay Pending: no kubelet in this tier).
+	eventually(t, time.Minute, "2 stasis-webhook pods created", func() error {
+		pods, err := kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=stasis-webhook"})
+		if err != nil {
+			return err
+		}
+		if len(pods.Items) != 2 {
+			return errf("%d pods", len(pods.Items))
+		}
+		return nil
+	})
+	// And the agent's (privileged, hostPID, host paths): a Node object is enough for the DaemonSet
+	// controller to create its pod.
+	_, err = kube.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "deploy-test-node",
+		Labels: map[string]string{"kubernetes.io/hostname": "deploy-test-node"}}}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	eventually(t, time.Minute, "the stasis-agent pod created for the node", func() error {
+		pods, err := kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=stasis-agent"})
+		if err != nil {
+			return err
+		}
+		if len(pods.Items) != 1 {
+			ds, _ := kube.AppsV1().DaemonSets(ns).Get(ctx, "stasis-agent", metav1.GetOptions{})
+			return errf("%d pods; DaemonSet status %+v", len(pods.Items), ds.Status)
+		}
+		return nil
+	})
 }
 
 func assertCABundle(t *testing.T, kube kubernetes.Interface, caPEM []byte) {

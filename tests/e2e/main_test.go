@@ -92,7 +92,9 @@ func setup(ctx context.Context) error {
 		dir = "/tmp/stasis-e2e"
 	}
 	t1 := time.Now()
-	local, err := cluster.UpLocal(ctx, cluster.LocalOptions{Dir: dir, BinDir: bin, Images: images})
+	local, err := cluster.UpLocal(ctx, cluster.LocalOptions{
+		Dir: dir, BinDir: bin, Images: images, Detach: os.Getenv("STASIS_E2E_KEEP") != "",
+	})
 	if err != nil {
 		return err
 	}

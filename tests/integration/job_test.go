@@ -83,7 +83,8 @@ func TestJobSuspendCheckpointsThenResumeRestores_NoKubelet(t *testing.T) {
 	out, err := s.kubectl("-n", s.ns, "patch", "job", "train", "-p", `{"spec":{"suspend":true}}`)
 	require.Error(t, err, "the first suspend is held while the dumps run:\n%s", out)
 	assert.Contains(t, out, "in progress", out)
-	require.Nil(t, s.job("train").Spec.Suspend, "the held patch was not applied")
+	held := s.job("train").Spec.Suspend
+	require.True(t, held == nil || !*held, "the held patch was not applied")
 	s.eventually("suspend accepted", func() (bool, error) {
 		out, err = s.kubectl("-n", s.ns, "patch", "job", "train", "-p", `{"spec":{"suspend":true}}`)
 		if err != nil && !strings.Contains(out, "in progress") {

@@ -15,6 +15,7 @@ import (
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/retry"
 )
 
 // kubeletSim plays the kubelet's part for the Nodes the tests create — there is no kubelet in this
@@ -82,8 +83,7 @@ func (k *kubeletSim) addNode(ctx context.Context, name string, labels map[string
 	for key, v := range labels {
 		l[key] = v
 	}
-	n, err := k.client.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: l}}, metav1.CreateOptions{})
-	if err != nil {
+	if _, err := k.client.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: l}}, metav1.CreateOptions{}); err != nil {
 		return fmt.Errorf("create node %s: %w", name, err)
 	}
 	capacity := corev1.ResourceList{
@@ -91,28 +91,37 @@ func (k *kubeletSim) addNode(ctx context.Context, name string, labels map[string
 		corev1.ResourceMemory: resource.MustParse("64Gi"),
 		corev1.ResourcePods:   resource.MustParse("110"),
 	}
-	now := metav1.Now()
-	n.Status = corev1.NodeStatus{
-		Capacity: capacity, Allocatable: capacity,
-		Conditions: []corev1.NodeCondition{{
+	// Controllers touch new Nodes too: re-read and retry on conflicts.
+	nodes := k.client.CoreV1().Nodes()
+	if err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		n, err := nodes.Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		now := metav1.Now()
+		n.Status.Capacity, n.Status.Allocatable = capacity, capacity
+		n.Status.Conditions = []corev1.NodeCondition{{
 			Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady",
 			Message: "simulated by the integration tests (no kubelet)", LastHeartbeatTime: now, LastTransitionTime: now,
-		}},
-		Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "127.0.0.1"}, {Type: corev1.NodeHostName, Address: name}},
-	}
-	if n, err = k.client.CoreV1().Nodes().UpdateStatus(ctx, n, metav1.UpdateOptions{}); err != nil {
+		}}
+		n.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "127.0.0.1"}, {Type: corev1.NodeHostName, Address: name}}
+		_, err = nodes.UpdateStatus(ctx, n, metav1.UpdateOptions{})
+		return err
+	}); err != nil {
 		return fmt.Errorf("node %s status: %w", name, err)
 	}
-	for {
+	if err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		n, err := nodes.Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
 		n.Spec.Taints = nil
-		_, err = k.client.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{})
-		if !apierrors.IsConflict(err) {
-			return err
-		}
-		if n, err = k.client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{}); err != nil {
-			return err
-		}
+		_, err = nodes.Update(ctx, n, metav1.UpdateOptions{})
+		return err
+	}); err != nil {
+		return fmt.Errorf("node %s taints: %w", name, err)
 	}
+	return nil
 }
 
 // removeNode deletes the Node; its pods are the test namespace's business.
