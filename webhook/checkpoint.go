@@ -62,7 +62,7 @@ func (o podOutcome) failure() string {
 
 // checkpointAll asks the agents to checkpoint every target in parallel, waits up to the budget
 // and turns the outcome into a verdict: all done → allow; one failed → the failure policy; else
-// 429 with progress. subject is what the request is about (the pod or the Job), for Events.
+// 429 with progress. Events go to each pod and, when set, to subject (the suspended Job).
 func (w *Webhook) checkpointAll(ctx context.Context, webhookID, reason string, subject runtime.Object, subjectName string, targets []target) verdict {
 	t0 := w.d.Now()
 	bctx, cancel := context.WithTimeout(ctx, w.cfg.WaitBudget)
@@ -105,8 +105,8 @@ func (w *Webhook) checkpointAll(ctx context.Context, webhookID, reason string, s
 			}
 		}
 		msg := strings.Join(msgs, "; ")
-		if subject != nil && len(targets) > 1 {
-			w.d.Events.Eventf(subject, corev1.EventTypeWarning, ReasonCheckpointFailed, "%s", msg)
+		if subject != nil {
+			w.d.Events.Eventf(subject, corev1.EventTypeWarning, ReasonCheckpointFailed, "%s refused: %s", reason, msg)
 		}
 		if w.cfg.FailurePolicy == FailOpen {
 			return allow("", fmt.Sprintf("%s; allowed by failure policy %s: progress will be lost", msg, FailOpen))
@@ -126,13 +126,16 @@ func (w *Webhook) checkpointAll(ctx context.Context, webhookID, reason string, s
 		for _, o := range running {
 			w.d.Events.Eventf(o.t.pod, corev1.EventTypeNormal, ReasonCheckpointRunning, "checkpoint for %s in progress: %s written", reason, humanBytes(o.status.BytesWritten))
 		}
+		if subject != nil {
+			w.d.Events.Eventf(subject, corev1.EventTypeNormal, ReasonCheckpointRunning, "%s", msg)
+		}
 		return deny(http.StatusTooManyRequests, metav1.StatusReasonTooManyRequests, "%s", msg)
 	default:
 		w.metrics.checkpointWait.WithLabelValues(webhookID, "done").Observe(took)
 		for _, o := range outs {
 			w.d.Events.Eventf(o.t.pod, corev1.EventTypeNormal, ReasonCheckpointed, "checkpointed for %s on node %s: %s", reason, o.status.Node, humanBytes(o.status.BytesWritten))
 		}
-		if subject != nil && len(targets) > 1 {
+		if subject != nil {
 			w.d.Events.Eventf(subject, corev1.EventTypeNormal, ReasonCheckpointed, "checkpointed %d pods for %s: %s", len(targets), reason, humanBytes(written))
 		}
 		return allow("")
@@ -178,8 +181,12 @@ func (w *Webhook) checkpointPod(ctx, bctx context.Context, reason string, t targ
 	}
 	out.status = st
 	if err != nil {
-		if bctx.Err() != nil && ctx.Err() == nil && st.Phase != "" {
-			// The budget ran out during a request: the dump is still in progress.
+		if bctx.Err() != nil && ctx.Err() == nil {
+			// The budget ran out during a request to the agent: the dump (started or joined, the
+			// agent keys it by pod UID) counts as in progress; the retry asks again.
+			if out.status.Phase == "" {
+				out.status.Phase = agentapi.PhasePending
+			}
 			return out
 		}
 		out.err = fmt.Errorf("agent on node %s: %w", t.pod.Spec.NodeName, err)

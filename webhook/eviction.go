@@ -76,7 +76,7 @@ func (w *Webhook) evictionVerdict(ctx context.Context, ar *model.AdmissionReview
 			"eviction not checkpointed: PodDisruptionBudget %s allows no disruption now", pdb)
 		return allow(fmt.Sprintf("PodDisruptionBudget %s allows no disruption; left to the API server", pdb))
 	}
-	return w.checkpointAll(ctx, "eviction", "eviction", pod, ns+"/"+name, []target{{pod: pod, cfg: cfg, identity: identity}})
+	return w.checkpointAll(ctx, "eviction", "eviction", nil, ns+"/"+name, []target{{pod: pod, cfg: cfg, identity: identity}})
 }
 
 // failed applies the failure policy to a problem found before asking an agent.

@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/webhook/catalog"
 	"github.com/stasis-k8s/stasis/webhook/fakeagent"
 	"github.com/stasis-k8s/stasis/wiring"
@@ -284,4 +285,22 @@ func TestRecordKeepsNewest(t *testing.T) {
 
 	raw, _ := json.Marshal(rec)
 	assert.Contains(t, string(raw), `"identity":"pod/default/app"`)
+}
+
+// slowAgent answers only when the caller gives up (an agent busy past the budget).
+type slowAgent struct{ AgentClient }
+
+func (slowAgent) Checkpoint(ctx context.Context, _ string, _ agentapi.CheckpointRequest) (agentapi.CheckpointStatus, error) {
+	<-ctx.Done()
+	return agentapi.CheckpointStatus{}, ctx.Err()
+}
+
+// The budget running out while the agent has not even answered the start is "in progress" (429),
+// not a failure: the agent keys the dump by pod UID and the retry joins it.
+func TestEvictionBudgetEndsDuringAgentRequest(t *testing.T) {
+	e := newEnv(t, Config{WaitBudget: 50e6}, []runtime.Object{userPVC("ckpt-pvc")}, func(_ *Config, d *Deps) { d.Agents = slowAgent{} })
+	e.addPods(runningPod())
+	_, body := e.post(PathEviction, fixture(t, "eviction-v1.json"))
+	assert.JSONEq(t, v1Response(evUID, `"allowed":false,"status":{"metadata":{},"status":"Failure","reason":"TooManyRequests","code":429,`+
+		`"message":"checkpoint of pod default/app in progress: 0 B written, retry"}`), body)
 }

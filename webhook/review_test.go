@@ -106,7 +106,13 @@ func TestJobMutateHandler(t *testing.T) {
 	resp, patched := e.admit(PathMutateJob, fixture(t, "job-create.json"))
 	require.True(t, resp.Allowed)
 	require.NotNil(t, patched, "a checkpointed Job gets the podFailurePolicy rule")
-	assert.JSONEq(t, `[{"op":"add","path":"/spec/podReplacementPolicy","value":"Failed"},{"op":"add","path":"/spec/podFailurePolicy","value":{"rules":[{"action":"Ignore","onPodConditions":[{"type":"DisruptionTarget","status":"True"}]}]}}]`, string(resp.Patch))
+	// jsonpatch orders operations by map iteration: compare them as a set.
+	var ops []map[string]any
+	require.NoError(t, json.Unmarshal(resp.Patch, &ops))
+	var want []map[string]any
+	require.NoError(t, json.Unmarshal([]byte(`[{"op":"add","path":"/spec/podReplacementPolicy","value":"Failed"},`+
+		`{"op":"add","path":"/spec/podFailurePolicy","value":{"rules":[{"action":"Ignore","onPodConditions":[{"type":"DisruptionTarget","status":"True"}]}]}}]`), &want))
+	assert.ElementsMatch(t, want, ops)
 	var job batchv1.Job
 	require.NoError(t, json.Unmarshal(patched, &job))
 	require.NotNil(t, job.Spec.PodFailurePolicy)
@@ -154,6 +160,11 @@ func TestAddIgnoreDisruption(t *testing.T) {
 				rules = tt.job.Spec.PodFailurePolicy.Rules
 			}
 			assert.Equal(t, tt.wantRules, rules)
+			if tt.changed && len(rules) == 1 {
+				// With a podFailurePolicy the API server accepts only podReplacementPolicy Failed.
+				require.NotNil(t, tt.job.Spec.PodReplacementPolicy)
+				assert.Equal(t, batchv1.Failed, *tt.job.Spec.PodReplacementPolicy)
+			}
 		})
 	}
 }

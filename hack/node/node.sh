@@ -77,8 +77,8 @@ cmd_net_up() {
   for s in net.ipv4.ip_forward vm.overcommit_memory kernel.panic kernel.panic_on_oops; do
     record "sysctl -qw $s=$(sysctl -n $s)"
   done
-  # The controller-manager's host-path provisioner keeps its volumes here.
-  [ -e /tmp/hostpath-provisioner ] || record "rm -rf /tmp/hostpath-provisioner"
+  # The controller-manager's host-path provisioner keeps its volumes in /tmp/hostpath_pv.
+  [ -e /tmp/hostpath_pv ] || record "rm -rf /tmp/hostpath_pv"
   ip link show "$br" >/dev/null 2>&1 && die "bridge $br exists already (another cluster, or run: node.sh down DIR)"
   ip link add "$br" type bridge
   record "ip link del '$br'"

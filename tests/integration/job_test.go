@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"strings"
@@ -14,9 +15,11 @@ import (
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/stasis-k8s/stasis/tests/fakeagent"
+	"github.com/stasis-k8s/stasis/webhook/catalog"
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
@@ -253,4 +256,133 @@ func TestUnlabeledPodsAndJobsNeverReachWebhook_NoKubelet(t *testing.T) {
 	assert.Equal(t, 1, s.reviews("eviction"))
 	assert.Equal(t, postsBefore, env.agent.Posts(), "no agent call for unlabeled pods")
 	assert.Equal(t, 0, env.agent.DumpsIn(s.ns))
+}
+
+// A NonIndexed Job's pods are interchangeable: each pod claims a checkpoint slot. Suspended and
+// resumed, every new pod restores a different one of the checkpoints (no slot taken twice).
+func TestNonIndexedJobResumeClaimsEachCheckpointOnce_NoKubelet(t *testing.T) {
+	s := newScenario(t, "s3-nonindexed", "a")
+	node := s.nodes[0]
+	_, err := s.c.BatchV1().Jobs(s.ns).Create(s.ctx, s.jobObject("pool", node, enabled(), false, 2), metav1.CreateOptions{})
+	require.NoError(t, err)
+	var first []corev1.Pod
+	s.eventually("2 running, wired Job pods", func() (bool, error) {
+		first = s.jobPods("pool")
+		n := 0
+		for _, p := range first {
+			if p.Status.Phase == corev1.PodRunning && p.Annotations[wiring.AnnotationWired] == "true" {
+				n++
+			}
+		}
+		return n == 2, nil
+	})
+	assert.NotEqual(t, first[0].Annotations[wiring.AnnotationIdentity], first[1].Annotations[wiring.AnnotationIdentity],
+		"each pod claimed its own slot")
+
+	s.eventually("suspend accepted", func() (bool, error) {
+		out, err := s.kubectl("-n", s.ns, "patch", "job", "pool", "-p", `{"spec":{"suspend":true}}`)
+		if err != nil && !strings.Contains(out, "in progress") {
+			return false, fmt.Errorf("suspend refused: %s", out)
+		}
+		return err == nil, nil
+	})
+	s.eventually("the suspended pods deleted", func() (bool, error) {
+		l, err := s.c.CoreV1().Pods(s.ns).List(s.ctx, metav1.ListOptions{})
+		return err == nil && len(l.Items) == 0, err
+	})
+	out, err := s.kubectl("-n", s.ns, "patch", "job", "pool", "-p", `{"spec":{"suspend":false}}`)
+	require.NoError(t, err, out)
+
+	var second []corev1.Pod
+	s.eventually("2 new running Job pods", func() (bool, error) {
+		second = s.jobPods("pool")
+		return len(second) == 2 && second[0].Status.Phase == corev1.PodRunning && second[1].Status.Phase == corev1.PodRunning, nil
+	})
+	ids := map[string]bool{}
+	restored := map[string]bool{}
+	for _, p := range second {
+		ids[p.Annotations[wiring.AnnotationIdentity]] = true
+		var ref wiring.RestoreRef
+		require.NoError(t, json.Unmarshal([]byte(p.Annotations[wiring.AnnotationRestore]), &ref), "pod %s restores", p.Name)
+		restored[ref.ID] = true
+	}
+	assert.Len(t, ids, 2, "two distinct slots")
+	assert.Len(t, restored, 2, "two distinct checkpoints restored")
+	assert.EqualValues(t, 0, s.job("pool").Status.Failed)
+}
+
+// The drain path of a Job pod through the Job controller and the scheduler: its checkpoint PVC is
+// bound to a pre-created PV (nothing provisions here), the pod is scheduled, its node drained
+// (429 until the dump is done), the eviction marks it DisruptionTarget, the Job controller
+// replaces it without counting a failure (the podFailurePolicy the jobs webhook added), and the
+// scheduler puts the replacement on the other node, where it restores.
+func TestDrainedJobPodReplacedOnOtherNodeRestoresNoBackoff_NoKubelet(t *testing.T) {
+	s := newScenario(t, "s1-job", "a", "b")
+	identity := "job/" + s.ns + "/worker/0"
+	s.precreatePV(catalog.PVCName(identity))
+	job := s.jobObject("worker", "", enabled(), true, 1)
+	job.Spec.Template.Spec.NodeSelector = map[string]string{nodeGroupLabel: s.ns}
+	_, err := s.c.BatchV1().Jobs(s.ns).Create(s.ctx, job, metav1.CreateOptions{})
+	require.NoError(t, err)
+
+	var first corev1.Pod
+	s.eventually("the Job pod scheduled and running", func() (bool, error) {
+		ps := s.jobPods("worker")
+		if len(ps) == 1 && ps[0].Status.Phase == corev1.PodRunning {
+			first = ps[0]
+			return true, nil
+		}
+		return false, nil
+	})
+	assert.Equal(t, identity, first.Annotations[wiring.AnnotationIdentity])
+	env.agent.SetScript(s.ns, first.Name, fakeagent.Script{Duration: 3 * waitBudget, Bytes: 700 << 20})
+
+	out, err := s.kubectl(drainArgs(first.Spec.NodeName)...)
+	require.NoError(t, err, "drain:\n%s", out)
+	t.Logf("kubectl drain:\n%s", out)
+	assert.Contains(t, out, "will retry after 5s")
+	assert.Equal(t, 1, env.agent.DumpsOf(s.ns, first.Name))
+
+	var second corev1.Pod
+	s.eventually("the replacement pod running", func() (bool, error) {
+		ps := s.jobPods("worker")
+		if len(ps) == 1 && ps[0].UID != first.UID && ps[0].Status.Phase == corev1.PodRunning {
+			second = ps[0]
+			return true, nil
+		}
+		return false, nil
+	})
+	assert.NotEqual(t, first.Spec.NodeName, second.Spec.NodeName, "replaced on the other node")
+	var ref wiring.RestoreRef
+	require.NoError(t, json.Unmarshal([]byte(second.Annotations[wiring.AnnotationRestore]), &ref), "the replacement restores")
+	assert.EqualValues(t, 700<<20, ref.Size)
+	j := s.job("worker")
+	assert.EqualValues(t, 0, j.Status.Failed, "the evicted, checkpointed pod consumed no backoffLimit")
+}
+
+// precreatePV creates a PV pre-bound (claimRef) to the PVC Stasis will create, so that the PVC
+// binds and the scheduler can place its pod. No kubelet mounts it: the path is never touched.
+func (s *scenario) precreatePV(pvcName string) {
+	s.t.Helper()
+	name := s.ns + "-" + pvcName
+	if len(name) > 63 {
+		name = name[:63]
+	}
+	pv := &corev1.PersistentVolume{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.PersistentVolumeSpec{
+			Capacity:                      corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("100Gi")},
+			AccessModes:                   []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			PersistentVolumeReclaimPolicy: corev1.PersistentVolumeReclaimRetain,
+			ClaimRef:                      &corev1.ObjectReference{Namespace: s.ns, Name: pvcName},
+			PersistentVolumeSource: corev1.PersistentVolumeSource{
+				HostPath: &corev1.HostPathVolumeSource{Path: "/nonexistent/stasis-integration/" + name},
+			},
+		},
+	}
+	_, err := s.c.CoreV1().PersistentVolumes().Create(s.ctx, pv, metav1.CreateOptions{})
+	require.NoError(s.t, err)
+	s.t.Cleanup(func() {
+		_ = s.c.CoreV1().PersistentVolumes().Delete(context.Background(), name, metav1.DeleteOptions{})
+	})
 }

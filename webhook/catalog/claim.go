@@ -100,7 +100,7 @@ func (s *Store) Claim(ctx context.Context, req ClaimRequest) (ClaimResult, error
 				fresh = &slot{identity: id, pvc: p}
 				break
 			}
-			if claimed && s.held(req, c) {
+			if claimed && s.held(req, c, rec) {
 				continue
 			}
 			if hasRec {
@@ -158,10 +158,16 @@ func (s *Store) Claim(ctx context.Context, req ClaimRequest) (ClaimResult, error
 	return ClaimResult{}, fmt.Errorf("could not claim a checkpoint slot for %s: too many concurrent claims, retry", req.Base)
 }
 
-func (s *Store) held(req ClaimRequest, c *Claim) bool {
+func (s *Store) held(req ClaimRequest, c *Claim, rec *Record) bool {
 	if req.Holders != nil {
 		if live, seen := req.Holders.Holder(req.Namespace, c.Token); seen {
 			return live
+		}
+		// A checkpoint recorded after the claim proves that the claiming pod existed; it is not
+		// seen any more, so it is gone (a suspended Job resumed within the grace period must
+		// restore, not start new slots — found by the integration tier).
+		if rec != nil && !rec.Time.Before(c.Time) {
+			return false
 		}
 	}
 	return s.now().Sub(c.Time) < req.Grace
