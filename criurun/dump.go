@@ -128,8 +128,8 @@ func writeNsenterWrapper(o DumpOptions, criuArgv []string) (script, pidFile stri
 	for i, a := range argv {
 		q[i] = shellQuote(a)
 	}
-	body := fmt.Sprintf("#!/bin/sh\n# criu swrk inside the namespaces of PID %d (written by the stasis agent)\necho $$ > %s\nexec %s \"$@\" 2>%s\n",
-		o.NsPID, shellQuote(pidFile), strings.Join(q, " "), shellQuote(f.Name()+".stderr"))
+	body := fmt.Sprintf("#!/bin/sh\n# criu swrk inside the namespaces of PID %d (written by the stasis agent)\necho $$ > %s\n[ -n \"$CRIU_FAULT\" ] || export %s\nexec %s \"$@\" 2>%s\n",
+		o.NsPID, shellQuote(pidFile), NoBreakpointsEnv, strings.Join(q, " "), shellQuote(f.Name()+".stderr"))
 	if _, err := f.WriteString(body); err != nil {
 		f.Close()
 		os.Remove(f.Name())

@@ -72,6 +72,7 @@ func Restore(ctx context.Context, o RestoreOptions) (int, error) {
 	cmd := exec.CommandContext(ctx, o.Argv[0], args...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.ExtraFiles = files
+	cmd.Env = Env(os.Environ())
 	_ = os.Remove(o.PidFile)
 	if err := cmd.Run(); err != nil {
 		return 0, LogError("restore", err, o.LogFile)

@@ -18,6 +18,7 @@ import (
 	admissionv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
@@ -245,6 +246,11 @@ func TestCertManager(t *testing.T) {
 	eventually(t, 2*time.Minute, "caBundle injected by cert-manager's cainjector", func() error {
 		return caBundleIs(kube, caPEM)
 	})
+	// Re-applying the manifests (an upgrade) must not wipe the injected caBundle: the manifests'
+	// empty caBundle is unchanged since the last apply, so kubectl leaves the server's value alone.
+	out := tl.kubectlOK(t, kc, "apply", "-k", deployDir)
+	assert.Contains(t, out, "validatingwebhookconfiguration.admissionregistration.k8s.io/stasis unchanged")
+	assertCABundle(t, kube, caPEM)
 
 	serving, client := newSecretFiles(t), newSecretFiles(t)
 	serving.write(t, getSecret(t, kube, certs.WebhookSecret))
@@ -290,6 +296,8 @@ func checkWebhookThroughAPIServer(t *testing.T, tl tools, c *cluster.Cluster, li
 	eventually(t, time.Minute, "eviction through the webhook Service", func() error {
 		return evictPlainPod(kube, "deploy-test", "first")
 	})
+
+	checkWiredPod(t, kube)
 
 	svcName := "stasis-webhook.stasis-system.svc"
 	roots := pool(t, getSecret(t, kube, certs.WebhookSecret)["ca.crt"])
@@ -460,4 +468,44 @@ func TestCertsApply(t *testing.T) {
 	for _, name := range tlsSecrets {
 		assert.NotEqual(t, first[name], getSecret(t, kube, name)["tls.crt"], "%s must be renewed", name)
 	}
+}
+
+// checkWiredPod: the mutating webhook, called by the API server through the Service, wires a
+// checkpoint-enabled pod with the tools init-container running the agent image that the manifests
+// set (STASIS_TOOLS_IMAGE follows the DaemonSet's image).
+func checkWiredPod(t *testing.T, kube kubernetes.Interface) {
+	t.Helper()
+	ctx := context.Background()
+	ds, err := kube.AppsV1().DaemonSets(ns).Get(ctx, "stasis-agent", metav1.GetOptions{})
+	require.NoError(t, err)
+	agentImage := ds.Spec.Template.Spec.Containers[0].Image
+	_, err = kube.CoreV1().PersistentVolumeClaims("deploy-test").Create(ctx, &corev1.PersistentVolumeClaim{
+		ObjectMeta: metav1.ObjectMeta{Name: "ckpt"},
+		Spec: corev1.PersistentVolumeClaimSpec{
+			AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			Resources:   corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}},
+		},
+	}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	pod, err := kube.CoreV1().Pods("deploy-test").Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "wired", Labels: map[string]string{
+			"memverge.ai/checkpoint-mode":           "true",
+			"memverge.ai/checkpoint-storage-volume": "ckpt",
+		}},
+		Spec: corev1.PodSpec{
+			Containers: []corev1.Container{{Name: "app", Image: "registry.invalid/app:1", Command: []string{"/app"}}},
+			Volumes: []corev1.Volume{{Name: "ckpt", VolumeSource: corev1.VolumeSource{
+				PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "ckpt"}}}},
+		},
+	}, metav1.CreateOptions{})
+	require.NoError(t, err, "a checkpoint-enabled pod must be admitted through the webhook")
+	var tools *corev1.Container
+	for i := range pod.Spec.InitContainers {
+		if pod.Spec.InitContainers[i].Name == wiring.ToolsInitContainer {
+			tools = &pod.Spec.InitContainers[i]
+		}
+	}
+	require.NotNil(t, tools, "the pod was not wired (no %s init-container): %+v", wiring.ToolsInitContainer, pod.Spec.InitContainers)
+	assert.Equal(t, agentImage, tools.Image, "the tools init-container runs the agent image of the manifests")
+	assert.True(t, wiring.Wrapped(pod.Spec.Containers[0].Command), "the app runs under the launcher: %v", pod.Spec.Containers[0].Command)
 }

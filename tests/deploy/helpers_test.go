@@ -283,21 +283,12 @@ current-context: test
 	logf, err := os.Create(w.log)
 	require.NoError(t, err)
 	w.cmd = exec.Command(tl.stasis, "webhook", "--kubeconfig", kc)
-	// The Deployment's configuration (env), with the addresses of this host.
-	w.cmd.Env = append(os.Environ(),
-		"STASIS_LISTEN="+w.addr,
-		"STASIS_HEALTH_LISTEN="+w.health,
-		"STASIS_TLS_CERT_FILE="+serving.path("tls.crt"),
-		"STASIS_TLS_KEY_FILE="+serving.path("tls.key"),
-		"STASIS_AGENT_CA_FILE="+agentClient.path("ca.crt"),
-		"STASIS_AGENT_CERT_FILE="+agentClient.path("tls.crt"),
-		"STASIS_AGENT_KEY_FILE="+agentClient.path("tls.key"),
-		"STASIS_AGENT_NAMESPACE="+ns,
-		"STASIS_AGENT_SELECTOR=app.kubernetes.io/name=stasis-agent",
-		"STASIS_AGENT_PORT=9443",
-		"STASIS_TOOLS_IMAGE=ghcr.io/stasis-k8s/stasis-agent:v0.1.0",
-		"STASIS_LABEL_PREFIX=memverge.ai",
-	)
+	// The applied Deployment's configuration (its env), with this host's addresses and the Secret
+	// volumes' mount paths mapped to the local copies of the Secrets.
+	w.cmd.Env = append(os.Environ(), deployedWebhookEnv(t, c.Client(), map[string]*secretFiles{
+		"stasis-webhook-tls": serving, "stasis-agent-client-tls": agentClient,
+	})...)
+	w.cmd.Env = append(w.cmd.Env, "STASIS_LISTEN="+w.addr, "STASIS_HEALTH_LISTEN="+w.health)
 	w.cmd.Stdout, w.cmd.Stderr = logf, logf
 	require.NoError(t, w.cmd.Start())
 	exited := make(chan struct{})
@@ -433,3 +424,43 @@ func httpOK(url string) error {
 }
 
 func errf(format string, a ...any) error { return fmt.Errorf(format, a...) }
+
+// deployedWebhookEnv is the env of the stasis-webhook Deployment as applied to the cluster: values
+// under a Secret volume's mountPath point into the local copy of that Secret, the downward-API
+// namespace is resolved.
+func deployedWebhookEnv(t *testing.T, kube kubernetes.Interface, secrets map[string]*secretFiles) []string {
+	t.Helper()
+	dep, err := kube.AppsV1().Deployments(ns).Get(context.Background(), "stasis-webhook", metav1.GetOptions{})
+	require.NoError(t, err)
+	spec := dep.Spec.Template.Spec
+	c := spec.Containers[0]
+	mountOf := map[string]string{} // secret name → mount path
+	for _, v := range spec.Volumes {
+		if v.Secret == nil {
+			continue
+		}
+		for _, m := range c.VolumeMounts {
+			if m.Name == v.Name {
+				mountOf[v.Secret.SecretName] = m.MountPath
+			}
+		}
+	}
+	var env []string
+	for _, e := range c.Env {
+		val := e.Value
+		if e.ValueFrom != nil {
+			require.NotNil(t, e.ValueFrom.FieldRef, "env %s", e.Name)
+			require.Equal(t, "metadata.namespace", e.ValueFrom.FieldRef.FieldPath, "env %s", e.Name)
+			val = ns
+		}
+		for secret, mp := range mountOf {
+			if strings.HasPrefix(val, mp+"/") {
+				sf := secrets[secret]
+				require.NotNil(t, sf, "the Deployment mounts Secret %s, the test has no copy", secret)
+				val = filepath.Join(sf.dir, strings.TrimPrefix(val, mp+"/"))
+			}
+		}
+		env = append(env, e.Name+"="+val)
+	}
+	return env
+}

@@ -243,7 +243,7 @@ func TestScenario7MemoryHeavy(t *testing.T) {
 	_, err = env.WaitCount(ctx, ns, oldPlain.Name, 8, 2*time.Minute)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = env.Uncordon(context.Background(), oldPlain.Spec.NodeName) })
-	plainTook, _, err := env.Drain(ctx, oldPlain.Spec.NodeName, "batch.kubernetes.io/job-name="+plain.Name, 5*time.Minute)
+	plainTook, _, err := env.Drain(ctx, oldPlain.Spec.NodeName, "batch.kubernetes.io/job-name="+plain.Name, 2*time.Minute)
 	require.NoError(t, err)
 	require.NoError(t, env.Uncordon(ctx, oldPlain.Spec.NodeName))
 

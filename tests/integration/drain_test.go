@@ -221,4 +221,27 @@ func TestDrainNodeRunningWebhookDoesNotDeadlock_NoKubelet(t *testing.T) {
 	assert.Equal(t, 1, env.agent.DumpsOf(s.ns, "user-pod"), "the user's pod on the same node was still checkpointed")
 	_, err = s.c.CoreV1().Pods("stasis-system").Get(s.ctx, self.Name, metav1.GetOptions{})
 	assert.True(t, apierrors.IsNotFound(err), "the webhook's pod was evicted: %v", err)
+
+	// With no webhook answering at all (its last replica moving), pods of stasis-system can still
+	// be evicted — nothing waits for the webhook — while a user pod's eviction is refused
+	// (failurePolicy Fail: never evicted without its checkpoint).
+	other := sys.podObject("stasis-agent-on-"+node, podOpts{node: s.nodes[0], labels: map[string]string{"app.kubernetes.io/name": "stasis-agent"}})
+	_, err = s.c.CoreV1().Pods("stasis-system").Create(s.ctx, other, metav1.CreateOptions{})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		zero := int64(0)
+		_ = s.c.CoreV1().Pods("stasis-system").Delete(context.Background(), other.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
+	})
+	sys.waitRunning(other.Name)
+	s.createPod("user-pod-2", podOpts{node: node, pvc: "checkpoints", labels: enabled(storageLabel, "checkpointing")})
+	require.NoError(t, env.webhook.stop())
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		require.NoError(t, env.webhook.start(ctx))
+	})
+	assert.NoError(t, sys.evict(other.Name, false), "stasis-system is evicted without the webhook")
+	err = s.evict("user-pod-2", false)
+	require.Error(t, err, "a checkpoint-enabled pod is not evicted while no webhook answers")
+	t.Logf("eviction with the webhook down: %v", err)
 }

@@ -162,6 +162,7 @@ func (w *webhookProcess) stop() error {
 	if w.cmd == nil {
 		return nil
 	}
+	defer func() { w.cmd = nil }()
 	select {
 	case <-w.done:
 		return nil

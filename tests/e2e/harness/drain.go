@@ -75,7 +75,7 @@ func (e *Env) JobDrain(ctx context.Context, ns string, s CounterSpec, countBefor
 		return r, err
 	}
 	e.logf("counter reached %d; draining %s", follow.Output().Last(), old.Spec.NodeName)
-	r.DrainTook, r.DrainOutput, err = e.Drain(ctx, old.Spec.NodeName, "batch.kubernetes.io/job-name="+s.Name, 5*time.Minute)
+	r.DrainTook, r.DrainOutput, err = e.Drain(ctx, old.Spec.NodeName, "batch.kubernetes.io/job-name="+s.Name, 2*time.Minute)
 	if err != nil {
 		return r, err
 	}

@@ -24,7 +24,7 @@ const retryAfter429 = 5 * time.Second
 func (e *Env) SetSuspend(ctx context.Context, ns, job string, suspend bool) (time.Duration, error) {
 	t0 := time.Now()
 	patch := fmt.Sprintf(`{"spec":{"suspend":%v}}`, suspend)
-	deadline := time.Now().Add(5 * time.Minute)
+	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		out, err := e.Run(ctx, "-n", ns, "patch", "job", job, "--type=merge", "-p", patch)
 		if err == nil {
@@ -43,7 +43,7 @@ func (e *Env) SetSuspend(ctx context.Context, ns, job string, suspend bool) (tim
 func (e *Env) Evict(ctx context.Context, ns, pod string) (time.Duration, error) {
 	t0 := time.Now()
 	ev := &policyv1.Eviction{ObjectMeta: metav1.ObjectMeta{Name: pod, Namespace: ns}}
-	deadline := time.Now().Add(5 * time.Minute)
+	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		err := e.Client.PolicyV1().Evictions(ns).Evict(ctx, ev)
 		if err == nil {
