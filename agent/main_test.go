@@ -128,11 +128,16 @@ func startContainer(t testing.TB, env []string, launcherArgs ...string) *contain
 		select {
 		case <-c.done:
 		default:
-			_ = c.cmd.Process.Kill()
-			if p := c.launcherPID(); p > 0 {
-				_ = syscall.Kill(p, syscall.SIGKILL)
+			// The launcher first: as PID 1 of the container it takes every process in it along.
+			if ch := criurun.Children(c.cmd.Process.Pid); len(ch) > 0 {
+				_ = syscall.Kill(ch[0], syscall.SIGKILL)
 			}
-			<-c.done
+			_ = c.cmd.Process.Kill()
+			select {
+			case <-c.done:
+			case <-time.After(30 * time.Second):
+				t.Errorf("container did not go away after SIGKILL")
+			}
 		}
 		if t.Failed() {
 			t.Logf("container output:\n%s", c.out.String())

@@ -178,4 +178,4 @@ type RestorePlan struct {
 // LauncherCapabilities are added to every wrapped container: the launcher needs SYS_ADMIN for its
 // nested PID namespace, CRIU restore needs SYS_ADMIN + SYS_TIME + NET_ADMIN (or CHECKPOINT_RESTORE),
 // and SYS_PTRACE lets the dump and restore inspect the app's processes.
-var LauncherCapabilities = []string{"SYS_ADMIN", "SYS_PTRACE", "SYS_TIME", "NET_ADMIN", "CHECKPOINT_RESTORE"}
+var LauncherCapabilities = []string{"SYS_ADMIN", "SYS_TIME", "CHECKPOINT_RESTORE"}

@@ -109,7 +109,13 @@ func provision(ctx context.Context, root, dir string) (*harness.Env, error) {
 	if err != nil {
 		return nil, err
 	}
-	stasis, err := harness.StasisImages(root, filepath.Join(dir, "images"))
+	// Not inside dir: UpLocal starts from an empty cluster directory.
+	imgDir, err := os.MkdirTemp("", "stasis-images-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(imgDir)
+	stasis, err := harness.StasisImages(root, imgDir)
 	if err != nil {
 		return nil, err
 	}

@@ -121,8 +121,8 @@ cmd_node_up() {
       done
     fi
   done
-  record "$self rm-cgroup '$CGROUP_ROOT'"
-  record "$self kill-cgroup '$CGROUP_ROOT'"
+  record "cmd_rm_cgroup '$CGROUP_ROOT'"
+  record "kill_cgroup '$CGROUP_ROOT'"
 
   # Mount points for the per-node folders (only the ones the host lacks are created, and removed).
   for p in "${node_paths[@]}"; do
@@ -209,9 +209,9 @@ alive() {
   [ -n "$st" ] && [ "$st" != Z ]
 }
 
-# stop_control_plane: the processes tests/cluster started (DIR/pids/<binary>.pid), clients of the API
-# server first, etcd last; a PID is signalled only while it still runs that binary. SIGTERM, SIGKILL
-# after 3 s: the API server's graceful shutdown takes long and this cluster's data is thrown away.
+# stop_control_plane: the processes tests/cluster started (DIR/pids/<binary>.pid), SIGKILLed at once:
+# this cluster's data is thrown away, and the API server's graceful shutdown takes many seconds. A
+# PID is signalled only while it still runs that binary (never a recycled PID).
 stop_control_plane() {
   local b f pid i
   for b in kube-scheduler kube-controller-manager kube-apiserver etcd; do
@@ -219,9 +219,8 @@ stop_control_plane() {
     [ -f "$f" ] || continue
     pid=$(cat "$f")
     if [ "$(basename "$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/cmdline" | head -1)")" = "$b" ]; then
-      kill -TERM "$pid" 2>/dev/null || true
-      for i in $(seq 1 30); do alive "$pid" || break; sleep 0.1; done
       kill -KILL "$pid" 2>/dev/null || true
+      for i in $(seq 1 50); do alive "$pid" || break; sleep 0.1; done
     fi
     rm -f "$f"
   done
@@ -237,7 +236,7 @@ cmd_down() {
   stop_control_plane
   if [ -f "$DIR/undo" ]; then
     tac "$DIR/undo" | while IFS= read -r line; do
-      bash -c "$line" >/dev/null 2>&1 || true
+      eval "$line" >/dev/null 2>&1 || true
     done
     rm -f "$DIR/undo"
   fi

@@ -252,9 +252,9 @@ func PodReady(p *corev1.Pod) bool {
 	return false
 }
 
-// Logs returns the counter container's output so far.
+// Logs returns the counter's output so far: the pod's only app container (init containers aside).
 func (e *Env) Logs(ctx context.Context, ns, pod string) (CounterOutput, error) {
-	raw, err := e.Client.CoreV1().Pods(ns).GetLogs(pod, &corev1.PodLogOptions{Container: CounterContainer}).DoRaw(ctx)
+	raw, err := e.Client.CoreV1().Pods(ns).GetLogs(pod, &corev1.PodLogOptions{}).DoRaw(ctx)
 	if err != nil {
 		return CounterOutput{}, err
 	}
@@ -294,7 +294,7 @@ func (e *Env) Follow(ctx context.Context, ns, pod string) *Follower {
 	f := &Follower{done: make(chan struct{})}
 	go func() {
 		defer close(f.done)
-		s, err := e.Client.CoreV1().Pods(ns).GetLogs(pod, &corev1.PodLogOptions{Container: CounterContainer, Follow: true}).Stream(ctx)
+		s, err := e.Client.CoreV1().Pods(ns).GetLogs(pod, &corev1.PodLogOptions{Follow: true}).Stream(ctx)
 		if err != nil {
 			f.err = err
 			return
