@@ -48,11 +48,15 @@ RUN set -eux; \
     for d in /debs/*.deb; do dpkg -x "$d" /out/criu/root; done; \
     rm -rf /out/criu/root/usr/share/doc /out/criu/root/usr/share/man /out/criu/root/usr/share/lintian /out/criu/root/usr/share/locale; \
     test -e /out/criu/root/usr/lib64/ld-linux-x86-64.so.2
-COPY --chmod=0755 <<'EOF' /out/criu/criu
+# The wrapper as hack/criu/install.sh writes it (keep the two identical).
+COPY --chmod=0755 <<"EOF" /out/criu/criu
 #!/bin/sh
 # CRIU 4.x from Debian trixie, run through its own loader and libraries (independent of the libc of
 # whatever image or host this runs on).
 d=$(dirname "$(readlink -f "$0")")/root
+# Hardware breakpoints never fire in Firecracker VMs: without this (CRIU's FI_NO_BREAKPOINTS),
+# dumps hang after "Waiting for N to trap". Syscall tracing works everywhere.
+export CRIU_FAULT="${CRIU_FAULT:-130}"
 exec "$d/usr/lib64/ld-linux-x86-64.so.2" --library-path "$d/usr/lib/x86_64-linux-gnu:$d/lib/x86_64-linux-gnu" "$d/usr/sbin/criu" "$@"
 EOF
 

@@ -9,7 +9,7 @@ LDFLAGS := -s -w -X github.com/stasis-k8s/stasis/internal/version.Version=$(VERS
 # Tests that need CRIU find it here (a wrapper around trixie's CRIU 4.x, unpacked privately).
 CRIU_WRAPPER = $(STASIS_CACHE)/criu/criu
 
-.PHONY: all build deps criu k8s lint unit integration images e2e test bench demo down clean
+.PHONY: all build deps criu k8s cert-manager lint unit integration images e2e test bench demo down clean
 
 all: build
 
@@ -39,9 +39,13 @@ unit: criu
 	STASIS_CRIU=$(CRIU_WRAPPER) $(GO) test -count=1 ./...
 
 # Integration tier: the webhook inside a real kube-apiserver + controller-manager + scheduler.
-integration: k8s build criu
+# cert-manager's controller and CA injector built from its Go module, and its CRDs (cached), for the
+# deployment tests (tests/deploy: deploy/ with cert-manager and with the no-cert-manager overlay).
+cert-manager:
+	hack/cert-manager/build.sh >/dev/null
+
+integration: k8s build criu cert-manager
 	$(GO) test -tags integration -count=1 -timeout 30m ./tests/integration/...
-	# deploy/ on a real control plane: cert-manager (hack/cert-manager/build.sh) and the no-cert-manager overlay.
 	$(GO) test -tags integration -count=1 -timeout 30m ./tests/deploy/...
 
 # The two images as docker-archive tarballs (no Docker needed), for `ctr -n k8s.io images import`.

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -48,6 +51,17 @@ func newRig(t *testing.T, cfg Config) *rig {
 	require.NoError(t, err)
 	r.agent = a
 	return r
+}
+
+// serveLocal starts the agent's local socket (what launchers talk to) for this rig.
+func (r *rig) serveLocal() {
+	dir := r.t.TempDir()
+	ln, err := ListenLocal(dir, wiring.AgentSocketName)
+	require.NoError(r.t, err)
+	srv := &http.Server{Handler: LocalHandler(r.agent, nil, r.agent.cfg.Log), ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	r.t.Cleanup(func() { _ = srv.Close() })
+	r.socket = filepath.Join(dir, wiring.AgentSocketName)
 }
 
 func (r *rig) dir(container string) string {
@@ -109,6 +123,7 @@ func isSequence(nums []int) bool {
 // checkpoint-files is back.
 func TestDumpRestoreCounterContinues(t *testing.T) {
 	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	r.serveLocal()
 	work := t.TempDir()
 	out := filepath.Join(work, "counter.txt") // open by the app, listed in checkpoint-files
 	c := startContainer(t, r.env("app"), "--", counterBin, out)
@@ -146,6 +161,7 @@ func TestDumpRestoreCounterContinues(t *testing.T) {
 	assert.Equal(t, dumped, got[:len(dumped)], "checkpoint-files content restored")
 	assert.True(t, isSequence(got), "the restored counter continues from %d, got %v", len(dumped), got)
 	assert.Contains(t, c2.out.String(), "restored; supervising the restored tree")
+	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("restored")))
 	// The restored tree is supervised like a fresh one: SIGTERM reaches the app and ends it.
 	code := c2.stop()
 	assert.Equal(t, 128+15, code, "the counter dies of SIGTERM: 128+15")
@@ -154,6 +170,7 @@ func TestDumpRestoreCounterContinues(t *testing.T) {
 // A corrupt image is refused by restore-prepare and the launcher cold-starts the original command.
 func TestCorruptCheckpointColdStarts(t *testing.T) {
 	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	r.serveLocal()
 	work := t.TempDir()
 	out := filepath.Join(work, "counter.txt")
 	c := startContainer(t, r.env("app"), "--", counterBin, out)
@@ -188,6 +205,8 @@ func TestCorruptCheckpointColdStarts(t *testing.T) {
 	plan, err := os.ReadFile(filepath.Join(r.planDir, "app.json"))
 	require.NoError(t, err)
 	assert.Contains(t, string(plan), `"restore": false`)
+	// The launcher reported the cold start to the agent (which turns it into an Event).
+	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("cold-start")))
 }
 
 // Two requests for one pod at once produce one dump, and both callers see the same operation.
@@ -262,4 +281,10 @@ func TestDeleteThaws(t *testing.T) {
 	require.True(t, r.agent.Delete("uid-5"))
 	waitCount(t, c, out, len(dumped)+3)
 	assert.Equal(t, 128+15, c.stop())
+}
+
+func counterValue(t *testing.T, c prometheus.Counter) float64 {
+	var m dto.Metric
+	require.NoError(t, c.Write(&m))
+	return m.GetCounter().GetValue()
 }

@@ -66,11 +66,10 @@ func needCriu(t testing.TB) string {
 	return p
 }
 
-// containerCaps is what a container gets under containerd by default plus what the webhook adds
-// (wiring.LauncherCapabilities): the tests run the launcher with exactly these.
+// containerCaps is the strictest container the webhook produces: a pod that drops ALL gets only
+// wiring.LauncherCapabilities. The tests run the launcher (and CRIU restore) with exactly these.
 func containerCaps() string {
-	caps := []string{"chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid", "setuid",
-		"setfcap", "setpcap", "net_bind_service", "sys_chroot", "kill", "audit_write"}
+	var caps []string
 	for _, c := range wiring.LauncherCapabilities {
 		caps = append(caps, strings.ToLower(c))
 	}

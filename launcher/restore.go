@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
+	"time"
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
@@ -73,8 +75,22 @@ func restore(ctx context.Context, log zerolog.Logger, env launchEnv) (int, agent
 		Extra:        extra,
 	}
 	log.Info().Str("checkpoint", plan.Dir).Bool("unprivileged", o.Unprivileged).Int("inheritFDs", len(inherit)).Msg("restoring")
-	pid, err := criurun.Restore(ctx, o)
+	timeout := 5 * time.Minute
+	if d, err := time.ParseDuration(os.Getenv(EnvRestoreTimeout)); err == nil && d > 0 {
+		timeout = d
+	}
+	rctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	pid, err := criurun.Restore(rctx, o)
 	if err != nil {
+		// A half-restored tree may be left to us (CRIU killed, its root reparented): nothing else
+		// is our child yet, so everything goes before the cold start.
+		for _, c := range criurun.Children(os.Getpid()) {
+			_ = syscall.Kill(c, syscall.SIGKILL)
+		}
+		if rctx.Err() != nil {
+			return fail("criu restore did not finish within %s ($%s): %v", timeout, EnvRestoreTimeout, err)
+		}
 		return fail("%v", err)
 	}
 	_ = os.Remove(o.PidFile)

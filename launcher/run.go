@@ -33,6 +33,8 @@ const (
 	EnvCriuPath     = "STASIS_CRIU_PATH"        // default wiring.CriuBinary
 	EnvAgentSocket  = "STASIS_AGENT_SOCKET"     // default wiring.AgentMount/wiring.AgentSocketName
 	EnvRestorePlans = "STASIS_RESTORE_PLAN_DIR" // default wiring.RestorePlanDir
+	// EnvRestoreTimeout bounds `criu restore` (Go duration, default 5m); then a cold start.
+	EnvRestoreTimeout = "STASIS_RESTORE_TIMEOUT"
 )
 
 // initFlag marks the re-executed launcher that is PID 1 of the nested namespace.

@@ -175,7 +175,10 @@ type RestorePlan struct {
 	Reason string `json:"reason,omitempty"`
 }
 
-// LauncherCapabilities are added to every wrapped container: the launcher needs SYS_ADMIN for its
-// nested PID namespace, CRIU restore needs SYS_ADMIN + SYS_TIME + NET_ADMIN (or CHECKPOINT_RESTORE),
-// and SYS_PTRACE lets the dump and restore inspect the app's processes.
-var LauncherCapabilities = []string{"SYS_ADMIN", "SYS_TIME", "CHECKPOINT_RESTORE"}
+// LauncherCapabilities are added to every wrapped container (measured, see docs/agent.md):
+// SYS_ADMIN for the launcher's nested PID namespace and CRIU restore, CHECKPOINT_RESTORE so CRIU
+// restores with --unprivileged (instead of NET_ADMIN), SYS_TIME for time-namespace offsets on
+// restore, SETUID/SETGID/SETPCAP for CRIU restoring the tasks' credentials (in the runtime's
+// default set, listed for pods that drop ALL). The dump needs none of them (the agent's CRIU does
+// it with the agent's privileges).
+var LauncherCapabilities = []string{"SYS_ADMIN", "SYS_TIME", "CHECKPOINT_RESTORE", "SETUID", "SETGID", "SETPCAP"}

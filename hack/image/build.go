@@ -23,12 +23,14 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/stasis-k8s/stasis/wiring"
 )
 
 // Paths inside the images (wiring.ImageBinary and the agent's --criu-path; the Dockerfile uses the
 // same).
 const (
-	ImageBinary = "/usr/local/bin/stasis"
+	ImageBinary = wiring.ImageBinary
 	ImageCriu   = "/usr/local/lib/stasis/criu"
 	// NonRootUID is the webhook's user (distroless' "nonroot"; the Deployment's runAsUser).
 	NonRootUID = 65532

@@ -79,7 +79,7 @@ func TestPod(t *testing.T) {
 				assert.NotContains(t, env, wiring.EnvRestoreID)
 				assert.NotContains(t, p.Annotations, wiring.AnnotationRestore)
 			}
-			assert.ElementsMatch(t, []corev1.Capability{"SYS_ADMIN", "NET_RAW", "SYS_PTRACE", "SYS_TIME", "NET_ADMIN", "CHECKPOINT_RESTORE"},
+			assert.ElementsMatch(t, []corev1.Capability{"SYS_ADMIN", "NET_RAW", "SYS_TIME", "CHECKPOINT_RESTORE", "SETUID", "SETGID", "SETPCAP"},
 				app.SecurityContext.Capabilities.Add)
 			assert.Equal(t, []corev1.Capability{"ALL"}, app.SecurityContext.Capabilities.Drop)
 

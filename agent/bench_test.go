@@ -1,0 +1,146 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/checkpoint"
+	"github.com/stasis-k8s/stasis/launcher"
+	"github.com/stasis-k8s/stasis/wiring"
+)
+
+// BenchmarkDump1GiB dumps one process with 1 GiB of touched memory, in the same run, through the
+// agent's path (go-criu swrk inside the container's namespaces, then checksums, fsync, commit)
+// and through the raw `criu dump` CLI in the same namespaces; then restores each: the agent's
+// checkpoint through restore-prepare + launcher, the raw images with the raw `criu restore` CLI.
+// It prints both times, the throughput ratio (goal: agent >= 0.95 x raw) and the image size.
+func BenchmarkDump1GiB(b *testing.B) {
+	criu := needCriu(b)
+	base := b.TempDir()
+	root := filepath.Join(base, "volume")
+	identity := "bench/1gib"
+	dir := filepath.Join(root, wiring.IdentityDir(identity), "app")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	finder := pidFinder{}
+	a, err := New(ctx, Config{Finder: finder, ContainerCriuPath: criu, NodeName: "bench", FreezeTimeout: time.Hour,
+		KeepCheckpoints: 1, ScratchDir: base, Log: zerolog.Nop()})
+	require.NoError(b, err)
+
+	out := filepath.Join(base, "counter.txt")
+	env := []string{wiring.EnvContainerName + "=app", launcher.EnvCriuPath + "=" + criu}
+	// One number after the ballast is filled, then nothing: the open file keeps its size, so the
+	// raw images stay restorable after the process ran on.
+	c := startContainer(b, env, "--", counterBin, "-touch-mib", "1024", "-tick", "1h", out)
+	finder["app"] = c.launcherPID()
+	waitCount(b, c, out, 1)
+
+	var agentDump, agentCriu, rawDump time.Duration
+	var imageBytes int64
+	var lastID string
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		// Agent path.
+		uid := "bench-" + strconv.Itoa(i)
+		t0 := time.Now()
+		_, err := a.Start(agentapi.CheckpointRequest{Pod: agentapi.PodRef{Name: "bench", UID: uid}, Containers: []agentapi.ContainerSpec{{Name: "app", Dir: dir}}})
+		require.NoError(b, err)
+		st, err := a.Wait(ctx, uid)
+		require.NoError(b, err)
+		agentDump += time.Since(t0)
+		require.Equal(b, agentapi.PhaseSucceeded, st.Phase, st.Message)
+		lastID = st.Containers[0].CheckpointID
+		m, err := checkpoint.ReadManifest(filepath.Join(dir, lastID))
+		require.NoError(b, err)
+		agentCriu += m.Dumped.Sub(m.Started)
+		imageBytes = m.ImagesSize
+		require.True(b, a.Delete(uid)) // thaw
+
+		// Raw CLI on the same process, same namespaces.
+		l := finder["app"]
+		rootPid, err := appRoot(l)
+		require.NoError(b, err)
+		inCtr, err := pidIn(rootPid, l)
+		require.NoError(b, err)
+		raw := filepath.Join(base, fmt.Sprintf("raw-%d", i))
+		require.NoError(b, os.MkdirAll(raw, 0o700))
+		t1 := time.Now()
+		cmd := exec.Command("nsenter", "-t", strconv.Itoa(l), "-m", "-u", "-i", "-n", "-p", "-C", "--",
+			criu, "dump", "-t", strconv.Itoa(inCtr), "-D", raw, "-o", "dump.log", "--leave-stopped")
+		outb, err := cmd.CombinedOutput()
+		require.NoError(b, err, "raw criu dump: %s", outb)
+		rawDump += time.Since(t1)
+		_, err = newFrozenTree(rootPid).thaw()
+		require.NoError(b, err)
+		if i < b.N-1 {
+			require.NoError(b, os.RemoveAll(raw))
+		}
+	}
+	b.StopTimer()
+	n := float64(b.N)
+	agentS, agentCriuS, rawS := agentDump.Seconds()/n, agentCriu.Seconds()/n, rawDump.Seconds()/n
+	gib := float64(imageBytes) / (1 << 30)
+	b.ReportMetric(agentS, "agent-dump-s")
+	b.ReportMetric(rawS, "raw-dump-s")
+	b.ReportMetric(rawS/agentS, "agent/raw-throughput")
+	b.ReportMetric(float64(imageBytes)/(1<<20), "image-MiB")
+	fmt.Printf("\ndump of 1 GiB touched memory (mean of %d):\n", b.N)
+	fmt.Printf("  raw criu dump CLI:        %6.2f s  (%.2f GiB/s)\n", rawS, gib/rawS)
+	fmt.Printf("  agent, CRIU step only:    %6.2f s  (%.2f GiB/s)  ratio %.2f\n", agentCriuS, gib/agentCriuS, rawS/agentCriuS)
+	fmt.Printf("  agent, complete (+sha256, fsync, commit): %6.2f s  (%.2f GiB/s)  ratio %.2f (goal >= 0.95)\n", agentS, gib/agentS, rawS/agentS)
+	fmt.Printf("  image size: %.1f MiB\n", float64(imageBytes)/(1<<20))
+
+	// Restores: kill the app (pod deletion), then each restore in a new container.
+	require.Equal(b, 143, func() int {
+		// Leave it frozen first, as after an eviction.
+		_, err := a.Start(agentapi.CheckpointRequest{Pod: agentapi.PodRef{Name: "bench", UID: "final"}, Containers: []agentapi.ContainerSpec{{Name: "app", Dir: dir}}})
+		require.NoError(b, err)
+		st, err := a.Wait(ctx, "final")
+		require.NoError(b, err)
+		require.Equal(b, agentapi.PhaseSucceeded, st.Phase, st.Message)
+		lastID = st.Containers[0].CheckpointID
+		return c.stop()
+	}())
+	planDir := filepath.Join(base, "plans")
+	t2 := time.Now()
+	outb, err := exec.Command(stasisBin, "restore-prepare", "--identity", identity, "--restore-id", lastID,
+		"--restore-containers", "app", "--checkpoint-root", root, "--plan-dir", planDir).CombinedOutput()
+	require.NoError(b, err, "%s", outb)
+	verify := time.Since(t2)
+	c2 := startContainer(b, append(env, wiring.EnvRestoreID+"="+lastID, launcher.EnvRestorePlans+"="+planDir), "--", counterBin, out)
+	for !strings.Contains(c2.out.String(), "restored; supervising") {
+		select {
+		case <-c2.done:
+			b.Fatalf("restore container exited: %s", c2.out.String())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	agentRestore := time.Since(t2)
+	c2.stop()
+
+	// Raw restore of the raw images: `criu restore` as a child of a shell that is PID 1 of new
+	// namespaces (as the launcher is).
+	raw := filepath.Join(base, fmt.Sprintf("raw-%d", b.N-1))
+	t3 := time.Now()
+	script := fmt.Sprintf("%s restore -D %s -o restore.log --restore-detached --manage-cgroups=ignore --pidfile %s/pid && echo restored && kill -TERM $(cat %s/pid) && wait", criu, raw, raw, raw)
+	cmd := exec.Command("unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--mount-proc", "--", "sh", "-c", script)
+	rout, err := cmd.CombinedOutput()
+	rawRestore := time.Since(t3)
+	require.NoError(b, err, "raw restore: %s", rout)
+	fmt.Printf("restore of the same process:\n")
+	fmt.Printf("  raw criu restore CLI (incl. namespace setup and stop): %6.2f s\n", rawRestore.Seconds())
+	fmt.Printf("  agent path: restore-prepare (sha256 verify %.2f s) + launcher until restored: %6.2f s\n", verify.Seconds(), agentRestore.Seconds())
+	b.ReportMetric(rawRestore.Seconds(), "raw-restore-s")
+	b.ReportMetric(agentRestore.Seconds(), "agent-restore-s")
+}
