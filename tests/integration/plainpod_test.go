@@ -20,16 +20,19 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
+	"github.com/stasis-k8s/stasis/tests/cluster"
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
-// plainPodExample reads testdata/plain-pod.yaml, a verbatim copy of the plain-pod example of the
+// plainPodExample reads docs/examples/plain-pod.yaml, a verbatim copy of the plain-pod example of the
 // documentation Stasis is compatible with (../shared/examples/plain-pod.yaml), and fills in what
 // the example leaves to the user: the storage class and, since there is no scheduler decision to
 // make here, the node.
 func plainPodExample(t *testing.T, node string) (*corev1.PersistentVolumeClaim, *corev1.Pod) {
 	t.Helper()
-	data, err := os.ReadFile("testdata/plain-pod.yaml")
+	root, err := cluster.RepoRoot()
+	require.NoError(t, err)
+	data, err := os.ReadFile(root + "/docs/examples/plain-pod.yaml")
 	require.NoError(t, err)
 	var pvc *corev1.PersistentVolumeClaim
 	var pod *corev1.Pod
