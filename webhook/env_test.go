@@ -28,7 +28,7 @@ import (
 	"k8s.io/client-go/tools/record"
 
 	"github.com/stasis-k8s/stasis/agentapi"
-	"github.com/stasis-k8s/stasis/webhook/fakeagent"
+	"github.com/stasis-k8s/stasis/tests/fakeagent"
 )
 
 type testEnv struct {

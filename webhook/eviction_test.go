@@ -16,8 +16,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/tests/fakeagent"
 	"github.com/stasis-k8s/stasis/webhook/catalog"
-	"github.com/stasis-k8s/stasis/webhook/fakeagent"
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
@@ -129,14 +129,14 @@ func TestEvictionHandler(t *testing.T) {
 		},
 		{
 			name: "dump failed, fail-closed: denied with the agent's reason", fixture: "eviction-v1.json",
-			pod: runningPod(), script: &fakeagent.Script{Polls: 2, Fail: true, Message: `criu dump failed: "Error (criu/tty.c:1): tty: Unable to dump"`},
+			pod: runningPod(), script: &fakeagent.Script{Polls: 2, Fail: `criu dump failed: "Error (criu/tty.c:1): tty: Unable to dump"`},
 			want: v1Response(evUID, `"allowed":false,"status":{"metadata":{},"status":"Failure","reason":"Forbidden","code":403,`+
 				`"message":"checkpoint of pod default/app failed: criu dump failed: \"Error (criu/tty.c:1): tty: Unable to dump\" (failure policy fail-closed)"}`),
 			wantPost: true, event: "Warning CheckpointFailed checkpoint of pod default/app failed",
 		},
 		{
 			name: "dump failed, fail-open: allowed, progress lost", fixture: "eviction-v1.json", policy: FailOpen,
-			pod: runningPod(), script: &fakeagent.Script{Fail: true, Message: "no space left on device"},
+			pod: runningPod(), script: &fakeagent.Script{Fail: "no space left on device"},
 			want:     v1Response(evUID, `"allowed":true,"warnings":["checkpoint of pod default/app failed: no space left on device; allowed by failure policy fail-open: progress will be lost"]`),
 			wantPost: true, event: "progress since the last checkpoint will be lost",
 		},
@@ -201,14 +201,14 @@ func TestEvictionHandler(t *testing.T) {
 				require.NoError(t, e.pdbs.Add(p))
 			}
 			if tt.script != nil {
-				e.agent.SetScript("app", *tt.script)
+				e.agent.SetScript("default", "app", *tt.script)
 			}
 			code, body := e.post(PathEviction, fixture(t, tt.fixture))
 			assert.Equal(t, http.StatusOK, code)
 			assert.JSONEq(t, tt.want, body)
 			if tt.wantPost {
-				require.Len(t, e.agent.Requests, 1)
-				req := e.agent.Requests[0]
+				require.Len(t, e.agent.Requests(), 1)
+				req := e.agent.Requests()[0]
 				assert.Equal(t, "uid-app", req.Pod.UID)
 				assert.Equal(t, "eviction", req.Reason)
 				require.Len(t, req.Containers, 1, "istio-proxy is not checkpointed by default")
@@ -216,7 +216,7 @@ func TestEvictionHandler(t *testing.T) {
 				assert.Equal(t, "/stasis/checkpoints/pod_default_app/main", req.Containers[0].Dir)
 				assert.Equal(t, []string{"/var/lib/app/state.db"}, req.Containers[0].Files)
 			} else {
-				assert.Empty(t, e.agent.Requests, "the agent must not be asked")
+				assert.Empty(t, e.agent.Requests(), "the agent must not be asked")
 			}
 			pvc, err := e.client.CoreV1().PersistentVolumeClaims("default").Get(context.Background(), "ckpt-pvc", metav1.GetOptions{})
 			require.NoError(t, err)
@@ -239,7 +239,7 @@ func TestEvictionHandler(t *testing.T) {
 func TestEvictionRetryJoinsDump(t *testing.T) {
 	e := newEnv(t, Config{WaitBudget: 50e6}, []runtime.Object{userPVC("ckpt-pvc")})
 	e.addPods(runningPod())
-	e.agent.SetScript("app", fakeagent.Script{Polls: -1, Bytes: 10})
+	e.agent.SetScript("default", "app", fakeagent.Script{Polls: -1, Bytes: 10})
 	_, body := e.post(PathEviction, fixture(t, "eviction-v1.json"))
 	assert.Contains(t, body, `"code":429`)
 	_, body = e.post(PathEviction, fixture(t, "eviction-v1.json"))
@@ -249,7 +249,7 @@ func TestEvictionRetryJoinsDump(t *testing.T) {
 	e.agent.Finish("uid-app")
 	_, body = e.post(PathEviction, fixture(t, "eviction-v1.json"))
 	assert.JSONEq(t, v1Response(evUID, `"allowed":true`), body)
-	assert.Equal(t, 3, e.agent.Posts["uid-app"], "every retry joins the same operation")
+	assert.Equal(t, 3, e.agent.PostsFor("uid-app"), "every retry joins the same operation")
 	st, ok := e.agent.Op("uid-app")
 	require.True(t, ok)
 	assert.Equal(t, "Succeeded", string(st.Phase))
@@ -257,24 +257,24 @@ func TestEvictionRetryJoinsDump(t *testing.T) {
 	// A failed dump is forgotten at the agent so that a later eviction starts afresh.
 	e2 := newEnv(t, Config{}, []runtime.Object{userPVC("ckpt-pvc")})
 	e2.addPods(runningPod())
-	e2.agent.SetScript("app", fakeagent.Script{Fail: true, Message: "boom"})
+	e2.agent.SetScript("default", "app", fakeagent.Script{Fail: "boom"})
 	_, body = e2.post(PathEviction, fixture(t, "eviction-v1.json"))
 	assert.Contains(t, body, `"code":403`)
-	assert.Equal(t, []string{"uid-app"}, e2.agent.Deleted)
+	assert.Equal(t, []string{"uid-app"}, e2.agent.Deleted())
 }
 
 // A newer record is never replaced by an older one, and a failed dump never touches the record.
 func TestRecordKeepsNewest(t *testing.T) {
 	e := newEnv(t, Config{}, []runtime.Object{userPVC("ckpt-pvc")})
 	e.addPods(runningPod())
-	e.agent.SetScript("app", fakeagent.Script{CheckpointID: "ckpt-good"})
+	e.agent.SetScript("default", "app", fakeagent.Script{CheckpointID: "ckpt-good"})
 	_, body := e.post(PathEviction, fixture(t, "eviction-v1.json"))
 	require.JSONEq(t, v1Response(evUID, `"allowed":true`), body)
 
 	// Same pod name, new pod UID, failing dump.
 	e.pods.Delete(runningPod())
 	e.addPods(runningPod(func(p *corev1.Pod) { p.UID = types.UID("uid-app-2") }))
-	e.agent.SetScript("app", fakeagent.Script{Fail: true, Message: "boom"})
+	e.agent.SetScript("default", "app", fakeagent.Script{Fail: "boom"})
 	_, body = e.post(PathEviction, fixture(t, "eviction-v1.json"))
 	assert.Contains(t, body, `"code":403`)
 	pvc, err := e.client.CoreV1().PersistentVolumeClaims("default").Get(context.Background(), "ckpt-pvc", metav1.GetOptions{})

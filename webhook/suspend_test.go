@@ -15,8 +15,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
 
+	"github.com/stasis-k8s/stasis/tests/fakeagent"
 	"github.com/stasis-k8s/stasis/webhook/catalog"
-	"github.com/stasis-k8s/stasis/webhook/fakeagent"
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
@@ -85,7 +85,7 @@ func TestJobSuspendHandler(t *testing.T) {
 		{
 			name:    "one pod failed: denied (fail-closed)",
 			pods:    []*corev1.Pod{jobPod(0), jobPod(1)},
-			scripts: map[string]fakeagent.Script{"train-1-abcde": {Fail: true, Message: "criu: can't dump"}},
+			scripts: map[string]fakeagent.Script{"train-1-abcde": {Fail: "criu: can't dump"}},
 			want: v1Response(jsUID, `"allowed":false,"status":{"metadata":{},"status":"Failure","reason":"Forbidden","code":403,`+
 				`"message":"checkpoint of pod default/train-1-abcde failed: criu: can't dump (failure policy fail-closed)"}`),
 			posts: []string{"uid-train-0", "uid-train-1"}, records: []int{0},
@@ -122,7 +122,7 @@ func TestJobSuspendHandler(t *testing.T) {
 			e := newEnv(t, cfg, []runtime.Object{jobPVC(0), jobPVC(1)})
 			e.addPods(tt.pods...)
 			for n, s := range tt.scripts {
-				e.agent.SetScript(n, s)
+				e.agent.SetScript("default", n, s)
 			}
 			body := fixture(t, "job-suspend.json")
 			if tt.review != nil {
@@ -132,7 +132,7 @@ func TestJobSuspendHandler(t *testing.T) {
 			assert.Equal(t, http.StatusOK, code)
 			assert.JSONEq(t, tt.want, resp)
 			var posted []string
-			for _, r := range e.agent.Requests {
+			for _, r := range e.agent.Requests() {
 				posted = append(posted, r.Pod.UID)
 				assert.Equal(t, "job-suspend", r.Reason)
 			}

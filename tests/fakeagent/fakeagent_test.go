@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"net/http"
+	"net/http/httptest"
 	"testing"
 	"time"
 
@@ -123,4 +124,48 @@ func TestFakeAgentRefusesOtherClients(t *testing.T) {
 
 	assert.Equal(t, 2, a.Denied())
 	assert.Empty(t, a.Dumps())
+}
+
+// The unit-test mode: a plain handler (no TLS) whose dumps end after a number of status polls,
+// never on their own (Polls < 0) until Finish, so that webhook tests need no clock.
+func TestFakeAgentPolledDumps(t *testing.T) {
+	a := fakeagent.New("node-1")
+	a.SetScript("ns", "slow", fakeagent.Script{Polls: 2, Bytes: 10})
+	a.SetScript("ns", "stuck", fakeagent.Script{Polls: -1, Bytes: 20})
+	srv := httptest.NewServer(a)
+	t.Cleanup(srv.Close)
+	c := agentapi.NewClient(nil, 5*time.Second)
+	ctx := context.Background()
+
+	st, err := c.Checkpoint(ctx, srv.URL, req("slow", "u1"))
+	require.NoError(t, err)
+	assert.Equal(t, agentapi.PhaseRunning, st.Phase)
+	assert.EqualValues(t, 10, st.BytesWritten)
+	st, err = c.Status(ctx, srv.URL, "u1")
+	require.NoError(t, err)
+	assert.Equal(t, agentapi.PhaseRunning, st.Phase, "first poll")
+	st, err = c.Status(ctx, srv.URL, "u1")
+	require.NoError(t, err)
+	assert.Equal(t, agentapi.PhaseSucceeded, st.Phase, "second poll")
+	require.Len(t, st.Containers, 1)
+	assert.Equal(t, "ckpt-1", st.Containers[0].CheckpointID)
+
+	_, err = c.Checkpoint(ctx, srv.URL, req("stuck", "u2"))
+	require.NoError(t, err)
+	_, err = c.Checkpoint(ctx, srv.URL, req("stuck", "u2"))
+	require.NoError(t, err)
+	st, err = c.Status(ctx, srv.URL, "u2")
+	require.NoError(t, err)
+	assert.Equal(t, agentapi.PhaseRunning, st.Phase)
+	a.Finish("u2")
+	st, ok := a.Op("u2")
+	require.True(t, ok)
+	assert.Equal(t, agentapi.PhaseSucceeded, st.Phase)
+	assert.Equal(t, "ckpt-2", st.Containers[0].CheckpointID)
+	assert.Equal(t, 2, a.PostsFor("u2"))
+	assert.Equal(t, 3, a.Posts())
+	assert.Len(t, a.Requests(), 3)
+
+	require.NoError(t, c.Delete(ctx, srv.URL, "u2"))
+	assert.Equal(t, []string{"u2"}, a.Deleted())
 }

@@ -13,7 +13,7 @@ import (
 	"os"
 	"time"
 
-	"github.com/stasis-k8s/stasis/webhook/fakeagent"
+	"github.com/stasis-k8s/stasis/tests/fakeagent"
 )
 
 func main() {
@@ -28,7 +28,7 @@ func main() {
 	flag.Parse()
 
 	a := fakeagent.New(*node)
-	a.SetScript("", fakeagent.Script{Polls: *polls, Bytes: *bytes, Fail: *fail != "", Message: *fail})
+	a.SetDefault(fakeagent.Script{Polls: *polls, Bytes: *bytes, Fail: *fail})
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "fakeagent:", err)
