@@ -52,9 +52,6 @@ func TestAgentServesSecretFiles(t *testing.T) {
 	port := freePort(t, "127.0.0.1")
 	hport := freePort(t, "127.0.0.1")
 	addr := "127.0.0.1:" + strconv.Itoa(port)
-	logPath := filepath.Join(t.TempDir(), "agent.log")
-	logf, err := os.Create(logPath)
-	require.NoError(t, err)
 	cmd := exec.Command(tl.stasis, "agent")
 	// The DaemonSet's configuration (env), with this host's addresses and no container runtime:
 	// only the TLS side is exercised here.
@@ -71,33 +68,8 @@ func TestAgentServesSecretFiles(t *testing.T) {
 		"STASIS_SOCKET_DIR="+t.TempDir(),
 		"STASIS_SCRATCH_DIR="+t.TempDir(),
 	)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	require.NoError(t, cmd.Start())
-	exited := make(chan struct{})
-	var exitErr error
-	go func() { exitErr = cmd.Wait(); logf.Close(); close(exited) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-exited:
-		case <-time.After(15 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
-		if t.Failed() {
-			data, _ := os.ReadFile(logPath)
-			t.Logf("agent log:\n%s", data)
-		}
-	})
-	eventually(t, time.Minute, "agent /readyz", func() error {
-		select {
-		case <-exited:
-			data, _ := os.ReadFile(logPath)
-			t.Fatalf("stasis agent exited: %v\n%s", exitErr, data)
-		default:
-		}
-		return httpOK("http://127.0.0.1:" + strconv.Itoa(hport) + "/readyz")
-	})
+	agent := startProcess(t, "stasis agent", cmd)
+	agent.waitReady(t, "http://127.0.0.1:"+strconv.Itoa(hport)+"/readyz")
 
 	roots := pool(t, client["ca.crt"])
 	cert, err := tls.X509KeyPair(client["tls.crt"], client["tls.key"])
@@ -139,8 +111,8 @@ func TestAgentServesSecretFiles(t *testing.T) {
 		return nil
 	})
 	select {
-	case <-exited:
-		t.Fatalf("the agent exited during the renewal: %v", exitErr)
+	case <-agent.exited:
+		t.Fatalf("the agent exited during the renewal: %v", agent.err)
 	default:
 	}
 	_, err = webhook.List(context.Background(), base)

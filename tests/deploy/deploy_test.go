@@ -412,30 +412,7 @@ func caBundleIs(kube kubernetes.Interface, caPEM []byte) error {
 
 func startCertManager(t *testing.T, bin, role, kubeconfig string) {
 	t.Helper()
-	log := filepath.Join(t.TempDir(), "cert-manager-"+role+".log")
-	f, err := os.Create(log)
-	require.NoError(t, err)
-	cmd := exec.Command(bin, role, "--kubeconfig", kubeconfig)
-	cmd.Stdout, cmd.Stderr = f, f
-	require.NoError(t, cmd.Start())
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); f.Close(); close(done) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-done:
-		case <-time.After(15 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
-		if t.Failed() {
-			data, _ := os.ReadFile(log)
-			if len(data) > 8000 {
-				data = data[len(data)-8000:]
-			}
-			t.Logf("cert-manager %s log (tail):\n%s", role, data)
-		}
-	})
+	startProcess(t, "cert-manager-"+role, exec.Command(bin, role, "--kubeconfig", kubeconfig))
 }
 
 // `stasis certs --apply`: the Secrets go straight into the cluster, the CA is kept in the Secret

@@ -242,12 +242,60 @@ func newTestNetwork(t *testing.T, link, ip string) testNetwork {
 // identity is the stasis-webhook ServiceAccount (a token from the TokenRequest API, so the RBAC of
 // deploy/ is what it gets), its TLS files are the Secrets' files.
 type webhookProcess struct {
-	cmd    *exec.Cmd
-	exited chan struct{}
-	err    error // valid once exited is closed
+	*process
 	addr   string
 	health string
+}
+
+// process is a program a test runs in the background: its output goes to a log file, it is stopped
+// (interrupt, then kill after 15 s) when the test ends, and its log is printed when the test failed.
+type process struct {
+	name   string
+	cmd    *exec.Cmd
 	log    string
+	exited chan struct{}
+	err    error // valid once exited is closed
+}
+
+func startProcess(t *testing.T, name string, cmd *exec.Cmd) *process {
+	t.Helper()
+	p := &process{name: name, cmd: cmd, log: filepath.Join(t.TempDir(), name+".log"), exited: make(chan struct{})}
+	f, err := os.Create(p.log)
+	require.NoError(t, err)
+	cmd.Stdout, cmd.Stderr = f, f
+	require.NoError(t, cmd.Start(), "start %s", name)
+	go func() { p.err = cmd.Wait(); f.Close(); close(p.exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-p.exited:
+		case <-time.After(15 * time.Second):
+			_ = cmd.Process.Kill()
+			<-p.exited
+		}
+		if t.Failed() {
+			data, _ := os.ReadFile(p.log)
+			if len(data) > 16000 {
+				data = data[len(data)-16000:]
+			}
+			t.Logf("%s log (tail):\n%s", name, data)
+		}
+	})
+	return p
+}
+
+// waitReady waits until url answers 200; it fails at once, with the log, if the process exited.
+func (p *process) waitReady(t *testing.T, url string) {
+	t.Helper()
+	eventually(t, time.Minute, p.name+" "+url, func() error {
+		select {
+		case <-p.exited:
+			data, _ := os.ReadFile(p.log)
+			t.Fatalf("%s exited: %v\n%s", p.name, p.err, data)
+		default:
+		}
+		return httpOK(url)
+	})
 }
 
 func startWebhook(t *testing.T, tl tools, c *cluster.Cluster, net testNetwork, serving, agentClient *secretFiles) *webhookProcess {
@@ -278,44 +326,16 @@ current-context: test
 
 	port := freePort(t, net.ip)
 	hport := freePort(t, "127.0.0.1")
-	w := &webhookProcess{addr: net.ip + ":" + strconv.Itoa(port), health: "127.0.0.1:" + strconv.Itoa(hport),
-		log: filepath.Join(t.TempDir(), "webhook.log")}
-	logf, err := os.Create(w.log)
-	require.NoError(t, err)
-	w.cmd = exec.Command(tl.stasis, "webhook", "--kubeconfig", kc)
+	cmd := exec.Command(tl.stasis, "webhook", "--kubeconfig", kc)
 	// The applied Deployment's configuration (its env), with this host's addresses and the Secret
 	// volumes' mount paths mapped to the local copies of the Secrets.
-	w.cmd.Env = append(os.Environ(), deployedWebhookEnv(t, c.Client(), map[string]*secretFiles{
+	w := &webhookProcess{addr: net.ip + ":" + strconv.Itoa(port), health: "127.0.0.1:" + strconv.Itoa(hport)}
+	cmd.Env = append(os.Environ(), deployedWebhookEnv(t, c.Client(), map[string]*secretFiles{
 		"stasis-webhook-tls": serving, "stasis-agent-client-tls": agentClient,
 	})...)
-	w.cmd.Env = append(w.cmd.Env, "STASIS_LISTEN="+w.addr, "STASIS_HEALTH_LISTEN="+w.health)
-	w.cmd.Stdout, w.cmd.Stderr = logf, logf
-	require.NoError(t, w.cmd.Start())
-	exited := make(chan struct{})
-	w.exited = exited
-	go func() { w.err = w.cmd.Wait(); logf.Close(); close(exited) }()
-	t.Cleanup(func() {
-		_ = w.cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-exited:
-		case <-time.After(15 * time.Second):
-			_ = w.cmd.Process.Kill()
-			<-exited
-		}
-		if t.Failed() {
-			data, _ := os.ReadFile(w.log)
-			t.Logf("webhook log:\n%s", data)
-		}
-	})
-	eventually(t, time.Minute, "webhook /readyz", func() error {
-		select {
-		case <-exited:
-			data, _ := os.ReadFile(w.log)
-			t.Fatalf("stasis webhook exited: %v\n%s", w.err, data)
-		default:
-		}
-		return httpOK("http://" + w.health + "/readyz")
-	})
+	cmd.Env = append(cmd.Env, "STASIS_LISTEN="+w.addr, "STASIS_HEALTH_LISTEN="+w.health)
+	w.process = startProcess(t, "stasis webhook", cmd)
+	w.waitReady(t, "http://"+w.health+"/readyz")
 	return w
 }
 
