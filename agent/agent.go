@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path"
 	"sync"
 	"sync/atomic"
@@ -228,13 +229,13 @@ func (op *operation) snapshot() agentapi.CheckpointStatus {
 }
 
 func (a *Agent) run(ctx context.Context, op *operation, req agentapi.CheckpointRequest) {
-	defer close(op.done)
 	log := a.cfg.Log.With().Str("pod", req.Pod.Namespace+"/"+req.Pod.Name).Str("uid", req.Pod.UID).Str("reason", req.Reason).Logger()
 	select {
 	case a.slots <- struct{}{}:
 		defer func() { <-a.slots }()
 	case <-ctx.Done():
 		a.finish(op, req, false, "cancelled while waiting for a dump slot")
+		close(op.done)
 		return
 	}
 	op.mu.Lock()
@@ -244,8 +245,20 @@ func (a *Agent) run(ctx context.Context, op *operation, req agentapi.CheckpointR
 
 	ok := true
 	var base int64
+	var dirs []*os.File
+	defer func() {
+		for _, d := range dirs {
+			if ok { // else the checkpoints the webhook recorded last may be the ones to keep
+				a.prune(log, req, d)
+			}
+			d.Close()
+		}
+	}()
 	for _, c := range req.Containers {
-		res, frozen := a.dumpContainer(ctx, log, op, base, req, c)
+		res, frozen, dir := a.dumpContainer(ctx, log, op, base, req, c)
+		if dir != nil {
+			dirs = append(dirs, dir)
+		}
 		base += res.Bytes
 		op.bytes.Store(base)
 		op.mu.Lock()
@@ -266,6 +279,7 @@ func (a *Agent) run(ctx context.Context, op *operation, req agentapi.CheckpointR
 	a.finish(op, req, ok, msg)
 	if !ok {
 		a.thaw(op, "checkpoint failed")
+		close(op.done)
 		return
 	}
 	// The app stays frozen until its pod is deleted (the launcher then kills it). A pod that stays
@@ -282,6 +296,7 @@ func (a *Agent) run(ctx context.Context, op *operation, req agentapi.CheckpointR
 		a.thaw(op, fmt.Sprintf("pod not deleted within --freeze-timeout %s", a.cfg.FreezeTimeout))
 	})
 	op.mu.Unlock()
+	close(op.done) // before the deferred pruning: nothing waits for it
 }
 
 func (a *Agent) finish(op *operation, req agentapi.CheckpointRequest, ok bool, msg string) {

@@ -18,19 +18,20 @@ import (
 
 // dumpContainer checkpoints one container: find its launcher, dump the nested init's tree from
 // inside the container's namespaces (left stopped), copy checkpoint-files, record the process,
-// commit the checkpoint and prune old ones. It returns the frozen tree when the app was left
-// stopped (also when a later step failed: the caller must thaw it then).
-func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *operation, base int64, req agentapi.CheckpointRequest, c agentapi.ContainerSpec) (agentapi.ContainerResult, *frozenTree) {
+// and commit the checkpoint. It returns the frozen tree when the app was left stopped (also when a
+// later step failed: the caller must thaw it then), and on success the container's checkpoint
+// directory, open, for the caller to prune once the result is out (see prune).
+func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *operation, base int64, req agentapi.CheckpointRequest, c agentapi.ContainerSpec) (agentapi.ContainerResult, *frozenTree, *os.File) {
 	res := agentapi.ContainerResult{Name: c.Name, Phase: agentapi.PhaseFailed}
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, a.cfg.DumpTimeout)
 	defer cancel()
 	log = log.With().Str("container", c.Name).Logger()
-	fail := func(err error) (agentapi.ContainerResult, *frozenTree) {
+	fail := func(err error) (agentapi.ContainerResult, *frozenTree, *os.File) {
 		a.cfg.Metrics.DumpFailures.Inc()
 		res.Message = err.Error()
 		log.Error().Err(err).Msg("dump failed")
-		return res, nil
+		return res, nil, nil
 	}
 
 	t, err := a.cfg.Finder.Find(ctx, req.Pod, c.Name)
@@ -103,6 +104,8 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 		return fail(err)
 	}
 	defer os.Remove(link)
+	w.FollowImages(checkpoint.DumpLogName)
+	w.FollowImages(checkpoint.DumpLogName)
 	dumpStart := time.Now()
 	err = criurun.Dump(ctx, criurun.DumpOptions{
 		NsPID:      t.PID,
@@ -123,10 +126,16 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	}
 	dumped := time.Now()
 	frozen := newFrozenTree(root)
-	failFrozen := func(err error) (agentapi.ContainerResult, *frozenTree) {
+	failFrozen := func(err error) (agentapi.ContainerResult, *frozenTree, *os.File) {
 		abort(err)
-		r, _ := fail(err)
-		return r, &frozen
+		r, _, _ := fail(err)
+		return r, &frozen, nil
+	}
+	if err := w.ImagesWritten(); err != nil {
+		return failFrozen(err)
+	}
+	if err := w.ImagesWritten(); err != nil {
+		return failFrozen(err)
 	}
 	if err := os.Rename(imgLog, filepath.Join(w.Path(), checkpoint.DumpLogName)); err != nil {
 		return failFrozen(err)
@@ -152,12 +161,10 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 		_ = os.Lchown(hostDir, uid, gid)
 		_ = chownTree(w.Final(), uid, gid)
 	}
-	keep := a.cfg.KeepCheckpoints
-	if req.Keep > 0 {
-		keep = req.Keep + 1 // the webhook counts the checkpoints kept besides the new one
-	}
-	if err := checkpoint.Prune(hostDir, keep, ""); err != nil {
-		log.Warn().Err(err).Msg("pruning old checkpoints")
+	// Held open: the container (and with it /proc/<pid>/root) may be gone by the time of pruning.
+	dirFile, err := os.Open(hostDir)
+	if err != nil {
+		log.Warn().Err(err).Msg("opening the checkpoint directory for pruning")
 	}
 	res.Phase = agentapi.PhaseSucceeded
 	res.CheckpointID = id
@@ -166,7 +173,22 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	a.cfg.Metrics.DumpDuration.Observe(time.Since(start).Seconds())
 	a.cfg.Metrics.DumpBytes.Add(float64(m.Size))
 	log.Info().Str("checkpoint", path.Join(c.Dir, id)).Int64("bytes", m.Size).Dur("criu", dumped.Sub(dumpStart)).Dur("total", time.Since(start)).Msg("checkpoint complete; app left frozen")
-	return res, &frozen
+	return res, &frozen, dirFile
+}
+
+// prune removes the container's old checkpoints once the operation has reported success: removing
+// the previous gigabytes takes the filesystem a while (0.4 s per GiB measured), and the eviction
+// waiting on the new checkpoint has no reason to wait for that.
+func (a *Agent) prune(log zerolog.Logger, req agentapi.CheckpointRequest, dir *os.File) {
+	hostDir := fmt.Sprintf("/proc/self/fd/%d", dir.Fd())
+	keep := a.cfg.KeepCheckpoints
+	if req.Keep > 0 {
+		keep = req.Keep + 1 // the webhook counts the checkpoints kept besides the new one
+	}
+	// A checkpoint directory without marker younger than a dump may still be written.
+	if err := checkpoint.Prune(hostDir, keep, a.cfg.Now().Add(-a.cfg.DumpTimeout)); err != nil {
+		log.Warn().Err(err).Msg("pruning old checkpoints")
+	}
 }
 
 func dirSize(root string) int64 {

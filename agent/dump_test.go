@@ -288,3 +288,33 @@ func counterValue(t *testing.T, c prometheus.Counter) float64 {
 	require.NoError(t, c.Write(&m))
 	return m.GetCounter().GetValue()
 }
+
+// Old checkpoints are pruned after the new one is reported: keep N, leftovers of interrupted dumps
+// removed, a younger directory without marker (a dump that may be in progress) kept.
+func TestOldCheckpointsPrunedAfterSuccess(t *testing.T) {
+	r := newRig(t, Config{KeepCheckpoints: 1, DumpTimeout: time.Minute})
+	out := filepath.Join(t.TempDir(), "counter.txt")
+	c := startContainer(t, r.env("app"), "--", counterBin, out)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 2)
+	spec := agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")}
+	first := r.checkpoint("uid-p1", spec)
+	require.Equal(t, agentapi.PhaseSucceeded, first.Phase, first.Message)
+	require.True(t, r.agent.Delete("uid-p1")) // thaw: the pod stayed
+
+	stale, err := checkpoint.Begin(r.dir("app"), checkpoint.NewID(time.Now().Add(-time.Hour)))
+	require.NoError(t, err)
+	inProgress, err := checkpoint.Begin(r.dir("app"), checkpoint.NewID(time.Now()))
+	require.NoError(t, err)
+	second := r.checkpoint("uid-p2", spec)
+	require.Equal(t, agentapi.PhaseSucceeded, second.Phase, second.Message)
+
+	require.Eventually(t, func() bool {
+		l, err := checkpoint.List(r.dir("app"))
+		return err == nil && len(l) == 1 && l[0].ID == second.Containers[0].CheckpointID
+	}, 10*time.Second, 20*time.Millisecond, "only the newest checkpoint is kept")
+	assert.NoDirExists(t, filepath.Join(r.dir("app"), first.Containers[0].CheckpointID))
+	require.Eventually(t, func() bool { _, err := os.Stat(stale.Path()); return os.IsNotExist(err) }, 10*time.Second, 20*time.Millisecond)
+	assert.DirExists(t, inProgress.Path())
+	assert.Equal(t, 143, c.stop())
+}

@@ -111,11 +111,20 @@ type FileSum struct {
 	SHA256 string `json:"sha256"`
 }
 
+const idTimeLayout = "20060102T150405.000Z"
+
 // NewID returns a checkpoint ID that sorts by creation time.
 func NewID(now time.Time) string {
 	var b [3]byte
 	_, _ = rand.Read(b[:])
-	return now.UTC().Format("20060102T150405.000Z") + "-" + hex.EncodeToString(b[:])
+	return now.UTC().Format(idTimeLayout) + "-" + hex.EncodeToString(b[:])
+}
+
+// idBefore reports whether checkpoint id was created before t; an ID not made by NewID counts as
+// old.
+func idBefore(id string, t time.Time) bool {
+	at, err := time.Parse(idTimeLayout, strings.SplitN(id, "-", 2)[0])
+	return err != nil || at.Before(t)
 }
 
 // ValidID reports whether id can name a checkpoint directory.
@@ -155,8 +164,10 @@ func List(dir string) ([]Entry, error) {
 }
 
 // Prune keeps the newest keep complete checkpoints below dir (at least 1) and the newest keep
-// failed ones, and removes leftovers of interrupted writes other than except (the one in progress).
-func Prune(dir string, keep int, except string) error {
+// failed ones, and removes leftovers of interrupted writes: directories without marker whose ID
+// was created before staleBefore. Newer ones may be dumps in progress (another pod of the same
+// identity on this node), and are kept.
+func Prune(dir string, keep int, staleBefore time.Time) error {
 	if keep < 1 {
 		keep = 1
 	}
@@ -175,7 +186,7 @@ func Prune(dir string, keep int, except string) error {
 	for _, de := range des {
 		n := de.Name()
 		switch {
-		case strings.HasPrefix(n, tmpPrefix) && n != tmpPrefix+except:
+		case strings.HasPrefix(n, tmpPrefix) && idBefore(strings.TrimPrefix(n, tmpPrefix), staleBefore):
 			if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {
 				errs = append(errs, err.Error())
 			}
@@ -183,7 +194,7 @@ func Prune(dir string, keep int, except string) error {
 			failed = append(failed, n)
 		case de.IsDir() && ValidID(n):
 			// A directory without marker that is not in progress: a crash between rename and marker.
-			if _, err := os.Stat(filepath.Join(dir, n, MarkerName)); os.IsNotExist(err) && n != except {
+			if _, err := os.Stat(filepath.Join(dir, n, MarkerName)); os.IsNotExist(err) && idBefore(n, staleBefore) {
 				if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {
 					errs = append(errs, err.Error())
 				}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -22,6 +23,9 @@ type Writer struct {
 	Dir string // the container's checkpoint directory
 	ID  string
 	tmp string
+
+	fl     *follower          // hashing the images while CRIU writes them (FollowImages)
+	images map[string]FileSum // what the follower hashed, once the writer exited
 }
 
 // Begin creates <dir>/.tmp-<id>/images. Checkpoints hold process memory (secrets): 0700.
@@ -48,12 +52,36 @@ func (w *Writer) TmpName() string { return tmpPrefix + w.ID }
 // Final is where the checkpoint lives once committed.
 func (w *Writer) Final() string { return filepath.Join(w.Dir, w.ID) }
 
+// FollowImages hashes the images as they are written and starts their writeback early (see
+// follower); call ImagesWritten once the writer (CRIU) has exited. skip names files in the
+// images directory that are not images and may be moved away, such as CRIU's log.
+func (w *Writer) FollowImages(skip ...string) {
+	w.fl = startFollower(filepath.Join(w.tmp, ImagesDir), skip...)
+}
+
+// ImagesWritten ends FollowImages: the writer has exited, every image is read to its end.
+func (w *Writer) ImagesWritten() error {
+	if w.fl == nil {
+		return nil
+	}
+	sums, err := w.fl.finish()
+	w.fl = nil
+	if err != nil {
+		return fmt.Errorf("hashing the images: %w", err)
+	}
+	w.images = sums
+	return nil
+}
+
 // Commit hashes and fsyncs every file, writes the manifest, renames the directory into place and
 // writes the marker last. m.Files, m.Size, m.ImagesSize, m.ID, m.Format and m.Created are filled.
 // The previous complete checkpoint is untouched: a crash at any point leaves either no new
 // checkpoint or a complete one.
 func (w *Writer) Commit(m *Manifest) error {
-	files, err := HashTree(w.tmp, true)
+	if err := w.ImagesWritten(); err != nil {
+		return err
+	}
+	files, err := hashTree(w.tmp, w.images)
 	if err != nil {
 		return err
 	}
@@ -93,6 +121,10 @@ func (w *Writer) Commit(m *Manifest) error {
 
 // Abort removes the temporary directory, or keeps it as .failed-<id> for diagnosis.
 func (w *Writer) Abort(keep bool) (kept string, err error) {
+	if w.fl != nil {
+		w.fl.abandon()
+		w.fl = nil
+	}
 	if keep {
 		kept = filepath.Join(w.Dir, failedPrefix+w.ID)
 		return kept, os.Rename(w.tmp, kept)
@@ -100,11 +132,11 @@ func (w *Writer) Abort(keep bool) (kept string, err error) {
 	return "", os.RemoveAll(w.tmp)
 }
 
-// HashTree returns the size and sha256 of every regular file below root (relative paths, sorted),
-// except the manifest and the marker at the top. With doSync, every file and directory is fsynced.
-// Files are hashed in parallel: hashing and fsync of gigabytes of images dominate the agent's work
-// after CRIU.
-func HashTree(root string, doSync bool) ([]FileSum, error) {
+// hashTree returns the size and sha256 of every regular file below root (relative paths, sorted),
+// except the manifest and the marker at the top, and fsyncs every file. Files in known were hashed
+// already (by the follower): they are only fsynced, and must still have the size they were hashed
+// at. Files are done in parallel.
+func hashTree(root string, known map[string]FileSum) ([]FileSum, error) {
 	var paths []string
 	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -131,12 +163,13 @@ func HashTree(root string, doSync bool) ([]FileSum, error) {
 	errs := make([]error, len(paths))
 	work := make(chan int)
 	var wg sync.WaitGroup
-	for range max(2, runtime.NumCPU()) {
+	// fsync is I/O-bound: more workers than CPUs let the journal commit several files at once.
+	for range max(8, runtime.NumCPU()) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for i := range work {
-				out[i], errs[i] = hashFile(root, paths[i], doSync)
+				out[i], errs[i] = hashFile(root, paths[i], known)
 			}
 		}()
 	}
@@ -148,24 +181,40 @@ func HashTree(root string, doSync bool) ([]FileSum, error) {
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
+	for rel := range known {
+		if _, ok := slices.BinarySearch(paths, rel); !ok {
+			return nil, fmt.Errorf("%s: hashed while written, now missing", rel)
+		}
+	}
 	return out, nil
 }
 
-func hashFile(root, rel string, doSync bool) (FileSum, error) {
+func hashFile(root, rel string, known map[string]FileSum) (FileSum, error) {
 	f, err := os.Open(filepath.Join(root, rel))
 	if err != nil {
 		return FileSum{}, err
 	}
 	defer f.Close()
+	if sum, ok := known[filepath.ToSlash(rel)]; ok {
+		fi, err := f.Stat()
+		if err != nil {
+			return FileSum{}, err
+		}
+		if fi.Size() != sum.Size {
+			return FileSum{}, fmt.Errorf("%s: %d bytes, %d when hashed", rel, fi.Size(), sum.Size)
+		}
+		if err := f.Sync(); err != nil {
+			return FileSum{}, fmt.Errorf("fsync %s: %w", rel, err)
+		}
+		return sum, nil
+	}
 	h := sha256.New()
 	n, err := io.CopyBuffer(h, f, make([]byte, 1<<20))
 	if err != nil {
 		return FileSum{}, fmt.Errorf("reading %s: %w", rel, err)
 	}
-	if doSync {
-		if err := f.Sync(); err != nil {
-			return FileSum{}, fmt.Errorf("fsync %s: %w", rel, err)
-		}
+	if err := f.Sync(); err != nil {
+		return FileSum{}, fmt.Errorf("fsync %s: %w", rel, err)
 	}
 	return FileSum{Path: filepath.ToSlash(rel), Size: n, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
 }
