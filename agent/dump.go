@@ -134,9 +134,6 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	if err := w.ImagesWritten(); err != nil {
 		return failFrozen(err)
 	}
-	if err := w.ImagesWritten(); err != nil {
-		return failFrozen(err)
-	}
 	if err := os.Rename(imgLog, filepath.Join(w.Path(), checkpoint.DumpLogName)); err != nil {
 		return failFrozen(err)
 	}

@@ -167,7 +167,9 @@ func TestDumpRestoreCounterContinues(t *testing.T) {
 	assert.Equal(t, 128+15, code, "the counter dies of SIGTERM: 128+15")
 }
 
-// A corrupt image is refused by restore-prepare and the launcher cold-starts the original command.
+// A corrupt image is found by the launcher while CRIU restores (restore-prepare checks sizes, not
+// the images' contents): the restored tree, still stopped, is killed and the launcher cold-starts
+// the original command.
 func TestCorruptCheckpointColdStarts(t *testing.T) {
 	r := newRig(t, Config{FreezeTimeout: time.Hour})
 	r.serveLocal()
@@ -201,10 +203,11 @@ func TestCorruptCheckpointColdStarts(t *testing.T) {
 	assert.Equal(t, []int{1, 2, 3}, got[:3], "cold start counts from 1")
 	assert.Contains(t, c2.out.String(), "COLD START")
 	assert.Contains(t, c2.out.String(), "corrupt checkpoint")
+	assert.Regexp(t, `pages-[0-9]+\.img: sha256 [0-9a-f]+, manifest says`, c2.out.String())
 
 	plan, err := os.ReadFile(filepath.Join(r.planDir, "app.json"))
 	require.NoError(t, err)
-	assert.Contains(t, string(plan), `"restore": false`)
+	assert.Contains(t, string(plan), `"restore": true`, "restore-prepare leaves the images' contents to the launcher")
 	// The launcher reported the cold start to the agent (which turns it into an Event).
 	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("cold-start")))
 }

@@ -78,15 +78,6 @@ func pidIn(pid, ref int) (int, error) {
 	return p[lvl], nil
 }
 
-// descendants returns pid and every process below it.
-func descendants(pid int) []int {
-	out := []int{pid}
-	for i := 0; i < len(out); i++ {
-		out = append(out, criurun.Children(out[i])...)
-	}
-	return out
-}
-
 // startTime is field 22 of /proc/<pid>/stat: with the PID it names one process for good (PIDs
 // are reused).
 func startTime(pid int) (uint64, error) {
@@ -116,23 +107,13 @@ func newFrozenTree(pid int) frozenTree {
 	return frozenTree{pid: pid, start: st}
 }
 
-// thaw resumes the tree if it is still the same process: SIGCONT to every process of it (CRIU
-// leaves each task stopped, a SIGCONT to the root alone resumes only the root).
+// thaw resumes the tree if it is still the same process.
 func (t frozenTree) thaw() (bool, error) {
 	st, err := startTime(t.pid)
 	if err != nil || st != t.start {
 		return false, nil // gone: the pod was deleted and the launcher killed it
 	}
-	var errs []string
-	for _, p := range descendants(t.pid) {
-		if err := syscall.Kill(p, syscall.SIGCONT); err != nil && err != syscall.ESRCH {
-			errs = append(errs, fmt.Sprintf("%d: %v", p, err))
-		}
-	}
-	if len(errs) > 0 {
-		return true, fmt.Errorf("SIGCONT: %s", strings.Join(errs, ", "))
-	}
-	return true, nil
+	return true, criurun.SignalTree(t.pid, syscall.SIGCONT)
 }
 
 // processInfo records what restore needs to know about the dumped (stopped) tree.
@@ -156,7 +137,7 @@ func processInfo(root, ref int, m *checkpoint.Manifest) error {
 		m.Process.Env = splitNul(b)
 	}
 	m.Process.Cwd, _ = os.Readlink(fmt.Sprintf("/proc/%d/cwd", app))
-	for _, p := range descendants(root) {
+	for _, p := range criurun.Descendants(root) {
 		cp, err := pidIn(p, ref)
 		if err != nil {
 			continue

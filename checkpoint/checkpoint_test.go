@@ -29,31 +29,43 @@ func TestVerify(t *testing.T) {
 		name    string
 		damage  func(t *testing.T, ckpt string)
 		wantErr string
+		// checkPasses: the damage is in an image's content, which Check leaves to VerifyImages.
+		checkPasses bool
 	}{
-		{"complete", func(*testing.T, string) {}, ""},
-		{"no marker: partial", func(t *testing.T, c string) { require.NoError(t, os.Remove(filepath.Join(c, MarkerName))) }, "incomplete"},
+		{"complete", func(*testing.T, string) {}, "", false},
+		{"no marker: partial", func(t *testing.T, c string) { require.NoError(t, os.Remove(filepath.Join(c, MarkerName))) }, "incomplete", false},
 		{"flipped image byte", func(t *testing.T, c string) {
 			require.NoError(t, os.WriteFile(filepath.Join(c, ImagesDir, "pages-1.img"), []byte("memorx"), 0o600))
-		}, "pages-1.img: sha256"},
+		}, "pages-1.img: sha256", true},
+		{"flipped copied file byte", func(t *testing.T, c string) {
+			require.NoError(t, os.WriteFile(filepath.Join(c, FilesDir, "data", "state"), []byte("43"), 0o600))
+		}, "files/data/state: sha256", false},
 		{"truncated image", func(t *testing.T, c string) {
 			require.NoError(t, os.WriteFile(filepath.Join(c, ImagesDir, "pages-1.img"), []byte("mem"), 0o600))
-		}, "size 3"},
+		}, "size 3", false},
 		{"missing copied file", func(t *testing.T, c string) {
 			require.NoError(t, os.Remove(filepath.Join(c, FilesDir, "data", "state")))
-		}, "files/data/state"},
+		}, "files/data/state", false},
 		{"extra image", func(t *testing.T, c string) {
 			require.NoError(t, os.WriteFile(filepath.Join(c, ImagesDir, "mm-1.img"), []byte("x"), 0o600))
-		}, "not listed"},
+		}, "not listed", false},
 		{"edited manifest", func(t *testing.T, c string) {
 			b, err := os.ReadFile(filepath.Join(c, ManifestName))
 			require.NoError(t, err)
 			require.NoError(t, os.WriteFile(filepath.Join(c, ManifestName), append(b, ' '), 0o600))
-		}, "does not match the completion marker"},
+		}, "does not match the completion marker", false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			c := write(t, t.TempDir(), time.Now())
 			tt.damage(t, c)
+			checked, checkErr := Check(c)
+			if tt.wantErr == "" || tt.checkPasses {
+				require.NoError(t, checkErr)
+				assert.Equal(t, "app", checked.Container)
+			} else {
+				assert.ErrorContains(t, checkErr, tt.wantErr)
+			}
 			m, err := Verify(c)
 			if tt.wantErr == "" {
 				require.NoError(t, err)

@@ -13,7 +13,6 @@ import (
 	"runtime"
 	"slices"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 )
@@ -91,7 +90,7 @@ func (w *Writer) Commit(m *Manifest) error {
 	m.Size, m.ImagesSize = 0, 0
 	for _, f := range files {
 		m.Size += f.Size
-		if strings.HasPrefix(f.Path, ImagesDir+"/") {
+		if isImage(f.Path) {
 			m.ImagesSize += f.Size
 		}
 	}

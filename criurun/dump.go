@@ -178,6 +178,31 @@ func Children(pid int) []int {
 	return out
 }
 
+// Descendants returns pid and every process below it.
+func Descendants(pid int) []int {
+	out := []int{pid}
+	for i := 0; i < len(out); i++ {
+		out = append(out, Children(out[i])...)
+	}
+	return out
+}
+
+// SignalTree sends sig to pid and every process below it: CRIU leaves each task of a tree it
+// dumped or restored with --leave-stopped stopped, and a SIGCONT to the root resumes only the root.
+// Processes gone meanwhile are no error.
+func SignalTree(pid int, sig syscall.Signal) error {
+	var errs []string
+	for _, p := range Descendants(pid) {
+		if err := syscall.Kill(p, sig); err != nil && err != syscall.ESRCH {
+			errs = append(errs, fmt.Sprintf("%d: %v", p, err))
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("%s: %s", sig, strings.Join(errs, ", "))
+	}
+	return nil
+}
+
 func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }

@@ -31,6 +31,8 @@ type RestoreOptions struct {
 	Inherit []InheritFD
 	// Unprivileged adds --unprivileged (enough with CAP_CHECKPOINT_RESTORE instead of NET_ADMIN).
 	Unprivileged bool
+	// LeaveStopped adds --leave-stopped: every restored task stays stopped until SignalTree(SIGCONT).
+	LeaveStopped bool
 	// Extra are the user's restore options (restore-advanced-options), already validated.
 	Extra []string
 }
@@ -46,6 +48,9 @@ func (o RestoreOptions) Args() ([]string, []*os.File) {
 		"--pidfile", o.PidFile, "-o", o.LogFile, "-v4")
 	if o.Unprivileged {
 		args = append(args, "--unprivileged")
+	}
+	if o.LeaveStopped {
+		args = append(args, "--leave-stopped")
 	}
 	var files []*os.File
 	seen := map[string]bool{}

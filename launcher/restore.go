@@ -72,6 +72,7 @@ func restore(ctx context.Context, log zerolog.Logger, env launchEnv) (int, agent
 		PidFile:      filepath.Join(base, ".restore-"+plan.ID+".pid"),
 		Inherit:      inherit,
 		Unprivileged: unprivilegedSuffices(),
+		LeaveStopped: true,
 		Extra:        extra,
 	}
 	log.Info().Str("checkpoint", plan.Dir).Bool("unprivileged", o.Unprivileged).Int("inheritFDs", len(inherit)).Msg("restoring")
@@ -81,19 +82,34 @@ func restore(ctx context.Context, log zerolog.Logger, env launchEnv) (int, agent
 	}
 	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	// The images' sha256 is checked while CRIU restores them (restore-prepare checked the rest):
+	// the restored tree stays stopped until the check passes, so the app never runs from a
+	// corrupt image, and the hash of gigabytes costs the restore no time.
+	verified := make(chan error, 1)
+	go func() { verified <- checkpoint.VerifyImages(plan.Dir, m) }()
 	pid, err := criurun.Restore(rctx, o)
-	if err != nil {
-		// A half-restored tree may be left to us (CRIU killed, its root reparented): nothing else
-		// is our child yet, so everything goes before the cold start.
+	verr := <-verified
+	if err != nil || verr != nil {
+		// A restored or half-restored tree may be left to us (CRIU killed, its root reparented):
+		// nothing else is our child yet, so everything goes before the cold start.
 		for _, c := range criurun.Children(os.Getpid()) {
-			_ = syscall.Kill(c, syscall.SIGKILL)
+			_ = criurun.SignalTree(c, syscall.SIGKILL)
 		}
-		if rctx.Err() != nil {
+		switch {
+		case verr != nil:
+			return fail("corrupt checkpoint %s: %v", plan.ID, verr)
+		case rctx.Err() != nil:
 			return fail("criu restore did not finish within %s ($%s): %v", timeout, EnvRestoreTimeout, err)
 		}
 		return fail("%v", err)
 	}
 	_ = os.Remove(o.PidFile)
+	if err := criurun.SignalTree(pid, syscall.SIGCONT); err != nil {
+		for _, c := range criurun.Children(os.Getpid()) {
+			_ = criurun.SignalTree(c, syscall.SIGKILL)
+		}
+		return fail("resuming the restored tree: %v", err)
+	}
 	res.Restored = true
 	res.Message = fmt.Sprintf("restored checkpoint %s (%d bytes of images)", plan.ID, m.ImagesSize)
 	return pid, res

@@ -110,9 +110,10 @@ func copyDir(src, dst string) error {
 	})
 }
 
-// RestorePrepare is `stasis restore-prepare`: for each container in --restore-containers, verify
-// checkpoint --restore-id below its checkpoint directory (marker, manifest, sha256 of every file)
-// and write its wiring.RestorePlan. It fails only when it cannot write plans: a bad checkpoint is a
+// RestorePrepare is `stasis restore-prepare`: for each container in --restore-containers, check
+// checkpoint --restore-id below its checkpoint directory (marker, manifest, sizes, sha256 of every
+// file but the CRIU images, which the launcher verifies while CRIU restores them) and write its
+// wiring.RestorePlan. It fails only when it cannot write plans: a bad checkpoint is a
 // plan with Restore=false, which the launcher turns into a cold start (never a crash loop).
 func RestorePrepare(_ context.Context, args []string) error {
 	fs := flag.NewFlagSet("restore-prepare", flag.ContinueOnError)
@@ -154,14 +155,14 @@ func RestorePrepare(_ context.Context, args []string) error {
 	return nil
 }
 
-// Prepare verifies checkpoint id below a container's checkpoint directory and returns the plan.
+// Prepare checks checkpoint id below a container's checkpoint directory and returns the plan.
 func Prepare(dir, id string) wiring.RestorePlan {
 	plan := wiring.RestorePlan{Dir: filepath.Join(dir, id), ID: id}
 	if !checkpoint.ValidID(id) {
 		plan.Reason = fmt.Sprintf("restore id %q is not a valid checkpoint id", id)
 		return plan
 	}
-	if _, err := checkpoint.Verify(plan.Dir); err != nil {
+	if _, err := checkpoint.Check(plan.Dir); err != nil {
 		switch {
 		case errors.Is(err, checkpoint.ErrIncomplete):
 			plan.Reason = "partial checkpoint: " + err.Error()
