@@ -88,7 +88,12 @@ func restore(ctx context.Context, log zerolog.Logger, env launchEnv) (int, agent
 	verified := make(chan error, 1)
 	go func() { verified <- checkpoint.VerifyImages(plan.Dir, m) }()
 	pid, err := criurun.Restore(rctx, o)
-	verr := <-verified
+	var verr error
+	select {
+	case verr = <-verified:
+	case <-rctx.Done():
+		verr = fmt.Errorf("verifying its images did not finish within %s ($%s)", timeout, EnvRestoreTimeout)
+	}
 	if err != nil || verr != nil {
 		// A restored or half-restored tree may be left to us (CRIU killed, its root reparented):
 		// nothing else is our child yet, so everything goes before the cold start.
