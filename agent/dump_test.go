@@ -165,6 +165,18 @@ func TestDumpRestoreCounterContinues(t *testing.T) {
 	// The restored tree is supervised like a fresh one: SIGTERM reaches the app and ends it.
 	code := c2.stop()
 	assert.Equal(t, 128+15, code, "the counter dies of SIGTERM: 128+15")
+
+	// The restored pod died before it was checkpointed again (its node was lost): the same
+	// checkpoint restores again, although CRIU wrote its restore statistics into it.
+	_, err = os.Stat(filepath.Join(r.dir("app"), id, checkpoint.ImagesDir, "stats-restore"))
+	require.NoError(t, err, "CRIU leaves stats-restore in the images")
+	require.NoError(t, os.Remove(out))
+	c3 := r.restoreContainer("app", id, counterBin, out)
+	again := waitCount(t, c3, out, len(dumped)+2)
+	assert.True(t, isSequence(again), "the second restore continues from %d too, got %v", len(dumped), again)
+	assert.Contains(t, c3.out.String(), "restored; supervising the restored tree")
+	assert.Equal(t, 2.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("restored")))
+	assert.Equal(t, 128+15, c3.stop())
 }
 
 // A corrupt image is found by the launcher while CRIU restores (restore-prepare checks sizes, not

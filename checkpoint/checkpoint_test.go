@@ -46,6 +46,9 @@ func TestVerify(t *testing.T) {
 		{"missing copied file", func(t *testing.T, c string) {
 			require.NoError(t, os.Remove(filepath.Join(c, FilesDir, "data", "state")))
 		}, "files/data/state", false},
+		{"restored once: CRIU's stats-restore beside the images", func(t *testing.T, c string) {
+			require.NoError(t, os.WriteFile(filepath.Join(c, ImagesDir, "stats-restore"), []byte("stats"), 0o600))
+		}, "", false},
 		{"extra image", func(t *testing.T, c string) {
 			require.NoError(t, os.WriteFile(filepath.Join(c, ImagesDir, "mm-1.img"), []byte("x"), 0o600))
 		}, "not listed", false},

@@ -91,6 +91,9 @@ func Check(ckpt string) (*Manifest, error) {
 		return nil, fmt.Errorf("images: no CRIU images")
 	}
 	for _, de := range imgs {
+		if de.Name() == criuRestoreStats {
+			continue
+		}
 		if p := ImagesDir + "/" + de.Name(); !listed[p] && de.Type().IsRegular() {
 			return nil, fmt.Errorf("%s: not listed in the manifest", p)
 		}
@@ -125,6 +128,11 @@ func VerifyImages(ckpt string, m *Manifest) error {
 	wg.Wait()
 	return errors.Join(errs...)
 }
+
+// criuRestoreStats is written into the images directory by every `criu restore` (there is no
+// option against it): a checkpoint restored once, whose restored pod died before it was
+// checkpointed again, must restore again.
+const criuRestoreStats = "stats-restore"
 
 func isImage(rel string) bool { return strings.HasPrefix(rel, ImagesDir+"/") }
 
