@@ -17,6 +17,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/checkpoint"
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
@@ -254,8 +255,10 @@ func (a *Agent) run(ctx context.Context, op *operation, req agentapi.CheckpointR
 			d.Close()
 		}
 	}()
+	// One ID for the pod's containers: they are restored together, from one restore ID.
+	id := checkpoint.NewID(a.cfg.Now())
 	for _, c := range req.Containers {
-		res, frozen, dir := a.dumpContainer(ctx, log, op, base, req, c)
+		res, frozen, dir := a.dumpContainer(ctx, log, op, base, req, c, id)
 		if dir != nil {
 			dirs = append(dirs, dir)
 		}

@@ -18,10 +18,10 @@ import (
 
 // dumpContainer checkpoints one container: find its launcher, dump the nested init's tree from
 // inside the container's namespaces (left stopped), copy checkpoint-files, record the process,
-// and commit the checkpoint. It returns the frozen tree when the app was left stopped (also when a
+// and commit the checkpoint as id. It returns the frozen tree when the app was left stopped (also when a
 // later step failed: the caller must thaw it then), and on success the container's checkpoint
 // directory, open, for the caller to prune once the result is out (see prune).
-func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *operation, base int64, req agentapi.CheckpointRequest, c agentapi.ContainerSpec) (agentapi.ContainerResult, *frozenTree, *os.File) {
+func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *operation, base int64, req agentapi.CheckpointRequest, c agentapi.ContainerSpec, id string) (agentapi.ContainerResult, *frozenTree, *os.File) {
 	res := agentapi.ContainerResult{Name: c.Name, Phase: agentapi.PhaseFailed}
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, a.cfg.DumpTimeout)
@@ -48,7 +48,6 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	}
 	hostRoot := fmt.Sprintf("/proc/%d/root", t.PID)
 	hostDir := filepath.Join(hostRoot, c.Dir)
-	id := checkpoint.NewID(a.cfg.Now())
 	w, err := checkpoint.Begin(hostDir, id)
 	if err != nil {
 		return fail(fmt.Errorf("checkpoint directory %s in the container: %w", c.Dir, err))

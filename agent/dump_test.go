@@ -333,3 +333,70 @@ func TestOldCheckpointsPrunedAfterSuccess(t *testing.T) {
 	assert.DirExists(t, inProgress.Path())
 	assert.Equal(t, 143, c.stop())
 }
+
+// The containers of a pod restore together or not at all: two containers restore from one
+// checkpoint operation, and when one's image is corrupt both start cold.
+func TestPodContainersRestoreTogether(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	r.serveLocal()
+	work := t.TempDir()
+	names := []string{"app", "side"}
+	outs := map[string]string{}
+	for _, n := range names {
+		outs[n] = filepath.Join(work, n+".txt")
+		c := startContainer(t, r.env(n), "--", counterBin, outs[n])
+		r.finder[n] = c.launcherPID()
+		waitCount(t, c, outs[n], 3)
+		defer c.stop()
+	}
+	st := r.checkpoint("uid-pod", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")}, agentapi.ContainerSpec{Name: "side", Dir: r.dir("side")})
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	require.Len(t, st.Containers, 2)
+	id := st.Containers[0].CheckpointID
+	assert.Equal(t, id, st.Containers[1].CheckpointID, "one checkpoint ID for the pod: restore-prepare gets one")
+	dumped := map[string][]int{}
+	for _, n := range names {
+		dumped[n] = readCounts(t, outs[n])
+	}
+
+	restoreBoth := func() map[string]*container {
+		out, err := exec.Command(stasisBin, "restore-prepare", "--identity", r.identity, "--restore-id", id,
+			"--restore-containers", "app,side", "--checkpoint-root", r.root, "--plan-dir", r.planDir).CombinedOutput()
+		require.NoError(t, err, "restore-prepare: %s", out)
+		cs := map[string]*container{}
+		for _, n := range names {
+			cs[n] = startContainer(t, append(r.env(n), wiring.EnvRestoreID+"="+id), "--", counterBin, outs[n])
+		}
+		return cs
+	}
+	cs := restoreBoth()
+	for _, n := range names {
+		got := waitCount(t, cs[n], outs[n], len(dumped[n])+2)
+		assert.True(t, isSequence(got), "%s continues from %d: %v", n, len(dumped[n]), got)
+		assert.Contains(t, cs[n].out.String(), "restored; supervising the restored tree", n)
+		plan, err := os.ReadFile(filepath.Join(r.planDir, n+".json"))
+		require.NoError(t, err)
+		assert.Contains(t, string(plan), `"imagesVerified": true`, "with two containers restore-prepare verifies the images")
+		cs[n].stop()
+	}
+
+	imgs, err := filepath.Glob(filepath.Join(r.dir("side"), id, checkpoint.ImagesDir, "pages-*.img"))
+	require.NoError(t, err)
+	require.NotEmpty(t, imgs)
+	f, err := os.OpenFile(imgs[0], os.O_RDWR, 0)
+	require.NoError(t, err)
+	_, err = f.WriteAt([]byte("corrupt"), 64)
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+	for _, n := range names {
+		require.NoError(t, os.Remove(outs[n]))
+	}
+	cs = restoreBoth()
+	for _, n := range names {
+		got := waitCount(t, cs[n], outs[n], 2)
+		assert.Equal(t, []int{1, 2}, got[:2], "%s starts cold", n)
+		assert.Contains(t, cs[n].out.String(), "COLD START", n)
+		cs[n].stop()
+	}
+	assert.Contains(t, cs["app"].out.String(), "container side cannot restore", "the healthy container says why it did not restore")
+}

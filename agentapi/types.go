@@ -94,7 +94,8 @@ type CheckpointStatus struct {
 type ContainerResult struct {
 	Name  string `json:"name"`
 	Phase Phase  `json:"phase"`
-	// CheckpointID names the checkpoint directory below ContainerSpec.Dir; set once complete.
+	// CheckpointID names the checkpoint directory below ContainerSpec.Dir; set once complete. All
+	// containers of one operation get the same ID (the pod restores from one restore ID).
 	CheckpointID string `json:"checkpointID,omitempty"`
 	Bytes        int64  `json:"bytes"`
 	Message      string `json:"message,omitempty"`

@@ -1,6 +1,6 @@
 // Package podtools holds the commands Stasis' init-containers run inside a wired pod:
 // `stasis tools-install` stages the stasis binary and the CRIU bundle into the tools volume, and
-// `stasis restore-prepare` verifies the checkpoint each container will restore and writes its plan.
+// `stasis restore-prepare` checks the checkpoints a pod's containers will restore and writes their plans.
 package podtools
 
 import (
@@ -111,10 +111,9 @@ func copyDir(src, dst string) error {
 }
 
 // RestorePrepare is `stasis restore-prepare`: for each container in --restore-containers, check
-// checkpoint --restore-id below its checkpoint directory (marker, manifest, sizes, sha256 of every
-// file but the CRIU images, which the launcher verifies while CRIU restores them) and write its
-// wiring.RestorePlan. It fails only when it cannot write plans: a bad checkpoint is a
-// plan with Restore=false, which the launcher turns into a cold start (never a crash loop).
+// checkpoint --restore-id below its checkpoint directory (see PreparePod) and write its
+// wiring.RestorePlan. It fails only when it cannot write plans: a bad checkpoint is a plan with
+// Restore=false, which the launcher turns into a cold start (never a crash loop).
 func RestorePrepare(_ context.Context, args []string) error {
 	fs := flag.NewFlagSet("restore-prepare", flag.ContinueOnError)
 	identity := fs.String("identity", "", "checkpoint identity of the pod")
@@ -135,13 +134,15 @@ func RestorePrepare(_ context.Context, args []string) error {
 	if err := os.MkdirAll(*planDir, 0o755); err != nil {
 		return fmt.Errorf("restore-prepare: %w", err)
 	}
+	var names []string
 	for _, c := range strings.Split(*containers, ",") {
-		c = strings.TrimSpace(c)
-		if c == "" {
-			continue
+		if c = strings.TrimSpace(c); c != "" {
+			names = append(names, c)
 		}
-		dir := filepath.Join(*root, wiring.IdentityDir(*identity), c)
-		plan := Prepare(dir, *id)
+	}
+	plans := PreparePod(filepath.Join(*root, wiring.IdentityDir(*identity)), *id, names)
+	for i, c := range names {
+		plan := plans[i]
 		ev := log.Info()
 		if !plan.Restore {
 			ev = log.Warn()
@@ -155,14 +156,45 @@ func RestorePrepare(_ context.Context, args []string) error {
 	return nil
 }
 
-// Prepare checks checkpoint id below a container's checkpoint directory and returns the plan.
-func Prepare(dir, id string) wiring.RestorePlan {
+// PreparePod returns the plans of a pod's restoring containers (checkpoints below identityDir/<c>).
+// The containers of a pod restore together or not at all: one restored beside a sibling that
+// starts cold would see a partner whose state went back to zero. With several containers the
+// images are verified here, before any of them starts, so that a corrupt image cannot split them
+// in the launchers either; a single container leaves its images to its launcher (checked while
+// CRIU restores, which costs no time).
+func PreparePod(identityDir, id string, containers []string) []wiring.RestorePlan {
+	plans := make([]wiring.RestorePlan, len(containers))
+	failed := -1
+	for i, c := range containers {
+		plans[i] = Prepare(filepath.Join(identityDir, c), id, len(containers) > 1)
+		if !plans[i].Restore && failed < 0 {
+			failed = i
+		}
+	}
+	if failed >= 0 {
+		why := fmt.Sprintf("container %s cannot restore (%s): the containers of a pod restore together or not at all", containers[failed], plans[failed].Reason)
+		for i := range plans {
+			if i != failed {
+				plans[i].Restore, plans[i].Reason, plans[i].ImagesVerified = false, why, false
+			}
+		}
+	}
+	return plans
+}
+
+// Prepare checks checkpoint id below a container's checkpoint directory and returns the plan;
+// with verifyImages, the CRIU images' sha256 too.
+func Prepare(dir, id string, verifyImages bool) wiring.RestorePlan {
 	plan := wiring.RestorePlan{Dir: filepath.Join(dir, id), ID: id}
 	if !checkpoint.ValidID(id) {
 		plan.Reason = fmt.Sprintf("restore id %q is not a valid checkpoint id", id)
 		return plan
 	}
-	if _, err := checkpoint.Check(plan.Dir); err != nil {
+	check := checkpoint.Check
+	if verifyImages {
+		check = checkpoint.Verify
+	}
+	if _, err := check(plan.Dir); err != nil {
 		switch {
 		case errors.Is(err, checkpoint.ErrIncomplete):
 			plan.Reason = "partial checkpoint: " + err.Error()
@@ -173,6 +205,6 @@ func Prepare(dir, id string) wiring.RestorePlan {
 		}
 		return plan
 	}
-	plan.Restore = true
+	plan.Restore, plan.ImagesVerified = true, verifyImages
 	return plan
 }

@@ -167,12 +167,15 @@ func RestorePlanPath(container string) string {
 
 // RestorePlan is written by the restore init-container for each container and read by its launcher.
 type RestorePlan struct {
-	// Restore is true when the checkpoint Dir/ID is complete and verified.
+	// Restore is true when the checkpoint Dir/ID is complete and checked.
 	Restore bool   `json:"restore"`
 	Dir     string `json:"dir"` // the checkpoint directory: CheckpointDir(...)/ID
 	ID      string `json:"id"`
 	// Reason says why a cold start was chosen (missing, partial, corrupt).
 	Reason string `json:"reason,omitempty"`
+	// ImagesVerified: the restore init-container checked the CRIU images' sha256 already (pods
+	// with several restoring containers); else the launcher checks them while CRIU restores.
+	ImagesVerified bool `json:"imagesVerified,omitempty"`
 }
 
 // LauncherCapabilities are added to every wrapped container (measured, see docs/agent.md):
