@@ -18,9 +18,9 @@ import (
 
 // dumpContainer checkpoints one container: find its launcher, dump the nested init's tree from
 // inside the container's namespaces (left stopped), copy checkpoint-files, record the process,
-// and commit the checkpoint as id. It returns the frozen tree when the app was left stopped (also when a
-// later step failed: the caller must thaw it then), and on success the container's checkpoint
-// directory, open, for the caller to prune once the result is out (see prune).
+// and commit the checkpoint as id. It returns the frozen tree when the app was left stopped (also
+// when a later step failed: the caller must thaw it then), and on success the container's
+// checkpoint directory, open, for the caller to prune once the result is out (see prune).
 func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *operation, base int64, req agentapi.CheckpointRequest, c agentapi.ContainerSpec, id string) (agentapi.ContainerResult, *frozenTree, *os.File) {
 	res := agentapi.ContainerResult{Name: c.Name, Phase: agentapi.PhaseFailed}
 	start := time.Now()
@@ -103,7 +103,6 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 		return fail(err)
 	}
 	defer os.Remove(link)
-	w.FollowImages(checkpoint.DumpLogName)
 	w.FollowImages(checkpoint.DumpLogName)
 	dumpStart := time.Now()
 	err = criurun.Dump(ctx, criurun.DumpOptions{

@@ -77,12 +77,8 @@ func (fl *follower) writeback() {
 	}()
 	for {
 		progressed := false
-		entries, _ := os.ReadDir(fl.dir)
-		for _, de := range entries {
-			name := de.Name()
-			if fl.skip[name] || !de.Type().IsRegular() {
-				continue
-			}
+		names, _ := fl.images()
+		for _, name := range names {
 			f := files[name]
 			if f == nil {
 				var err error
@@ -142,17 +138,25 @@ func (fl *follower) run() {
 	}
 }
 
+// images lists the images written so far.
+func (fl *follower) images() ([]string, error) {
+	entries, err := os.ReadDir(fl.dir)
+	var names []string
+	for _, de := range entries {
+		if !fl.skip[de.Name()] && de.Type().IsRegular() {
+			names = append(names, de.Name())
+		}
+	}
+	return names, err
+}
+
 // pass hashes what was appended to every image since the last pass.
 func (fl *follower) pass(buf []byte) (progressed bool, err error) {
-	entries, err := os.ReadDir(fl.dir)
+	names, err := fl.images()
 	if err != nil {
 		return false, err
 	}
-	for _, de := range entries {
-		name := de.Name()
-		if fl.skip[name] || !de.Type().IsRegular() {
-			continue
-		}
+	for _, name := range names {
 		ff := fl.files[name]
 		if ff == nil {
 			f, err := os.Open(filepath.Join(fl.dir, name))

@@ -11,7 +11,6 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
-	"sync"
 )
 
 // ErrIncomplete means the checkpoint has no completion marker (a dump was interrupted, or it is
@@ -109,24 +108,7 @@ func VerifyImages(ckpt string, m *Manifest) error {
 			imgs = append(imgs, f)
 		}
 	}
-	errs := make([]error, len(imgs))
-	work := make(chan int)
-	var wg sync.WaitGroup
-	for range 2 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range work {
-				errs[i] = verifyFile(ckpt, imgs[i])
-			}
-		}()
-	}
-	for i := range imgs {
-		work <- i
-	}
-	close(work)
-	wg.Wait()
-	return errors.Join(errs...)
+	return inParallel(len(imgs), 2, func(i int) error { return verifyFile(ckpt, imgs[i]) })
 }
 
 // criuRestoreStats is written into the images directory by every `criu restore` (there is no

@@ -159,25 +159,12 @@ func hashTree(root string, known map[string]FileSum) ([]FileSum, error) {
 	}
 	sort.Strings(paths)
 	out := make([]FileSum, len(paths))
-	errs := make([]error, len(paths))
-	work := make(chan int)
-	var wg sync.WaitGroup
 	// fsync is I/O-bound: more workers than CPUs let the journal commit several files at once.
-	for range max(8, runtime.NumCPU()) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range work {
-				out[i], errs[i] = hashFile(root, paths[i], known)
-			}
-		}()
-	}
-	for i := range paths {
-		work <- i
-	}
-	close(work)
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
+	err = inParallel(len(paths), max(8, runtime.NumCPU()), func(i int) (err error) {
+		out[i], err = hashFile(root, paths[i], known)
+		return err
+	})
+	if err != nil {
 		return nil, err
 	}
 	for rel := range known {
@@ -186,6 +173,28 @@ func hashTree(root string, known map[string]FileSum) ([]FileSum, error) {
 		}
 	}
 	return out, nil
+}
+
+// inParallel runs fn(0..n-1) on workers goroutines and joins their errors.
+func inParallel(n, workers int, fn func(i int) error) error {
+	errs := make([]error, n)
+	work := make(chan int)
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range work {
+				errs[i] = fn(i)
+			}
+		}()
+	}
+	for i := range n {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 func hashFile(root, rel string, known map[string]FileSum) (FileSum, error) {

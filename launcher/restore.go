@@ -99,11 +99,7 @@ func restore(ctx context.Context, log zerolog.Logger, env launchEnv) (int, agent
 		verr = fmt.Errorf("verifying its images did not finish within %s ($%s)", timeout, EnvRestoreTimeout)
 	}
 	if err != nil || verr != nil {
-		// A restored or half-restored tree may be left to us (CRIU killed, its root reparented):
-		// nothing else is our child yet, so everything goes before the cold start.
-		for _, c := range criurun.Children(os.Getpid()) {
-			_ = criurun.SignalTree(c, syscall.SIGKILL)
-		}
+		killRestored()
 		switch {
 		case verr != nil:
 			return fail("corrupt checkpoint %s: %v", plan.ID, verr)
@@ -114,14 +110,21 @@ func restore(ctx context.Context, log zerolog.Logger, env launchEnv) (int, agent
 	}
 	_ = os.Remove(o.PidFile)
 	if err := criurun.SignalTree(pid, syscall.SIGCONT); err != nil {
-		for _, c := range criurun.Children(os.Getpid()) {
-			_ = criurun.SignalTree(c, syscall.SIGKILL)
-		}
+		killRestored()
 		return fail("resuming the restored tree: %v", err)
 	}
 	res.Restored = true
 	res.Message = fmt.Sprintf("restored checkpoint %s (%d bytes of images)", plan.ID, m.ImagesSize)
 	return pid, res
+}
+
+// killRestored kills a restored or half-restored tree left to us (CRIU killed, its root
+// reparented, or restored but stopped): nothing else is our child yet, so everything goes before
+// the cold start.
+func killRestored() {
+	for _, c := range criurun.Children(os.Getpid()) {
+		_ = criurun.SignalTree(c, syscall.SIGKILL)
+	}
 }
 
 // inheritFDs hands CRIU what cannot be reopened from the images: the stdio pipes and sockets of
