@@ -7,9 +7,10 @@
 #
 # webhook: the static stasis binary on distroless/static, user 65532 (nonroot), nothing else.
 # agent:   the stasis binary at /usr/local/bin/stasis (wiring.ImageBinary; the tools init-container
-#          copies it into pods with `stasis tools-install`), CRIU 4.x from Debian trixie unpacked with
-#          its own loader and libraries at /usr/local/lib/stasis/criu/ (entry point: the wrapper
-#          `criu`, so the bundle runs whatever libc the pod's image has), and nsenter.
+#          copies it into pods with `stasis tools-install`), CRIU 4.2 from Debian forky unpacked with
+#          its own loader and libraries at /usr/local/lib/stasis/criu/ with nsjoin.so (the agent
+#          preloads it to enter a container's namespaces only after CRIU is loaded from the image)
+#          and an empty plugins/ folder; the wrapper `criu` for people, and nsenter.
 #
 # The same images are assembled without Docker or a registry by `go run ./hack/image` (what CI and
 # the e2e tests use); both describe the same paths, users and entrypoints — keep them in step. Image
@@ -21,6 +22,7 @@
 
 ARG GO_IMAGE=golang:1.26-bookworm
 ARG TRIXIE_IMAGE=debian:trixie-slim
+ARG FORKY_IMAGE=debian:forky-slim
 ARG STATIC_IMAGE=gcr.io/distroless/static-debian13:nonroot
 
 # --- the stasis binary (static) -----------------------------------------------------------------
@@ -35,23 +37,29 @@ RUN --mount=type=cache,target=/root/go/pkg/mod --mount=type=cache,target=/root/.
       -ldflags "-s -w -X github.com/stasis-k8s/stasis/internal/version.Version=${VERSION}" \
       -o /out/stasis .
 
-# --- CRIU 4.x from trixie, unpacked privately (the same package set as hack/criu/install.sh) -------
-FROM ${TRIXIE_IMAGE} AS criu
-ARG CRIU_VERSION=4.1.1-1
+# --- nsjoin.so (hack/criu/nsjoin.c), built as hack/criu/install.sh builds it --------------------
+FROM ${GO_IMAGE} AS nsjoin
+COPY hack/criu/nsjoin.c /src/nsjoin.c
+RUN cc -shared -fPIC -O2 -Wall -o /out-nsjoin.so /src/nsjoin.c
+
+# --- CRIU 4.2 from forky, unpacked privately (the same package set as hack/criu/install.sh) -------
+FROM ${FORKY_IMAGE} AS criu
+ARG CRIU_VERSION=4.2.1-1
 RUN set -eux; \
     apt-get update; \
-    mkdir -p /debs /out/criu/root; cd /debs; \
+    mkdir -p /debs /out/criu/root /out/criu/plugins; cd /debs; \
     apt-get download criu=${CRIU_VERSION} libcompel1=${CRIU_VERSION} libc6 libbsd0 libgnutls30t64 \
-      libnet1 libnftables1 libnl-3-200 libprotobuf-c1 libuuid1 libmd0 libp11-kit0 libidn2-0 \
+      libnet9 libnftables1 libnl-3-200 libprotobuf-c1 libuuid1 libmd0 libp11-kit0 libidn2-0 \
       libunistring5 libtasn1-6 libnettle8t64 libhogweed6t64 libgmp10 libffi8 libjansson4 libmnl0 \
-      libnftnl11 libxtables12 libedit2 libtinfo6 libgcc-s1; \
+      libnftnl11 libxtables12 libgcc-s1; \
     for d in /debs/*.deb; do dpkg -x "$d" /out/criu/root; done; \
     rm -rf /out/criu/root/usr/share/doc /out/criu/root/usr/share/man /out/criu/root/usr/share/lintian /out/criu/root/usr/share/locale; \
     test -e /out/criu/root/usr/lib64/ld-linux-x86-64.so.2
+COPY --from=nsjoin /out-nsjoin.so /out/criu/nsjoin.so
 # The wrapper as hack/criu/install.sh writes it (keep the two identical).
 COPY --chmod=0755 <<"EOF" /out/criu/criu
 #!/bin/sh
-# CRIU 4.x from Debian trixie, run through its own loader and libraries (independent of the libc of
+# CRIU 4.2 from Debian forky, run through its own loader and libraries (independent of the libc of
 # whatever image or host this runs on).
 d=$(dirname "$(readlink -f "$0")")/root
 # Hardware breakpoints never fire in Firecracker VMs: without this (CRIU's FI_NO_BREAKPOINTS),

@@ -18,7 +18,7 @@ import (
 
 	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/checkpoint"
-	"github.com/stasis-k8s/stasis/wiring"
+	"github.com/stasis-k8s/stasis/criurun"
 )
 
 // ProcessFinder finds the host PID of a container's PID 1 (the launcher).
@@ -41,8 +41,8 @@ type EventRecorder interface {
 // Config configures an Agent.
 type Config struct {
 	NodeName string
-	// ContainerCriuPath is CRIU inside wrapped containers (staged there by the tools init-container).
-	ContainerCriuPath string
+	// Criu is the agent's own CRIU (from its image): the only CRIU the agent ever runs.
+	Criu criurun.Bundle
 	// CriuVersion is the version the agent's version gate measured (recorded in manifests).
 	CriuVersion        int
 	MaxConcurrentDumps int
@@ -51,8 +51,6 @@ type Config struct {
 	// DumpTimeout bounds one container's dump.
 	DumpTimeout     time.Duration
 	KeepCheckpoints int
-	// ScratchDir holds per-dump wrapper scripts.
-	ScratchDir string
 	Finder     ProcessFinder
 	Events     EventRecorder
 	Metrics    *Metrics
@@ -65,8 +63,8 @@ func (c *Config) defaults() error {
 	if c.Finder == nil {
 		return errors.New("agent: no process finder")
 	}
-	if c.ContainerCriuPath == "" {
-		c.ContainerCriuPath = wiring.CriuBinary
+	if c.Criu.Dir == "" {
+		return errors.New("agent: no CRIU bundle")
 	}
 	if c.MaxConcurrentDumps <= 0 {
 		c.MaxConcurrentDumps = 2

@@ -36,10 +36,10 @@ func BenchmarkDump1GiB(b *testing.B) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	finder := pidFinder{}
-	a, err := New(ctx, Config{Finder: finder, ContainerCriuPath: criu, NodeName: "bench", FreezeTimeout: time.Hour,
+	a, err := New(ctx, Config{Finder: finder, Criu: agentCriu(b, criu), NodeName: "bench", FreezeTimeout: time.Hour,
 		// Keep every checkpoint: the agent prunes in the background after a result, which would
 		// slow the raw dump that follows it.
-		KeepCheckpoints: 100, ScratchDir: base, Log: zerolog.Nop()})
+		KeepCheckpoints: 100, Log: zerolog.Nop()})
 	require.NoError(b, err)
 
 	out := filepath.Join(base, "counter.txt")

@@ -52,7 +52,6 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	if err != nil {
 		return fail(fmt.Errorf("checkpoint directory %s in the container: %w", c.Dir, err))
 	}
-	ctrTmp := path.Join(c.Dir, w.TmpName())
 	abort := func(err error) {
 		kept, aerr := w.Abort(req.Diagnosis)
 		if aerr != nil {
@@ -62,19 +61,19 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 		}
 	}
 
-	var cfgFile string
-	if len(c.CriuOptions) > 0 {
-		content, err := criurun.ConfigFileContent(c.CriuOptions)
-		if err != nil {
-			abort(err)
-			return fail(fmt.Errorf("criuOptions: %w", err))
-		}
-		if err := os.WriteFile(filepath.Join(w.Path(), "criu.conf"), []byte(content), 0o600); err != nil {
-			abort(err)
-			return fail(err)
-		}
-		cfgFile = path.Join(ctrTmp, "criu.conf")
+	// The user's options become a CRIU configuration the agent hands CRIU itself (a sealed memfd):
+	// written into the pod's volume, a process of the pod could rewrite it before CRIU reads it.
+	cfg, err := criurun.ConfigFileContent(c.CriuOptions)
+	if err != nil {
+		abort(err)
+		return fail(fmt.Errorf("criuOptions: %w", err))
 	}
+	images, err := os.Open(filepath.Join(w.Path(), checkpoint.ImagesDir))
+	if err != nil {
+		abort(err)
+		return fail(err)
+	}
+	defer images.Close()
 
 	// Progress: the images' size, polled while CRIU writes.
 	stop := make(chan struct{})
@@ -94,26 +93,17 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	if req.Diagnosis {
 		logLevel = 4
 	}
-	// CRIU's RPC readlink()s the images directory it is given (it expects /proc/<pid>/fd/<n>,
-	// which cannot work across PID namespaces): hand it a symlink to the directory.
-	link := w.Path() + ".images"
-	ctrLink := ctrTmp + ".images"
-	if err := os.Symlink(path.Join(ctrTmp, checkpoint.ImagesDir), link); err != nil {
-		abort(err)
-		return fail(err)
-	}
-	defer os.Remove(link)
 	w.FollowImages(checkpoint.DumpLogName)
 	dumpStart := time.Now()
+	st, _ := criurun.StartTime(t.PID)
 	err = criurun.Dump(ctx, criurun.DumpOptions{
-		NsPID:      t.PID,
-		CriuPath:   a.cfg.ContainerCriuPath,
-		Pid:        rootInCtr,
-		ImagesDir:  ctrLink,
-		LogFile:    checkpoint.DumpLogName,
-		LogLevel:   logLevel,
-		ConfigFile: cfgFile,
-		ScratchDir: a.cfg.ScratchDir,
+		Bundle:    a.cfg.Criu,
+		Join:      criurun.Join{PID: t.PID, StartTime: st},
+		Pid:       rootInCtr,
+		ImagesDir: images,
+		LogFile:   checkpoint.DumpLogName,
+		LogLevel:  logLevel,
+		Config:    cfg,
 	})
 	close(stop)
 	imgLog := filepath.Join(w.Path(), checkpoint.ImagesDir, checkpoint.DumpLogName)

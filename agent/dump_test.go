@@ -41,10 +41,9 @@ func newRig(t *testing.T, cfg Config) *rig {
 	r := &rig{t: t, criu: criu, root: filepath.Join(base, "volume"), identity: "job/default/counter/0",
 		planDir: filepath.Join(base, "tools", "restore"), finder: pidFinder{}}
 	cfg.Finder = r.finder
-	cfg.ContainerCriuPath = criu
+	cfg.Criu = agentCriu(t, criu)
 	cfg.NodeName = "node-a"
 	cfg.Log = zerolog.New(zerolog.NewTestWriter(t))
-	cfg.ScratchDir = base
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	a, err := New(ctx, cfg)

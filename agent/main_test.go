@@ -60,7 +60,7 @@ func needCriu(t testing.TB) string {
 	if p == "" {
 		t.Fatal("STASIS_CRIU not set: run `make unit` (it installs CRIU 4.x with hack/criu/install.sh and sets STASIS_CRIU)")
 	}
-	if _, err := criurun.CheckVersion(p); err != nil {
+	if _, _, err := criurun.CheckVersion(p); err != nil {
 		t.Fatalf("STASIS_CRIU=%s: %v", p, err)
 	}
 	return p
@@ -173,6 +173,14 @@ func (c *container) stop() int {
 		c.t.Fatalf("container did not exit after SIGTERM; output:\n%s", c.out.String())
 	}
 	return c.status.ExitStatus()
+}
+
+// agentCriu is the bundle of the CRIU wrapper the tests use: the agent's own CRIU.
+func agentCriu(t testing.TB, wrapper string) criurun.Bundle {
+	t.Helper()
+	b, err := criurun.BundleOf(wrapper)
+	require.NoError(t, err)
+	return b
 }
 
 // pidFinder finds containers by the launcher PIDs the test started (the CRI finder's stand-in

@@ -78,24 +78,6 @@ func pidIn(pid, ref int) (int, error) {
 	return p[lvl], nil
 }
 
-// startTime is field 22 of /proc/<pid>/stat: with the PID it names one process for good (PIDs
-// are reused).
-func startTime(pid int) (uint64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("bad /proc/%d/stat", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 20 {
-		return 0, fmt.Errorf("bad /proc/%d/stat", pid)
-	}
-	return strconv.ParseUint(f[19], 10, 64)
-}
-
 // frozenTree is an app tree left stopped by a dump.
 type frozenTree struct {
 	pid   int
@@ -103,13 +85,13 @@ type frozenTree struct {
 }
 
 func newFrozenTree(pid int) frozenTree {
-	st, _ := startTime(pid)
+	st, _ := criurun.StartTime(pid)
 	return frozenTree{pid: pid, start: st}
 }
 
 // thaw resumes the tree if it is still the same process.
 func (t frozenTree) thaw() (bool, error) {
-	st, err := startTime(t.pid)
+	st, err := criurun.StartTime(t.pid)
 	if err != nil || st != t.start {
 		return false, nil // gone: the pod was deleted and the launcher killed it
 	}

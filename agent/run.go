@@ -31,8 +31,7 @@ func Run(ctx context.Context, args []string) error {
 	caFile := fs.String("client-ca-file", "", "CA that signs client certificates; only "+agentapi.WebhookIdentity+" may start dumps")
 	node := fs.String("node-name", os.Getenv("NODE_NAME"), "this node's name (downward API spec.nodeName)")
 	cri := fs.String("cri-endpoint", "unix:///run/containerd/containerd.sock", "CRI socket of the container runtime")
-	criuPath := fs.String("criu-path", "/usr/local/lib/stasis/criu/criu", "CRIU of the agent image (version gate)")
-	ctrCriu := fs.String("container-criu-path", wiring.CriuBinary, "CRIU inside wrapped containers (staged by the tools init-container)")
+	criuPath := fs.String("criu-path", "/usr/local/lib/stasis/criu/criu", "the CRIU bundle of the agent image (its wrapper `criu`): the only CRIU the agent runs")
 	maxDumps := fs.Int("max-concurrent-dumps", 2, "dumps running at once on this node")
 	freeze := fs.Duration("freeze-timeout", 5*time.Minute, "thaw a dumped app whose pod is not deleted within this time")
 	dumpTimeout := fs.Duration("dump-timeout", 15*time.Minute, "abandon one container's dump after this time")
@@ -40,7 +39,6 @@ func Run(ctx context.Context, args []string) error {
 	health := fs.String("health-listen", ":8081", "plain HTTP address for /healthz, /readyz and /metrics")
 	socketDir := fs.String("socket-dir", wiring.HostAgentDir, "directory of the launchers' local socket "+wiring.AgentSocketName)
 	kubeconfig := fs.String("kubeconfig", "", "kubeconfig for recording Events (default: in-cluster when a token is mounted, else no Events)")
-	scratch := fs.String("scratch-dir", os.TempDir(), "directory for per-dump CRIU wrapper scripts")
 	level := fs.String("log-level", "info", "zerolog level")
 	if err := flagenv.Parse(fs, args); err != nil {
 		return err
@@ -55,7 +53,7 @@ func Run(ctx context.Context, args []string) error {
 	}
 
 	// Version gate: refuse to run with a CRIU that cannot dump on this kernel.
-	v, err := criurun.CheckVersion(*criuPath)
+	bundle, v, err := criurun.CheckVersion(*criuPath)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
@@ -81,8 +79,8 @@ func Run(ctx context.Context, args []string) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := NewMetrics(reg)
 	a, err := New(ctx, Config{
-		NodeName: *node, ContainerCriuPath: *ctrCriu, CriuVersion: v, MaxConcurrentDumps: *maxDumps,
-		FreezeTimeout: *freeze, DumpTimeout: *dumpTimeout, KeepCheckpoints: *keep, ScratchDir: *scratch,
+		NodeName: *node, Criu: bundle, CriuVersion: v, MaxConcurrentDumps: *maxDumps,
+		FreezeTimeout: *freeze, DumpTimeout: *dumpTimeout, KeepCheckpoints: *keep,
 		Finder: runtime, Events: events, Metrics: metrics, Log: log,
 	})
 	if err != nil {

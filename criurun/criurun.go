@@ -1,24 +1,30 @@
-// Package criurun runs CRIU: the version gate, dumps through go-criu's swrk mode inside a container's
-// namespaces, and restores through the CLI. It knows the layout of the CRIU bundle Stasis ships (a
-// wrapper `criu` beside `root/`, trixie's criu with its own loader and libraries) so that CRIU can
-// be started without a shell and without the libc of whatever image it runs in.
+// Package criurun runs CRIU: the version gate, the agent's dumps (CRIU's RPC, swrk mode, from the
+// agent's own bundle, inside a container's namespaces: see Bundle and nsjoin.c), and the
+// launcher's restores through the CLI.
 package criurun
 
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
-	criu "github.com/checkpoint-restore/go-criu/v7"
+	"github.com/checkpoint-restore/go-criu/v7/rpc"
 )
 
-// MinVersion is the oldest CRIU Stasis runs: bookworm's 3.17 fails on current kernels
-// ("vdso: Unexpected rt vDSO area bounds"); 4.x restores nested PID namespaces and timens here.
-const MinVersion = 40000
+// MinVersion is the oldest CRIU Stasis runs: 3.17 fails on current kernels ("vdso: Unexpected rt
+// vDSO area bounds"), and 4.1 cannot dump any process holding an inet socket on kernels >= 6.16
+// ("sockets: Can't get 1:16 opt: Operation not supported": those kernels refuse SO_PASSCRED on
+// inet sockets), i.e. every server. 4.2 handles both.
+const MinVersion = 40200
+
+// ErrCriuTooOld is the version gate's refusal.
+var ErrCriuTooOld = errors.New("CRIU too old: Stasis needs CRIU >= 4.2 (4.1 cannot dump inet sockets on kernels >= 6.16, 3.x fails on current kernels)")
 
 // NoBreakpointsEnv makes CRIU stop tasks at sigreturn by syscall tracing instead of hardware
 // breakpoints (CRIU's fault-injection code 130, FI_NO_BREAKPOINTS). Measured here: in a Firecracker VM
@@ -36,18 +42,11 @@ func Env(env []string) []string {
 	return append(env, NoBreakpointsEnv)
 }
 
-// Bundle paths relative to the directory holding the wrapper.
-const (
-	bundleLoader  = "root/usr/lib64/ld-linux-x86-64.so.2"
-	bundleLibs    = "root/usr/lib/x86_64-linux-gnu"
-	bundleLibs2   = "root/lib/x86_64-linux-gnu"
-	bundleCriuBin = "root/usr/sbin/criu"
-)
-
 // Argv is the command that starts CRIU given its path as seen by the process that will exec it.
 // hostPrefix is prepended only to look at the files (e.g. "/proc/<pid>/root" for a path inside a
 // container). When criuPath is the wrapper of a Stasis bundle, CRIU is started through the bundled
-// loader directly, so no shell (which the container image may lack) is needed.
+// loader directly, so no shell (which the container image may lack) is needed. (The launcher's
+// in-pod restore; the agent starts its own bundle with Bundle.Run.)
 func Argv(criuPath, hostPrefix string) []string {
 	dir := filepath.Dir(criuPath)
 	if _, err := os.Stat(filepath.Join(hostPrefix, dir, bundleCriuBin)); err == nil {
@@ -62,33 +61,39 @@ func Argv(criuPath, hostPrefix string) []string {
 	return []string{criuPath}
 }
 
-// Version asks CRIU (swrk VERSION call) for its version as major*10000+minor*100+sub.
-func Version(criuPath string) (int, error) {
-	c := criu.MakeCriu()
-	c.SetCriuPath(criuPath)
-	v, err := c.GetCriuVersion()
+// Version asks the bundle's CRIU (RPC VERSION) for its version as major*10000+minor*100+sub.
+func (b Bundle) Version(ctx context.Context) (int, error) {
+	resp, err := b.Run(ctx, &Call{Type: rpc.CriuReqType_VERSION})
 	if err != nil {
-		return 0, fmt.Errorf("cannot get the CRIU version from %s: %w", criuPath, err)
+		return 0, fmt.Errorf("cannot get the CRIU version from %s: %w", b.Dir, err)
 	}
-	return v, nil
+	v := resp.GetVersion()
+	if v == nil {
+		return 0, fmt.Errorf("CRIU at %s did not report a version", b.Dir)
+	}
+	return int(v.GetMajorNumber())*10000 + int(v.GetMinorNumber())*100 + int(v.GetSublevel()), nil
 }
 
-// CheckVersion refuses CRIU older than MinVersion with a message that says what to do.
-func CheckVersion(criuPath string) (int, error) {
+// CheckVersion opens the bundle holding the wrapper criuPath and refuses CRIU older than
+// MinVersion (ErrCriuTooOld) with a message that says what to do.
+func CheckVersion(criuPath string) (Bundle, int, error) {
 	if criuPath == "" {
-		return 0, errors.New("no CRIU path given (--criu-path)")
+		return Bundle{}, 0, errors.New("no CRIU path given (--criu-path)")
 	}
-	if _, err := os.Stat(criuPath); err != nil {
-		return 0, fmt.Errorf("CRIU not found at %s: install CRIU >= 4.0 (hack/criu/install.sh or the Stasis image): %w", criuPath, err)
-	}
-	v, err := Version(criuPath)
+	b, err := BundleOf(criuPath)
 	if err != nil {
-		return 0, err
+		return b, 0, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	v, err := b.Version(ctx)
+	if err != nil {
+		return b, 0, err
 	}
 	if v < MinVersion {
-		return v, fmt.Errorf("CRIU %s at %s is too old: Stasis needs CRIU >= 4.0 (3.x fails on current kernels)", FormatVersion(v), criuPath)
+		return b, v, fmt.Errorf("%w: %s at %s is %s", ErrCriuTooOld, criuPath, b.Dir, FormatVersion(v))
 	}
-	return v, nil
+	return b, v, nil
 }
 
 // FormatVersion turns 40101 into "4.1.1".

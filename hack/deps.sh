@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian (bookworm) packages the tests and the local cluster need. Idempotent and quiet
-# when everything is there. Never installs from trixie: CRIU 4.x is unpacked privately by
+# when everything is there. Never installs from trixie or forky: CRIU 4.2 is unpacked privately by
 # hack/criu/install.sh instead.
 set -euo pipefail
 pkgs=(
@@ -8,6 +8,7 @@ pkgs=(
   containerd runc containernetworking-plugins           # real nodes (e2e tier)
   conntrack socat ethtool ebtables                      # kubelet's host checks
   openssl ca-certificates jq curl                        # PKI and probes in scripts
+  gcc libc6-dev                                          # nsjoin.so, the CRIU preload of the agent
 )
 missing=()
 for p in "${pkgs[@]}"; do

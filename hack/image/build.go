@@ -36,8 +36,9 @@ const (
 	NonRootUID = 65532
 )
 
-// HostTools are copied with their shared libraries into the agent image: the agent enters container
-// namespaces with nsenter, and the CRIU wrapper is a sh script using readlink and dirname.
+// HostTools are copied with their shared libraries into the agent image: the CRIU wrapper (for
+// people debugging on a node; the agent starts CRIU itself, see criurun.Bundle) is a sh script
+// using readlink and dirname, and nsenter helps the same people.
 var HostTools = []string{"nsenter", "sh", "readlink", "dirname"}
 
 // Options says what to build.
@@ -69,6 +70,9 @@ func Build(opts Options) ([]Built, error) {
 	}
 	if _, err := os.Stat(filepath.Join(opts.CriuDir, "criu")); err != nil {
 		return nil, fmt.Errorf("--criu-dir %s: no CRIU wrapper (%v): run `make criu` (hack/criu/install.sh)", opts.CriuDir, err)
+	}
+	if _, err := os.Stat(filepath.Join(opts.CriuDir, "nsjoin.so")); err != nil {
+		return nil, fmt.Errorf("--criu-dir %s: no nsjoin.so (%v): run `make criu` (hack/criu/install.sh)", opts.CriuDir, err)
 	}
 	if _, err := os.Stat(filepath.Join(opts.CriuDir, "root", "usr", "sbin", "criu")); err != nil {
 		return nil, fmt.Errorf("--criu-dir %s: no unpacked CRIU in root/ (%v): run `make criu`", opts.CriuDir, err)
@@ -243,10 +247,14 @@ func (o *Options) agentImage() (v1.Image, error) {
 	if err := base.hostTools(HostTools); err != nil {
 		return nil, err
 	}
-	criu := o.newLayer("CRIU 4.x bundle")
+	criu := o.newLayer("CRIU 4.2 bundle")
 	if err := criu.file(ImageCriu+"/criu", filepath.Join(o.CriuDir, "criu"), 0o755); err != nil {
 		return nil, err
 	}
+	if err := criu.file(ImageCriu+"/nsjoin.so", filepath.Join(o.CriuDir, "nsjoin.so"), 0o644); err != nil {
+		return nil, err
+	}
+	criu.dir(ImageCriu+"/plugins", 0o755)
 	if err := criu.tree(ImageCriu+"/root", filepath.Join(o.CriuDir, "root"), []string{"usr/share/doc", "usr/share/man", "usr/share/lintian", "usr/share/locale"}); err != nil {
 		return nil, err
 	}

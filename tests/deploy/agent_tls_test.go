@@ -66,7 +66,6 @@ func TestAgentServesSecretFiles(t *testing.T) {
 		"STASIS_CRI_ENDPOINT=unix://"+filepath.Join(t.TempDir(), "no-runtime.sock"),
 		"STASIS_CRIU_PATH="+strings.TrimSpace(string(criu)),
 		"STASIS_SOCKET_DIR="+t.TempDir(),
-		"STASIS_SCRATCH_DIR="+t.TempDir(),
 	)
 	agent := startProcess(t, "stasis agent", cmd)
 	agent.waitReady(t, "http://127.0.0.1:"+strconv.Itoa(hport)+"/readyz")
