@@ -51,10 +51,10 @@ type Config struct {
 	// DumpTimeout bounds one container's dump.
 	DumpTimeout     time.Duration
 	KeepCheckpoints int
-	Finder     ProcessFinder
-	Events     EventRecorder
-	Metrics    *Metrics
-	Log        zerolog.Logger
+	Finder          ProcessFinder
+	Events          EventRecorder
+	Metrics         *Metrics
+	Log             zerolog.Logger
 	// Now is the clock (tests: none needed; kept for checkpoint IDs).
 	Now func() time.Time
 }
