@@ -70,17 +70,24 @@ func BeginAt(dir *os.File, id string) (*Writer, error) {
 		return nil, fmt.Errorf("checkpoint id %q is not a valid directory name", id)
 	}
 	w := &Writer{ID: id}
-	fd, err := unix.FcntlInt(dir.Fd(), unix.F_DUPFD_CLOEXEC, 0)
-	if err != nil {
+	// The writer's own descriptor of the same directory, readable (dir may be O_PATH): fsync needs it.
+	var err error
+	if w.dir, err = confine.OpenBeneath(dir, ".", unix.O_RDONLY|unix.O_DIRECTORY); err != nil {
 		return nil, fmt.Errorf("checkpoint directory %s: %w", dir.Name(), err)
 	}
-	w.dir = os.NewFile(uintptr(fd), dir.Name())
-	if err := unix.Mkdirat(fd, w.TmpName(), 0o700); err != nil {
+	if err := unix.Mkdirat(int(w.dir.Fd()), w.TmpName(), 0o700); err != nil {
 		w.dir.Close()
 		return nil, fmt.Errorf("creating %s in the checkpoint directory: %w", w.TmpName(), err)
 	}
+	// Opened by name right after mkdirat: O_NOFOLLOW refuses a symlink swapped in meanwhile, and a
+	// directory swapped in must be empty like ours (then it is as harmless as ours).
 	if w.tmp, err = confine.OpenEntry(w.dir, w.TmpName(), unix.O_RDONLY|unix.O_DIRECTORY); err == nil {
 		w.tmpSt, err = confine.Stat(w.tmp)
+	}
+	if err == nil {
+		if names, rerr := confine.ReadDirNames(w.tmp); rerr != nil || len(names) > 0 {
+			err = errors.Join(rerr, fmt.Errorf("%s is not the empty directory just created", w.TmpName()))
+		}
 	}
 	if err == nil {
 		w.images, err = confine.Mkdirat(w.tmp, ImagesDir, 0o700)

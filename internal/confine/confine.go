@@ -55,6 +55,9 @@ func openat2(dir *os.File, p string, flags int, mode uint32, resolve uint64) (*o
 }
 
 func join(dir, p string) string {
+	if p == "." {
+		return dir
+	}
 	if path.IsAbs(p) {
 		return dir + p
 	}
