@@ -13,6 +13,7 @@
 //	    COMPLETE                   the marker: sha256 of manifest.json, written last
 //	  .tmp-<id>/                   a checkpoint being written (never read)
 //	  .failed-<id>/                a failed dump kept for diagnosis (checkpoint-diagnosis)
+//	  .prune-<name>/               a directory Prune is removing
 package checkpoint
 
 import (
@@ -44,6 +45,7 @@ const (
 	DumpLogName  = "dump.log"
 	tmpPrefix    = ".tmp-"
 	failedPrefix = ".failed-"
+	prunePrefix  = ".prune-" // a directory being removed by Prune
 )
 
 // Manifest describes one checkpoint.
@@ -227,6 +229,8 @@ func PruneAt(dir *os.File, keep int, staleBefore time.Time) error {
 		case !de.IsDir(): // only directories are ours; a symlink or file is left alone
 		case strings.HasPrefix(n, tmpPrefix) && idBefore(strings.TrimPrefix(n, tmpPrefix), staleBefore):
 			remove = append(remove, n)
+		case strings.HasPrefix(n, prunePrefix): // an interrupted prune
+			remove = append(remove, n)
 		case strings.HasPrefix(n, failedPrefix):
 			failed = append(failed, n)
 		case ValidID(n) && !hasMarker(dir, n) && idBefore(n, staleBefore):
@@ -238,7 +242,7 @@ func PruneAt(dir *os.File, keep int, staleBefore time.Time) error {
 	remove = append(remove, failed[min(keep, len(failed)):]...)
 	var errs []string
 	for _, n := range remove {
-		if err := confine.RemoveAll(dir, n); err != nil {
+		if err := removeEntry(dir, n); err != nil {
 			errs = append(errs, err.Error())
 		}
 	}
@@ -246,6 +250,19 @@ func PruneAt(dir *os.File, keep int, staleBefore time.Time) error {
 		return fmt.Errorf("pruning %s: %s", dir.Name(), strings.Join(errs, "; "))
 	}
 	return nil
+}
+
+// removeEntry renames name out of the way first, so that a checkpoint is never seen half removed
+// under its ID, then removes it by descriptor (rename and removal never follow a symlink).
+func removeEntry(dir *os.File, name string) error {
+	gone := name
+	if !strings.HasPrefix(name, prunePrefix) {
+		gone = prunePrefix + strings.TrimLeft(name, ".")
+		if err := unix.Renameat2(int(dir.Fd()), name, int(dir.Fd()), gone, unix.RENAME_NOREPLACE); err != nil {
+			gone = name // e.g. no RENAME_NOREPLACE on this filesystem: remove in place
+		}
+	}
+	return confine.RemoveAll(dir, gone)
 }
 
 // ReadManifest reads a checkpoint's manifest without verifying anything else.
