@@ -1,16 +1,17 @@
 package confine
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -293,7 +294,35 @@ func TestOpenRace(t *testing.T) {
 	assert.Positive(t, swaps.Load())
 }
 
-func TestErrUnsupportedIsNamed(t *testing.T) {
-	assert.Contains(t, ErrUnsupported.Error(), "openat2")
-	assert.False(t, errors.Is(unix.ENOENT, ErrUnsupported))
+// A kernel without openat2 (here: a seccomp filter answering ENOSYS, as runtimes do for syscalls
+// they do not know) gives ErrUnsupported, never a fallback to resolution by path.
+func TestNoOpenat2IsErrUnsupported(t *testing.T) {
+	r, err := OpenRoot(t.TempDir())
+	require.NoError(t, err)
+	defer r.Close()
+	errc := make(chan error, 1)
+	go func() {
+		// The filter applies to this thread only; the goroutine ends locked, so the thread ends too.
+		runtime.LockOSThread()
+		filter := []unix.SockFilter{
+			{Code: unix.BPF_LD | unix.BPF_W | unix.BPF_ABS, K: 0}, // seccomp_data.nr
+			{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, Jt: 0, Jf: 1, K: unix.SYS_OPENAT2},
+			{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ERRNO | uint32(unix.ENOSYS)},
+			{Code: unix.BPF_RET | unix.BPF_K, K: unix.SECCOMP_RET_ALLOW},
+		}
+		prog := unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			errc <- err
+			return
+		}
+		if err := unix.Prctl(unix.PR_SET_SECCOMP, unix.SECCOMP_MODE_FILTER, uintptr(unsafe.Pointer(&prog)), 0, 0); err != nil {
+			errc <- err
+			return
+		}
+		_, err := Open(r, "/", unix.O_PATH)
+		errc <- err
+	}()
+	err = <-errc
+	require.ErrorIs(t, err, ErrUnsupported)
+	assert.Contains(t, err.Error(), "openat2")
 }
