@@ -13,6 +13,7 @@
 //	    COMPLETE                   the marker: sha256 of manifest.json, written last
 //	  .tmp-<id>/                   a checkpoint being written (never read)
 //	  .failed-<id>/                a failed dump kept for diagnosis (checkpoint-diagnosis)
+//	  .prune-<name>/               a directory Prune is removing
 package checkpoint
 
 import (
@@ -26,7 +27,10 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/internal/confine"
 )
 
 // FormatVersion is the manifest format; a reader refuses others.
@@ -41,6 +45,7 @@ const (
 	DumpLogName  = "dump.log"
 	tmpPrefix    = ".tmp-"
 	failedPrefix = ".failed-"
+	prunePrefix  = ".prune-" // a directory being removed by Prune
 )
 
 // Manifest describes one checkpoint.
@@ -141,76 +146,123 @@ type Entry struct {
 // List returns the complete checkpoints below dir (those with a marker), newest first. It does not
 // verify checksums (Verify does).
 func List(dir string) ([]Entry, error) {
-	des, err := os.ReadDir(dir)
+	d, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY, 0)
 	if os.IsNotExist(err) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, err
 	}
-	var out []Entry
-	for _, de := range des {
-		if !de.IsDir() || !ValidID(de.Name()) {
-			continue
-		}
-		p := filepath.Join(dir, de.Name())
-		if _, err := os.Stat(filepath.Join(p, MarkerName)); err != nil {
-			continue
-		}
-		out = append(out, Entry{ID: de.Name(), Path: p})
+	defer d.Close()
+	ids, err := listAt(d)
+	if err != nil {
+		return nil, err
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID > out[j].ID })
+	out := make([]Entry, len(ids))
+	for i, id := range ids {
+		out[i] = Entry{ID: id, Path: filepath.Join(dir, id)}
+	}
 	return out, nil
 }
 
-// Prune keeps the newest keep complete checkpoints below dir (at least 1) and the newest keep
-// failed ones, and removes leftovers of interrupted writes: directories without marker whose ID
-// was created before staleBefore. Newer ones may be dumps in progress (another pod of the same
-// identity on this node), and are kept.
+// listAt returns the IDs of the complete checkpoints in dir, newest first: directories (not
+// symlinks) with a valid ID holding a regular marker file.
+func listAt(dir *os.File) ([]string, error) {
+	des, err := confine.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, de := range des {
+		if de.IsDir() && ValidID(de.Name) && hasMarker(dir, de.Name) {
+			out = append(out, de.Name)
+		}
+	}
+	sort.Sort(sort.Reverse(sort.StringSlice(out)))
+	return out, nil
+}
+
+// hasMarker reports whether dir/name is a directory (not a symlink) holding a regular marker.
+func hasMarker(dir *os.File, name string) bool {
+	d, err := confine.OpenEntry(dir, name, unix.O_PATH|unix.O_DIRECTORY)
+	if err != nil {
+		return false
+	}
+	defer d.Close()
+	st, err := confine.Lstat(d, MarkerName)
+	return err == nil && confine.IsReg(&st)
+}
+
+// Prune is PruneAt on a trusted path (tests, tools).
 func Prune(dir string, keep int, staleBefore time.Time) error {
+	d, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return fmt.Errorf("pruning %s: %w", dir, err)
+	}
+	defer d.Close()
+	return PruneAt(d, keep, staleBefore)
+}
+
+// PruneAt keeps the newest keep complete checkpoints in the checkpoint directory dir (at least 1)
+// and the newest keep failed ones, and removes leftovers of interrupted writes: directories
+// without marker whose ID was created before staleBefore. Newer ones may be dumps in progress
+// (another pod of the same identity on this node), and are kept.
+//
+// dir is a descriptor (opened confined inside the container's root, or held since the dump): the
+// entries are listed from it and removed with confine.RemoveAll, which walks by descriptor, never
+// follows a symlink and never crosses a mount, so a pod that plants symlinks in its checkpoint
+// directory cannot make the agent remove anything outside it.
+func PruneAt(dir *os.File, keep int, staleBefore time.Time) error {
 	if keep < 1 {
 		keep = 1
 	}
-	list, err := List(dir)
+	list, err := listAt(dir)
 	if err != nil {
-		return err
+		return fmt.Errorf("pruning %s: %w", dir.Name(), err)
 	}
-	var errs []string
-	for _, e := range list[min(keep, len(list)):] {
-		if err := os.RemoveAll(e.Path); err != nil {
-			errs = append(errs, err.Error())
-		}
-	}
-	des, _ := os.ReadDir(dir)
+	remove := list[min(keep, len(list)):]
+	des, _ := confine.ReadDir(dir)
 	var failed []string
 	for _, de := range des {
-		n := de.Name()
+		n := de.Name
 		switch {
+		case !de.IsDir(): // only directories are ours; a symlink or file is left alone
 		case strings.HasPrefix(n, tmpPrefix) && idBefore(strings.TrimPrefix(n, tmpPrefix), staleBefore):
-			if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {
-				errs = append(errs, err.Error())
-			}
+			remove = append(remove, n)
+		case strings.HasPrefix(n, prunePrefix): // an interrupted prune
+			remove = append(remove, n)
 		case strings.HasPrefix(n, failedPrefix):
 			failed = append(failed, n)
-		case de.IsDir() && ValidID(n):
+		case ValidID(n) && !hasMarker(dir, n) && idBefore(n, staleBefore):
 			// A directory without marker that is not in progress: a crash between rename and marker.
-			if _, err := os.Stat(filepath.Join(dir, n, MarkerName)); os.IsNotExist(err) && idBefore(n, staleBefore) {
-				if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {
-					errs = append(errs, err.Error())
-				}
-			}
+			remove = append(remove, n)
 		}
 	}
 	sort.Sort(sort.Reverse(sort.StringSlice(failed)))
-	for _, n := range failed[min(keep, len(failed)):] {
-		if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {
+	remove = append(remove, failed[min(keep, len(failed)):]...)
+	var errs []string
+	for _, n := range remove {
+		if err := removeEntry(dir, n); err != nil {
 			errs = append(errs, err.Error())
 		}
 	}
 	if len(errs) > 0 {
-		return fmt.Errorf("pruning %s: %s", dir, strings.Join(errs, "; "))
+		return fmt.Errorf("pruning %s: %s", dir.Name(), strings.Join(errs, "; "))
 	}
 	return nil
+}
+
+// removeEntry renames name out of the way first, so that a checkpoint is never seen half removed
+// under its ID, then removes it by descriptor (rename and removal never follow a symlink).
+func removeEntry(dir *os.File, name string) error {
+	gone := name
+	if !strings.HasPrefix(name, prunePrefix) {
+		gone = prunePrefix + strings.TrimLeft(name, ".")
+		if err := unix.Renameat2(int(dir.Fd()), name, int(dir.Fd()), gone, unix.RENAME_NOREPLACE); err != nil {
+			gone = name // e.g. no RENAME_NOREPLACE on this filesystem: remove in place
+		}
+	}
+	return confine.RemoveAll(dir, gone)
 }
 
 // ReadManifest reads a checkpoint's manifest without verifying anything else.

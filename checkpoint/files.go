@@ -3,28 +3,100 @@ package checkpoint
 import (
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path"
-	"path/filepath"
 	"strings"
-	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stasis-k8s/stasis/internal/confine"
 )
 
-// CopyIn copies the checkpoint-files paths (absolute, as seen in the container) from the container
-// whose root is visible at root (e.g. /proc/<pid>/root) into ckpt/files/. Symlinks in a path are
-// resolved inside root, never on the host: the agent is privileged and the container's files are
-// not trusted. A path that does not exist is recorded as missing (the app may not have created it
-// yet).
-func CopyIn(root string, paths []string, ckpt string) ([]CopiedFile, error) {
-	var out []CopiedFile
-	for _, p := range paths {
-		if !path.IsAbs(p) {
-			return nil, fmt.Errorf("checkpoint file %q: not an absolute path", p)
+// CopyLimits caps what CopyIn copies out of a container: the checkpoint-files paths are the
+// pod's to choose, and the agent must not fill the checkpoint volume (or spend its time) on a tree
+// a pod made huge. Zero means no cap.
+type CopyLimits struct {
+	Bytes   int64 // total size of the regular files copied, all paths together
+	Entries int   // files, directories and symlinks copied, all paths together
+}
+
+// DefaultCopyLimits is what CopyIn applies when the agent is given no other setting.
+var DefaultCopyLimits = CopyLimits{Bytes: 1 << 30, Entries: 100_000}
+
+// forbiddenRoots are the trees no checkpoint-files path may name: the kernel's views (the agent
+// reads as root what the app may not) and Stasis' own mounts.
+var forbiddenRoots = []string{"/proc", "/sys", "/dev", "/stasis"}
+
+// ValidFilePath checks a checkpoint-files path: absolute, clean, not the root, no "..", not under
+// /proc, /sys, /dev or /stasis.
+func ValidFilePath(p string) error {
+	switch {
+	case !path.IsAbs(p):
+		return fmt.Errorf("checkpoint file %q: not an absolute path", p)
+	case path.Clean(p) != p || strings.Contains(p, "/../") || strings.HasSuffix(p, "/.."):
+		return fmt.Errorf("checkpoint file %q: not a clean path", p)
+	case p == "/":
+		return fmt.Errorf("checkpoint file %q: the whole root cannot be copied", p)
+	}
+	for _, r := range forbiddenRoots {
+		if p == r || strings.HasPrefix(p, r+"/") {
+			return fmt.Errorf("checkpoint file %q: paths under %s are refused", p, r)
 		}
+	}
+	return nil
+}
+
+// Validate checks a CopiedFile of a manifest before it is used: a valid Path, and Stored relative
+// and inside files/ (or empty when Missing).
+func (c CopiedFile) Validate() error {
+	if err := ValidFilePath(c.Path); err != nil {
+		return err
+	}
+	if c.Missing && c.Stored == "" {
+		return nil
+	}
+	if !safeRel(c.Stored) || !strings.HasPrefix(c.Stored, FilesDir+"/") {
+		return fmt.Errorf("checkpoint file %s: stored path %q is not inside %s/", c.Path, c.Stored, FilesDir)
+	}
+	return nil
+}
+
+// CopyIn copies the checkpoint-files paths (absolute, as seen in the container) from the container
+// whose root is at root (a trusted path such as /proc/<pid>/root) into ckpt/files/, with
+// DefaultCopyLimits. The agent uses Writer.CopyIn; this is for trusted paths (tests, tools).
+func CopyIn(root string, paths []string, ckpt string) ([]CopiedFile, error) {
+	r, err := confine.OpenRoot(root)
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	d, err := confine.OpenRoot(ckpt)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	return copyIn(r, paths, d, DefaultCopyLimits)
+}
+
+// CopyIn copies the checkpoint-files paths (absolute, as seen in the container) from the
+// container whose root directory is root (a descriptor, see confine.OpenRoot) into files/ of the
+// checkpoint. Each path is resolved inside root (its symlinks too: never onto the host); below it
+// everything is copied by descriptor, symlinks as symlinks, never followed; lim caps the total. A
+// path that does not exist is recorded as missing (the app may not have created it yet).
+func (w *Writer) CopyIn(root *os.File, paths []string, lim CopyLimits) ([]CopiedFile, error) {
+	return copyIn(root, paths, w.tmp, lim)
+}
+
+func copyIn(root *os.File, paths []string, ckpt *os.File, lim CopyLimits) ([]CopiedFile, error) {
+	var out []CopiedFile
+	c := &copier{lim: lim, chown: os.Geteuid() == 0, pseudoCheck: true}
+	for _, p := range paths {
 		clean := path.Clean(p)
-		src, err := ResolveIn(root, clean)
+		if err := ValidFilePath(clean); err != nil {
+			return nil, err
+		}
+		src, err := confine.Open(root, clean, unix.O_PATH)
 		if errors.Is(err, fs.ErrNotExist) {
 			out = append(out, CopiedFile{Path: clean, Missing: true})
 			continue
@@ -33,7 +105,10 @@ func CopyIn(root string, paths []string, ckpt string) ([]CopiedFile, error) {
 			return nil, fmt.Errorf("checkpoint file %s: %w", clean, err)
 		}
 		stored := StoredPath(clean)
-		if err := copyTree(src, filepath.Join(ckpt, filepath.FromSlash(stored))); err != nil {
+		c.top = clean
+		err = copyToStored(c, src, ckpt, stored)
+		src.Close()
+		if err != nil {
 			return nil, fmt.Errorf("checkpoint file %s: %w", clean, err)
 		}
 		out = append(out, CopiedFile{Path: clean, Stored: stored})
@@ -41,127 +116,74 @@ func CopyIn(root string, paths []string, ckpt string) ([]CopiedFile, error) {
 	return out, nil
 }
 
+// copyToStored copies src to stored (files/<path>) below ckpt, creating the parents without
+// following anything.
+func copyToStored(c *copier, src, ckpt *os.File, stored string) error {
+	parent, err := confine.MkdirAllBeneath(ckpt, path.Dir(stored), 0o700)
+	if err != nil {
+		return err
+	}
+	defer parent.Close()
+	return c.copy(src, parent, path.Base(stored), c.top, 0)
+}
+
 // PutBack copies the checkpoint's files back to their places below root ("/" inside the
-// container), replacing what is there.
+// container), replacing what is there. Both are trusted paths; see PutBackAt.
 func PutBack(ckpt string, m *Manifest, root string) error {
+	r, err := confine.OpenRoot(root)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	d, err := confine.OpenRoot(ckpt)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return PutBackAt(d, m, r)
+}
+
+// PutBackAt copies the checkpoint's files (ckpt: the checkpoint's directory) back to their places
+// inside root, replacing what is there. Every CopiedFile is validated first (a manifest is data);
+// each place is resolved inside root, what was there is removed by descriptor (never through a
+// symlink, never across a mount), and the stored copy is read without following any symlink.
+func PutBackAt(ckpt *os.File, m *Manifest, root *os.File) error {
+	for _, c := range m.CopiedFiles {
+		if err := c.Validate(); err != nil {
+			return err
+		}
+	}
 	for _, c := range m.CopiedFiles {
 		if c.Missing || c.Stored == "" {
 			continue
 		}
-		if !safeRel(c.Stored) {
-			return fmt.Errorf("checkpoint file %s: stored path %q escapes the checkpoint", c.Path, c.Stored)
-		}
-		dst := filepath.Join(root, filepath.FromSlash(c.Path))
-		if err := os.RemoveAll(dst); err != nil {
-			return fmt.Errorf("checkpoint file %s: %w", c.Path, err)
-		}
-		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-			return fmt.Errorf("checkpoint file %s: %w", c.Path, err)
-		}
-		if err := copyTree(filepath.Join(ckpt, filepath.FromSlash(c.Stored)), dst); err != nil {
+		if err := putBack(ckpt, c, root); err != nil {
 			return fmt.Errorf("checkpoint file %s: %w", c.Path, err)
 		}
 	}
 	return nil
 }
 
-// ResolveIn resolves an absolute path inside root the way the container would see it: symlinks
-// (absolute or relative) are followed relative to root and never leave it.
-func ResolveIn(root, p string) (string, error) {
-	parts := strings.Split(strings.TrimPrefix(path.Clean(p), "/"), "/")
-	cur := "/"
-	for hops := 0; len(parts) > 0; {
-		c := parts[0]
-		parts = parts[1:]
-		if c == "" || c == "." {
-			continue
-		}
-		if c == ".." {
-			cur = path.Dir(cur)
-			continue
-		}
-		next := path.Join(cur, c)
-		fi, err := os.Lstat(filepath.Join(root, next))
-		if err != nil {
-			return "", err
-		}
-		if fi.Mode()&fs.ModeSymlink == 0 {
-			cur = next
-			continue
-		}
-		if hops++; hops > 40 {
-			return "", fmt.Errorf("too many symlinks")
-		}
-		target, err := os.Readlink(filepath.Join(root, next))
-		if err != nil {
-			return "", err
-		}
-		if path.IsAbs(target) {
-			cur = "/"
-		}
-		parts = append(strings.Split(strings.TrimPrefix(target, "/"), "/"), parts...)
-	}
-	return filepath.Join(root, cur), nil
-}
-
-// copyTree copies a file, symlink or directory (recursively, symlinks kept as symlinks).
-func copyTree(src, dst string) (err error) {
-	fi, err := os.Lstat(src)
+func putBack(ckpt *os.File, c CopiedFile, root *os.File) error {
+	src, err := confine.OpenBeneath(ckpt, c.Stored, unix.O_PATH)
 	if err != nil {
 		return err
 	}
-	// Keep the owner (the app may run as another user than the agent or launcher).
-	defer func() {
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok && err == nil && os.Geteuid() == 0 {
-			err = os.Lchown(dst, int(st.Uid), int(st.Gid))
-		}
-	}()
-	switch {
-	case fi.Mode()&fs.ModeSymlink != 0:
-		t, err := os.Readlink(src)
-		if err != nil {
-			return err
-		}
-		if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
-			return err
-		}
-		return os.Symlink(t, dst)
-	case fi.IsDir():
-		if err := os.MkdirAll(dst, fi.Mode().Perm()|0o700); err != nil {
-			return err
-		}
-		des, err := os.ReadDir(src)
-		if err != nil {
-			return err
-		}
-		for _, de := range des {
-			if err := copyTree(filepath.Join(src, de.Name()), filepath.Join(dst, de.Name())); err != nil {
-				return err
-			}
-		}
-		return os.Chmod(dst, fi.Mode().Perm())
-	case fi.Mode().IsRegular():
-		if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
-			return err
-		}
-		in, err := os.Open(src)
-		if err != nil {
-			return err
-		}
-		defer in.Close()
-		out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, fi.Mode().Perm())
-		if err != nil {
-			return err
-		}
-		if _, err := io.Copy(out, in); err != nil {
-			out.Close()
-			return err
-		}
-		if err := out.Close(); err != nil {
-			return err
-		}
-		return os.Chtimes(dst, fi.ModTime(), fi.ModTime())
-	default:
-		return fmt.Errorf("%s: unsupported file type %s", src, fi.Mode().Type())
+	defer src.Close()
+	parent, err := confine.MkdirAll(root, path.Dir(c.Path), 0o755)
+	if err != nil {
+		return err
 	}
+	defer parent.Close()
+	name := path.Base(c.Path)
+	if err := confine.RemoveAll(parent, name); err != nil {
+		return err
+	}
+	cp := &copier{chown: os.Geteuid() == 0, top: c.Path}
+	return cp.copy(src, parent, name, c.Path, 0)
+}
+
+// StoredPath is where a checkpoint-files path is kept inside a checkpoint.
+func StoredPath(abs string) string {
+	return path.Join(FilesDir, strings.TrimPrefix(path.Clean("/"+abs), "/"))
 }

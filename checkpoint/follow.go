@@ -8,11 +8,12 @@ import (
 	"hash"
 	"io"
 	"os"
-	"path/filepath"
 	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stasis-k8s/stasis/internal/confine"
 )
 
 // follower hashes the images while CRIU writes them and, beside it, makes them durable as they
@@ -25,7 +26,7 @@ import (
 // the file position for the pages images); an image whose size differs from what was hashed fails
 // the checkpoint, and restore-prepare checks every sha256 again before a restore.
 type follower struct {
-	dir  string          // the images directory
+	dir  *os.File        // the images directory (the writer's descriptor)
 	skip map[string]bool // files in dir that are not images (CRIU's log, moved after the dump)
 
 	files  map[string]*followed
@@ -49,7 +50,7 @@ const (
 	syncChunk  = 8 << 20
 )
 
-func startFollower(dir string, skip ...string) *follower {
+func startFollower(dir *os.File, skip ...string) *follower {
 	fl := &follower{dir: dir, skip: map[string]bool{}, files: map[string]*followed{},
 		stop: make(chan struct{}), done: make(chan error, 1), wbDone: make(chan struct{})}
 	for _, s := range skip {
@@ -82,7 +83,7 @@ func (fl *follower) writeback() {
 			f := files[name]
 			if f == nil {
 				var err error
-				if f, err = os.Open(filepath.Join(fl.dir, name)); err != nil {
+				if f, err = fl.open(name); err != nil {
 					continue
 				}
 				files[name] = f
@@ -138,16 +139,31 @@ func (fl *follower) run() {
 	}
 }
 
-// images lists the images written so far.
+// images lists the images written so far (names only: open checks each is a regular file, by
+// descriptor; a stat of every entry every poll would cost the dump a core).
 func (fl *follower) images() ([]string, error) {
-	entries, err := os.ReadDir(fl.dir)
+	entries, err := confine.ReadDirNames(fl.dir)
 	var names []string
-	for _, de := range entries {
-		if !fl.skip[de.Name()] && de.Type().IsRegular() {
-			names = append(names, de.Name())
+	for _, n := range entries {
+		if !fl.skip[n] {
+			names = append(names, n)
 		}
 	}
 	return names, err
+}
+
+// open opens an image by name in the images directory: never through a symlink, a regular file
+// only (O_NONBLOCK: a FIFO swapped in must not block the follower).
+func (fl *follower) open(name string) (*os.File, error) {
+	f, err := confine.OpenEntry(fl.dir, name, unix.O_RDONLY|unix.O_NONBLOCK)
+	if err != nil {
+		return nil, err
+	}
+	if st, err := confine.Stat(f); err != nil || !confine.IsReg(&st) {
+		f.Close()
+		return nil, fmt.Errorf("%s: not a regular file", name)
+	}
+	return f, nil
 }
 
 // pass hashes what was appended to every image since the last pass.
@@ -159,7 +175,7 @@ func (fl *follower) pass(buf []byte) (progressed bool, err error) {
 	for _, name := range names {
 		ff := fl.files[name]
 		if ff == nil {
-			f, err := os.Open(filepath.Join(fl.dir, name))
+			f, err := fl.open(name)
 			if err != nil {
 				return progressed, err
 			}

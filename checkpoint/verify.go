@@ -66,6 +66,11 @@ func Check(ckpt string) (*Manifest, error) {
 	if m.ID != filepath.Base(ckpt) {
 		return nil, fmt.Errorf("manifest.json: id %q does not match directory %q", m.ID, filepath.Base(ckpt))
 	}
+	for _, c := range m.CopiedFiles {
+		if err := c.Validate(); err != nil {
+			return nil, fmt.Errorf("manifest.json: %w", err)
+		}
+	}
 	listed := map[string]bool{}
 	for _, f := range m.Files {
 		if !safeRel(f.Path) {
@@ -151,9 +156,4 @@ func verifyFile(ckpt string, f FileSum) error {
 
 func safeRel(p string) bool {
 	return p != "" && !path.IsAbs(p) && path.Clean(p) == p && p != ".." && !strings.HasPrefix(p, "../")
-}
-
-// StoredPath is where a checkpoint-files path is kept inside a checkpoint.
-func StoredPath(abs string) string {
-	return path.Join(FilesDir, strings.TrimPrefix(path.Clean("/"+abs), "/"))
 }
