@@ -51,10 +51,13 @@ type Config struct {
 	// DumpTimeout bounds one container's dump.
 	DumpTimeout     time.Duration
 	KeepCheckpoints int
-	Finder          ProcessFinder
-	Events          EventRecorder
-	Metrics         *Metrics
-	Log             zerolog.Logger
+	// CopyLimits bound what checkpoint-files may copy out of a container (default
+	// checkpoint.DefaultCopyLimits).
+	CopyLimits checkpoint.CopyLimits
+	Finder     ProcessFinder
+	Events     EventRecorder
+	Metrics    *Metrics
+	Log        zerolog.Logger
 	// Now is the clock (tests: none needed; kept for checkpoint IDs).
 	Now func() time.Time
 }
@@ -77,6 +80,9 @@ func (c *Config) defaults() error {
 	}
 	if c.KeepCheckpoints <= 0 {
 		c.KeepCheckpoints = 2
+	}
+	if c.CopyLimits == (checkpoint.CopyLimits{}) {
+		c.CopyLimits = checkpoint.DefaultCopyLimits
 	}
 	if c.Metrics == nil {
 		c.Metrics = NewMetrics(nil)

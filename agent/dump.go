@@ -3,10 +3,8 @@ package agent
 import (
 	"context"
 	"fmt"
-	"io/fs"
 	"os"
 	"path"
-	"path/filepath"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -14,69 +12,102 @@ import (
 	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/checkpoint"
 	"github.com/stasis-k8s/stasis/criurun"
+	"github.com/stasis-k8s/stasis/internal/confine"
 )
 
-// dumpContainer checkpoints one container: find its launcher, dump the nested init's tree from
-// inside the container's namespaces (left stopped), copy checkpoint-files, record the process,
-// and commit the checkpoint as id. It returns the frozen tree when the app was left stopped (also
-// when a later step failed: the caller must thaw it then), and on success the container's
-// checkpoint directory, open, for the caller to prune once the result is out (see prune).
+// dump is one container's checkpoint in the making.
+type dump struct {
+	a     *Agent
+	log   zerolog.Logger
+	req   agentapi.CheckpointRequest
+	c     agentapi.ContainerSpec
+	t     Target
+	app   int      // host PID of the dumped tree's root (the launcher's child)
+	root  *os.File // the container's root, every path in it resolved confined
+	dir   *os.File // the container's checkpoint directory (c.Dir)
+	w     *checkpoint.Writer
+	start time.Time
+}
+
+// dumpContainer checkpoints one container: find its launcher and the app under it, dump the app's
+// tree with the agent's CRIU inside the container's namespaces (left stopped), copy
+// checkpoint-files, record the process, and commit the checkpoint as id. It returns the frozen
+// tree when the app was left stopped (also when a later step failed: the caller must thaw it
+// then), and on success the container's checkpoint directory, open, for the caller to prune once
+// the result is out (see prune).
 func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *operation, base int64, req agentapi.CheckpointRequest, c agentapi.ContainerSpec, id string) (agentapi.ContainerResult, *frozenTree, *os.File) {
 	res := agentapi.ContainerResult{Name: c.Name, Phase: agentapi.PhaseFailed}
-	start := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, a.cfg.DumpTimeout)
 	defer cancel()
-	log = log.With().Str("container", c.Name).Logger()
-	fail := func(err error) (agentapi.ContainerResult, *frozenTree, *os.File) {
+	d := &dump{a: a, log: log.With().Str("container", c.Name).Logger(), req: req, c: c, start: time.Now()}
+	defer d.close()
+	fail := func(err error, frozen *frozenTree) (agentapi.ContainerResult, *frozenTree, *os.File) {
 		a.cfg.Metrics.DumpFailures.Inc()
-		res.Message = err.Error()
-		log.Error().Err(err).Msg("dump failed")
-		return res, nil, nil
-	}
-
-	t, err := a.cfg.Finder.Find(ctx, req.Pod, c.Name)
-	if err != nil {
-		return fail(fmt.Errorf("finding container %q: %w", c.Name, err))
-	}
-	root, err := appRoot(t.PID)
-	if err != nil {
-		return fail(err)
-	}
-	rootInCtr, err := pidIn(root, t.PID)
-	if err != nil {
-		return fail(err)
-	}
-	hostRoot := fmt.Sprintf("/proc/%d/root", t.PID)
-	hostDir := filepath.Join(hostRoot, c.Dir)
-	w, err := checkpoint.Begin(hostDir, id)
-	if err != nil {
-		return fail(fmt.Errorf("checkpoint directory %s in the container: %w", c.Dir, err))
-	}
-	abort := func(err error) {
-		kept, aerr := w.Abort(req.Diagnosis)
-		if aerr != nil {
-			log.Warn().Err(aerr).Msg("cleaning the failed checkpoint")
-		} else if kept != "" {
-			log.Info().Str("dir", kept).Msg("failed dump kept for diagnosis")
+		if d.w != nil {
+			d.abort()
 		}
+		res.Message = err.Error()
+		d.log.Error().Err(err).Msg("dump failed")
+		return res, frozen, nil
 	}
-
-	// The user's options become a CRIU configuration the agent hands CRIU itself (a sealed memfd):
-	// written into the pod's volume, a process of the pod could rewrite it before CRIU reads it.
-	cfg, err := criurun.ConfigFileContent(c.CriuOptions)
+	if err := d.open(ctx, id); err != nil {
+		return fail(err, nil)
+	}
+	criuTime, err := d.runCriu(ctx, op, base)
 	if err != nil {
-		abort(err)
-		return fail(fmt.Errorf("criuOptions: %w", err))
+		return fail(err, nil)
 	}
-	images, err := os.Open(filepath.Join(w.Path(), checkpoint.ImagesDir))
+	frozen := newFrozenTree(d.app)
+	m, err := d.commit(time.Now())
 	if err != nil {
-		abort(err)
-		return fail(err)
+		return fail(err, &frozen)
 	}
-	defer images.Close()
+	res.Phase, res.CheckpointID, res.Bytes = agentapi.PhaseSucceeded, id, m.Size
+	res.Message = fmt.Sprintf("dump %.2fs, total %.2fs, %d bytes of images", criuTime.Seconds(), time.Since(d.start).Seconds(), m.ImagesSize)
+	a.cfg.Metrics.DumpDuration.Observe(time.Since(d.start).Seconds())
+	a.cfg.Metrics.DumpBytes.Add(float64(m.Size))
+	d.log.Info().Str("checkpoint", path.Join(c.Dir, id)).Int64("bytes", m.Size).Dur("criu", criuTime).Dur("total", time.Since(d.start)).Msg("checkpoint complete; app left frozen")
+	dir := d.dir
+	d.dir = nil // the caller prunes through it, and closes it
+	return res, &frozen, dir
+}
 
-	// Progress: the images' size, polled while CRIU writes.
+// open finds the container and the app, and begins the checkpoint below c.Dir. Every path in the
+// container is resolved inside its root, by descriptor (see confine): a process of the pod that
+// is not frozen (a sidecar, kubectl exec) can swap path components for symlinks while we work.
+func (d *dump) open(ctx context.Context, id string) error {
+	var err error
+	if d.t, err = d.a.cfg.Finder.Find(ctx, d.req.Pod, d.c.Name); err != nil {
+		return fmt.Errorf("finding container %q: %w", d.c.Name, err)
+	}
+	if d.app, err = appRoot(d.t.PID); err != nil {
+		return err
+	}
+	if d.root, err = confine.OpenRoot(fmt.Sprintf("/proc/%d/root", d.t.PID)); err != nil {
+		return fmt.Errorf("container root: %w", err)
+	}
+	if d.dir, err = confine.MkdirAll(d.root, d.c.Dir, 0o700); err != nil {
+		return fmt.Errorf("checkpoint directory %s in the container: %w", d.c.Dir, err)
+	}
+	if d.w, err = checkpoint.BeginAt(d.dir, id); err != nil {
+		return fmt.Errorf("checkpoint directory %s in the container: %w", d.c.Dir, err)
+	}
+	return nil
+}
+
+// runCriu dumps the app's tree, leaving it stopped, while the writer hashes and syncs the images
+// as they grow. Progress is the size written so far.
+func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Duration, error) {
+	cfg, err := criurun.ConfigFileContent(d.c.CriuOptions)
+	if err != nil {
+		return 0, fmt.Errorf("criuOptions: %w", err)
+	}
+	pidInCtr, err := pidIn(d.app, d.t.PID)
+	if err != nil {
+		return 0, err
+	}
 	stop := make(chan struct{})
+	defer close(stop)
 	go func() {
 		tk := time.NewTicker(200 * time.Millisecond)
 		defer tk.Stop()
@@ -85,115 +116,103 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 			case <-stop:
 				return
 			case <-tk.C:
-				op.bytes.Store(base + dirSize(w.Path()))
+				op.bytes.Store(base + d.w.Written())
 			}
 		}
 	}()
 	logLevel := int32(2)
-	if req.Diagnosis {
+	if d.req.Diagnosis {
 		logLevel = 4
 	}
-	w.FollowImages(checkpoint.DumpLogName)
-	dumpStart := time.Now()
-	st, _ := criurun.StartTime(t.PID)
+	st, _ := criurun.StartTime(d.t.PID)
+	d.w.FollowImages(checkpoint.DumpLogName)
+	begin := time.Now()
 	err = criurun.Dump(ctx, criurun.DumpOptions{
-		Bundle:    a.cfg.Criu,
-		Join:      criurun.Join{PID: t.PID, StartTime: st},
-		Pid:       rootInCtr,
-		ImagesDir: images,
+		Bundle:    d.a.cfg.Criu,
+		Join:      criurun.Join{PID: d.t.PID, StartTime: st},
+		Pid:       pidInCtr,
+		ImagesDir: d.w.Images(),
 		LogFile:   checkpoint.DumpLogName,
 		LogLevel:  logLevel,
 		Config:    cfg,
 	})
-	close(stop)
-	imgLog := filepath.Join(w.Path(), checkpoint.ImagesDir, checkpoint.DumpLogName)
 	if err != nil {
-		err = criurun.LogError("dump", err, imgLog)
-		abort(err)
-		return fail(err)
+		// CRIU's log, read through a descriptor: never a file a pod swapped in by symlink.
+		logPath := path.Join(d.c.Dir, d.w.TmpName(), checkpoint.ImagesDir, checkpoint.DumpLogName)
+		if f, ferr := d.w.OpenFile(path.Join(checkpoint.ImagesDir, checkpoint.DumpLogName)); ferr == nil {
+			defer f.Close()
+			logPath = fmt.Sprintf("/proc/self/fd/%d", f.Fd())
+		}
+		return 0, criurun.LogError("dump", err, logPath)
 	}
-	dumped := time.Now()
-	frozen := newFrozenTree(root)
-	failFrozen := func(err error) (agentapi.ContainerResult, *frozenTree, *os.File) {
-		abort(err)
-		r, _, _ := fail(err)
-		return r, &frozen, nil
-	}
-	if err := w.ImagesWritten(); err != nil {
-		return failFrozen(err)
-	}
-	if err := os.Rename(imgLog, filepath.Join(w.Path(), checkpoint.DumpLogName)); err != nil {
-		return failFrozen(err)
-	}
+	return time.Since(begin), nil
+}
 
+// commit records the stopped tree and the checkpoint-files, writes the manifest and marks the
+// checkpoint complete.
+func (d *dump) commit(dumped time.Time) (*checkpoint.Manifest, error) {
+	if err := d.w.ImagesWritten(); err != nil {
+		return nil, err
+	}
+	if err := d.w.KeepLog(); err != nil {
+		return nil, err
+	}
 	m := &checkpoint.Manifest{
-		Pod: req.Pod, Container: c.Name, Node: a.cfg.NodeName, Image: t.Image, ImageRef: t.ImageRef,
-		Reason: req.Reason, CriuVersion: a.cfg.CriuVersion, Started: start.UTC(), Dumped: dumped.UTC(),
+		Pod: d.req.Pod, Container: d.c.Name, Node: d.a.cfg.NodeName, Image: d.t.Image, ImageRef: d.t.ImageRef,
+		Reason: d.req.Reason, CriuVersion: d.a.cfg.CriuVersion, Started: d.start.UTC(), Dumped: dumped.UTC(),
 	}
-	if err := processInfo(root, t.PID, m); err != nil {
-		return failFrozen(err)
+	if err := processInfo(d.app, d.t.PID, m); err != nil {
+		return nil, err
 	}
-	copied, err := checkpoint.CopyIn(hostRoot, c.Files, w.Path())
+	copied, err := d.w.CopyIn(d.root, d.c.Files, d.a.cfg.CopyLimits)
 	if err != nil {
-		return failFrozen(err)
+		return nil, err
 	}
 	m.CopiedFiles = copied
-	if err := w.Commit(m); err != nil {
-		return failFrozen(fmt.Errorf("committing the checkpoint: %w", err))
+	if err := d.w.Commit(m); err != nil {
+		return nil, fmt.Errorf("committing the checkpoint: %w", err)
 	}
-	// The launcher of the next pod reads the checkpoint as the app's user.
-	if uid, gid, err := processUID(t.PID); err == nil && uid != 0 {
-		_ = os.Lchown(hostDir, uid, gid)
-		_ = chownTree(w.Final(), uid, gid)
+	// The app's user owns its checkpoints (the launcher of the next pod reads them as that user).
+	if uid, gid, err := processUID(d.t.PID); err == nil && uid != 0 {
+		if err := d.w.Chown(uid, gid); err != nil {
+			d.log.Warn().Err(err).Msg("giving the checkpoint to the app's user")
+		}
 	}
-	// Held open: the container (and with it /proc/<pid>/root) may be gone by the time of pruning.
-	dirFile, err := os.Open(hostDir)
+	return m, nil
+}
+
+func (d *dump) abort() {
+	kept, err := d.w.Abort(d.req.Diagnosis)
 	if err != nil {
-		log.Warn().Err(err).Msg("opening the checkpoint directory for pruning")
+		d.log.Warn().Err(err).Msg("cleaning the failed checkpoint")
+	} else if kept != "" {
+		d.log.Info().Str("dir", path.Join(d.c.Dir, kept)).Msg("failed dump kept for diagnosis")
 	}
-	res.Phase = agentapi.PhaseSucceeded
-	res.CheckpointID = id
-	res.Bytes = m.Size
-	res.Message = fmt.Sprintf("dump %.2fs, total %.2fs, %d bytes of images", dumped.Sub(dumpStart).Seconds(), time.Since(start).Seconds(), m.ImagesSize)
-	a.cfg.Metrics.DumpDuration.Observe(time.Since(start).Seconds())
-	a.cfg.Metrics.DumpBytes.Add(float64(m.Size))
-	log.Info().Str("checkpoint", path.Join(c.Dir, id)).Int64("bytes", m.Size).Dur("criu", dumped.Sub(dumpStart)).Dur("total", time.Since(start)).Msg("checkpoint complete; app left frozen")
-	return res, &frozen, dirFile
+	d.w = nil
+}
+
+func (d *dump) close() {
+	for _, f := range []*os.File{d.root, d.dir} {
+		if f != nil {
+			f.Close()
+		}
+	}
+	if d.w != nil {
+		d.w.Close()
+	}
 }
 
 // prune removes the container's old checkpoints once the operation has reported success: removing
 // the previous gigabytes takes the filesystem a while (0.4 s per GiB measured), and the eviction
-// waiting on the new checkpoint has no reason to wait for that.
+// waiting on the new checkpoint has no reason to wait for that. dir is a descriptor held since
+// the commit: the container (and with it /proc/<pid>/root) may be gone by now.
 func (a *Agent) prune(log zerolog.Logger, req agentapi.CheckpointRequest, dir *os.File) {
-	hostDir := fmt.Sprintf("/proc/self/fd/%d", dir.Fd())
 	keep := a.cfg.KeepCheckpoints
 	if req.Keep > 0 {
 		keep = req.Keep + 1 // the webhook counts the checkpoints kept besides the new one
 	}
 	// A checkpoint directory without marker younger than a dump may still be written.
-	if err := checkpoint.Prune(hostDir, keep, a.cfg.Now().Add(-a.cfg.DumpTimeout)); err != nil {
+	if err := checkpoint.PruneAt(dir, keep, a.cfg.Now().Add(-a.cfg.DumpTimeout)); err != nil {
 		log.Warn().Err(err).Msg("pruning old checkpoints")
 	}
-}
-
-func dirSize(root string) int64 {
-	var n int64
-	_ = filepath.WalkDir(root, func(_ string, d fs.DirEntry, err error) error {
-		if err == nil && d.Type().IsRegular() {
-			if fi, err := d.Info(); err == nil {
-				n += fi.Size()
-			}
-		}
-		return nil
-	})
-	return n
-}
-
-func chownTree(root string, uid, gid int) error {
-	return filepath.WalkDir(root, func(p string, _ fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		return os.Lchown(p, uid, gid)
-	})
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/criurun"
 	"github.com/stasis-k8s/stasis/tests/cluster"
 )
 
@@ -76,7 +77,8 @@ func clientAs(t *testing.T, ca *testCA, cn string) *agentapi.Client {
 func TestAPIAuthentication(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	a, err := New(ctx, Config{Finder: pidFinder{}, NodeName: "node-a", Log: zerolog.New(zerolog.NewTestWriter(t))})
+	// No dump runs here: an empty folder stands for the CRIU bundle.
+	a, err := New(ctx, Config{Finder: pidFinder{}, NodeName: "node-a", Criu: criurun.Bundle{Dir: t.TempDir()}, Log: zerolog.New(zerolog.NewTestWriter(t))})
 	require.NoError(t, err)
 	ca := newTestCA(t)
 	base := startAPI(t, a, ca)

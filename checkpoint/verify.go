@@ -7,10 +7,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path"
 	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stasis-k8s/stasis/internal/confine"
 )
 
 // ErrIncomplete means the checkpoint has no completion marker (a dump was interrupted, or it is
@@ -19,36 +24,71 @@ var ErrIncomplete = errors.New("checkpoint is incomplete (no completion marker)"
 
 // Verify checks a whole checkpoint: Check, then VerifyImages.
 func Verify(ckpt string) (*Manifest, error) {
-	m, err := Check(ckpt)
+	d, err := openCheckpoint(ckpt)
 	if err != nil {
 		return nil, err
 	}
-	if err := VerifyImages(ckpt, m); err != nil {
+	defer d.Close()
+	m, err := CheckAt(d, filepath.Base(ckpt))
+	if err != nil {
+		return nil, err
+	}
+	if err := VerifyImagesAt(d, m); err != nil {
 		return nil, err
 	}
 	return m, nil
 }
 
-// Check checks all of a checkpoint but the contents of its CRIU images: the marker exists and
-// names the manifest's sha256, the manifest is of a known format and names this checkpoint, every
-// file it lists exists with its size, the files outside images/ (checkpoint-files, the log) match
-// their sha256, and no CRIU image is missing from the list. It returns the manifest.
-//
-// The images' contents are left to VerifyImages, which the launcher runs beside `criu restore`:
-// the restored tree stays stopped until they are verified, so the hash of gigabytes of images
-// costs the restore nothing.
+// Check is CheckAt for a checkpoint given by a trusted path.
 func Check(ckpt string) (*Manifest, error) {
-	marker, err := os.ReadFile(filepath.Join(ckpt, MarkerName))
-	if os.IsNotExist(err) {
-		if _, serr := os.Stat(ckpt); serr != nil {
-			return nil, fmt.Errorf("checkpoint %s does not exist", ckpt)
-		}
+	d, err := openCheckpoint(ckpt)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	return CheckAt(d, filepath.Base(ckpt))
+}
+
+// VerifyImages is VerifyImagesAt for a checkpoint given by a trusted path.
+func VerifyImages(ckpt string, m *Manifest) error {
+	d, err := openCheckpoint(ckpt)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return VerifyImagesAt(d, m)
+}
+
+func openCheckpoint(ckpt string) (*os.File, error) {
+	d, err := os.Open(ckpt)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("checkpoint %s does not exist", ckpt)
+	}
+	return d, err
+}
+
+// maxManifest bounds what is read of a manifest or marker (a manifest lists a few hundred files).
+const maxManifest = 16 << 20
+
+// CheckAt checks all of checkpoint id (the directory d) but the contents of its CRIU images: the
+// marker exists and names the manifest's sha256, the manifest is of a known format and names this
+// checkpoint, every file it lists exists with its size, the files outside images/
+// (checkpoint-files, the log) match their sha256, and no CRIU image is missing from the list. It
+// returns the manifest. Every file is opened below d without following any symlink: the
+// privileged agent reads checkpoints on volumes a pod writes.
+//
+// The images' contents are left to VerifyImagesAt, run beside the restore: the restored tree
+// stays stopped until they are verified, so the hash of gigabytes of images costs the restore
+// nothing.
+func CheckAt(d *os.File, id string) (*Manifest, error) {
+	marker, err := readSmall(d, MarkerName)
+	if errors.Is(err, fs.ErrNotExist) {
 		return nil, ErrIncomplete
 	}
 	if err != nil {
 		return nil, err
 	}
-	data, err := os.ReadFile(filepath.Join(ckpt, ManifestName))
+	data, err := readSmall(d, ManifestName)
 	if err != nil {
 		return nil, fmt.Errorf("manifest: %w", err)
 	}
@@ -63,8 +103,8 @@ func Check(ckpt string) (*Manifest, error) {
 	if m.Format != FormatVersion {
 		return nil, fmt.Errorf("manifest.json: format %d, this stasis reads %d", m.Format, FormatVersion)
 	}
-	if m.ID != filepath.Base(ckpt) {
-		return nil, fmt.Errorf("manifest.json: id %q does not match directory %q", m.ID, filepath.Base(ckpt))
+	if m.ID != id {
+		return nil, fmt.Errorf("manifest.json: id %q does not match directory %q", m.ID, id)
 	}
 	for _, c := range m.CopiedFiles {
 		if err := c.Validate(); err != nil {
@@ -78,42 +118,52 @@ func Check(ckpt string) (*Manifest, error) {
 		}
 		listed[f.Path] = true
 		if isImage(f.Path) {
-			err = checkSize(ckpt, f)
+			err = checkSize(d, f)
 		} else {
-			err = verifyFile(ckpt, f)
+			err = verifyFile(d, f)
 		}
 		if err != nil {
 			return nil, err
 		}
 	}
-	// Every image on disk must be listed: an image added after the manifest is not ours.
-	imgs, err := os.ReadDir(filepath.Join(ckpt, ImagesDir))
-	if err != nil {
-		return nil, fmt.Errorf("images: %w", err)
-	}
-	if len(imgs) == 0 {
-		return nil, fmt.Errorf("images: no CRIU images")
-	}
-	for _, de := range imgs {
-		if de.Name() == criuRestoreStats {
-			continue
-		}
-		if p := ImagesDir + "/" + de.Name(); !listed[p] && de.Type().IsRegular() {
-			return nil, fmt.Errorf("%s: not listed in the manifest", p)
-		}
-	}
-	return &m, nil
+	return &m, unlistedImages(d, listed)
 }
 
-// VerifyImages checks the sha256 of every CRIU image m lists, two files at a time.
-func VerifyImages(ckpt string, m *Manifest) error {
+// unlistedImages refuses an image on disk the manifest does not list: one added after the
+// manifest is not ours.
+func unlistedImages(d *os.File, listed map[string]bool) error {
+	imgs, err := confine.OpenBeneath(d, ImagesDir, unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return fmt.Errorf("images: %w", err)
+	}
+	defer imgs.Close()
+	entries, err := confine.ReadDir(imgs)
+	if err != nil {
+		return fmt.Errorf("images: %w", err)
+	}
+	if len(entries) == 0 {
+		return fmt.Errorf("images: no CRIU images")
+	}
+	for _, e := range entries {
+		if e.Name == criuRestoreStats {
+			continue
+		}
+		if p := ImagesDir + "/" + e.Name; !listed[p] {
+			return fmt.Errorf("%s: not listed in the manifest", p)
+		}
+	}
+	return nil
+}
+
+// VerifyImagesAt checks the sha256 of every CRIU image m lists, two files at a time.
+func VerifyImagesAt(d *os.File, m *Manifest) error {
 	var imgs []FileSum
 	for _, f := range m.Files {
 		if isImage(f.Path) {
 			imgs = append(imgs, f)
 		}
 	}
-	return inParallel(len(imgs), 2, func(i int) error { return verifyFile(ckpt, imgs[i]) })
+	return inParallel(len(imgs), 2, func(i int) error { return verifyFile(d, imgs[i]) })
 }
 
 // criuRestoreStats is written into the images directory by every `criu restore` (there is no
@@ -123,19 +173,33 @@ const criuRestoreStats = "stats-restore"
 
 func isImage(rel string) bool { return strings.HasPrefix(rel, ImagesDir+"/") }
 
-func checkSize(ckpt string, f FileSum) error {
-	fi, err := os.Stat(filepath.Join(ckpt, filepath.FromSlash(f.Path)))
+func readSmall(d *os.File, rel string) ([]byte, error) {
+	f, _, err := openRegular(d, rel)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxManifest+1))
+	if err == nil && len(b) > maxManifest {
+		err = fmt.Errorf("%s: larger than %d bytes", rel, maxManifest)
+	}
+	return b, err
+}
+
+func checkSize(d *os.File, f FileSum) error {
+	fh, st, err := openRegular(d, f.Path)
 	if err != nil {
 		return fmt.Errorf("%s: %w", f.Path, err)
 	}
-	if fi.Size() != f.Size {
-		return fmt.Errorf("%s: size %d, manifest says %d", f.Path, fi.Size(), f.Size)
+	fh.Close()
+	if st.Size != f.Size {
+		return fmt.Errorf("%s: size %d, manifest says %d", f.Path, st.Size, f.Size)
 	}
 	return nil
 }
 
-func verifyFile(ckpt string, f FileSum) error {
-	fh, err := os.Open(filepath.Join(ckpt, filepath.FromSlash(f.Path)))
+func verifyFile(d *os.File, f FileSum) error {
+	fh, _, err := openRegular(d, f.Path)
 	if err != nil {
 		return fmt.Errorf("%s: %w", f.Path, err)
 	}

@@ -38,7 +38,6 @@ type Writer struct {
 	tmp    *os.File    // .tmp-<id>, created by Begin, renamed to <id> by Commit
 	images *os.File    // tmp/images, created by Begin
 	tmpSt  unix.Stat_t // tmp's identity, to recognise it by name
-	linked bool        // LinkImages made the images link
 
 	fl   *follower          // hashing the images while CRIU writes them (FollowImages)
 	sums map[string]FileSum // what the follower hashed, once the writer exited
@@ -163,7 +162,6 @@ func (w *Writer) Commit(m *Manifest) error {
 	if err := w.ImagesWritten(); err != nil {
 		return err
 	}
-	w.unlinkImages()
 	files, err := hashTree(w.tmp, w.sums)
 	if err != nil {
 		return err
@@ -243,7 +241,6 @@ func (w *Writer) Abort(keep bool) (kept string, err error) {
 		w.fl = nil
 	}
 	defer w.Close()
-	w.unlinkImages()
 	if keep {
 		name := failedPrefix + w.ID
 		if err := w.renameOwn(w.TmpName(), name); err != nil {

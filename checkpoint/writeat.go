@@ -12,60 +12,12 @@ import (
 	"github.com/stasis-k8s/stasis/internal/confine"
 )
 
-// Helpers for the agent around CRIU: the only things it needs by path are the ones CRIU opens
-// inside the container's mount namespace; everything the agent does itself goes through the
-// writer's descriptors.
+// Helpers for the agent around CRIU: everything, CRIU's images directory included, goes through
+// the writer's descriptors.
 
-// imagesLinkName is the symlink LinkImages makes beside the temporary directory.
-func (w *Writer) imagesLinkName() string { return w.TmpName() + ".images" }
-
-// LinkImages makes the symlink <dir>/.tmp-<id>.images → <ctrDir>/.tmp-<id>/images in the
-// checkpoint directory and returns its path as seen in the container (ctrDir: the checkpoint
-// directory's path in the container). CRIU's RPC readlink()s the images directory it is given
-// (it expects /proc/<pid>/fd/<n>, which cannot work across PID namespaces): it gets this link.
-// The agent never follows it; Commit and Abort remove it.
-func (w *Writer) LinkImages(ctrDir string) (string, error) {
-	target := path.Join(ctrDir, w.TmpName(), ImagesDir)
-	if err := unix.Symlinkat(target, int(w.dir.Fd()), w.imagesLinkName()); err != nil {
-		return "", fmt.Errorf("linking the images directory: %w", err)
-	}
-	w.linked = true
-	return path.Join(ctrDir, w.imagesLinkName()), nil
-}
-
-// unlinkImages removes LinkImages' link (unlinkat removes a name, never what it points to).
-func (w *Writer) unlinkImages() {
-	if w.linked {
-		_ = unix.Unlinkat(int(w.dir.Fd()), w.imagesLinkName(), 0)
-		w.linked = false
-	}
-}
-
-// CheckContainerPath checks that ctrImages (a path in the container, such as LinkImages' link)
-// resolves, inside the container's root, to the images directory this writer created. Call it
-// before CRIU (the path CRIU is handed is ours) and after (CRIU wrote where the agent reads): a
-// pod that swapped a component in between makes the dump fail instead of the agent hashing and
-// committing a directory it did not make.
-func (w *Writer) CheckContainerPath(root *os.File, ctrImages string) error {
-	d, err := confine.Open(root, ctrImages, unix.O_PATH|unix.O_DIRECTORY)
-	if err != nil {
-		return fmt.Errorf("images directory %s in the container: %w", ctrImages, err)
-	}
-	defer d.Close()
-	got, err := confine.Stat(d)
-	if err != nil {
-		return err
-	}
-	want, err := confine.Stat(w.images)
-	if err != nil {
-		return err
-	}
-	if !confine.Same(&got, &want) {
-		return fmt.Errorf("images directory %s in the container is not the one this dump created (dev/ino %d/%d, want %d/%d): replaced during the dump",
-			ctrImages, got.Dev, got.Ino, want.Dev, want.Ino)
-	}
-	return nil
-}
+// Images is the images directory this writer created, for CRIU: the agent hands it over as an
+// inherited descriptor (/proc/self/fd/N to CRIU), so no path in the pod's reach is involved.
+func (w *Writer) Images() *os.File { return w.images }
 
 // WriteFile writes rel (a path below the temporary directory, e.g. "criu.conf") anew, 0600,
 // through descriptors.
