@@ -19,6 +19,7 @@ import (
 	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/checkpoint"
 	"github.com/stasis-k8s/stasis/criurun"
+	"github.com/stasis-k8s/stasis/wiring"
 )
 
 // ProcessFinder finds the host PID of a container's PID 1 (the launcher).
@@ -31,6 +32,9 @@ type Target struct {
 	PID      int
 	Image    string
 	ImageRef string
+	// PodAnnotations are the pod's annotations as the kubelet gave them to the runtime (the pod
+	// sandbox's): where the agent reads what the webhook decided (identity, checkpoint to restore).
+	PodAnnotations map[string]string
 }
 
 // EventRecorder records Events on pods (nil: no Events).
@@ -49,7 +53,11 @@ type Config struct {
 	// FreezeTimeout: an app still frozen this long after its dump (its pod was not deleted) is thawed.
 	FreezeTimeout time.Duration
 	// DumpTimeout bounds one container's dump.
-	DumpTimeout     time.Duration
+	DumpTimeout time.Duration
+	// CheckpointMount is where pods mount their checkpoint volume (wiring.CheckpointMount).
+	CheckpointMount string
+	// RestoreTimeout bounds one container's restore; then it starts afresh.
+	RestoreTimeout  time.Duration
 	KeepCheckpoints int
 	// CopyLimits bound what checkpoint-files may copy out of a container (default
 	// checkpoint.DefaultCopyLimits).
@@ -78,6 +86,12 @@ func (c *Config) defaults() error {
 	if c.DumpTimeout <= 0 {
 		c.DumpTimeout = 15 * time.Minute
 	}
+	if c.CheckpointMount == "" {
+		c.CheckpointMount = wiring.CheckpointMount
+	}
+	if c.RestoreTimeout <= 0 {
+		c.RestoreTimeout = 5 * time.Minute
+	}
 	if c.KeepCheckpoints <= 0 {
 		c.KeepCheckpoints = 2
 	}
@@ -99,8 +113,9 @@ type Agent struct {
 	ctx   context.Context
 	slots chan struct{}
 
-	mu  sync.Mutex
-	ops map[string]*operation
+	mu       sync.Mutex
+	ops      map[string]*operation
+	restores map[string]*podRestore // by pod UID
 }
 
 type operation struct {
@@ -119,7 +134,7 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
-	return &Agent{cfg: cfg, ctx: ctx, slots: make(chan struct{}, cfg.MaxConcurrentDumps), ops: map[string]*operation{}}, nil
+	return &Agent{cfg: cfg, ctx: ctx, slots: make(chan struct{}, cfg.MaxConcurrentDumps), ops: map[string]*operation{}, restores: map[string]*podRestore{}}, nil
 }
 
 // ValidateRequest checks a request and names the offending field.

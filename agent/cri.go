@@ -90,6 +90,11 @@ func (c *CRI) Find(ctx context.Context, pod agentapi.PodRef, name string) (Targe
 	if img := st.GetStatus().GetImage(); img != nil {
 		t.Image = img.Image
 	}
+	sb, err := c.runtime.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: ct.PodSandboxId})
+	if err != nil {
+		return Target{}, fmt.Errorf("CRI PodSandboxStatus %s: %w", ct.PodSandboxId, err)
+	}
+	t.PodAnnotations = sb.GetStatus().GetAnnotations()
 	return t, nil
 }
 

@@ -2,10 +2,13 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
+	"maps"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -23,25 +26,30 @@ import (
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
-// rig is one pod's worth of test setup: a checkpoint volume, a tools dir for plans, an agent.
+// rig is one pod's worth of test setup: a checkpoint volume, an agent, its local socket.
 type rig struct {
-	t        *testing.T
+	t        testing.TB
 	criu     string
 	root     string // the checkpoint volume (same path inside the test containers)
 	identity string
-	planDir  string
 	agent    *Agent
 	finder   pidFinder
 	socket   string
+
+	mu      sync.Mutex
+	restore map[string]string // the pod annotations of restoring pods (what CRI's sandbox holds)
+	pending sync.Map          // pod UID + "/" + container → chan *container (restoring containers)
+	uids    int
 }
 
-func newRig(t *testing.T, cfg Config) *rig {
+func newRig(t testing.TB, cfg Config) *rig {
 	criu := needCriu(t)
 	base := t.TempDir()
 	r := &rig{t: t, criu: criu, root: filepath.Join(base, "volume"), identity: "job/default/counter/0",
-		planDir: filepath.Join(base, "tools", "restore"), finder: pidFinder{}}
-	cfg.Finder = r.finder
+		finder: pidFinder{}, restore: map[string]string{}}
+	cfg.Finder = rigFinder{r}
 	cfg.Criu = agentCriu(t, criu)
+	cfg.CheckpointMount = r.root
 	cfg.NodeName = "node-a"
 	cfg.Log = zerolog.New(zerolog.NewTestWriter(t))
 	ctx, cancel := context.WithCancel(context.Background())
@@ -52,12 +60,34 @@ func newRig(t *testing.T, cfg Config) *rig {
 	return r
 }
 
+// rigFinder is the CRI finder's stand-in where no container runtime runs: containers by the
+// launcher PIDs the test started, and the pod annotations the webhook would have written.
+type rigFinder struct{ r *rig }
+
+func (f rigFinder) Find(ctx context.Context, pod agentapi.PodRef, c string) (Target, error) {
+	f.r.mu.Lock()
+	ann := maps.Clone(f.r.restore)
+	f.r.mu.Unlock()
+	if v, ok := f.r.pending.Load(pod.UID + "/" + c); ok {
+		select {
+		case ct := <-v.(chan *container):
+			v.(chan *container) <- ct
+			return Target{PID: ct.launcherPID(), Image: "counter:test", PodAnnotations: ann}, nil
+		case <-time.After(10 * time.Second):
+			return Target{}, fmt.Errorf("restoring container %q never started", c)
+		}
+	}
+	t, err := f.r.finder.Find(ctx, pod, c)
+	t.PodAnnotations = ann
+	return t, err
+}
+
 // serveLocal starts the agent's local socket (what launchers talk to) for this rig.
 func (r *rig) serveLocal() {
 	dir := r.t.TempDir()
 	ln, err := ListenLocal(dir, wiring.AgentSocketName)
 	require.NoError(r.t, err)
-	srv := &http.Server{Handler: LocalHandler(r.agent, nil, r.agent.cfg.Log), ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{Handler: LocalHandler(r.agent, nil, r.agent.cfg.Log), ReadHeaderTimeout: 5 * time.Second, ConnContext: LocalConnContext}
 	go func() { _ = srv.Serve(ln) }()
 	r.t.Cleanup(func() { _ = srv.Close() })
 	r.socket = filepath.Join(dir, wiring.AgentSocketName)
@@ -68,13 +98,41 @@ func (r *rig) dir(container string) string {
 }
 
 func (r *rig) env(container string) []string {
+	return r.envFor(container, "uid-1")
+}
+
+func (r *rig) envFor(container, uid string) []string {
 	return []string{
 		wiring.EnvContainerName + "=" + container,
-		wiring.EnvPodUID + "=uid-1",
-		launcher.EnvCriuPath + "=" + r.criu,
-		launcher.EnvRestorePlans + "=" + r.planDir,
+		wiring.EnvPodUID + "=" + uid,
+		wiring.EnvPodName + "=counter",
+		wiring.EnvPodNamespace + "=default",
 		launcher.EnvAgentSocket + "=" + r.socketPath(),
 	}
+}
+
+// restorePod plays the webhook and the kubelet for a pod created to restore checkpoint id into
+// containers: the pod's annotations, then each container started with the launcher's restore
+// environment. Each call is a new pod (a new UID).
+func (r *rig) restorePod(id string, containers map[string][]string) map[string]*container {
+	r.t.Helper()
+	ref, err := json.Marshal(wiring.RestoreRef{ID: id, Containers: slices.Sorted(maps.Keys(containers))})
+	require.NoError(r.t, err)
+	r.mu.Lock()
+	r.restore[wiring.AnnotationRestore] = string(ref)
+	r.restore[wiring.AnnotationIdentity] = r.identity
+	r.uids++
+	uid := fmt.Sprintf("uid-restore-%d", r.uids)
+	r.mu.Unlock()
+	out := map[string]*container{}
+	for name, cmd := range containers {
+		ch := make(chan *container, 1)
+		r.pending.Store(uid+"/"+name, ch)
+		env := append(r.envFor(name, uid), wiring.EnvRestoreID+"="+id)
+		out[name] = startContainer(r.t, env, append([]string{"--"}, cmd...)...)
+		ch <- out[name]
+	}
+	return out
 }
 
 func (r *rig) socketPath() string {
@@ -96,15 +154,10 @@ func (r *rig) checkpoint(uid string, specs ...agentapi.ContainerSpec) agentapi.C
 	return st
 }
 
-// restoreContainer runs restore-prepare (the restore init-container) and then the launcher with
-// the restore environment in new namespaces.
+// restoreContainer is restorePod for one container.
 func (r *rig) restoreContainer(container, id string, cmd ...string) *container {
 	r.t.Helper()
-	out, err := exec.Command(stasisBin, "restore-prepare", "--identity", r.identity, "--restore-id", id,
-		"--restore-containers", container, "--checkpoint-root", r.root, "--plan-dir", r.planDir).CombinedOutput()
-	require.NoError(r.t, err, "restore-prepare: %s", out)
-	env := append(r.env(container), wiring.EnvRestoreID+"="+id)
-	return startContainer(r.t, env, append([]string{"--"}, cmd...)...)
+	return r.restorePod(id, map[string][]string{container: cmd})[container]
 }
 
 func isSequence(nums []int) bool {
@@ -117,7 +170,7 @@ func isSequence(nums []int) bool {
 }
 
 // The whole path: counter under the launcher → agent dump (left frozen) → pod deletion (SIGTERM:
-// the launcher kills the frozen app and exits 143) → the writable layer is gone → restore-prepare
+// the launcher kills the frozen app and exits 143) → the writable layer is gone → the agent restores
 // + launcher in new namespaces → the counter continues where it stopped, and the file listed in
 // checkpoint-files is back.
 func TestDumpRestoreCounterContinues(t *testing.T) {
@@ -166,9 +219,10 @@ func TestDumpRestoreCounterContinues(t *testing.T) {
 	assert.Equal(t, 128+15, code, "the counter dies of SIGTERM: 128+15")
 
 	// The restored pod died before it was checkpointed again (its node was lost): the same
-	// checkpoint restores again, although CRIU wrote its restore statistics into it.
+	// checkpoint restores again. CRIU wrote its log and statistics to the agent's work directory,
+	// not into the images.
 	_, err = os.Stat(filepath.Join(r.dir("app"), id, checkpoint.ImagesDir, "stats-restore"))
-	require.NoError(t, err, "CRIU leaves stats-restore in the images")
+	require.True(t, os.IsNotExist(err), "the images stay as they were written: %v", err)
 	require.NoError(t, os.Remove(out))
 	c3 := r.restoreContainer("app", id, counterBin, out)
 	again := waitCount(t, c3, out, len(dumped)+2)
@@ -178,9 +232,9 @@ func TestDumpRestoreCounterContinues(t *testing.T) {
 	assert.Equal(t, 128+15, c3.stop())
 }
 
-// A corrupt image is found by the launcher while CRIU restores (restore-prepare checks sizes, not
-// the images' contents): the restored tree, still stopped, is killed and the launcher cold-starts
-// the original command.
+// A corrupt image is found by the agent while CRIU restores (the check before it covers sizes,
+// not the images' contents): the restored tree, still stopped, is killed and the launcher
+// cold-starts the original command.
 func TestCorruptCheckpointColdStarts(t *testing.T) {
 	r := newRig(t, Config{FreezeTimeout: time.Hour})
 	r.serveLocal()
@@ -216,10 +270,7 @@ func TestCorruptCheckpointColdStarts(t *testing.T) {
 	assert.Contains(t, c2.out.String(), "corrupt checkpoint")
 	assert.Regexp(t, `pages-[0-9]+\.img: sha256 [0-9a-f]+, manifest says`, c2.out.String())
 
-	plan, err := os.ReadFile(filepath.Join(r.planDir, "app.json"))
-	require.NoError(t, err)
-	assert.Contains(t, string(plan), `"restore": true`, "restore-prepare leaves the images' contents to the launcher")
-	// The launcher reported the cold start to the agent (which turns it into an Event).
+	// The agent counted the cold start (and recorded an Event).
 	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("cold-start")))
 }
 
@@ -352,30 +403,20 @@ func TestPodContainersRestoreTogether(t *testing.T) {
 	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
 	require.Len(t, st.Containers, 2)
 	id := st.Containers[0].CheckpointID
-	assert.Equal(t, id, st.Containers[1].CheckpointID, "one checkpoint ID for the pod: restore-prepare gets one")
+	assert.Equal(t, id, st.Containers[1].CheckpointID, "one checkpoint ID for the pod: the pod restores one")
 	dumped := map[string][]int{}
 	for _, n := range names {
 		dumped[n] = readCounts(t, outs[n])
 	}
 
 	restoreBoth := func() map[string]*container {
-		out, err := exec.Command(stasisBin, "restore-prepare", "--identity", r.identity, "--restore-id", id,
-			"--restore-containers", "app,side", "--checkpoint-root", r.root, "--plan-dir", r.planDir).CombinedOutput()
-		require.NoError(t, err, "restore-prepare: %s", out)
-		cs := map[string]*container{}
-		for _, n := range names {
-			cs[n] = startContainer(t, append(r.env(n), wiring.EnvRestoreID+"="+id), "--", counterBin, outs[n])
-		}
-		return cs
+		return r.restorePod(id, map[string][]string{"app": {counterBin, outs["app"]}, "side": {counterBin, outs["side"]}})
 	}
 	cs := restoreBoth()
 	for _, n := range names {
 		got := waitCount(t, cs[n], outs[n], len(dumped[n])+2)
 		assert.True(t, isSequence(got), "%s continues from %d: %v", n, len(dumped[n]), got)
 		assert.Contains(t, cs[n].out.String(), "restored; supervising the restored tree", n)
-		plan, err := os.ReadFile(filepath.Join(r.planDir, n+".json"))
-		require.NoError(t, err)
-		assert.Contains(t, string(plan), `"imagesVerified": true`, "with two containers restore-prepare verifies the images")
 		cs[n].stop()
 	}
 

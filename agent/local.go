@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/stasis-k8s/stasis/agentapi"
 )
@@ -48,42 +49,61 @@ func LocalHandler(a *Agent, eps EntrypointSource, log zerolog.Logger) http.Handl
 			writeJSON(w, http.StatusOK, ep)
 		}
 	})
-	mux.HandleFunc("POST "+agentapi.LocalPathRestoreResults, func(w http.ResponseWriter, r *http.Request) {
-		var res agentapi.RestoreResult
-		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&res); err != nil {
+	mux.HandleFunc("POST "+agentapi.LocalPathRestore, func(w http.ResponseWriter, r *http.Request) {
+		pid, ok := PeerPID(r.Context())
+		if !ok {
+			writeError(w, http.StatusInternalServerError, "no peer credentials on this connection")
+			return
+		}
+		var req agentapi.RestoreRequest
+		dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
 			writeError(w, http.StatusBadRequest, "request body: "+err.Error())
 			return
 		}
-		if res.Container == "" {
-			writeError(w, http.StatusBadRequest, "container: required")
+		if req.Pod.UID == "" || req.Container == "" {
+			writeError(w, http.StatusBadRequest, "pod.uid and container: required")
 			return
 		}
-		a.RestoreResult(r.Context(), res)
-		w.WriteHeader(http.StatusNoContent)
+		res, err := a.Restore(r.Context(), pid, req)
+		if err != nil {
+			log.Warn().Err(err).Int("caller", pid).Msg("restore request refused")
+			writeError(w, http.StatusForbidden, err.Error())
+			return
+		}
+		writeJSON(w, http.StatusOK, res)
 	})
 	return mux
 }
 
-// RestoreResult records a launcher's report: log, metric, and an Event on the pod.
-func (a *Agent) RestoreResult(ctx context.Context, res agentapi.RestoreResult) {
-	result, reason, warn := "restored", "Restored", false
-	if !res.Restored {
-		result, reason, warn = "cold-start", "RestoreFailed", true
+type peerKey struct{}
+
+// LocalConnContext records the peer's credentials (SO_PEERCRED) of each connection on the local
+// socket, for PeerPID: the kernel's word on who is calling, not the caller's.
+func LocalConnContext(ctx context.Context, c net.Conn) context.Context {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return ctx
 	}
-	a.cfg.Metrics.RestoreResults.WithLabelValues(result).Inc()
-	ev := a.cfg.Log.Info()
-	if warn {
-		ev = a.cfg.Log.Warn()
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return ctx
 	}
-	ev.Str("pod", res.Pod.Namespace+"/"+res.Pod.Name).Str("uid", res.Pod.UID).Str("container", res.Container).
-		Str("checkpoint", res.CheckpointID).Bool("restored", res.Restored).Msg(res.Message)
-	if a.cfg.Events != nil && res.Pod.Name != "" {
-		msg := fmt.Sprintf("container %s: %s", res.Container, res.Message)
-		if !res.Restored {
-			msg = fmt.Sprintf("container %s: cold start instead of restoring checkpoint %s: %s", res.Container, res.CheckpointID, res.Message)
-		}
-		a.cfg.Events.PodEvent(ctx, res.Pod, warn, reason, msg)
+	var cred *unix.Ucred
+	_ = raw.Control(func(fd uintptr) {
+		cred, err = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if err != nil || cred == nil {
+		return ctx
 	}
+	return context.WithValue(ctx, peerKey{}, int(cred.Pid))
+}
+
+// PeerPID is the host PID of the process that opened the request's connection.
+func PeerPID(ctx context.Context) (int, bool) {
+	pid, ok := ctx.Value(peerKey{}).(int)
+	return pid, ok && pid > 0
 }
 
 // ListenLocal creates the unix socket dir/name (replacing a stale one). Mode 0666: launchers run as

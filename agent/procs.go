@@ -16,27 +16,25 @@ import (
 // Helpers over /proc. The agent runs with hostPID, so every PID here is a host PID unless named
 // otherwise.
 
-// appRoot returns the launcher's nested-namespace init (the root of the tree to dump): the
-// launcher's only child living in another PID namespace.
+// appRoot returns the root of the tree to dump: the app, the launcher's child. Orphans of the
+// app that the launcher reaped into its own children are not the app; the app is the one started
+// first.
 func appRoot(launcher int) (int, error) {
-	lns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", launcher))
-	if err != nil {
-		return 0, fmt.Errorf("launcher process %d: %w", launcher, err)
-	}
-	var found []int
+	var app int
+	var first uint64
 	for _, c := range criurun.Children(launcher) {
-		ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/pid", c))
-		if err == nil && ns != lns {
-			found = append(found, c)
+		st, err := criurun.StartTime(c)
+		if err != nil {
+			continue // exited meanwhile
+		}
+		if app == 0 || st < first {
+			app, first = c, st
 		}
 	}
-	switch len(found) {
-	case 0:
-		return 0, fmt.Errorf("process %d has no child in a nested PID namespace: is the container started by `stasis launcher`?", launcher)
-	case 1:
-		return found[0], nil
+	if app == 0 {
+		return 0, fmt.Errorf("process %d has no child: is the container started by `stasis launcher`, and is its app running?", launcher)
 	}
-	return 0, fmt.Errorf("process %d has %d children in nested PID namespaces, expected one", launcher, len(found))
+	return app, nil
 }
 
 // nsPids returns the NSpid line of a process: its PID in each namespace from ours down to its own.
@@ -109,9 +107,6 @@ func processInfo(root, ref int, m *checkpoint.Manifest) error {
 		m.Stdio = append(m.Stdio, t)
 	}
 	app := root
-	if c := criurun.Children(root); len(c) > 0 {
-		app = c[0]
-	}
 	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", app)); err == nil {
 		m.Process.Argv = splitNul(b)
 	}

@@ -35,6 +35,7 @@ func Run(ctx context.Context, args []string) error {
 	maxDumps := fs.Int("max-concurrent-dumps", 2, "dumps running at once on this node")
 	freeze := fs.Duration("freeze-timeout", 5*time.Minute, "thaw a dumped app whose pod is not deleted within this time")
 	dumpTimeout := fs.Duration("dump-timeout", 15*time.Minute, "abandon one container's dump after this time")
+	restoreTimeout := fs.Duration("restore-timeout", 5*time.Minute, "start a container afresh when its restore takes longer")
 	keep := fs.Int("keep-checkpoints", 2, "complete checkpoints kept per container (newest first)")
 	health := fs.String("health-listen", ":8081", "plain HTTP address for /healthz, /readyz and /metrics")
 	socketDir := fs.String("socket-dir", wiring.HostAgentDir, "directory of the launchers' local socket "+wiring.AgentSocketName)
@@ -80,7 +81,7 @@ func Run(ctx context.Context, args []string) error {
 	metrics := NewMetrics(reg)
 	a, err := New(ctx, Config{
 		NodeName: *node, Criu: bundle, CriuVersion: v, MaxConcurrentDumps: *maxDumps,
-		FreezeTimeout: *freeze, DumpTimeout: *dumpTimeout, KeepCheckpoints: *keep,
+		FreezeTimeout: *freeze, DumpTimeout: *dumpTimeout, RestoreTimeout: *restoreTimeout, KeepCheckpoints: *keep,
 		Finder: runtime, Events: events, Metrics: metrics, Log: log,
 	})
 	if err != nil {
@@ -115,7 +116,7 @@ func Run(ctx context.Context, args []string) error {
 		tls  bool
 	}{
 		{"api", &http.Server{Handler: Handler(a), TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second}, apiLn, true},
-		{"local", &http.Server{Handler: LocalHandler(a, runtime, log), ReadHeaderTimeout: 10 * time.Second}, localLn, false},
+		{"local", &http.Server{Handler: LocalHandler(a, runtime, log), ReadHeaderTimeout: 10 * time.Second, ConnContext: LocalConnContext}, localLn, false},
 		{"health", &http.Server{Handler: hmux, ReadHeaderTimeout: 10 * time.Second}, healthLn, false},
 	}
 	errc := make(chan error, len(servers))

@@ -14,9 +14,6 @@ const (
 	// LocalPathEntrypoint: GET ?podUID=&container=&image= → Entrypoint (the image's config, read by
 	// the agent through the container runtime).
 	LocalPathEntrypoint = "/v1/entrypoint"
-	// LocalPathRestoreResults: POST RestoreResult → 204. The agent logs it, counts it and records
-	// an Event on the pod.
-	LocalPathRestoreResults = "/v1/restore-results"
 	// LocalBase is the base URL used on the unix socket (the host part is ignored).
 	LocalBase = "http://stasis-agent.local"
 )
@@ -28,16 +25,6 @@ type Entrypoint struct {
 	WorkingDir string   `json:"workingDir,omitempty"`
 	// Image is the image the runtime resolved (name or digest).
 	Image string `json:"image,omitempty"`
-}
-
-// RestoreResult is what a launcher reports after deciding between restore and cold start.
-type RestoreResult struct {
-	Pod          PodRef `json:"pod"`
-	Container    string `json:"container"`
-	CheckpointID string `json:"checkpointID,omitempty"`
-	// Restored is true when CRIU restored the checkpoint; false means a cold start.
-	Restored bool   `json:"restored"`
-	Message  string `json:"message,omitempty"`
 }
 
 // NewLocalClient returns a client for the agent's unix socket; use LocalBase as base.
@@ -57,9 +44,4 @@ func (c *Client) Entrypoint(ctx context.Context, base, podUID, container, image 
 	q := url.Values{"podUID": {podUID}, "container": {container}, "image": {image}}
 	err := c.do(ctx, http.MethodGet, base+LocalPathEntrypoint+"?"+q.Encode(), nil, &e)
 	return e, err
-}
-
-// ReportRestore tells the agent how a restore went.
-func (c *Client) ReportRestore(ctx context.Context, base string, r RestoreResult) error {
-	return c.do(ctx, http.MethodPost, base+LocalPathRestoreResults, r, nil)
 }

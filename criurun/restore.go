@@ -4,91 +4,80 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
-	"strconv"
 	"strings"
+
+	"github.com/checkpoint-restore/go-criu/v7/rpc"
+	"google.golang.org/protobuf/proto"
 )
 
 // InheritFD hands an open file to the restored tree in place of a resource recorded in the images
 // (CRIU's --inherit-fd fd[N]:Key). Key is "pipe:[inode]", "socket:[inode]" or a path without its
 // leading slash.
 type InheritFD struct {
-	Key string
-	// File is passed to CRIU; nil means "CRIU's own fd Std" (0, 1 or 2, which CRIU inherits from us).
+	Key  string
 	File *os.File
-	Std  int
 }
 
-// RestoreOptions describe a `criu restore` run by the launcher inside its container.
+// RestoreOptions describe a restore by the agent into a running container whose PID 1 (the
+// launcher) waits for its app.
 type RestoreOptions struct {
-	// Argv starts CRIU (see Argv).
-	Argv      []string
-	ImagesDir string
-	// LogFile is an absolute path for CRIU's log.
+	Bundle Bundle
+	// Join is the container's PID 1: CRIU runs in its namespaces, so the restored tree lands there
+	// and, once CRIU exits, is reparented to it.
+	Join Join
+	// ImagesDir is the checkpoint's images directory, opened by the agent.
+	ImagesDir *os.File
+	// WorkDir receives CRIU's log (LogFile): not the images, which are checked against their
+	// manifest and must stay as they were written.
+	WorkDir *os.File
 	LogFile string
-	// PidFile receives the PID of the restored root.
-	PidFile string
 	Inherit []InheritFD
-	// Unprivileged adds --unprivileged (enough with CAP_CHECKPOINT_RESTORE instead of NET_ADMIN).
-	Unprivileged bool
-	// LeaveStopped adds --leave-stopped: every restored task stays stopped until SignalTree(SIGCONT).
-	LeaveStopped bool
-	// Extra are the user's restore options (restore-advanced-options), already validated.
+	// Extra are the user's restore options (restore-advanced-options), already checked.
 	Extra []string
 }
 
-// Args returns CRIU's command-line arguments and the extra files (fd 3, 4, …) for a restore.
-//
-// --restore-detached: CRIU exits once the tree runs, and the restored root is reparented to the
-// launcher (PID 1 of the container, or a child subreaper), which supervises it like a fresh start.
-// --manage-cgroups=ignore: the new container has its own cgroups, set up by the runtime.
-func (o RestoreOptions) Args() ([]string, []*os.File) {
-	args := append([]string{}, o.Argv[1:]...)
-	args = append(args, "restore", "-D", o.ImagesDir, "--restore-detached", "--manage-cgroups=ignore",
-		"--pidfile", o.PidFile, "-o", o.LogFile, "-v4")
-	if o.Unprivileged {
-		args = append(args, "--unprivileged")
-	}
-	if o.LeaveStopped {
-		args = append(args, "--leave-stopped")
-	}
-	var files []*os.File
-	seen := map[string]bool{}
-	for _, in := range o.Inherit {
-		if seen[in.Key] {
-			continue
-		}
-		seen[in.Key] = true
-		fd := in.Std
-		if in.File != nil {
-			fd = 3 + len(files)
-			files = append(files, in.File)
-		}
-		args = append(args, "--inherit-fd", fmt.Sprintf("fd[%d]:%s", fd, in.Key))
-	}
-	args = append(args, o.Extra...)
-	return args, files
-}
-
-// Restore runs `criu restore` as a child (never as PID 1: CRIU as PID 1 fails with "timens:
-// Unable to set a monotonic clock offset") and returns the PID of the restored root.
+// Restore restores the images into the container's namespaces, every task left stopped (the
+// caller verifies the images meanwhile, then sends SIGCONT with SignalTree), and returns the PID
+// of the restored root as seen in the container. --root /: the container's root, as CRIU sees it
+// from inside its mount namespace (without it: "BUG at criu/mount.c:48"). Cgroups: CRIU leaves
+// the tasks where CRIU itself is.
 func Restore(ctx context.Context, o RestoreOptions) (int, error) {
-	args, files := o.Args()
-	cmd := exec.CommandContext(ctx, o.Argv[0], args...)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	cmd.ExtraFiles = files
-	cmd.Env = Env(os.Environ())
-	_ = os.Remove(o.PidFile)
-	if err := cmd.Run(); err != nil {
-		return 0, LogError("restore", err, o.LogFile)
+	call := &Call{Type: rpc.CriuReqType_RESTORE, Join: &o.Join}
+	opts := &rpc.CriuOpts{
+		ImagesDirFd:       proto.Int32(-1),
+		ImagesDir:         proto.String(call.PassPath(o.ImagesDir)),
+		LogFile:           proto.String(o.LogFile),
+		LogLevel:          proto.Int32(4),
+		Root:              proto.String("/"),
+		ManageCgroupsMode: rpc.CriuCgMode_IGNORE.Enum(),
+		LeaveStopped:      proto.Bool(true),
 	}
-	b, err := os.ReadFile(o.PidFile)
+	for _, in := range o.Inherit {
+		opts.InheritFd = append(opts.InheritFd, &rpc.InheritFd{Key: proto.String(in.Key), Fd: proto.Int32(int32(call.Pass(in.File)))})
+	}
+	// The log goes to the work directory, named through the configuration CRIU reads last.
+	cfg, err := ConfigFileContent(o.Extra)
 	if err != nil {
-		return 0, fmt.Errorf("criu restore left no pidfile: %w", err)
+		return 0, err
 	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid <= 0 {
-		return 0, fmt.Errorf("criu restore wrote a bad pidfile %q", b)
+	cfg += "work-dir " + call.PassPath(o.WorkDir) + "\n"
+	f, err := sealedFile("criu-restore.conf", cfg)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	opts.ConfigFile = proto.String(call.PassPath(f))
+	call.Opts = opts
+	resp, err := o.Bundle.Run(ctx, call)
+	if err != nil {
+		return 0, err
+	}
+	pid := int(resp.GetRestore().GetPid())
+	if pid <= 0 {
+		return 0, fmt.Errorf("criu restore reported no PID")
 	}
 	return pid, nil
 }
+
+// InheritKey is the key CRIU gives an open file in its images: the path without its leading slash.
+func InheritKey(path string) string { return strings.TrimPrefix(path, "/") }

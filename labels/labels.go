@@ -314,6 +314,20 @@ func parseFiles(v string) ([]string, error) {
 	return out, nil
 }
 
+// CheckOptions checks CRIU options one by one against allowed (CheckpointOptions or
+// RestoreOptions): the agent checks again what reaches it from a pod.
+func CheckOptions(opts, allowed []string) error {
+	for _, o := range opts {
+		if strings.ContainsAny(o, " ,\n\r") {
+			return fmt.Errorf("CRIU option %q: one option per element", o)
+		}
+		if _, err := parseOptions(o, allowed); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // parseOptions reads space- or comma-separated CRIU options and checks them against allowed.
 func parseOptions(v string, allowed []string) ([]string, error) {
 	var out []string

@@ -1,7 +1,11 @@
 package launcher
 
 import (
+	"os"
+	"os/exec"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -36,18 +40,30 @@ func TestCombineEntrypoint(t *testing.T) {
 	}
 }
 
-// The init's GODEBUG switches never reach the app, whose own GODEBUG is kept.
-func TestInitEnvRoundTrip(t *testing.T) {
-	for _, env := range [][]string{{"A=1"}, {"A=1", "GODEBUG=http2client=0"}, {"GODEBUG="}} {
-		ie := initEnv(env)
-		assert.Contains(t, ie[len(ie)-2:], "GODEBUG="+func() string {
-			for _, e := range env {
-				if len(e) > 8 && e[:8] == "GODEBUG=" {
-					return e[8:] + ",containermaxprocs=0,updatemaxprocs=0"
-				}
+// The launcher keeps the PIDs below ReservedPIDs for itself and the agent's restore: after
+// reservePIDs, the next process of the namespace gets a PID above them. (Run in a fresh PID
+// namespace, where PIDs start low: `unshare --pid --fork` re-runs this test binary.)
+func TestReservePIDs(t *testing.T) {
+	if os.Getenv("STASIS_TEST_IN_PIDNS") == "" {
+		if os.Geteuid() != 0 {
+			t.Skip("needs root for a PID namespace")
+		}
+		out, err := exec.Command("unshare", "--pid", "--fork", "--", "env", "STASIS_TEST_IN_PIDNS=1",
+			os.Args[0], "-test.run", "^TestReservePIDs$", "-test.v").CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		assert.Contains(t, string(out), "--- PASS: TestReservePIDs")
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.Contains(l, "reserving") {
+				t.Log(strings.TrimSpace(l))
 			}
-			return "containermaxprocs=0,updatemaxprocs=0"
-		}())
-		assert.ElementsMatch(t, env, appEnv(ie))
+		}
+		return
 	}
+	start := time.Now()
+	require.NoError(t, reservePIDs())
+	took := time.Since(start)
+	cmd := exec.Command("true")
+	require.NoError(t, cmd.Run())
+	t.Logf("reserving %d PIDs took %s; next PID %d", ReservedPIDs, took, cmd.Process.Pid)
+	assert.Greater(t, cmd.Process.Pid, ReservedPIDs)
 }

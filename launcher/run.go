@@ -1,22 +1,28 @@
-// Package launcher is `stasis launcher`, PID 1 of every checkpoint-enabled container.
+// Package launcher is `stasis launcher`, PID 1 of every checkpoint-enabled container. It holds no
+// privilege and needs none: every privileged step (dump, restore) is the node agent's.
 //
-// Fresh start: the launcher re-executes itself into a new PID namespace as a minimal init (it
-// reaps orphans and forwards signals) that runs the app. The tree below the launcher is what the
-// agent dumps; being PID 1 of its own namespace is what lets CRIU restore it in another container
-// without colliding with live PIDs.
+// Fresh start: the launcher keeps the low PIDs of the container's PID namespace for itself and for
+// a later restore (reservePIDs), starts the app as its child in a session of its own, forwards
+// every signal to it, reaps every orphan of the container and exits with the app's status. The
+// app's tree is what the agent dumps.
 //
-// Restore: when the pod was created to continue a checkpoint, the launcher puts the checkpoint's
-// files back and runs `criu restore` as its child, then supervises the restored tree exactly like a
-// fresh one. Anything wrong with the checkpoint or the restore falls back to a cold start: a
+// Restore: when the pod was created to continue a checkpoint, the launcher asks the agent to
+// restore it into this container; the agent runs CRIU inside the container's namespaces, and the
+// restored app comes back as the launcher's child (CRIU's orphans go to PID 1), with the same
+// PIDs it had. Anything wrong with the checkpoint or the restore falls back to a cold start: a
 // checkpoint problem must never become a crash loop.
 package launcher
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -25,63 +31,51 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/criurun"
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
 // Overrides of the in-pod paths, for running the launcher outside a wired pod (tests, debugging).
 const (
-	EnvCriuPath     = "STASIS_CRIU_PATH"        // default wiring.CriuBinary
-	EnvAgentSocket  = "STASIS_AGENT_SOCKET"     // default wiring.AgentMount/wiring.AgentSocketName
-	EnvRestorePlans = "STASIS_RESTORE_PLAN_DIR" // default wiring.RestorePlanDir
-	// EnvRestoreTimeout bounds `criu restore` (Go duration, default 5m); then a cold start.
+	EnvAgentSocket = "STASIS_AGENT_SOCKET" // default wiring.AgentMount/wiring.AgentSocketName
+	// EnvRestoreTimeout bounds the agent's restore (Go duration, default 5m); then a cold start.
 	EnvRestoreTimeout = "STASIS_RESTORE_TIMEOUT"
 )
 
-// initFlag marks the re-executed launcher that is PID 1 of the nested namespace.
-const initFlag = "--stasis-nested-init"
+// ReservedPIDs is the PID range kept free for the launcher's threads and the agent's CRIU: a
+// restore gives every process its old PID, so none of the app's may be one of theirs.
+const ReservedPIDs = 128
 
 // Run is `stasis launcher`. It does not return on success: it exits with the app's status.
 func Run(ctx context.Context, args []string) error {
 	log := zerolog.New(os.Stderr).With().Timestamp().Str("component", "stasis-launcher").Logger()
-	if len(args) > 0 && args[0] == initFlag {
-		os.Exit(runInit(log, args[1:]))
-	}
 	l, err := wiring.ParseLauncherArgs(args)
 	if err != nil {
 		return err
 	}
-	// Nothing but stdio may reach the dumped tree: an fd inherited from the runtime (opened in
-	// another mount namespace) makes CRIU fail ("Can't lookup mount").
+	// Nothing but stdio may reach the app: an fd inherited from the runtime (opened in another
+	// mount namespace) makes CRIU fail ("Can't lookup mount").
 	_ = unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
-	// Orphans of the restored tree's CRIU, and the restored root itself, must come back to us even
-	// when we are not PID 1 (tests, debugging).
+	// Orphans of the app, and the restored app itself, must come back to us even when we are not
+	// PID 1 (tests, debugging).
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("launcher: PR_SET_CHILD_SUBREAPER: %w", err)
 	}
 	// Catch every signal from now on: the kubelet's SIGTERM must reach the app whatever phase we are in.
 	sigs := make(chan os.Signal, 64)
 	signal.Notify(sigs)
-	env := launchEnv{
-		pod: agentapi.PodRef{
-			Namespace: os.Getenv(wiring.EnvPodNamespace),
-			Name:      os.Getenv(wiring.EnvPodName),
-			UID:       os.Getenv(wiring.EnvPodUID),
-		},
-		container: os.Getenv(wiring.EnvContainerName),
-		image:     os.Getenv(wiring.EnvImage),
-		restoreID: os.Getenv(wiring.EnvRestoreID),
-		criuPath:  envOr(EnvCriuPath, wiring.CriuBinary),
-		socket:    envOr(EnvAgentSocket, filepath.Join(wiring.AgentMount, wiring.AgentSocketName)),
-		planDir:   envOr(EnvRestorePlans, wiring.RestorePlanDir),
-	}
+	env := readEnv()
 	s := &supervisor{log: log, sigs: sigs}
 
 	if env.restoreID != "" {
-		pid, res := restore(ctx, log, env)
-		report(ctx, log, env, res)
-		if pid > 0 {
-			log.Info().Int("pid", pid).Str("checkpoint", res.CheckpointID).Msg("restored; supervising the restored tree")
-			os.Exit(s.supervise(pid))
+		res := askRestore(ctx, log, env)
+		if res.Restored {
+			log.Info().Int("pid", res.PID).Str("checkpoint", res.CheckpointID).Msg("restored; supervising the restored tree")
+			// The restored app's future children must stay above the reserved range too.
+			if err := reservePIDs(); err != nil {
+				log.Warn().Err(err).Msg("reserving PIDs after the restore")
+			}
+			os.Exit(s.supervise(res.PID))
 		}
 		log.Warn().Str("checkpoint", env.restoreID).Str("reason", res.Message).Msg("COLD START instead of restore")
 	}
@@ -90,7 +84,10 @@ func Run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	pid, err := startInit(cmd)
+	if err := reservePIDs(); err != nil {
+		return fmt.Errorf("launcher: %w", err)
+	}
+	pid, err := startApp(cmd)
 	if err != nil {
 		return fmt.Errorf("launcher: starting %q: %w", cmd, err)
 	}
@@ -104,9 +101,29 @@ type launchEnv struct {
 	container string
 	image     string
 	restoreID string
-	criuPath  string
+	options   string
 	socket    string
-	planDir   string
+	timeout   time.Duration
+}
+
+func readEnv() launchEnv {
+	e := launchEnv{
+		pod: agentapi.PodRef{
+			Namespace: os.Getenv(wiring.EnvPodNamespace),
+			Name:      os.Getenv(wiring.EnvPodName),
+			UID:       os.Getenv(wiring.EnvPodUID),
+		},
+		container: os.Getenv(wiring.EnvContainerName),
+		image:     os.Getenv(wiring.EnvImage),
+		restoreID: os.Getenv(wiring.EnvRestoreID),
+		options:   os.Getenv(wiring.EnvRestoreOptions),
+		socket:    envOr(EnvAgentSocket, filepath.Join(wiring.AgentMount, wiring.AgentSocketName)),
+		timeout:   5 * time.Minute,
+	}
+	if d, err := time.ParseDuration(os.Getenv(EnvRestoreTimeout)); err == nil && d > 0 {
+		e.timeout = d
+	}
+	return e
 }
 
 func envOr(k, def string) string {
@@ -116,15 +133,59 @@ func envOr(k, def string) string {
 	return def
 }
 
-// startInit re-executes the launcher as PID 1 of a new PID namespace (Go cannot fork: exec of
-// /proc/self/exe with CLONE_NEWPID). Setsid: CRIU needs the session leader inside the dumped tree.
-// Only stdio is passed: an fd opened in another mount namespace would make the dump fail.
-func startInit(cmd []string) (int, error) {
-	self, err := os.Readlink("/proc/self/exe")
+// askRestore asks the agent to restore this container and waits for the answer. An agent that is
+// not there yet (a DaemonSet rollout) is retried for a while; then, and on any refusal, a cold start.
+func askRestore(ctx context.Context, log zerolog.Logger, env launchEnv) agentapi.RestoreResponse {
+	req := agentapi.RestoreRequest{Pod: env.pod, Container: env.container, CheckpointID: env.restoreID}
+	if env.options != "" {
+		if err := json.Unmarshal([]byte(env.options), &req.Options); err != nil {
+			return agentapi.RestoreResponse{Message: fmt.Sprintf("$%s: not a JSON array of strings: %v", wiring.EnvRestoreOptions, err)}
+		}
+	}
+	c := agentapi.NewLocalClient(env.socket, env.timeout+30*time.Second)
+	var err error
+	for i := 0; i < 30; i++ {
+		var res agentapi.RestoreResponse
+		if res, err = c.Restore(ctx, agentapi.LocalBase, req); err == nil {
+			return res
+		}
+		var se *agentapi.StatusError
+		if errors.As(err, &se) || ctx.Err() != nil {
+			break // the agent answered: no use asking again
+		}
+		log.Info().Err(err).Msg("the agent is not answering yet; retrying")
+		time.Sleep(time.Second)
+	}
+	return agentapi.RestoreResponse{Message: fmt.Sprintf("asking the agent at %s to restore: %v", env.socket, err)}
+}
+
+// reservePIDs makes the PID namespace hand out PIDs above ReservedPIDs from now on, the only way
+// without privilege: by using them up. Threads are the cheapest users: a goroutine that exits
+// while locked to its thread takes the thread with it, so each round creates a new one (its TID
+// is a PID of the namespace). (A restore gives the app its old PIDs; the launcher's threads and
+// the agent's CRIU get the low ones in the new container, so the app must never have had those.)
+func reservePIDs() error {
+	for i := 0; i < 4*ReservedPIDs; i++ {
+		tid := make(chan int)
+		go func() {
+			runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+			tid <- unix.Gettid()
+		}()
+		if <-tid >= ReservedPIDs {
+			return nil
+		}
+	}
+	return fmt.Errorf("reserving PIDs: still below %d after %d threads", ReservedPIDs, 4*ReservedPIDs)
+}
+
+// startApp starts the app as our child, in a session of its own (CRIU needs the session leader
+// inside the dumped tree). Only stdio is passed: an fd opened in another mount namespace would make
+// the dump fail.
+func startApp(cmd []string) (int, error) {
+	path, err := exec.LookPath(cmd[0])
 	if err != nil {
 		return 0, err
 	}
-	argv := append([]string{self, wiring.LauncherSubcommand, initFlag, "--"}, cmd...)
 	files := []uintptr{0, 1, 2}
 	// A /dev/null we inherited may have been opened in another mount namespace (the runtime's):
 	// CRIU cannot dump it ("Can't lookup mount"). Reopen it here, in the container's.
@@ -135,23 +196,23 @@ func startInit(cmd []string) (int, error) {
 			}
 		}
 	}
-	return syscall.ForkExec("/proc/self/exe", argv, &syscall.ProcAttr{
-		Env:   initEnv(os.Environ()),
+	return syscall.ForkExec(path, cmd, &syscall.ProcAttr{
+		Env:   os.Environ(),
 		Files: files,
-		Sys:   &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID, Setsid: true},
+		Sys:   &syscall.SysProcAttr{Setsid: true},
 	})
 }
 
-// supervisor forwards signals to the app's root and waits for it, reaping every other child.
+// supervisor forwards signals to the app and waits for it, reaping every other child.
 type supervisor struct {
 	log  zerolog.Logger
 	sigs chan os.Signal
 }
 
-// supervise returns the exit code of the tree rooted at pid (a child of ours): its exit status, or
-// 128+n when killed by signal n. On SIGTERM, a tree that is stopped (the agent dumped it and left
-// it frozen) is killed, not resumed: it must not run on after its checkpoint, and the container
-// exits 143 so that a Job pod never counts as Succeeded.
+// supervise returns the exit code of the app (pid, our child): its exit status, or 128+n when
+// killed by signal n. On SIGTERM, an app that is stopped (the agent dumped it and left it frozen)
+// is killed with its whole tree, not resumed: it must not run on after its checkpoint, and the
+// container exits 143 so that a Job pod never counts as Succeeded.
 func (s *supervisor) supervise(pid int) int {
 	exited := make(chan int, 1)
 	go func() { exited <- reapUntil(pid) }()
@@ -172,7 +233,7 @@ func (s *supervisor) supervise(pid int) int {
 			if n == syscall.SIGTERM && Stopped(pid) {
 				s.log.Info().Int("pid", pid).Msg("SIGTERM while the app is frozen after its checkpoint: killing it")
 				frozenKill = true
-				_ = syscall.Kill(pid, syscall.SIGKILL)
+				_ = criurun.SignalTree(pid, syscall.SIGKILL)
 				continue
 			}
 			_ = syscall.Kill(pid, n)
@@ -225,61 +286,4 @@ func Stopped(pid int) bool {
 		return false
 	}
 	return s[i+2] == 'T' || s[i+2] == 't'
-}
-
-func report(ctx context.Context, log zerolog.Logger, env launchEnv, res agentapi.RestoreResult) {
-	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	defer cancel()
-	c := agentapi.NewLocalClient(env.socket, 3*time.Second)
-	if err := c.ReportRestore(ctx, agentapi.LocalBase, res); err != nil {
-		log.Warn().Err(err).Msg("could not report the restore result to the agent (no Event will be recorded)")
-	}
-}
-
-// envOrigGodebug carries the app's own GODEBUG (or its absence) past the nested init.
-const envOrigGodebug = "STASIS_LAUNCHER_ORIG_GODEBUG"
-
-// initEnv is the nested init's environment. The Go runtime keeps cgroup files open to track CPU
-// limits (containermaxprocs, updatemaxprocs); the init is dumped and restored with the app, in
-// another container, so it must hold no such files: both are turned off for the init only.
-func initEnv(env []string) []string {
-	out := make([]string, 0, len(env)+2)
-	orig, had := "", false
-	for _, e := range env {
-		if v, ok := strings.CutPrefix(e, "GODEBUG="); ok {
-			orig, had = v, true
-			continue
-		}
-		out = append(out, e)
-	}
-	godebug := "containermaxprocs=0,updatemaxprocs=0"
-	if orig != "" {
-		godebug = orig + "," + godebug
-	}
-	out = append(out, "GODEBUG="+godebug)
-	if had {
-		out = append(out, envOrigGodebug+"="+orig)
-	}
-	return out
-}
-
-// appEnv undoes initEnv for the app.
-func appEnv(env []string) []string {
-	out := make([]string, 0, len(env))
-	orig, had := "", false
-	for _, e := range env {
-		if v, ok := strings.CutPrefix(e, envOrigGodebug+"="); ok {
-			orig, had = v, true
-		}
-	}
-	for _, e := range env {
-		if strings.HasPrefix(e, "GODEBUG=") || strings.HasPrefix(e, envOrigGodebug+"=") {
-			continue
-		}
-		out = append(out, e)
-	}
-	if had {
-		out = append(out, "GODEBUG="+orig)
-	}
-	return out
 }

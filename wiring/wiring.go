@@ -92,11 +92,13 @@ const (
 
 // RestoreRef is the value of AnnotationRestore.
 type RestoreRef struct {
-	ID      string `json:"id"`
-	Node    string `json:"node"`
-	Time    string `json:"time"`
-	Size    int64  `json:"size"`
-	Message string `json:"message,omitempty"`
+	ID string `json:"id"`
+	// Containers restore from ID together, or all start afresh.
+	Containers []string `json:"containers,omitempty"`
+	Node       string   `json:"node"`
+	Time       string   `json:"time"`
+	Size       int64    `json:"size"`
+	Message    string   `json:"message,omitempty"`
 }
 
 // LauncherCommand is the container command that wraps the original one. A container without a

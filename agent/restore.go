@@ -1,0 +1,344 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/checkpoint"
+	"github.com/stasis-k8s/stasis/criurun"
+	"github.com/stasis-k8s/stasis/internal/confine"
+	"github.com/stasis-k8s/stasis/labels"
+	"github.com/stasis-k8s/stasis/wiring"
+)
+
+// Restore is the agent's side of a launcher's restore request: it checks who asks, decides for
+// the whole pod whether its checkpoint is restorable, restores the caller's container with the
+// agent's CRIU inside the container's namespaces, verifies the images while CRIU restores, and
+// resumes the app. It records the outcome (log, metric, Event). A refused request is an error
+// (ErrNotCaller: HTTP 403); anything wrong with the checkpoint is Restored=false (a cold start).
+func (a *Agent) Restore(ctx context.Context, callerPID int, req agentapi.RestoreRequest) (agentapi.RestoreResponse, error) {
+	t, err := a.cfg.Finder.Find(ctx, req.Pod, req.Container)
+	if err != nil {
+		return agentapi.RestoreResponse{}, fmt.Errorf("%w: %v", ErrNotCaller, err)
+	}
+	if t.PID != callerPID {
+		return agentapi.RestoreResponse{}, fmt.Errorf("%w: process %d is not PID 1 of container %q of pod %s", ErrNotCaller, callerPID, req.Container, req.Pod.UID)
+	}
+	log := a.cfg.Log.With().Str("pod", req.Pod.Namespace+"/"+req.Pod.Name).Str("container", req.Container).Logger()
+	res := agentapi.RestoreResponse{CheckpointID: req.CheckpointID}
+	pid, msg, err := a.restore(ctx, log, t, req)
+	if err != nil {
+		res.Message = err.Error()
+	} else {
+		res.Restored, res.PID, res.Message = true, pid, msg
+	}
+	a.recordRestore(ctx, log, req, res)
+	return res, nil
+}
+
+// ErrNotCaller refuses a restore asked by anyone but the container's own PID 1.
+var ErrNotCaller = errors.New("only the container's PID 1 may ask to restore it")
+
+// restore does the work; any error means a cold start.
+func (a *Agent) restore(ctx context.Context, log zerolog.Logger, t Target, req agentapi.RestoreRequest) (int, string, error) {
+	ref, identity, err := restoreRef(t.PodAnnotations)
+	if err != nil {
+		return 0, "", err
+	}
+	if ref.ID != req.CheckpointID {
+		return 0, "", fmt.Errorf("the launcher asks for checkpoint %q, the pod was created to restore %q", req.CheckpointID, ref.ID)
+	}
+	if err := labels.CheckOptions(req.Options, labels.RestoreOptions); err != nil {
+		return 0, "", err
+	}
+	root, err := confine.OpenRoot(fmt.Sprintf("/proc/%d/root", t.PID))
+	if err != nil {
+		return 0, "", fmt.Errorf("container root: %w", err)
+	}
+	defer root.Close()
+	plan, err := a.podPlans(req.Pod.UID, func() map[string]*restorePlan {
+		return preparePod(root, path.Join(a.cfg.CheckpointMount, wiring.IdentityDir(identity)), ref)
+	}).get(req.Container)
+	if err != nil {
+		return 0, "", err
+	}
+	timeout := a.cfg.RestoreTimeout
+	rctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	start := time.Now()
+	pid, err := a.restoreContainer(rctx, log, t, root, plan, req.Options)
+	if err != nil && rctx.Err() != nil {
+		err = fmt.Errorf("restore did not finish within %s (--restore-timeout): %w", timeout, err)
+	}
+	if err != nil {
+		return 0, "", err
+	}
+	return pid, fmt.Sprintf("restored checkpoint %s (%d bytes of images) in %.2fs", ref.ID, plan.m.ImagesSize, time.Since(start).Seconds()), nil
+}
+
+// restoreRef reads what the webhook decided: the checkpoint to restore and the identity.
+func restoreRef(ann map[string]string) (wiring.RestoreRef, string, error) {
+	var ref wiring.RestoreRef
+	v, ok := ann[wiring.AnnotationRestore]
+	if !ok {
+		return ref, "", fmt.Errorf("the pod has no %s annotation: it was not created to restore a checkpoint", wiring.AnnotationRestore)
+	}
+	if err := json.Unmarshal([]byte(v), &ref); err != nil {
+		return ref, "", fmt.Errorf("annotation %s: %w", wiring.AnnotationRestore, err)
+	}
+	identity := ann[wiring.AnnotationIdentity]
+	if identity == "" {
+		return ref, "", fmt.Errorf("the pod has no %s annotation", wiring.AnnotationIdentity)
+	}
+	if !checkpoint.ValidID(ref.ID) {
+		return ref, "", fmt.Errorf("annotation %s: %q is not a checkpoint id", wiring.AnnotationRestore, ref.ID)
+	}
+	return ref, identity, nil
+}
+
+// restorePlan is one container's checkpoint, checked, held open.
+type restorePlan struct {
+	dir            *os.File // the checkpoint directory <identity>/<container>/<id>
+	m              *checkpoint.Manifest
+	imagesVerified bool // checked up front (pods with several restoring containers)
+	err            error
+}
+
+// podRestore is the plans of one pod's restoring containers, decided once for all of them.
+type podRestore struct {
+	once  sync.Once
+	plans map[string]*restorePlan
+}
+
+func (p *podRestore) get(container string) (*restorePlan, error) {
+	pl, ok := p.plans[container]
+	if !ok {
+		return nil, fmt.Errorf("container %q is not among the pod's restoring containers", container)
+	}
+	return pl, pl.err
+}
+
+// podPlans returns the pod's plans, computing them with prepare on the first call. They are
+// forgotten after a while (the descriptors closed): a pod's containers start within seconds.
+func (a *Agent) podPlans(uid string, prepare func() map[string]*restorePlan) *podRestore {
+	a.mu.Lock()
+	p, ok := a.restores[uid]
+	if !ok {
+		p = &podRestore{}
+		a.restores[uid] = p
+		time.AfterFunc(a.cfg.RestoreTimeout+time.Minute, func() {
+			a.mu.Lock()
+			delete(a.restores, uid)
+			a.mu.Unlock()
+			for _, pl := range p.plans {
+				if pl.dir != nil {
+					pl.dir.Close()
+				}
+			}
+		})
+	}
+	a.mu.Unlock()
+	p.once.Do(func() { p.plans = prepare() })
+	return p
+}
+
+// preparePod checks the checkpoint of every restoring container. They restore together or not
+// at all: one restored beside a sibling that starts afresh would see a partner whose state went
+// back to zero. With several containers the images are verified here, before any of them
+// restores; a single container's images are verified while CRIU restores them. The checkpoint
+// volume is the same in every container of the pod, so the caller's root reaches them all.
+func preparePod(root *os.File, identityDir string, ref wiring.RestoreRef) map[string]*restorePlan {
+	names := ref.Containers
+	plans := map[string]*restorePlan{}
+	var failed string
+	for _, c := range names {
+		pl := &restorePlan{}
+		plans[c] = pl
+		dir := path.Join(identityDir, c, ref.ID)
+		if pl.dir, pl.err = confine.Open(root, dir, unix.O_RDONLY|unix.O_DIRECTORY); pl.err == nil {
+			pl.m, pl.err = checkpoint.CheckAt(pl.dir, ref.ID)
+		}
+		if pl.err == nil && len(names) > 1 {
+			pl.err, pl.imagesVerified = checkpoint.VerifyImagesAt(pl.dir, pl.m), true
+		}
+		if pl.err != nil {
+			pl.err = fmt.Errorf("checkpoint %s of container %s: %w", dir, c, pl.err)
+			if failed == "" {
+				failed = c
+			}
+		}
+	}
+	if failed != "" {
+		for c, pl := range plans {
+			if c != failed {
+				pl.err = fmt.Errorf("container %s cannot restore (%v): the containers of a pod restore together or not at all", failed, plans[failed].err)
+			}
+		}
+	}
+	return plans
+}
+
+// restoreContainer puts the checkpoint-files back, runs CRIU inside the container's namespaces and
+// resumes the restored tree once its images are verified. It returns the restored root's PID as
+// seen in the container.
+func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Target, root *os.File, plan *restorePlan, options []string) (int, error) {
+	if err := checkpoint.PutBackAt(plan.dir, plan.m, root); err != nil {
+		return 0, fmt.Errorf("putting the checkpoint files back: %w", err)
+	}
+	inherit, err := inheritFDs(t.PID, root, plan.m)
+	defer func() {
+		for _, in := range inherit {
+			in.File.Close()
+		}
+	}()
+	if err != nil {
+		return 0, err
+	}
+	images, err := confine.OpenBeneath(plan.dir, checkpoint.ImagesDir, unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return 0, fmt.Errorf("images: %w", err)
+	}
+	defer images.Close()
+	work, err := os.MkdirTemp("", "stasis-restore-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(work)
+	wd, err := os.Open(work)
+	if err != nil {
+		return 0, err
+	}
+	defer wd.Close()
+	// The images' sha256 is checked while CRIU restores them: the restored tree stays stopped
+	// until the check passes, so the app never runs from a corrupt image, and the hash of
+	// gigabytes costs the restore no time.
+	verified := make(chan error, 1)
+	if plan.imagesVerified {
+		verified <- nil
+	} else {
+		go func() { verified <- checkpoint.VerifyImagesAt(plan.dir, plan.m) }()
+	}
+	st, _ := criurun.StartTime(t.PID)
+	log.Info().Str("checkpoint", plan.m.ID).Int("inheritFDs", len(inherit)).Msg("restoring")
+	pid, err := criurun.Restore(ctx, criurun.RestoreOptions{
+		Bundle: a.cfg.Criu, Join: criurun.Join{PID: t.PID, StartTime: st},
+		ImagesDir: images, WorkDir: wd, LogFile: "restore.log", Inherit: inherit, Extra: options,
+	})
+	host := 0
+	if err == nil {
+		host, err = hostPID(t.PID, pid)
+	}
+	var verr error
+	select {
+	case verr = <-verified:
+	case <-ctx.Done():
+		verr = fmt.Errorf("verifying the images: %w", ctx.Err())
+	}
+	if err != nil || verr != nil {
+		killChildren(t.PID) // the restored or half-restored tree: nothing else is the launcher's yet
+	}
+	switch {
+	case verr != nil: // first: a corrupt image also makes CRIU fail, less clearly
+		return 0, fmt.Errorf("corrupt checkpoint %s: %w", plan.m.ID, verr)
+	case err != nil:
+		return 0, criurun.LogError("restore", err, work+"/restore.log")
+	}
+	if err := criurun.SignalTree(host, syscall.SIGCONT); err != nil {
+		_ = criurun.SignalTree(host, syscall.SIGKILL)
+		return 0, fmt.Errorf("resuming the restored tree: %w", err)
+	}
+	return pid, nil
+}
+
+// hostPID finds the restored root among the launcher's children by its PID in the container
+// (CRIU has exited: its orphans are the launcher's).
+func hostPID(launcher, inCtr int) (int, error) {
+	for _, c := range criurun.Children(launcher) {
+		if p, err := pidIn(c, launcher); err == nil && p == inCtr {
+			return c, nil
+		}
+	}
+	return 0, fmt.Errorf("the restored root (PID %d in the container) is not a child of the container's PID 1", inCtr)
+}
+
+// killChildren kills whatever a failed restore left under the launcher (a half-restored tree):
+// nothing else is its child before the app starts.
+func killChildren(launcher int) {
+	for _, c := range criurun.Children(launcher) {
+		_ = criurun.SignalTree(c, syscall.SIGKILL)
+	}
+}
+
+// inheritFDs hands CRIU what cannot be reopened from the images: the stdio pipes of the old
+// container (the launcher's own fds 0, 1, 2 are the new container's, reopened through /proc), and
+// open files whose size changed since the dump (CRIU refuses them with "has bad size"), opened
+// inside the container's root.
+func inheritFDs(launcher int, root *os.File, m *checkpoint.Manifest) ([]criurun.InheritFD, error) {
+	var out []criurun.InheritFD
+	seen := map[string]bool{}
+	for fd, target := range m.Stdio {
+		if fd > 2 || seen[target] || !(len(target) > 6 && (target[:6] == "pipe:[" || target[:6] == "socket")) {
+			continue
+		}
+		flags := os.O_WRONLY
+		if fd == 0 {
+			flags = os.O_RDONLY
+		}
+		f, err := os.OpenFile(fmt.Sprintf("/proc/%d/fd/%d", launcher, fd), flags, 0)
+		if err != nil {
+			return out, fmt.Errorf("the new container's fd %d for %s: %w", fd, target, err)
+		}
+		seen[target] = true
+		out = append(out, criurun.InheritFD{Key: target, File: f})
+	}
+	for _, of := range m.OpenFiles {
+		if seen[of.Path] || !path.IsAbs(of.Path) {
+			continue
+		}
+		f, err := confine.Open(root, of.Path, (of.Flags&(os.O_RDONLY|os.O_WRONLY|os.O_RDWR|os.O_APPEND))|unix.O_NONBLOCK)
+		if err != nil {
+			continue // missing: CRIU's to report
+		}
+		st, err := confine.Stat(f)
+		if err != nil || !confine.IsReg(&st) || st.Size == of.Size {
+			f.Close() // unchanged ones CRIU reopens itself
+			continue
+		}
+		if of.Flags&os.O_APPEND == 0 {
+			if _, err := f.Seek(of.Pos, 0); err != nil {
+				f.Close()
+				return out, fmt.Errorf("seek %s: %w", of.Path, err)
+			}
+		}
+		seen[of.Path] = true
+		out = append(out, criurun.InheritFD{Key: criurun.InheritKey(of.Path), File: f})
+	}
+	return out, nil
+}
+
+// recordRestore logs, counts and records an Event for a restore's outcome.
+func (a *Agent) recordRestore(ctx context.Context, log zerolog.Logger, req agentapi.RestoreRequest, res agentapi.RestoreResponse) {
+	result, reason := "restored", "Restored"
+	ev := log.Info()
+	msg := fmt.Sprintf("container %s: %s", req.Container, res.Message)
+	if !res.Restored {
+		result, reason, ev = "cold-start", "RestoreFailed", log.Warn()
+		msg = fmt.Sprintf("container %s: cold start instead of restoring checkpoint %s: %s", req.Container, req.CheckpointID, res.Message)
+	}
+	a.cfg.Metrics.RestoreResults.WithLabelValues(result).Inc()
+	ev.Str("checkpoint", req.CheckpointID).Bool("restored", res.Restored).Msg(res.Message)
+	if a.cfg.Events != nil && req.Pod.Name != "" {
+		a.cfg.Events.PodEvent(ctx, req.Pod, !res.Restored, reason, msg)
+	}
+}
