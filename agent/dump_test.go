@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,7 +32,11 @@ type rig struct {
 	agent    *Agent
 	finder   pidFinder
 	socket   string
+	pods     *fakeRuntimePods // the runtime's view of the restored containers (serveLocal)
 }
+
+// rigPodUID is the pod UID the rig's launchers report (wiring.EnvPodUID).
+const rigPodUID = "5d1f3a9e-0c4b-4e7a-9b2d-6f8e1a2b3c4d"
 
 func newRig(t *testing.T, cfg Config) *rig {
 	criu := needCriu(t)
@@ -58,8 +61,10 @@ func (r *rig) serveLocal() {
 	dir := r.t.TempDir()
 	ln, err := ListenLocal(dir, wiring.AgentSocketName)
 	require.NoError(r.t, err)
-	srv := &http.Server{Handler: LocalHandler(r.agent, nil, r.agent.cfg.Log), ReadHeaderTimeout: 5 * time.Second}
-	go func() { _ = srv.Serve(ln) }()
+	r.pods = newFakeRuntimePods()
+	l := NewLocal(r.agent, LocalConfig{Pods: r.pods})
+	srv := l.Server()
+	go func() { _ = srv.Serve(l.Listener(ln)) }()
 	r.t.Cleanup(func() { _ = srv.Close() })
 	r.socket = filepath.Join(dir, wiring.AgentSocketName)
 }
@@ -71,7 +76,7 @@ func (r *rig) dir(container string) string {
 func (r *rig) env(container string) []string {
 	return []string{
 		wiring.EnvContainerName + "=" + container,
-		wiring.EnvPodUID + "=uid-1",
+		wiring.EnvPodUID + "=" + rigPodUID,
 		launcher.EnvCriuPath + "=" + r.criu,
 		launcher.EnvRestorePlans + "=" + r.planDir,
 		launcher.EnvAgentSocket + "=" + r.socketPath(),
@@ -105,7 +110,14 @@ func (r *rig) restoreContainer(container, id string, cmd ...string) *container {
 		"--restore-containers", container, "--checkpoint-root", r.root, "--plan-dir", r.planDir).CombinedOutput()
 	require.NoError(r.t, err, "restore-prepare: %s", out)
 	env := append(r.env(container), wiring.EnvRestoreID+"="+id)
-	return startContainer(r.t, env, append([]string{"--"}, cmd...)...)
+	if r.pods == nil {
+		return startContainer(r.t, env, append([]string{"--"}, cmd...)...)
+	}
+	// In a pod's cgroup, known to the runtime: the launcher reports its result to the agent.
+	ctr := randomHex(r.t, 64)
+	c := startContainerIn(r.t, podCgroup(r.t, rigPodUID, ctr), env, append([]string{"--"}, cmd...)...)
+	r.pods.add(agentapi.PodRef{Namespace: "default", Name: "counter", UID: rigPodUID}, ctr, container, c.launcherPID)
+	return c
 }
 
 func isSequence(nums []int) bool {
