@@ -95,7 +95,7 @@ func (l *Local) Server() *http.Server {
 		Handler:           l.Handler(),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      localLookupTimeout + 10*time.Second,
+		WriteTimeout:      2*localLookupTimeout + 5*time.Second, // verify and the lookup are bounded by localLookupTimeout each
 		IdleTimeout:       60 * time.Second,
 		MaxHeaderBytes:    localMaxHeader,
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {

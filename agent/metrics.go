@@ -45,7 +45,7 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 		}, []string{"result"}),
 		LocalRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "stasis_agent_local_refusals_total",
-			Help: "Requests and connections on the launchers' local socket refused, by reason (not-a-pod, unknown-pod, wrong-container, other-pod, other-container, busy, too-many-connections).",
+			Help: "Requests and connections on the launchers' local socket refused, by reason (not-a-pod, unknown-pod, wrong-container, other-pod, other-container, busy, too-many-connections, no-runtime).",
 		}, []string{"reason"}),
 	}
 	reg.MustRegister(m.DumpDuration, m.DumpBytes, m.DumpFailures, m.Thaws, m.RestoreResults, m.LocalRefusals)
