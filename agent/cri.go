@@ -166,21 +166,26 @@ func (c *CRI) PodByUID(ctx context.Context, uid string) (agentapi.PodRef, error)
 	return agentapi.PodRef{}, errNotOnNode{"pod " + uid}
 }
 
-// Container implements PodDirectory: the name and init PID of a running container of a pod.
-func (c *CRI) Container(ctx context.Context, podUID, id string) (string, int, error) {
+// Container implements PodDirectory: a container of a pod that has started or is starting (its
+// caller may run before the runtime records the container as running), with its init PID and
+// image.
+func (c *CRI) Container(ctx context.Context, podUID, id string) (RuntimeContainer, error) {
 	resp, err := c.runtime.ListContainers(ctx, &runtimeapi.ListContainersRequest{Filter: &runtimeapi.ContainerFilter{
 		Id:            id,
-		State:         &runtimeapi.ContainerStateValue{State: runtimeapi.ContainerState_CONTAINER_RUNNING},
 		LabelSelector: map[string]string{labelPodUID: podUID},
 	}})
 	if err != nil {
-		return "", 0, fmt.Errorf("CRI ListContainers: %w", err)
+		return RuntimeContainer{}, fmt.Errorf("CRI ListContainers: %w", err)
 	}
 	if len(resp.Containers) != 1 || resp.Containers[0].Id != id {
-		return "", 0, errNotOnNode{"container " + id + " of pod " + podUID}
+		return RuntimeContainer{}, errNotOnNode{"container " + id + " of pod " + podUID}
+	}
+	ct := resp.Containers[0]
+	if s := ct.State; s != runtimeapi.ContainerState_CONTAINER_CREATED && s != runtimeapi.ContainerState_CONTAINER_RUNNING {
+		return RuntimeContainer{}, errNotOnNode{"container " + id + " of pod " + podUID + " (" + s.String() + ")"}
 	}
 	pid, err := c.initPID(ctx, id)
-	return resp.Containers[0].Labels[labelContainerName], pid, err
+	return RuntimeContainer{Name: ct.Labels[labelContainerName], PID: pid, ImageRef: ct.ImageRef}, err
 }
 
 // initPID is a container's init PID from ContainerStatus verbose info.

@@ -26,9 +26,17 @@ type EntrypointSource interface {
 type PodDirectory interface {
 	// PodByUID returns the namespace and name of a pod running on this node.
 	PodByUID(ctx context.Context, uid string) (agentapi.PodRef, error)
-	// Container returns the name and init PID (agent's PID namespace) of a running container of
-	// that pod.
-	Container(ctx context.Context, podUID, containerID string) (name string, pid int, err error)
+	// Container returns a started (or starting) container of that pod.
+	Container(ctx context.Context, podUID, containerID string) (RuntimeContainer, error)
+}
+
+// RuntimeContainer is a container as the runtime knows it.
+type RuntimeContainer struct {
+	Name string
+	// PID is the container's init PID in the agent's PID namespace.
+	PID int
+	// ImageRef is the image the runtime resolved for the container.
+	ImageRef string
 }
 
 // Limits of the local channel: launchers make one or two small requests in their life.
@@ -116,10 +124,11 @@ func (l *Local) Handler() http.Handler {
 	return mux
 }
 
-// identity is a verified caller: a running container of a pod on this node.
+// identity is a verified caller: a container of a pod on this node.
 type identity struct {
+	Caller
 	Pod       agentapi.PodRef
-	Container string
+	Container RuntimeContainer
 }
 
 type callerKey struct{}
@@ -164,19 +173,19 @@ func (l *Local) verify(ctx context.Context, c Caller) (id identity, code int, re
 	if err != nil {
 		return id, lookupCode(err), "unknown-pod", "caller's pod: " + err.Error()
 	}
-	name, pid, err := l.cfg.Pods.Container(ctx, c.PodUID, c.ContainerID)
+	ctr, err := l.cfg.Pods.Container(ctx, c.PodUID, c.ContainerID)
 	if err != nil {
 		return id, lookupCode(err), "wrong-container", "caller's container: " + err.Error()
 	}
 	var st syscall.Stat_t
-	if err := syscall.Stat(fmt.Sprintf("%s/%d/ns/pid", l.cfg.ProcRoot, pid), &st); err != nil {
-		return id, http.StatusForbidden, "wrong-container", fmt.Sprintf("container %s init PID %d: %v", name, pid, err)
+	if err := syscall.Stat(fmt.Sprintf("%s/%d/ns/pid", l.cfg.ProcRoot, ctr.PID), &st); err != nil {
+		return id, http.StatusForbidden, "wrong-container", fmt.Sprintf("container %s init PID %d: %v", ctr.Name, ctr.PID, err)
 	}
 	if st.Ino != c.PidNS {
 		return id, http.StatusForbidden, "wrong-container", fmt.Sprintf(
-			"the caller (PID %d) is in cgroup of container %s of pod %s/%s but not in its PID namespace", c.PID, name, pod.Namespace, pod.Name)
+			"the caller (PID %d) is in cgroup of container %s of pod %s/%s but not in its PID namespace", c.PID, ctr.Name, pod.Namespace, pod.Name)
 	}
-	return identity{Pod: pod, Container: name}, 0, "", ""
+	return identity{Caller: c, Pod: pod, Container: ctr}, 0, "", ""
 }
 
 // lookupCode is 403 for a claim the runtime contradicts, 502 when the runtime could not answer.
@@ -201,15 +210,16 @@ func (l *Local) refuse(w http.ResponseWriter, c Caller, code int, reason, msg st
 }
 
 // entrypoint answers about the caller's own container only: podUID= and container= may be given
-// (older launchers do) but must name the caller; image= is ignored, the image is the container's.
+// (launchers do) but must name the caller; image= is ignored, the image is the one the runtime
+// resolved for the caller's container.
 func (l *Local) entrypoint(w http.ResponseWriter, r *http.Request, id identity) {
 	q := r.URL.Query()
 	if u := q.Get("podUID"); u != "" && u != id.Pod.UID {
-		l.refuse(w, Caller{PodUID: id.Pod.UID}, http.StatusForbidden, "other-pod", fmt.Sprintf("podUID %s: a container of pod %s may ask about its own pod only", u, id.Pod.UID))
+		l.refuse(w, id.Caller, http.StatusForbidden, "other-pod", fmt.Sprintf("podUID %s: a container of pod %s may ask about its own pod only", u, id.Pod.UID))
 		return
 	}
-	if c := q.Get("container"); c != "" && c != id.Container {
-		l.refuse(w, Caller{PodUID: id.Pod.UID}, http.StatusForbidden, "other-container", fmt.Sprintf("container %s: container %s may ask about itself only", c, id.Container))
+	if c := q.Get("container"); c != "" && c != id.Container.Name {
+		l.refuse(w, id.Caller, http.StatusForbidden, "other-container", fmt.Sprintf("container %s: container %s may ask about itself only", c, id.Container.Name))
 		return
 	}
 	if l.cfg.Entrypoints == nil {
@@ -218,7 +228,7 @@ func (l *Local) entrypoint(w http.ResponseWriter, r *http.Request, id identity) 
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), localLookupTimeout)
 	defer cancel()
-	ep, err := l.cfg.Entrypoints.Entrypoint(ctx, id.Pod.UID, id.Container, "")
+	ep, err := l.cfg.Entrypoints.Entrypoint(ctx, id.Pod.UID, id.Container.Name, id.Container.ImageRef)
 	var nf errImageNotFound
 	switch {
 	case errors.As(err, &nf):
@@ -241,15 +251,15 @@ func (l *Local) restoreResult(w http.ResponseWriter, r *http.Request, id identit
 	claimed := res.Pod
 	if (claimed.UID != "" && claimed.UID != id.Pod.UID) || (claimed.Namespace != "" && claimed.Namespace != id.Pod.Namespace) ||
 		(claimed.Name != "" && claimed.Name != id.Pod.Name) {
-		l.refuse(w, Caller{PodUID: id.Pod.UID}, http.StatusForbidden, "other-pod", fmt.Sprintf(
+		l.refuse(w, id.Caller, http.StatusForbidden, "other-pod", fmt.Sprintf(
 			"pod %s/%s (uid %s): a container of pod %s/%s may report about its own pod only", claimed.Namespace, claimed.Name, claimed.UID, id.Pod.Namespace, id.Pod.Name))
 		return
 	}
-	if res.Container != "" && res.Container != id.Container {
-		l.refuse(w, Caller{PodUID: id.Pod.UID}, http.StatusForbidden, "other-container", fmt.Sprintf("container %s: container %s may report about itself only", res.Container, id.Container))
+	if res.Container != "" && res.Container != id.Container.Name {
+		l.refuse(w, id.Caller, http.StatusForbidden, "other-container", fmt.Sprintf("container %s: container %s may report about itself only", res.Container, id.Container.Name))
 		return
 	}
-	res.Pod, res.Container = id.Pod, id.Container
+	res.Pod, res.Container = id.Pod, id.Container.Name
 	l.a.RestoreResult(r.Context(), res)
 	w.WriteHeader(http.StatusNoContent)
 }

@@ -72,14 +72,14 @@ func (f *fakeRuntimePods) PodByUID(_ context.Context, uid string) (agentapi.PodR
 	return p, nil
 }
 
-func (f *fakeRuntimePods) Container(_ context.Context, podUID, id string) (string, int, error) {
+func (f *fakeRuntimePods) Container(_ context.Context, podUID, id string) (RuntimeContainer, error) {
 	f.mu.Lock()
 	c, ok := f.ctrs[id]
 	f.mu.Unlock()
 	if !ok || c.podUID != podUID {
-		return "", 0, errNotOnNode{"container " + id + " of pod " + podUID}
+		return RuntimeContainer{}, errNotOnNode{"container " + id + " of pod " + podUID}
 	}
-	return c.name, c.pid(), nil
+	return RuntimeContainer{Name: c.name, PID: c.pid(), ImageRef: "sha256:image-of-" + c.name}, nil
 }
 
 // recordedEntrypoints answers every lookup and records what was asked.
@@ -252,7 +252,7 @@ func TestLocalCallerIsItsOwnPodOnly(t *testing.T) {
 	res := call(t, nil, sock, "-cgroup="+cgA, "-path="+agentapi.LocalPathEntrypoint+"?podUID="+podA.UID+"&container=app&image=other:image")
 	require.Equal(t, http.StatusOK, res.Code, res.Body)
 	assert.Contains(t, res.Body, "/app-of-app")
-	assert.Equal(t, []string{podA.UID + "/app/"}, r.eps.asked, "the lookup is about A's container; image= is ignored")
+	assert.Equal(t, []string{podA.UID + "/app/sha256:image-of-app"}, r.eps.asked, "the lookup is about A's container and its image; image= is ignored")
 	res = post(cgA, resultBody(podA, "app"))
 	require.Equal(t, http.StatusNoContent, res.Code, res.Body)
 	assert.Equal(t, []string{"team-a/app-a Restored"}, r.events.list())
