@@ -82,17 +82,34 @@ func (f *fakeRuntimePods) Container(_ context.Context, podUID, id string) (Runti
 	return RuntimeContainer{Name: c.name, PID: c.pid(), ImageRef: "sha256:image-of-" + c.name}, nil
 }
 
-// recordedEntrypoints answers every lookup and records what was asked.
+// recordedEntrypoints answers every lookup and records what was asked; lookups for the pod UID
+// in block wait until unblock is closed (a slow runtime).
 type recordedEntrypoints struct {
-	mu    sync.Mutex
-	asked []string
+	mu      sync.Mutex
+	asked   []string
+	block   string
+	unblock chan struct{}
 }
 
-func (r *recordedEntrypoints) Entrypoint(_ context.Context, podUID, container, image string) (agentapi.Entrypoint, error) {
+func (r *recordedEntrypoints) Entrypoint(ctx context.Context, podUID, container, image string) (agentapi.Entrypoint, error) {
+	r.mu.Lock()
+	r.asked = append(r.asked, podUID+"/"+container+"/"+image)
+	block := r.block != "" && r.block == podUID
+	r.mu.Unlock()
+	if block {
+		select {
+		case <-r.unblock:
+		case <-ctx.Done():
+			return agentapi.Entrypoint{}, ctx.Err()
+		}
+	}
+	return agentapi.Entrypoint{Entrypoint: []string{"/app-of-" + container}}, nil
+}
+
+func (r *recordedEntrypoints) count() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.asked = append(r.asked, podUID+"/"+container+"/"+image)
-	return agentapi.Entrypoint{Entrypoint: []string{"/app-of-" + container}}, nil
+	return len(r.asked)
 }
 
 // recordedEvents stands in for the API server (not in this tier): the Events the agent records.
@@ -324,10 +341,10 @@ func TestLocalCallerInContainerPIDNamespace(t *testing.T) {
 	assert.Equal(t, []string{"ns/p Restored"}, r.events.list(), "namespace and name come from the runtime")
 }
 
-// One pod cannot starve the others: its connections over the cap are closed at once and its
-// oversized bodies are refused, while another pod is served.
+// One pod cannot starve the others: its connections over the cap are closed at once, its requests
+// over the in-flight cap get 429 and its oversized bodies are refused, while another pod is served.
 func TestLocalPerPodBounds(t *testing.T) {
-	r := newLocalRig(t, LocalConfig{MaxConnsPerPod: 2})
+	r := newLocalRig(t, LocalConfig{MaxConnsPerPod: 2, MaxInFlightPerPod: 1})
 	self := os.Getpid()
 	podA := agentapi.PodRef{Namespace: "a", Name: "a", UID: randomUID(t)}
 	podB := agentapi.PodRef{Namespace: "b", Name: "b", UID: randomUID(t)}
@@ -353,6 +370,27 @@ func TestLocalPerPodBounds(t *testing.T) {
 	assert.Equal(t, http.StatusOK, res.Code, res.Body)
 	require.NoError(t, stdin.Close())
 	require.NoError(t, hog.Wait())
+
+	// A's requests in progress are capped: with A's one slot held by a slow lookup, A's next
+	// request gets 429 while B is still served.
+	r.eps.mu.Lock()
+	r.eps.block, r.eps.unblock = podA.UID, make(chan struct{})
+	r.eps.mu.Unlock()
+	r.agent.cfg.Metrics.LocalRefusals.Reset()
+	slow := exec.Command(callerBin, "-socket="+r.socket, "-cgroup="+cgA)
+	slowOut, err := slow.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, slow.Start())
+	require.Eventually(t, func() bool { return r.eps.count() == 2 }, 10*time.Second, 10*time.Millisecond, "A's slow lookup started")
+	res = call(t, nil, "-socket="+r.socket, "-cgroup="+cgA)
+	assert.Equal(t, http.StatusTooManyRequests, res.Code, res.Body)
+	assert.Equal(t, 1.0, r.refusals(t, "busy"))
+	res = call(t, nil, "-socket="+r.socket, "-cgroup="+cgB)
+	assert.Equal(t, http.StatusOK, res.Code, res.Body)
+	close(r.eps.unblock)
+	require.NoError(t, json.NewDecoder(slowOut).Decode(&res))
+	require.NoError(t, slow.Wait())
+	assert.Equal(t, http.StatusOK, res.Code, "A's slow lookup completes: %s", res.Body)
 
 	// A body over 64 KiB is refused.
 	res = call(t, nil, "-socket="+r.socket, "-cgroup="+cgB, "-method=POST", "-path="+agentapi.LocalPathRestoreResults,
