@@ -161,8 +161,9 @@ func (l *Local) guard(h func(http.ResponseWriter, *http.Request, identity)) http
 }
 
 // verify checks the caller's cgroup claim against the runtime: the pod runs here, the container
-// is one of its running containers, and the caller is in that container's PID namespace (a process
-// that moved itself into another pod's cgroup stays in its own PID namespace).
+// is one of its started (or starting) containers, and the caller is in that container's PID
+// namespace (a process that moved itself into another pod's cgroup stays in its own PID
+// namespace; namespace inodes are unique on the one nsfs).
 func (l *Local) verify(ctx context.Context, c Caller) (id identity, code int, reason, msg string) {
 	if l.cfg.Pods == nil {
 		return id, http.StatusServiceUnavailable, "no-runtime", "the agent has no container runtime connection to check callers against (--cri-endpoint)"
