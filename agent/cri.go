@@ -146,3 +146,72 @@ func parseImageInfo(info, ref string) (agentapi.Entrypoint, error) {
 	c := v.ImageSpec.Config
 	return agentapi.Entrypoint{Entrypoint: c.Entrypoint, Cmd: c.Cmd, WorkingDir: c.WorkingDir, Image: ref}, nil
 }
+
+// errNotOnNode is a pod or container the runtime does not run (a caller's claim that cannot be
+// true on this node).
+type errNotOnNode struct{ what string }
+
+func (e errNotOnNode) Error() string { return e.what + " is not running on this node" }
+
+// PodByUID implements PodDirectory: the ready pod sandbox of a pod UID (CRI ListPodSandbox; the
+// sandbox metadata is the kubelet's, not the pod's).
+func (c *CRI) PodByUID(ctx context.Context, uid string) (agentapi.PodRef, error) {
+	resp, err := c.runtime.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{Filter: &runtimeapi.PodSandboxFilter{
+		State:         &runtimeapi.PodSandboxStateValue{State: runtimeapi.PodSandboxState_SANDBOX_READY},
+		LabelSelector: map[string]string{labelPodUID: uid},
+	}})
+	if err != nil {
+		return agentapi.PodRef{}, fmt.Errorf("CRI ListPodSandbox: %w", err)
+	}
+	for _, s := range resp.Items {
+		if m := s.GetMetadata(); m != nil && m.Uid == uid {
+			return agentapi.PodRef{Namespace: m.Namespace, Name: m.Name, UID: m.Uid}, nil
+		}
+	}
+	return agentapi.PodRef{}, errNotOnNode{"pod " + uid}
+}
+
+// Container implements PodDirectory: a container of a pod that has started or is starting (its
+// caller may run before the runtime records the container as running), with its init PID and
+// image.
+func (c *CRI) Container(ctx context.Context, podUID, id string) (RuntimeContainer, error) {
+	resp, err := c.runtime.ListContainers(ctx, &runtimeapi.ListContainersRequest{Filter: &runtimeapi.ContainerFilter{
+		Id:            id,
+		LabelSelector: map[string]string{labelPodUID: podUID},
+	}})
+	if err != nil {
+		return RuntimeContainer{}, fmt.Errorf("CRI ListContainers: %w", err)
+	}
+	if len(resp.Containers) != 1 || resp.Containers[0].Id != id {
+		return RuntimeContainer{}, errNotOnNode{"container " + id + " of pod " + podUID}
+	}
+	ct := resp.Containers[0]
+	if s := ct.State; s != runtimeapi.ContainerState_CONTAINER_CREATED && s != runtimeapi.ContainerState_CONTAINER_RUNNING {
+		return RuntimeContainer{}, errNotOnNode{"container " + id + " of pod " + podUID + " (" + s.String() + ")"}
+	}
+	pid, err := c.initPID(ctx, id)
+	return RuntimeContainer{Name: ct.Labels[labelContainerName], PID: pid, ImageRef: ct.ImageRef}, err
+}
+
+// initPID is a container's init PID from ContainerStatus verbose info.
+func (c *CRI) initPID(ctx context.Context, id string) (int, error) {
+	st, err := c.runtime.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: id, Verbose: true})
+	if err != nil {
+		return 0, fmt.Errorf("CRI ContainerStatus %s: %w", id, err)
+	}
+	var info struct {
+		Pid int `json:"pid"`
+	}
+	if err := json.Unmarshal([]byte(st.Info["info"]), &info); err != nil || info.Pid <= 0 {
+		return 0, fmt.Errorf("CRI ContainerStatus %s: no pid in the verbose info (runtime not supported?)", id)
+	}
+	return info.Pid, nil
+}
+
+// Ping asks the runtime its version: the readiness check of the CRI connection.
+func (c *CRI) Ping(ctx context.Context) error {
+	if _, err := c.runtime.Version(ctx, &runtimeapi.VersionRequest{}); err != nil {
+		return fmt.Errorf("CRI Version: %w", err)
+	}
+	return nil
+}

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
-	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -36,10 +35,11 @@ type rig struct {
 	finder   pidFinder
 	socket   string
 
+	pods *fakeRuntimePods // the runtime's view of the restoring pods' containers (serveLocal)
+
 	mu      sync.Mutex
 	restore map[string]string // the pod annotations of restoring pods (what CRI's sandbox holds)
 	pending sync.Map          // pod UID + "/" + container → chan *container (restoring containers)
-	uids    int
 }
 
 func newRig(t testing.TB, cfg Config) *rig {
@@ -87,8 +87,10 @@ func (r *rig) serveLocal() {
 	dir := r.t.TempDir()
 	ln, err := ListenLocal(dir, wiring.AgentSocketName)
 	require.NoError(r.t, err)
-	srv := &http.Server{Handler: LocalHandler(r.agent, nil, r.agent.cfg.Log), ReadHeaderTimeout: 5 * time.Second, ConnContext: LocalConnContext}
-	go func() { _ = srv.Serve(ln) }()
+	r.pods = newFakeRuntimePods()
+	l := NewLocal(r.agent, LocalConfig{Pods: r.pods})
+	srv := l.Server()
+	go func() { _ = srv.Serve(l.Listener(ln)) }()
 	r.t.Cleanup(func() { _ = srv.Close() })
 	r.socket = filepath.Join(dir, wiring.AgentSocketName)
 }
@@ -97,8 +99,11 @@ func (r *rig) dir(container string) string {
 	return filepath.Join(r.root, wiring.IdentityDir(r.identity), container)
 }
 
+// rigPodUID is the pod UID the rig's dumped launchers report (wiring.EnvPodUID).
+const rigPodUID = "5d1f3a9e-0c4b-4e7a-9b2d-6f8e1a2b3c4d"
+
 func (r *rig) env(container string) []string {
-	return r.envFor(container, "uid-1")
+	return r.envFor(container, rigPodUID)
 }
 
 func (r *rig) envFor(container, uid string) []string {
@@ -121,15 +126,23 @@ func (r *rig) restorePod(id string, containers map[string][]string) map[string]*
 	r.mu.Lock()
 	r.restore[wiring.AnnotationRestore] = string(ref)
 	r.restore[wiring.AnnotationIdentity] = r.identity
-	r.uids++
-	uid := fmt.Sprintf("uid-restore-%d", r.uids)
 	r.mu.Unlock()
+	h := randomHex(r.t, 32)
+	uid := h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:32]
+	pod := agentapi.PodRef{Namespace: "default", Name: "counter", UID: uid}
 	out := map[string]*container{}
 	for name, cmd := range containers {
+		// Known to the runtime before it starts (as CRI knows a container before its process
+		// runs), in its pod's cgroup: the agent identifies its launcher from the kernel.
 		ch := make(chan *container, 1)
 		r.pending.Store(uid+"/"+name, ch)
+		pid := func() int { c := <-ch; ch <- c; return c.launcherPID() }
+		ctr := randomHex(r.t, 64)
+		if r.pods != nil {
+			r.pods.add(pod, ctr, name, pid)
+		}
 		env := append(r.envFor(name, uid), wiring.EnvRestoreID+"="+id)
-		out[name] = startContainer(r.t, env, append([]string{"--"}, cmd...)...)
+		out[name] = startContainerIn(r.t, podCgroup(r.t, uid, ctr), env, append([]string{"--"}, cmd...)...)
 		ch <- out[name]
 	}
 	return out

@@ -26,6 +26,7 @@ import (
 var (
 	stasisBin  string
 	counterBin string
+	callerBin  string // testdata/localcaller: a launcher-like client of the local socket
 	buildErr   error
 )
 
@@ -37,7 +38,8 @@ func TestMain(m *testing.M) {
 	}
 	stasisBin = filepath.Join(dir, "stasis")
 	counterBin = filepath.Join(dir, "counter")
-	for _, b := range [][2]string{{stasisBin, "github.com/stasis-k8s/stasis"}, {counterBin, "./testdata/counter"}} {
+	callerBin = filepath.Join(dir, "localcaller")
+	for _, b := range [][2]string{{stasisBin, "github.com/stasis-k8s/stasis"}, {counterBin, "./testdata/counter"}, {callerBin, "./testdata/localcaller"}} {
 		cmd := exec.Command("go", "build", "-o", b[0], b[1])
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
@@ -105,10 +107,22 @@ func (s *syncBuffer) String() string {
 
 func startContainer(t testing.TB, env []string, launcherArgs ...string) *container {
 	t.Helper()
+	return startContainerIn(t, "", env, launcherArgs...)
+}
+
+// startContainerIn is startContainer with the container's processes in cgroup (a directory of a
+// cgroup hierarchy; "" for the test's own), joined before the namespaces are created, as the
+// runtime does.
+func startContainerIn(t testing.TB, cgroup string, env []string, launcherArgs ...string) *container {
+	t.Helper()
 	args := []string{"--mount", "--pid", "--uts", "--ipc", "--fork", "--mount-proc", "--",
 		"setpriv", "--bounding-set", containerCaps(), "--", stasisBin, "launcher"}
 	args = append(args, launcherArgs...)
-	c := &container{t: t, cmd: exec.Command("unshare", args...), out: &syncBuffer{}, done: make(chan struct{})}
+	cmd := exec.Command("unshare", args...)
+	if cgroup != "" {
+		cmd = exec.Command("sh", append([]string{"-c", `echo $$ > "$0/cgroup.procs" && exec unshare "$@"`, cgroup}, args...)...)
+	}
+	c := &container{t: t, cmd: cmd, out: &syncBuffer{}, done: make(chan struct{})}
 	c.cmd.Env = append(os.Environ(), env...)
 	// Pipes for stdio, as containerd gives containers (stdin stays open and empty).
 	c.cmd.Stdout, c.cmd.Stderr = c.out, c.out

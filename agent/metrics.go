@@ -12,6 +12,7 @@ type Metrics struct {
 	DumpFailures   prometheus.Counter
 	Thaws          prometheus.Counter
 	RestoreResults *prometheus.CounterVec
+	LocalRefusals  *prometheus.CounterVec
 }
 
 // NewMetrics registers the agent's metrics in reg (a new registry when nil).
@@ -42,7 +43,11 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 			Name: "stasis_agent_restore_results_total",
 			Help: "Restore outcomes reported by launchers (result=restored|cold-start).",
 		}, []string{"result"}),
+		LocalRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "stasis_agent_local_refusals_total",
+			Help: "Requests and connections on the launchers' local socket refused, by reason (not-a-pod, unknown-pod, wrong-container, other-pod, other-container, busy, too-many-connections, no-runtime).",
+		}, []string{"reason"}),
 	}
-	reg.MustRegister(m.DumpDuration, m.DumpBytes, m.DumpFailures, m.Thaws, m.RestoreResults)
+	reg.MustRegister(m.DumpDuration, m.DumpBytes, m.DumpFailures, m.Thaws, m.RestoreResults, m.LocalRefusals)
 	return m
 }

@@ -2,12 +2,15 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,109 +25,188 @@ import (
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
+// RunConfig is the command line of `stasis agent` (every flag also reads STASIS_<FLAG>).
+type RunConfig struct {
+	Listen, HealthListen                       string
+	CertFile, KeyFile, ClientCAFile            string
+	NodeName, CRIEndpoint                      string
+	CriuPath                                   string
+	MaxConcurrentDumps, KeepCheckpoints        int
+	FreezeTimeout, DumpTimeout, RestoreTimeout time.Duration
+	SocketDir, Kubeconfig                      string
+	LogLevel                                   string
+}
+
+// flags binds the configuration to fs, with the defaults of a DaemonSet pod.
+func (c *RunConfig) flags(fs *flag.FlagSet) {
+	fs.StringVar(&c.Listen, "listen", fmt.Sprintf(":%d", agentapi.DefaultPort), "address of the mTLS agent API")
+	fs.StringVar(&c.CertFile, "tls-cert-file", "", "serving certificate (must carry the name "+agentapi.ServerName+"); reloaded on change")
+	fs.StringVar(&c.KeyFile, "tls-key-file", "", "serving key; reloaded on change")
+	fs.StringVar(&c.ClientCAFile, "client-ca-file", "", "CA that signs client certificates; only "+agentapi.WebhookIdentity+" may start dumps")
+	fs.StringVar(&c.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (downward API spec.nodeName)")
+	fs.StringVar(&c.CRIEndpoint, "cri-endpoint", "unix:///run/containerd/containerd.sock", "CRI socket of the container runtime")
+	fs.StringVar(&c.CriuPath, "criu-path", "/usr/local/lib/stasis/criu/criu", "the CRIU bundle of the agent image (its wrapper `criu`): the only CRIU the agent runs")
+	fs.IntVar(&c.MaxConcurrentDumps, "max-concurrent-dumps", 2, "dumps running at once on this node")
+	fs.DurationVar(&c.FreezeTimeout, "freeze-timeout", 5*time.Minute, "thaw a dumped app whose pod is not deleted within this time")
+	fs.DurationVar(&c.DumpTimeout, "dump-timeout", 15*time.Minute, "abandon one container's dump after this time")
+	fs.DurationVar(&c.RestoreTimeout, "restore-timeout", 5*time.Minute, "start a container afresh when its restore takes longer")
+	fs.IntVar(&c.KeepCheckpoints, "keep-checkpoints", 2, "complete checkpoints kept per container (newest first)")
+	fs.StringVar(&c.HealthListen, "health-listen", ":8081", "plain HTTP address for /healthz, /readyz and /metrics")
+	fs.StringVar(&c.SocketDir, "socket-dir", wiring.HostAgentDir, "directory of the launchers' local socket "+wiring.AgentSocketName)
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig for recording Events (default: in-cluster when a token is mounted, else no Events)")
+	fs.StringVar(&c.LogLevel, "log-level", "info", "zerolog level")
+}
+
 // Run is `stasis agent`.
 func Run(ctx context.Context, args []string) error {
+	var rc RunConfig
 	fs := flag.NewFlagSet("agent", flag.ContinueOnError)
-	listen := fs.String("listen", fmt.Sprintf(":%d", agentapi.DefaultPort), "address of the mTLS agent API")
-	certFile := fs.String("tls-cert-file", "", "serving certificate (must carry the name "+agentapi.ServerName+"); reloaded on change")
-	keyFile := fs.String("tls-key-file", "", "serving key; reloaded on change")
-	caFile := fs.String("client-ca-file", "", "CA that signs client certificates; only "+agentapi.WebhookIdentity+" may start dumps")
-	node := fs.String("node-name", os.Getenv("NODE_NAME"), "this node's name (downward API spec.nodeName)")
-	cri := fs.String("cri-endpoint", "unix:///run/containerd/containerd.sock", "CRI socket of the container runtime")
-	criuPath := fs.String("criu-path", "/usr/local/lib/stasis/criu/criu", "the CRIU bundle of the agent image (its wrapper `criu`): the only CRIU the agent runs")
-	maxDumps := fs.Int("max-concurrent-dumps", 2, "dumps running at once on this node")
-	freeze := fs.Duration("freeze-timeout", 5*time.Minute, "thaw a dumped app whose pod is not deleted within this time")
-	dumpTimeout := fs.Duration("dump-timeout", 15*time.Minute, "abandon one container's dump after this time")
-	restoreTimeout := fs.Duration("restore-timeout", 5*time.Minute, "start a container afresh when its restore takes longer")
-	keep := fs.Int("keep-checkpoints", 2, "complete checkpoints kept per container (newest first)")
-	health := fs.String("health-listen", ":8081", "plain HTTP address for /healthz, /readyz and /metrics")
-	socketDir := fs.String("socket-dir", wiring.HostAgentDir, "directory of the launchers' local socket "+wiring.AgentSocketName)
-	kubeconfig := fs.String("kubeconfig", "", "kubeconfig for recording Events (default: in-cluster when a token is mounted, else no Events)")
-	level := fs.String("log-level", "info", "zerolog level")
+	rc.flags(fs)
 	if err := flagenv.Parse(fs, args); err != nil {
 		return err
 	}
-	lvl, err := zerolog.ParseLevel(*level)
+	lvl, err := zerolog.ParseLevel(rc.LogLevel)
 	if err != nil {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	log := zerolog.New(os.Stderr).Level(lvl).With().Timestamp().Str("component", "stasis-agent").Logger()
-	if *node == "" {
+	if rc.NodeName == "" {
 		return errors.New("--node-name is required (set NODE_NAME from the downward API)")
 	}
-
 	// Version gate: refuse to run with a CRIU that cannot dump on this kernel.
-	bundle, v, err := criurun.CheckVersion(*criuPath)
+	bundle, v, err := criurun.CheckVersion(rc.CriuPath)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
-	log.Info().Str("criu", criurun.FormatVersion(v)).Str("path", *criuPath).Msg("CRIU version gate passed")
-
-	tlsCfg, err := ServerTLSConfig(*certFile, *keyFile, *caFile)
+	log.Info().Str("criu", criurun.FormatVersion(v)).Str("path", rc.CriuPath).Msg("CRIU version gate passed")
+	tlsCfg, certReady, err := serverTLS(rc.CertFile, rc.KeyFile, rc.ClientCAFile)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
-	runtime, err := DialCRI(*cri)
+	runtime, err := DialCRI(rc.CRIEndpoint)
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
 	defer runtime.Close()
-	events, err := NewKubeEvents(*kubeconfig, *node, log)
+	a, reg, err := newAgent(ctx, rc, bundle, v, runtime, log)
 	if err != nil {
-		return fmt.Errorf("agent: %w", err)
+		return err
+	}
+	servers, err := rc.servers(a, runtime, tlsCfg, reg, readyCheck{"serving certificate", certReady}, readyCheck{"container runtime", runtime.Ping})
+	if err != nil {
+		return err
+	}
+	log.Info().Str("api", servers[0].ln.Addr().String()).Str("socket", servers[1].ln.Addr().String()).
+		Str("health", servers[2].ln.Addr().String()).Str("node", rc.NodeName).Msg("agent serving")
+	return serveAll(ctx, servers)
+}
+
+// newAgent builds the agent with its Event recorder and metrics registry.
+func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersion int, runtime *CRI, log zerolog.Logger) (*Agent, *prometheus.Registry, error) {
+	events, err := NewKubeEvents(rc.Kubeconfig, rc.NodeName, log)
+	if err != nil {
+		return nil, nil, fmt.Errorf("agent: %w", err)
 	}
 	if events == nil {
 		log.Info().Msg("no Kubernetes client: Events are logged only")
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	metrics := NewMetrics(reg)
 	a, err := New(ctx, Config{
-		NodeName: *node, Criu: bundle, CriuVersion: v, MaxConcurrentDumps: *maxDumps,
-		FreezeTimeout: *freeze, DumpTimeout: *dumpTimeout, RestoreTimeout: *restoreTimeout, KeepCheckpoints: *keep,
-		Finder: runtime, Events: events, Metrics: metrics, Log: log,
+		NodeName: rc.NodeName, Criu: criu, CriuVersion: criuVersion,
+		MaxConcurrentDumps: rc.MaxConcurrentDumps, FreezeTimeout: rc.FreezeTimeout, DumpTimeout: rc.DumpTimeout,
+		RestoreTimeout: rc.RestoreTimeout, KeepCheckpoints: rc.KeepCheckpoints,
+		Finder: runtime, Events: events, Metrics: NewMetrics(reg), Log: log,
 	})
-	if err != nil {
-		return err
-	}
+	return a, reg, err
+}
 
-	apiLn, err := net.Listen("tcp", *listen)
+// servers opens the three listeners (mTLS API, local socket, health) and their servers, in
+// that order. Every server bounds how long a client may take to send and receive.
+func (rc RunConfig) servers(a *Agent, runtime *CRI, tlsCfg *tls.Config, reg *prometheus.Registry, checks ...readyCheck) ([]server, error) {
+	apiLn, err := net.Listen("tcp", rc.Listen)
 	if err != nil {
-		return fmt.Errorf("--listen: %w", err)
+		return nil, fmt.Errorf("--listen: %w", err)
 	}
-	localLn, err := ListenLocal(*socketDir, wiring.AgentSocketName)
+	localLn, err := ListenLocal(rc.SocketDir, wiring.AgentSocketName)
 	if err != nil {
 		apiLn.Close()
-		return err
+		return nil, err
 	}
-	healthLn, err := net.Listen("tcp", *health)
+	sockReady, err := socketCheck(filepath.Join(rc.SocketDir, wiring.AgentSocketName))
+	var healthLn net.Listener
+	if err == nil {
+		if healthLn, err = net.Listen("tcp", rc.HealthListen); err != nil {
+			err = fmt.Errorf("--health-listen: %w", err)
+		}
+	}
 	if err != nil {
 		apiLn.Close()
 		localLn.Close()
-		return fmt.Errorf("--health-listen: %w", err)
+		return nil, err
 	}
-	hmux := http.NewServeMux()
-	ok := func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) }
-	hmux.HandleFunc("/healthz", ok)
-	hmux.HandleFunc("/readyz", ok)
-	hmux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	checks = append(checks, readyCheck{"local socket", sockReady})
+	local := NewLocal(a, LocalConfig{Pods: runtime, Entrypoints: runtime})
+	return []server{
+		{"api", apiServer(a, tlsCfg), apiLn, true},
+		{"local", local.Server(), local.Listener(localLn), false},
+		{"health", healthServer(reg, checks), healthLn, false},
+	}, nil
+}
 
-	servers := []struct {
-		name string
-		srv  *http.Server
-		ln   net.Listener
-		tls  bool
-	}{
-		{"api", &http.Server{Handler: Handler(a), TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second}, apiLn, true},
-		{"local", &http.Server{Handler: LocalHandler(a, runtime, log), ReadHeaderTimeout: 10 * time.Second, ConnContext: LocalConnContext}, localLn, false},
-		{"health", &http.Server{Handler: hmux, ReadHeaderTimeout: 10 * time.Second}, healthLn, false},
-	}
+func apiServer(a *Agent, tlsCfg *tls.Config) *http.Server {
+	return &http.Server{Handler: Handler(a), TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout: 30 * time.Second, WriteTimeout: 60 * time.Second, IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10}
+}
+
+func healthServer(reg *prometheus.Registry, checks []readyCheck) *http.Server {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.Handle("/readyz", readyHandler(checks))
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	return &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		WriteTimeout: 30 * time.Second, IdleTimeout: 60 * time.Second, MaxHeaderBytes: 16 << 10}
+}
+
+// readyCheck is one condition of /readyz.
+type readyCheck struct {
+	name  string
+	check func(context.Context) error
+}
+
+// readyHandler answers 200 when every check passes, else 503 naming each failing check.
+func readyHandler(checks []readyCheck) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
+		defer cancel()
+		var failed []string
+		for _, c := range checks {
+			if err := c.check(ctx); err != nil {
+				failed = append(failed, c.name+": "+err.Error())
+			}
+		}
+		if len(failed) > 0 {
+			http.Error(w, "not ready:\n"+strings.Join(failed, "\n"), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok\n"))
+	})
+}
+
+// server is one HTTP server of the agent and its listener.
+type server struct {
+	name string
+	srv  *http.Server
+	ln   net.Listener
+	tls  bool
+}
+
+// serveAll runs the servers until ctx ends or one fails, then shuts them all down (30 s grace).
+func serveAll(ctx context.Context, servers []server) error {
 	errc := make(chan error, len(servers))
 	var wg sync.WaitGroup
 	for _, s := range servers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			var err error
 			if s.tls {
 				err = s.srv.ServeTLS(s.ln, "", "")
@@ -134,9 +216,8 @@ func Run(ctx context.Context, args []string) error {
 			if err != nil && !errors.Is(err, http.ErrServerClosed) {
 				errc <- fmt.Errorf("%s server: %w", s.name, err)
 			}
-		}()
+		})
 	}
-	log.Info().Str("api", apiLn.Addr().String()).Str("health", healthLn.Addr().String()).Str("socket", localLn.Addr().String()).Str("node", *node).Msg("agent serving")
 	var runErr error
 	select {
 	case <-ctx.Done():

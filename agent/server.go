@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -187,12 +188,37 @@ func (c *certReloader) TLSConfig() *tls.Config {
 
 // ServerTLSConfig loads the serving certificate and client CA from files and reloads them on change.
 func ServerTLSConfig(certFile, keyFile, caFile string) (*tls.Config, error) {
+	cfg, _, err := serverTLS(certFile, keyFile, caFile)
+	return cfg, err
+}
+
+// serverTLS is ServerTLSConfig and the readiness check of its certificate.
+func serverTLS(certFile, keyFile, caFile string) (*tls.Config, func(context.Context) error, error) {
 	if certFile == "" || keyFile == "" || caFile == "" {
-		return nil, errors.New("--tls-cert-file, --tls-key-file and --client-ca-file are required (the agent API is mTLS only)")
+		return nil, nil, errors.New("--tls-cert-file, --tls-key-file and --client-ca-file are required (the agent API is mTLS only)")
 	}
 	r, err := newCertReloader(certFile, keyFile, caFile)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return r.TLSConfig(), nil
+	return r.TLSConfig(), r.Ready, nil
+}
+
+// Ready is a readiness check: a serving certificate is loaded (re-read if its files changed) and
+// is valid now.
+func (c *certReloader) Ready(context.Context) error {
+	_ = c.reload(false)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cert == nil || c.cert.Leaf == nil {
+		return errors.New("serving certificate: not loaded")
+	}
+	now := time.Now()
+	if now.After(c.cert.Leaf.NotAfter) {
+		return fmt.Errorf("serving certificate %s: expired at %s", c.certFile, c.cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
+	}
+	if now.Before(c.cert.Leaf.NotBefore) {
+		return fmt.Errorf("serving certificate %s: not valid before %s", c.certFile, c.cert.Leaf.NotBefore.UTC().Format(time.RFC3339))
+	}
+	return nil
 }

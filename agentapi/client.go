@@ -43,6 +43,13 @@ func IsNotFound(err error) bool {
 	return errors.As(err, &se) && se.Code == http.StatusNotFound
 }
 
+// IsForbidden reports an agent's 403: the caller may not ask this (another pod's data, or the
+// caller is not a pod's container); retrying cannot help.
+func IsForbidden(err error) bool {
+	var se *StatusError
+	return errors.As(err, &se) && se.Code == http.StatusForbidden
+}
+
 // Checkpoint starts a checkpoint on the agent at base (e.g. "https://10.0.0.5:9443") or joins the
 // one in flight for the same pod UID.
 func (c *Client) Checkpoint(ctx context.Context, base string, req CheckpointRequest) (CheckpointStatus, error) {

@@ -9,10 +9,15 @@ import (
 )
 
 // The agent's local channel: plain HTTP on the unix socket wiring.HostAgentDir/wiring.AgentSocketName,
-// reachable only from the node (launchers see it through the hostPath volume wiring.AgentVolume).
+// reachable only from the node (launchers see it through the read-only hostPath volume
+// wiring.AgentVolume). The agent identifies each caller from the kernel (peer credentials → cgroup
+// → pod and container, checked with the container runtime) and answers about the caller's own
+// pod and container only: 403 for a request naming another, 429 when the pod has too many
+// requests in progress.
 const (
-	// LocalPathEntrypoint: GET ?podUID=&container=&image= → Entrypoint (the image's config, read by
-	// the agent through the container runtime).
+	// LocalPathEntrypoint: GET → Entrypoint of the caller's own container (the image's config, read
+	// by the agent through the container runtime). podUID= and container=, when given, must name the
+	// caller (403 otherwise); image= is ignored.
 	LocalPathEntrypoint = "/v1/entrypoint"
 	// LocalBase is the base URL used on the unix socket (the host part is ignored).
 	LocalBase = "http://stasis-agent.local"

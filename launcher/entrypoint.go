@@ -31,7 +31,8 @@ func resolveCommand(ctx context.Context, env launchEnv, l wiring.Launch) ([]stri
 		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		ep, err = c.Entrypoint(ctx, agentapi.LocalBase, env.pod.UID, env.container, env.image)
 		cancel()
-		if err == nil || agentapi.IsNotFound(err) {
+		// 404 and 403 are final (no such image; the agent does not take us for this pod's container).
+		if err == nil || agentapi.IsNotFound(err) || agentapi.IsForbidden(err) {
 			break
 		}
 		time.Sleep(time.Second)

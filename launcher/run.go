@@ -18,6 +18,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -150,10 +151,10 @@ func askRestore(ctx context.Context, log zerolog.Logger, env launchEnv) agentapi
 			return res
 		}
 		var se *agentapi.StatusError
-		if errors.As(err, &se) || ctx.Err() != nil {
+		if (errors.As(err, &se) && se.Code != http.StatusTooManyRequests) || ctx.Err() != nil {
 			break // the agent answered: no use asking again
 		}
-		log.Info().Err(err).Msg("the agent is not answering yet; retrying")
+		log.Info().Err(err).Msg("the agent cannot answer yet; retrying")
 		time.Sleep(time.Second)
 	}
 	return agentapi.RestoreResponse{Message: fmt.Sprintf("asking the agent at %s to restore: %v", env.socket, err)}

@@ -32,9 +32,9 @@ const (
 	// restore init-container. Checkpoints live at CheckpointMount/<identity>/<container>/<id>/.
 	CheckpointMount = "/stasis/checkpoints"
 
-	// AgentVolume is a hostPath volume (HostAgentDir) holding the agent's local socket, mounted at
-	// AgentMount: the launcher asks the agent for the image's entrypoint and reports restore results
-	// there.
+	// AgentVolume is a hostPath volume (HostAgentDir) holding the agent's local socket, mounted
+	// read-only at AgentMount: the launcher asks the agent for the image's entrypoint and reports
+	// restore results there. The agent identifies every caller (its pod and container) itself.
 	AgentVolume     = "stasis-agent"
 	HostAgentDir    = "/run/stasis"
 	AgentMount      = "/stasis/agent"

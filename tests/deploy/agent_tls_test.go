@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -68,7 +69,16 @@ func TestAgentServesSecretFiles(t *testing.T) {
 		"STASIS_SOCKET_DIR="+t.TempDir(),
 	)
 	agent := startProcess(t, "stasis agent", cmd)
-	agent.waitReady(t, "http://127.0.0.1:"+strconv.Itoa(hport)+"/readyz")
+	health := "http://127.0.0.1:" + strconv.Itoa(hport)
+	agent.waitReady(t, health+"/healthz")
+	// Live but not ready: /readyz reflects the parts, and no container runtime answers here.
+	resp, err := http.Get(health + "/readyz")
+	require.NoError(t, err)
+	why, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusServiceUnavailable, resp.StatusCode, "/readyz without a container runtime: %s", why)
+	assert.Contains(t, string(why), "container runtime")
+	assert.NotContains(t, string(why), "serving certificate", "the Secret's certificate is valid")
 
 	roots := pool(t, client["ca.crt"])
 	cert, err := tls.X509KeyPair(client["tls.crt"], client["tls.key"])

@@ -133,7 +133,8 @@ func Pod(pod *corev1.Pod, in Input) {
 		}
 		ensureMount(c, corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true})
 		ensureMount(c, ckptMount)
-		ensureMount(c, corev1.VolumeMount{Name: wiring.AgentVolume, MountPath: wiring.AgentMount})
+		// Read-only: connecting to the socket works, replacing it or filling the host's /run does not.
+		ensureMount(c, corev1.VolumeMount{Name: wiring.AgentVolume, MountPath: wiring.AgentMount, ReadOnly: true})
 		addCapabilities(c, wiring.LauncherCapabilities)
 	}
 }

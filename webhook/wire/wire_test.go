@@ -100,7 +100,8 @@ func TestPodKeepsUserMount(t *testing.T) {
 	Pod(p, in)
 	assert.Equal(t, []corev1.VolumeMount{{Name: "mine", MountPath: wiring.CheckpointMount},
 		{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true},
-		{Name: wiring.AgentVolume, MountPath: wiring.AgentMount}}, p.Spec.Containers[0].VolumeMounts)
+		{Name: wiring.AgentVolume, MountPath: wiring.AgentMount, ReadOnly: true}}, p.Spec.Containers[0].VolumeMounts,
+		"the agent's socket directory is shared by the node's pods: read-only")
 	var names []string
 	for _, v := range p.Spec.Volumes {
 		names = append(names, v.Name)
