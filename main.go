@@ -19,6 +19,7 @@ import (
 	"github.com/stasis-k8s/stasis/launcher"
 	"github.com/stasis-k8s/stasis/podtools"
 	"github.com/stasis-k8s/stasis/webhook"
+	"github.com/stasis-k8s/stasis/wiring"
 )
 
 type command struct {
@@ -29,12 +30,11 @@ type command struct {
 }
 
 var commands = map[string]command{
-	"webhook":         {run: webhook.Run, summary: "serve the admission webhooks (eviction, Job suspend, pod creation)"},
-	"agent":           {run: agent.Run, summary: "serve the node agent that checkpoints containers with CRIU"},
-	"launcher":        {run: launcher.Run, summary: "run a container's command as PID 1 so it can be checkpointed and restored", ownSignals: true},
-	"certs":           {run: certs.Run, summary: "generate the TLS Secrets for clusters without cert-manager"},
-	"restore-prepare": {run: podtools.RestorePrepare, summary: "verify the checkpoints a pod restores and write the launchers' restore plans (restore init-container)"},
-	"tools-install":   {run: podtools.ToolsInstall, summary: "copy the stasis binary and the CRIU bundle into a pod's tools volume (tools init-container)"},
+	"webhook":                     {run: webhook.Run, summary: "serve the admission webhooks (eviction, Job suspend, pod creation)"},
+	"agent":                       {run: agent.Run, summary: "serve the node agent that checkpoints containers with CRIU"},
+	wiring.LauncherSubcommand:     {run: launcher.Run, summary: "run a container's command as its unprivileged PID 1, so that the agent can checkpoint and restore it", ownSignals: true},
+	"certs":                       {run: certs.Run, summary: "generate the TLS Secrets for clusters without cert-manager"},
+	wiring.ToolsInstallSubcommand: {run: podtools.ToolsInstall, summary: "copy the stasis binary into a pod's tools volume (tools init-container)"},
 	"version": {run: func(context.Context, []string) error {
 		fmt.Println(version.Version)
 		return nil

@@ -173,6 +173,22 @@ func (r *rig) restoreContainer(container, id string, cmd ...string) *container {
 	return r.restorePod(id, map[string][]string{container: cmd})[container]
 }
 
+// credentials are the lines of /proc/<pid>/status a restore must carry over exactly.
+func credentials(t testing.TB, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	require.NoError(t, err)
+	out := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n") {
+		k, v, _ := strings.Cut(l, ":")
+		switch k {
+		case "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp", "Seccomp_filters":
+			out[k] = strings.Join(strings.Fields(v), " ")
+		}
+	}
+	return out
+}
+
 func isSequence(nums []int) bool {
 	for i := range nums {
 		if nums[i] != i+1 {
@@ -207,6 +223,9 @@ func TestDumpRestoreCounterContinues(t *testing.T) {
 	root, err := appRoot(r.finder["app"])
 	require.NoError(t, err)
 	assert.True(t, launcher.Stopped(root), "the app must stay stopped after its dump")
+	creds := credentials(t, root)
+	assert.Equal(t, "0000000000000000", creds["CapBnd"], "the container has no capability: %v", creds)
+	assert.Equal(t, "1", creds["NoNewPrivs"])
 
 	m, err := checkpoint.Verify(filepath.Join(r.dir("app"), id))
 	require.NoError(t, err)
@@ -226,6 +245,9 @@ func TestDumpRestoreCounterContinues(t *testing.T) {
 	assert.Equal(t, dumped, got[:len(dumped)], "checkpoint-files content restored")
 	assert.True(t, isSequence(got), "the restored counter continues from %d, got %v", len(dumped), got)
 	assert.Contains(t, c2.out.String(), "restored; supervising the restored tree")
+	restored, err := appRoot(c2.launcherPID())
+	require.NoError(t, err)
+	assert.Equal(t, creds, credentials(t, restored), "the restored app has the original's credentials, capabilities, no_new_privs and seccomp")
 	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("restored")))
 	// The restored tree is supervised like a fresh one: SIGTERM reaches the app and ends it.
 	code := c2.stop()

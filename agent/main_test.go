@@ -18,7 +18,6 @@ import (
 
 	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/criurun"
-	"github.com/stasis-k8s/stasis/wiring"
 )
 
 // Binaries built once for the whole package: the stasis binary (launcher, restore-prepare) and the
@@ -68,15 +67,10 @@ func needCriu(t testing.TB) string {
 	return p
 }
 
-// containerCaps is the strictest container the webhook produces: a pod that drops ALL gets only
-// wiring.LauncherCapabilities. The tests run the launcher (and CRIU restore) with exactly these.
-func containerCaps() string {
-	var caps []string
-	for _, c := range wiring.LauncherCapabilities {
-		caps = append(caps, strings.ToLower(c))
-	}
-	return "-all,+" + strings.Join(caps, ",+")
-}
+// restrictedContainer is how the tests start a wired container: as a pod of Pod Security
+// "restricted" runs (drop ALL, no_new_privs), with no capability at all in its bounding set: the
+// launcher needs none, the agent does the privileged work.
+var restrictedContainer = []string{"setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--no-new-privs", "--"}
 
 // container is `stasis launcher -- CMD` as PID 1 of fresh mount, PID, UTS and IPC namespaces with
 // its own /proc and the capabilities of a wired container: what containerd would start.
@@ -115,8 +109,8 @@ func startContainer(t testing.TB, env []string, launcherArgs ...string) *contain
 // runtime does.
 func startContainerIn(t testing.TB, cgroup string, env []string, launcherArgs ...string) *container {
 	t.Helper()
-	args := []string{"--mount", "--pid", "--uts", "--ipc", "--fork", "--mount-proc", "--",
-		"setpriv", "--bounding-set", containerCaps(), "--", stasisBin, "launcher"}
+	args := append([]string{"--mount", "--pid", "--uts", "--ipc", "--fork", "--mount-proc", "--"}, restrictedContainer...)
+	args = append(args, stasisBin, "launcher")
 	args = append(args, launcherArgs...)
 	cmd := exec.Command("unshare", args...)
 	if cgroup != "" {

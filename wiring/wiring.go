@@ -19,11 +19,9 @@ const (
 	// CRIU; mounted read-only at ToolsMount in every wrapped container.
 	ToolsVolume = "stasis-tools"
 	ToolsMount  = "/stasis/tools"
-	// ToolsInitContainer copies the tools (runs the Stasis image with ToolsInstallArgs).
+	// ToolsInitContainer copies the stasis binary into the tools volume (the Stasis image running
+	// `stasis tools-install`), unprivileged.
 	ToolsInitContainer = "stasis-tools"
-	// RestoreInitContainer verifies the checkpoint to restore and writes one plan per container
-	// into RestorePlanDir before the app containers start (runs the Stasis image with RestorePrepareArgs).
-	RestoreInitContainer = "stasis-restore"
 
 	// CheckpointVolume is the name of the checkpoint volume Stasis adds when it created the PVC
 	// itself; a user-provided volume (checkpoint-storage-volume) keeps its own name.
@@ -44,10 +42,6 @@ const (
 	ImageBinary = "/usr/local/bin/stasis"
 	// Binary is where the tools init-container puts the stasis binary inside the pod.
 	Binary = ToolsMount + "/stasis"
-	// CriuBinary is the CRIU entry point (a wrapper running CRIU 4.x through its own loader) in the pod.
-	CriuBinary = ToolsMount + "/criu/criu"
-	// RestorePlanDir holds <container>.json restore plans written by the restore init-container.
-	RestorePlanDir = ToolsMount + "/restore"
 )
 
 // Environment variables set on wrapped containers (and on the restore init-container).
@@ -64,9 +58,6 @@ const (
 	// EnvRestoreOptions is a JSON array of extra, validated CRIU restore options
 	// (restore-advanced-options / MMC_RESTORE_ADVANCED_OPTIONS).
 	EnvRestoreOptions = "STASIS_RESTORE_OPTIONS"
-	// EnvRestoreContainers is a comma-separated list of containers the restore init-container
-	// prepares (each with its checkpoint dir CheckpointDir(identity, name)).
-	EnvRestoreContainers = "STASIS_RESTORE_CONTAINERS"
 	// EnvIdentity is the checkpoint identity (also the pod annotation AnnotationIdentity).
 	EnvIdentity = "STASIS_IDENTITY"
 )
@@ -82,9 +73,11 @@ const (
 	AnnotationWired = Prefix + "wired"
 )
 
-// Launcher argv: [Binary, "launcher", flags..., "--", command...].
+// Subcommands of the stasis binary that run in pods. Launcher argv: [Binary, "launcher", flags...,
+// "--", command...].
 const (
-	LauncherSubcommand = "launcher"
+	LauncherSubcommand     = "launcher"
+	ToolsInstallSubcommand = "tools-install"
 	// FlagEntrypointFromImage tells the launcher that the pod set no command: what follows "--" are
 	// the spec's args (possibly none), to be appended to the image's ENTRYPOINT (or to replace its CMD).
 	FlagEntrypointFromImage = "--entrypoint-from-image"
@@ -161,29 +154,3 @@ func IdentityDir(identity string) string {
 func CheckpointDir(identity, container string) string {
 	return path.Join(CheckpointMount, IdentityDir(identity), container)
 }
-
-// RestorePlanPath is where the restore init-container leaves a container's plan.
-func RestorePlanPath(container string) string {
-	return path.Join(RestorePlanDir, container+".json")
-}
-
-// RestorePlan is written by the restore init-container for each container and read by its launcher.
-type RestorePlan struct {
-	// Restore is true when the checkpoint Dir/ID is complete and checked.
-	Restore bool   `json:"restore"`
-	Dir     string `json:"dir"` // the checkpoint directory: CheckpointDir(...)/ID
-	ID      string `json:"id"`
-	// Reason says why a cold start was chosen (missing, partial, corrupt).
-	Reason string `json:"reason,omitempty"`
-	// ImagesVerified: the restore init-container checked the CRIU images' sha256 already (pods
-	// with several restoring containers); else the launcher checks them while CRIU restores.
-	ImagesVerified bool `json:"imagesVerified,omitempty"`
-}
-
-// LauncherCapabilities are added to every wrapped container (measured, see docs/agent.md):
-// SYS_ADMIN for the launcher's nested PID namespace and CRIU restore, CHECKPOINT_RESTORE so CRIU
-// restores with --unprivileged (instead of NET_ADMIN), SYS_TIME for time-namespace offsets on
-// restore, SETUID/SETGID/SETPCAP for CRIU restoring the tasks' credentials (in the runtime's
-// default set, listed for pods that drop ALL). The dump needs none of them (the agent's CRIU does
-// it with the agent's privileges).
-var LauncherCapabilities = []string{"SYS_ADMIN", "SYS_TIME", "CHECKPOINT_RESTORE", "SETUID", "SETGID", "SETPCAP"}

@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"slices"
 	"sort"
-	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 
@@ -70,39 +69,20 @@ func Pod(pod *corev1.Pod, in Input) {
 			Name:            wiring.ToolsInitContainer,
 			Image:           in.ToolsImage,
 			ImagePullPolicy: corev1.PullIfNotPresent,
-			Command:         []string{wiring.ImageBinary, "tools-install", "--dest", wiring.ToolsMount},
+			Command:         []string{wiring.ImageBinary, wiring.ToolsInstallSubcommand, "--dest", wiring.ToolsMount},
 			VolumeMounts:    []corev1.VolumeMount{toolsMount},
+			SecurityContext: restrictedContext(),
 		}
 		pod.Spec.InitContainers = append([]corev1.Container{tools}, pod.Spec.InitContainers...)
 	}
 
-	var restored []string
-	if in.Restore != nil {
-		for _, c := range in.Config.Containers {
-			if in.Restore.IDs[c.Name] != "" {
-				restored = append(restored, c.Name)
-			}
-		}
-	}
-	if len(restored) > 0 {
-		ref, _ := json.Marshal(in.Restore.Ref)
-		pod.Annotations[wiring.AnnotationRestore] = string(ref)
-		if !slices.ContainsFunc(pod.Spec.InitContainers, named(wiring.RestoreInitContainer)) {
-			restore := corev1.Container{
-				Name:            wiring.RestoreInitContainer,
-				Image:           in.ToolsImage,
-				ImagePullPolicy: corev1.PullIfNotPresent,
-				Command:         []string{wiring.ImageBinary, "restore-prepare"},
-				Env: []corev1.EnvVar{
-					{Name: wiring.EnvRestoreID, Value: in.Restore.Ref.ID},
-					{Name: wiring.EnvIdentity, Value: in.Identity},
-					{Name: wiring.EnvRestoreContainers, Value: strings.Join(restored, ",")},
-				},
-				VolumeMounts: []corev1.VolumeMount{toolsMount, ckptMount},
-			}
-			at := slices.IndexFunc(pod.Spec.InitContainers, named(wiring.ToolsInitContainer)) + 1
-			pod.Spec.InitContainers = slices.Insert(pod.Spec.InitContainers, at, restore)
-		}
+	// The agent restores what the annotation names (it reads it from the runtime's pod sandbox):
+	// the checkpoint, and the containers that restore from it together.
+	if restored := restoredContainers(in); len(restored) > 0 {
+		ref := in.Restore.Ref
+		ref.Containers = restored
+		b, _ := json.Marshal(ref)
+		pod.Annotations[wiring.AnnotationRestore] = string(b)
 	}
 
 	for i := range pod.Spec.Containers {
@@ -135,7 +115,6 @@ func Pod(pod *corev1.Pod, in Input) {
 		ensureMount(c, ckptMount)
 		// Read-only: connecting to the socket works, replacing it or filling the host's /run does not.
 		ensureMount(c, corev1.VolumeMount{Name: wiring.AgentVolume, MountPath: wiring.AgentMount, ReadOnly: true})
-		addCapabilities(c, wiring.LauncherCapabilities)
 	}
 }
 
@@ -175,20 +154,29 @@ func setEnv(c *corev1.Container, e corev1.EnvVar) {
 	c.Env = append(c.Env, e)
 }
 
-func addCapabilities(c *corev1.Container, caps []string) {
-	if c.SecurityContext == nil {
-		c.SecurityContext = &corev1.SecurityContext{}
+// restrictedContext is the tools init-container's: what Pod Security "restricted" asks of any
+// container (it copies one file into an emptyDir and needs nothing else).
+func restrictedContext() *corev1.SecurityContext {
+	yes, no, user := true, false, int64(65532)
+	return &corev1.SecurityContext{
+		RunAsNonRoot: &yes, RunAsUser: &user, AllowPrivilegeEscalation: &no, ReadOnlyRootFilesystem: &yes,
+		Capabilities:   &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+		SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
 	}
-	if c.SecurityContext.Capabilities == nil {
-		c.SecurityContext.Capabilities = &corev1.Capabilities{}
+}
+
+// restoredContainers are the wired containers the restore covers, in pod order.
+func restoredContainers(in Input) []string {
+	var out []string
+	if in.Restore == nil {
+		return nil
 	}
-	have := c.SecurityContext.Capabilities.Add
-	for _, cp := range caps {
-		if !slices.Contains(have, corev1.Capability(cp)) {
-			have = append(have, corev1.Capability(cp))
+	for _, c := range in.Config.Containers {
+		if in.Restore.IDs[c.Name] != "" {
+			out = append(out, c.Name)
 		}
 	}
-	c.SecurityContext.Capabilities.Add = have
+	return out
 }
 
 // RestoredContainers lists the containers a restore covers, sorted.

@@ -40,7 +40,7 @@ func TestPod(t *testing.T) {
 	}{
 		{"fresh", nil, []string{wiring.ToolsInitContainer, "user-init"}},
 		{"restore", &Restore{Ref: wiring.RestoreRef{ID: "c1", Node: "n", Time: "t", Size: 5}, IDs: map[string]string{"app": "c1", "entry": "c1"}},
-			[]string{wiring.ToolsInitContainer, wiring.RestoreInitContainer, "user-init"}},
+			[]string{wiring.ToolsInitContainer, "user-init"}},
 		{"restore of no selected container: fresh", &Restore{IDs: map[string]string{"other": "c1"}}, []string{wiring.ToolsInitContainer, "user-init"}},
 	}
 	for _, tt := range tests {
@@ -72,16 +72,17 @@ func TestPod(t *testing.T) {
 				assert.Equal(t, "c1", env[wiring.EnvRestoreID].Value)
 				assert.Equal(t, `["--tcp-established"]`, env[wiring.EnvRestoreOptions].Value)
 				assert.Contains(t, p.Annotations[wiring.AnnotationRestore], `"id":"c1"`)
-				r := p.Spec.InitContainers[1]
-				assert.Equal(t, []string{wiring.ImageBinary, "restore-prepare"}, r.Command)
-				assert.Contains(t, r.Env, corev1.EnvVar{Name: wiring.EnvRestoreContainers, Value: "app,entry"})
+				assert.Contains(t, p.Annotations[wiring.AnnotationRestore], `"containers":["app","entry"]`, "the containers that restore together")
 			} else {
 				assert.NotContains(t, env, wiring.EnvRestoreID)
 				assert.NotContains(t, p.Annotations, wiring.AnnotationRestore)
 			}
-			assert.ElementsMatch(t, []corev1.Capability{"SYS_ADMIN", "NET_RAW", "SYS_TIME", "CHECKPOINT_RESTORE", "SETUID", "SETGID", "SETPCAP"},
-				app.SecurityContext.Capabilities.Add)
-			assert.Equal(t, []corev1.Capability{"ALL"}, app.SecurityContext.Capabilities.Drop)
+			assert.Equal(t, pod().Spec.Containers[0].SecurityContext, app.SecurityContext, "the pod's own security context, nothing added")
+			tools := p.Spec.InitContainers[0]
+			assert.Equal(t, []string{wiring.ImageBinary, wiring.ToolsInstallSubcommand, "--dest", wiring.ToolsMount}, tools.Command)
+			assert.Equal(t, []corev1.Capability{"ALL"}, tools.SecurityContext.Capabilities.Drop)
+			assert.True(t, *tools.SecurityContext.RunAsNonRoot)
+			assert.False(t, *tools.SecurityContext.AllowPrivilegeEscalation)
 
 			// Idempotent: wiring again changes nothing.
 			again := p.DeepCopy()

@@ -1,0 +1,100 @@
+package agent
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/stasis-k8s/stasis/checkpoint"
+	"github.com/stasis-k8s/stasis/internal/confine"
+	"github.com/stasis-k8s/stasis/wiring"
+)
+
+// writeCheckpoint makes a complete checkpoint of one container (fake images: no CRIU needed to
+// decide plans) and returns its directory.
+func writeCheckpoint(t *testing.T, identityDir, container, id string) string {
+	t.Helper()
+	w, err := checkpoint.Begin(filepath.Join(identityDir, container), id)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(w.Path(), checkpoint.ImagesDir, "pages-1.img"), []byte("memory of "+container), 0o600))
+	require.NoError(t, w.Commit(&checkpoint.Manifest{Container: container}))
+	return w.Final()
+}
+
+// corruptPages flips the first byte of the pages image (same size: only its sha256 tells).
+func corruptPages(t *testing.T, ckpt string) {
+	t.Helper()
+	p := filepath.Join(ckpt, checkpoint.ImagesDir, "pages-1.img")
+	b, err := os.ReadFile(p)
+	require.NoError(t, err)
+	b[0] ^= 0xff
+	require.NoError(t, os.WriteFile(p, b, 0o600))
+}
+
+// A pod's containers restore together or not at all; with several, their images are verified up
+// front. The checkpoints are read below the container's root, through descriptors.
+func TestPreparePod(t *testing.T) {
+	id := checkpoint.NewID(time.Now())
+	tests := []struct {
+		name       string
+		containers []string
+		damage     func(t *testing.T, dir string)
+		restore    []bool
+		verified   bool   // images checked before any restore
+		reason     string // in every refusal
+		failed     string // the container the others name
+	}{
+		{"one container", []string{"app"}, nil, []bool{true}, false, "", ""},
+		{"one container, corrupt image: left to the restore", []string{"app"},
+			func(t *testing.T, dir string) { corruptPages(t, filepath.Join(dir, "app", id)) }, []bool{true}, false, "", ""},
+		{"two containers", []string{"app", "sidecar"}, nil, []bool{true, true}, true, "", ""},
+		{"two containers, one corrupt image: neither restores", []string{"app", "sidecar"},
+			func(t *testing.T, dir string) { corruptPages(t, filepath.Join(dir, "sidecar", id)) }, []bool{false, false}, false,
+			"images/pages-1.img: sha256", "sidecar"},
+		{"two containers, one checkpoint missing: neither restores", []string{"app", "sidecar"},
+			func(t *testing.T, dir string) { require.NoError(t, os.RemoveAll(filepath.Join(dir, "app", id))) }, []bool{false, false}, false,
+			"no such file", "app"},
+		{"a checkpoint directory swapped for a symlink to the host: refused", []string{"app"},
+			func(t *testing.T, dir string) {
+				host := filepath.Dir(writeCheckpoint(t, t.TempDir(), "app", id))
+				require.NoError(t, os.RemoveAll(filepath.Join(dir, "app")))
+				require.NoError(t, os.Symlink(host, filepath.Join(dir, "app")))
+			}, []bool{false}, false, "no such file", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctrRoot := t.TempDir()
+			identityDir := "/stasis/checkpoints/" + wiring.IdentityDir("job/ns/j/0")
+			dir := filepath.Join(ctrRoot, identityDir)
+			for _, c := range tt.containers {
+				writeCheckpoint(t, dir, c, id)
+			}
+			if tt.damage != nil {
+				tt.damage(t, dir)
+			}
+			root, err := confine.OpenRoot(ctrRoot)
+			require.NoError(t, err)
+			defer root.Close()
+			plans := preparePod(root, identityDir, wiring.RestoreRef{ID: id, Containers: tt.containers})
+			require.Len(t, plans, len(tt.containers))
+			for i, c := range tt.containers {
+				p := plans[c]
+				assert.Equal(t, tt.restore[i], p.err == nil, "container %s: %v", c, p.err)
+				assert.Equal(t, tt.verified, p.imagesVerified && p.err == nil, c)
+				if tt.reason != "" {
+					assert.ErrorContains(t, p.err, tt.reason, c)
+				}
+				if tt.failed != "" && c != tt.failed {
+					assert.ErrorContains(t, p.err, "container "+tt.failed+" cannot restore", c)
+				}
+				if p.dir != nil {
+					p.dir.Close()
+				}
+			}
+		})
+	}
+}
