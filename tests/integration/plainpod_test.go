@@ -102,7 +102,8 @@ func TestPlainPodExampleEvictedThenRecreatedRestores_NoKubelet(t *testing.T) {
 	var ref wiring.RestoreRef
 	require.NoError(t, json.Unmarshal([]byte(raw), &ref))
 	assert.NotEmpty(t, ref.ID)
-	assert.True(t, hasInitContainer(*second, wiring.RestoreInitContainer))
+	assert.NotEmpty(t, ref.Containers, "the containers that restore together")
+	assert.True(t, hasEnv(*second, wiring.EnvRestoreID), "the launcher asks the agent to restore")
 	s.waitEvent("Pod", pod.Name, "restoring")
 	s.waitRunning(pod.Name)
 
