@@ -337,12 +337,11 @@ func (a *Agent) finish(op *operation, req agentapi.CheckpointRequest, ok bool, m
 		lg = a.cfg.Log.Warn()
 	}
 	lg.Str("pod", req.Pod.Namespace+"/"+req.Pod.Name).Str("uid", req.Pod.UID).Msg(msg)
-	if a.cfg.Events != nil && req.Pod.Name != "" {
-		reason := "Checkpointed"
-		if !ok {
-			reason = "CheckpointFailed"
-		}
-		a.cfg.Events.PodEvent(a.ctx, req.Pod, !ok, reason, msg)
+	// A success is the webhook's to announce (one "Checkpointed" Event, with the eviction or
+	// suspend it was for, once the checkpoint is recorded); a failure is told here, with CRIU's
+	// words, whoever asked.
+	if a.cfg.Events != nil && req.Pod.Name != "" && !ok {
+		a.cfg.Events.PodEvent(a.ctx, req.Pod, true, "CheckpointFailed", msg)
 	}
 }
 
