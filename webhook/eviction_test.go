@@ -16,6 +16,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/labels"
 	"github.com/stasis-k8s/stasis/tests/fakeagent"
 	"github.com/stasis-k8s/stasis/webhook/catalog"
 	"github.com/stasis-k8s/stasis/wiring"
@@ -34,10 +35,27 @@ func runningPod(mod ...func(*corev1.Pod)) *corev1.Pod {
 		},
 		Status: corev1.PodStatus{Phase: corev1.PodRunning},
 	}
+	wireSpec(p, "pod/default/app")
 	for _, m := range mod {
 		m(p)
 	}
 	return p
+}
+
+// wireSpec writes what the pod webhook writes into the spec of a pod's checkpointed containers and
+// the eviction and suspend webhooks read back: the launcher command and STASIS_IDENTITY.
+func wireSpec(p *corev1.Pod, identity string) {
+	cfg, err := labels.ParsePod(labels.DefaultPrefix, p)
+	if err != nil {
+		panic(err)
+	}
+	for i := range p.Spec.Containers {
+		c := &p.Spec.Containers[i]
+		if _, ok := cfg.Container(c.Name); ok {
+			c.Command = wiring.LauncherCommand(c.Command)
+			c.Env = []corev1.EnvVar{{Name: wiring.EnvIdentity, Value: identity}}
+		}
+	}
 }
 
 func userPVC(name string) *corev1.PersistentVolumeClaim {

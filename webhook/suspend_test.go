@@ -35,6 +35,7 @@ func jobPod(index int, mod ...func(*corev1.Pod)) *corev1.Pod {
 				PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: catalog.PVCName(id)}}}}},
 		Status: corev1.PodStatus{Phase: corev1.PodRunning},
 	}
+	wireSpec(p, id)
 	for _, m := range mod {
 		m(p)
 	}

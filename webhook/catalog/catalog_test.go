@@ -62,7 +62,7 @@ func TestSave(t *testing.T) {
 			}
 			c := fake.NewClientset(p)
 			n := 0
-			c.PrependReactor("update", "persistentvolumeclaims", func(k8stesting.Action) (bool, runtime.Object, error) {
+			c.PrependReactor("patch", "persistentvolumeclaims", func(k8stesting.Action) (bool, runtime.Object, error) {
 				if n < tt.conflicts {
 					n++
 					return true, nil, apierrors.NewConflict(schema.GroupResource{Resource: "persistentvolumeclaims"}, "p", nil)

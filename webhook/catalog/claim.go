@@ -141,17 +141,12 @@ func (s *Store) Claim(ctx context.Context, req ClaimRequest) (ClaimResult, error
 			res.Created = true
 			return res, nil
 		}
-		p := pick.pvc.DeepCopy()
-		if p.Annotations == nil {
-			p.Annotations = map[string]string{}
-		}
-		p.Annotations[ClaimKey(pick.identity)] = string(claim)
-		_, err := pvcs.Update(ctx, p, metav1.UpdateOptions{})
+		err := s.annotate(ctx, pick.pvc, ClaimKey(pick.identity), string(claim))
 		if apierrors.IsConflict(err) {
 			continue // someone claimed or recorded meanwhile: look again
 		}
 		if err != nil {
-			return ClaimResult{}, fmt.Errorf("claiming %s on PVC %s/%s: %w", pick.identity, req.Namespace, p.Name, err)
+			return ClaimResult{}, fmt.Errorf("claiming %s on PVC %s/%s: %w", pick.identity, req.Namespace, pick.pvc.Name, err)
 		}
 		return res, nil
 	}

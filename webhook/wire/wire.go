@@ -2,8 +2,11 @@
 // init-container, the launcher-wrapped commands, the checkpoint and agent volumes, the environment
 // and, when a checkpoint is restored, the restore init-container and annotation.
 //
-// Pod is idempotent: it checks every piece before adding it, so wiring a wired pod again (a
-// reinvoked webhook, a retried request) changes nothing.
+// Pod is idempotent and authoritative: every piece it owns (annotations stasis.dev/*, volumes and
+// containers named stasis-*, mounts at Stasis' paths) is set to exactly Stasis' value, replacing what
+// was there in place, so wiring a wired pod again (a reinvoked webhook, a retried request) changes
+// nothing and a forged piece never survives. Foreign (check.go) tells the webhook which of a pod's
+// reserved fields Stasis did not write.
 package wire
 
 import (
@@ -52,29 +55,26 @@ func Pod(pod *corev1.Pod, in Input) {
 		pod.Annotations[k] = v
 	}
 
-	ensureVolume(&pod.Spec, corev1.Volume{Name: wiring.ToolsVolume,
+	setVolume(&pod.Spec, corev1.Volume{Name: wiring.ToolsVolume,
 		VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}})
 	if in.PVCName != "" {
-		ensureVolume(&pod.Spec, corev1.Volume{Name: wiring.CheckpointVolume,
+		setVolume(&pod.Spec, corev1.Volume{Name: wiring.CheckpointVolume,
 			VolumeSource: corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: in.PVCName}}})
 	}
 	dirOrCreate := corev1.HostPathDirectoryOrCreate
-	ensureVolume(&pod.Spec, corev1.Volume{Name: wiring.AgentVolume,
+	setVolume(&pod.Spec, corev1.Volume{Name: wiring.AgentVolume,
 		VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: wiring.HostAgentDir, Type: &dirOrCreate}}})
 
 	toolsMount := corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount}
 	ckptMount := corev1.VolumeMount{Name: in.CheckpointVolume, MountPath: wiring.CheckpointMount}
 
-	if !slices.ContainsFunc(pod.Spec.InitContainers, named(wiring.ToolsInitContainer)) {
-		tools := corev1.Container{
-			Name:            wiring.ToolsInitContainer,
-			Image:           in.ToolsImage,
-			ImagePullPolicy: corev1.PullIfNotPresent,
-			Command:         []string{wiring.ImageBinary, "tools-install", "--dest", wiring.ToolsMount},
-			VolumeMounts:    []corev1.VolumeMount{toolsMount},
-		}
-		pod.Spec.InitContainers = append([]corev1.Container{tools}, pod.Spec.InitContainers...)
-	}
+	setInitContainer(&pod.Spec, 0, corev1.Container{
+		Name:            wiring.ToolsInitContainer,
+		Image:           in.ToolsImage,
+		ImagePullPolicy: corev1.PullIfNotPresent,
+		Command:         []string{wiring.ImageBinary, "tools-install", "--dest", wiring.ToolsMount},
+		VolumeMounts:    []corev1.VolumeMount{toolsMount},
+	})
 
 	var restored []string
 	if in.Restore != nil {
@@ -87,22 +87,19 @@ func Pod(pod *corev1.Pod, in Input) {
 	if len(restored) > 0 {
 		ref, _ := json.Marshal(in.Restore.Ref)
 		pod.Annotations[wiring.AnnotationRestore] = string(ref)
-		if !slices.ContainsFunc(pod.Spec.InitContainers, named(wiring.RestoreInitContainer)) {
-			restore := corev1.Container{
-				Name:            wiring.RestoreInitContainer,
-				Image:           in.ToolsImage,
-				ImagePullPolicy: corev1.PullIfNotPresent,
-				Command:         []string{wiring.ImageBinary, "restore-prepare"},
-				Env: []corev1.EnvVar{
-					{Name: wiring.EnvRestoreID, Value: in.Restore.Ref.ID},
-					{Name: wiring.EnvIdentity, Value: in.Identity},
-					{Name: wiring.EnvRestoreContainers, Value: strings.Join(restored, ",")},
-				},
-				VolumeMounts: []corev1.VolumeMount{toolsMount, ckptMount},
-			}
-			at := slices.IndexFunc(pod.Spec.InitContainers, named(wiring.ToolsInitContainer)) + 1
-			pod.Spec.InitContainers = slices.Insert(pod.Spec.InitContainers, at, restore)
-		}
+		at := slices.IndexFunc(pod.Spec.InitContainers, named(wiring.ToolsInitContainer)) + 1
+		setInitContainer(&pod.Spec, at, corev1.Container{
+			Name:            wiring.RestoreInitContainer,
+			Image:           in.ToolsImage,
+			ImagePullPolicy: corev1.PullIfNotPresent,
+			Command:         []string{wiring.ImageBinary, "restore-prepare"},
+			Env: []corev1.EnvVar{
+				{Name: wiring.EnvRestoreID, Value: in.Restore.Ref.ID},
+				{Name: wiring.EnvIdentity, Value: in.Identity},
+				{Name: wiring.EnvRestoreContainers, Value: strings.Join(restored, ",")},
+			},
+			VolumeMounts: []corev1.VolumeMount{toolsMount, ckptMount},
+		})
 	}
 
 	for i := range pod.Spec.Containers {
@@ -115,7 +112,8 @@ func Pod(pod *corev1.Pod, in Input) {
 			c.Command = wiring.LauncherCommand(c.Command)
 		}
 		fieldEnv := func(name, path string) corev1.EnvVar {
-			return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: path}}}
+			// apiVersion as the API server defaults it, so that a reinvocation sees our own value.
+			return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{APIVersion: "v1", FieldPath: path}}}
 		}
 		setEnv(c, fieldEnv(wiring.EnvPodName, "metadata.name"))
 		setEnv(c, fieldEnv(wiring.EnvPodNamespace, "metadata.namespace"))
@@ -131,9 +129,9 @@ func Pod(pod *corev1.Pod, in Input) {
 				setEnv(c, corev1.EnvVar{Name: wiring.EnvRestoreOptions, Value: string(opts)})
 			}
 		}
-		ensureMount(c, corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true})
-		ensureMount(c, ckptMount)
-		ensureMount(c, corev1.VolumeMount{Name: wiring.AgentVolume, MountPath: wiring.AgentMount})
+		setMount(c, corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true})
+		setMount(c, ckptMount)
+		setMount(c, corev1.VolumeMount{Name: wiring.AgentVolume, MountPath: wiring.AgentMount})
 		addCapabilities(c, wiring.LauncherCapabilities)
 	}
 }
@@ -149,18 +147,36 @@ func named(name string) func(corev1.Container) bool {
 	return func(c corev1.Container) bool { return c.Name == name }
 }
 
-func ensureVolume(spec *corev1.PodSpec, v corev1.Volume) {
-	if !slices.ContainsFunc(spec.Volumes, func(x corev1.Volume) bool { return x.Name == v.Name }) {
-		spec.Volumes = append(spec.Volumes, v)
+// setVolume puts v in the pod, replacing a volume of the same name in place.
+func setVolume(spec *corev1.PodSpec, v corev1.Volume) {
+	if i := slices.IndexFunc(spec.Volumes, func(x corev1.Volume) bool { return x.Name == v.Name }); i >= 0 {
+		spec.Volumes[i] = v
+		return
 	}
+	spec.Volumes = append(spec.Volumes, v)
 }
 
-// ensureMount adds m unless something is already mounted at its path (a user who mounted the
-// checkpoint volume there themselves keeps their mount).
-func ensureMount(c *corev1.Container, m corev1.VolumeMount) {
-	if !slices.ContainsFunc(c.VolumeMounts, func(x corev1.VolumeMount) bool { return x.MountPath == m.MountPath }) {
-		c.VolumeMounts = append(c.VolumeMounts, m)
+// setMount puts m in the container, replacing whatever is mounted at its path in place.
+func setMount(c *corev1.Container, m corev1.VolumeMount) {
+	if i := slices.IndexFunc(c.VolumeMounts, func(x corev1.VolumeMount) bool { return cleanPath(x.MountPath) == m.MountPath }); i >= 0 {
+		c.VolumeMounts[i] = m
+		return
 	}
+	c.VolumeMounts = append(c.VolumeMounts, m)
+}
+
+// setInitContainer inserts want at index at, or, when an init-container of its name exists, sets
+// the fields Stasis owns in place (other webhooks may add resources or a securityContext to it:
+// those stay).
+func setInitContainer(spec *corev1.PodSpec, at int, want corev1.Container) {
+	i := slices.IndexFunc(spec.InitContainers, named(want.Name))
+	if i < 0 {
+		spec.InitContainers = slices.Insert(spec.InitContainers, at, want)
+		return
+	}
+	c := &spec.InitContainers[i]
+	c.Image, c.Command, c.Args, c.WorkingDir = want.Image, want.Command, want.Args, want.WorkingDir
+	c.Env, c.EnvFrom, c.VolumeMounts = want.Env, want.EnvFrom, want.VolumeMounts
 }
 
 // setEnv sets a variable, replacing one of the same name: Stasis owns the STASIS_* names.
