@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"sort"
 	"strings"
 	"time"
 
@@ -127,7 +128,15 @@ func (w *Webhook) refuseOwn(ns string, pod *corev1.Pod, marked bool, probs []str
 	}
 	hint := "rename or remove them"
 	if marked {
-		hint = "the pod carries Stasis' annotations but is not what Stasis wires for it (copied from a wired pod, or forged): remove Stasis' annotations, volumes, containers and mounts and let Stasis wire it"
+		var keys []string
+		for k := range pod.Annotations {
+			if strings.HasPrefix(k, wiring.Prefix) {
+				keys = append(keys, k)
+			}
+		}
+		sort.Strings(keys)
+		hint = fmt.Sprintf("the pod sets %s but is not what Stasis wires for it (copied from a wired pod, or forged): remove Stasis' annotations, volumes, containers and mounts and let Stasis wire it",
+			strings.Join(keys, ", "))
 	}
 	msg := fmt.Sprintf("Stasis' own fields (%s* annotations, volumes and containers named %s*, mounts at or under %s) are set by Stasis only: %s; %s",
 		wiring.Prefix, wire.ReservedPrefix, wire.ReservedDir, strings.Join(list, "; "), hint)

@@ -111,16 +111,16 @@ func TestPodMutateHandler(t *testing.T) {
 		golden  string // patched pod
 		refused string // exact denial message
 		code    int32
-		pvc     string // a PVC Stasis must have created (size checked)
+		pvc     string // the PVC the controller creates once the pod exists (size checked); never admission
 		size    string
-		noPVC   bool // Stasis must not have created a PVC
+		noPVC   bool // Stasis must not create a PVC, neither at admission nor by the controller
 		event   string
 	}{
 		{
-			name:   "Indexed Job pod with command: PVC created, wired",
+			name:   "Indexed Job pod with command: wired, PVC named, created by the controller once the pod exists",
 			review: func(t *testing.T) []byte { return fixture(t, "pod-create-job-command.json") },
 			golden: "pod-job-command.json", pvc: catalog.PVCName(jobID), size: "512Mi",
-			event: "Normal CheckpointWired created checkpoint PVC",
+			event: "Normal CheckpointWired wired for checkpointing as job/default/train/1",
 		},
 		{
 			name:   "Indexed Job pod with a complete checkpoint: restore",
@@ -241,7 +241,14 @@ func TestPodMutateHandler(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			e := newEnv(t, Config{DefaultVolumeSize: resource.MustParse("10Gi")}, tt.objs)
-			resp, patched := e.admit(PathMutatePod, tt.review(t))
+			review := tt.review(t)
+			resp, patched := e.admit(PathMutatePod, review)
+			userPVCs := 0
+			for _, o := range tt.objs {
+				if _, ok := o.(*corev1.PersistentVolumeClaim); ok {
+					userPVCs++
+				}
+			}
 			if tt.refused != "" {
 				assert.False(t, resp.Allowed)
 				require.NotNil(t, resp.Result)
@@ -257,6 +264,15 @@ func TestPodMutateHandler(t *testing.T) {
 			}
 			pvcs, err := e.client.CoreV1().PersistentVolumeClaims("default").List(context.Background(), metav1.ListOptions{})
 			require.NoError(t, err)
+			assert.Len(t, pvcs.Items, userPVCs, "admission creates no PVC")
+			var ar admissionv1.AdmissionReview
+			require.NoError(t, json.Unmarshal(review, &ar))
+			if patched != nil && (ar.Request.DryRun == nil || !*ar.Request.DryRun) {
+				// The pod now exists: the controller creates what it names.
+				var pod corev1.Pod
+				require.NoError(t, json.Unmarshal(patched, &pod))
+				e.syncPVCs(&pod)
+			}
 			if tt.pvc != "" {
 				pvc, err := e.client.CoreV1().PersistentVolumeClaims("default").Get(context.Background(), tt.pvc, metav1.GetOptions{})
 				require.NoError(t, err)
@@ -266,9 +282,12 @@ func TestPodMutateHandler(t *testing.T) {
 				assert.Equal(t, "Job", pvc.OwnerReferences[0].Kind)
 				assert.Equal(t, "job-uid-1", string(pvc.OwnerReferences[0].UID))
 				assert.Equal(t, jobID, pvc.Annotations[catalog.AnnotationIdentity])
+				assert.True(t, containsEvent(e.drainEvents(), "Normal CheckpointPVCCreated created checkpoint PVC "+tt.pvc), "Event on the pod")
 			}
 			if tt.noPVC {
-				assert.Len(t, pvcs.Items, len(tt.objs), "no PVC may be created")
+				pvcs, err := e.client.CoreV1().PersistentVolumeClaims("default").List(context.Background(), metav1.ListOptions{})
+				require.NoError(t, err)
+				assert.Len(t, pvcs.Items, userPVCs, "no PVC may be created")
 			}
 			if tt.event != "" {
 				assert.True(t, containsEvent(e.drainEvents(), tt.event), "event %q", tt.event)

@@ -126,10 +126,13 @@ func Reserved(pod *corev1.Pod) []string {
 	return out
 }
 
-// Foreign compares a marked pod with want, what Stasis produces for it, over Stasis' namespace in
-// both directions, and lists every difference. Empty means the pod is exactly Stasis' own wiring
-// for its re-derived identity: a reinvocation, or a copy that is harmless because it is what
-// Stasis would write anyway.
+// Foreign compares a marked pod with want, what Stasis produces for it, over Stasis' namespace, and
+// lists every difference: every field the pod has there must be exactly Stasis' own, and it must
+// carry exactly Stasis' annotations (a pod with only some of them set them itself). Volumes and
+// mounts Stasis would add but the pod lacks are no difference: Pod adds them (a container another
+// webhook injected after ours gets wired on our reinvocation). Empty means the pod is Stasis' own
+// wiring for its re-derived identity: a reinvocation, or a copy that is harmless because it is
+// what Stasis would write anyway.
 func Foreign(pod, want *corev1.Pod) []string {
 	have, wanted := inventory(pod), map[string]item{}
 	for _, it := range inventory(want) {
@@ -151,7 +154,7 @@ func Foreign(pod, want *corev1.Pod) []string {
 		}
 	}
 	for _, it := range inventory(want) {
-		if !seen[it.key] {
+		if !seen[it.key] && strings.HasPrefix(it.key, "a/") {
 			out = append(out, fmt.Sprintf("%s: missing (%s)", it.field, "Stasis sets it on this pod"))
 		}
 	}
