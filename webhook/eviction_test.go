@@ -125,7 +125,7 @@ func TestEvictionHandler(t *testing.T) {
 		{
 			// The identity is re-derived (pod/default/app), never read from the annotation.
 			name: "forged stasis.dev/identity annotation: dumped and recorded under the pod's own identity", fixture: "eviction-v1.json",
-			pod: runningPod(func(p *corev1.Pod) { p.Annotations[wiring.AnnotationIdentity] = "pod/default/victim" }),
+			pod:    runningPod(func(p *corev1.Pod) { p.Annotations[wiring.AnnotationIdentity] = "pod/default/victim" }),
 			script: &fakeagent.Script{Polls: 1, Bytes: 1 << 20},
 			want:   v1Response(evUID, `"allowed":true`), wantPost: true, record: true,
 		},

@@ -33,7 +33,9 @@ func TestPodMutateRefusesStasisFields(t *testing.T) {
 	plain := func(t *testing.T) *corev1.Pod {
 		return reviewObject[corev1.Pod](t, fixture(t, "pod-create-plain-nocommand.json"))
 	}
-	job := func(t *testing.T) *corev1.Pod { return reviewObject[corev1.Pod](t, fixture(t, "pod-create-job-command.json")) }
+	job := func(t *testing.T) *corev1.Pod {
+		return reviewObject[corev1.Pod](t, fixture(t, "pod-create-job-command.json"))
+	}
 	tests := []struct {
 		name string
 		pod  func(t *testing.T, e *testEnv) *corev1.Pod
@@ -235,4 +237,31 @@ func TestPodMutateReinvocationWiresInjectedContainer(t *testing.T) {
 	require.NoError(t, json.Unmarshal(again, &out))
 	assert.Equal(t, []string{wiring.Binary, wiring.LauncherSubcommand, "--", "/helper"}, out.Spec.Containers[1].Command)
 	assert.Contains(t, out.Spec.Containers[1].VolumeMounts, corev1.VolumeMount{Name: wiring.CheckpointVolume, MountPath: wiring.CheckpointMount})
+}
+
+// The PVC controller creates only the PVC Stasis gives the pod's (re-derived) identity: a pod that
+// names another one (created while the webhook was not looking) gets nothing; a pod whose PVC
+// exists changes nothing.
+func TestPVCControllerCreatesOnlyOwnPVC(t *testing.T) {
+	e := newEnv(t, Config{}, nil)
+	p := e.wired(t, fixture(t, "pod-create-job-command.json"))
+	bad := p.DeepCopy()
+	bad.GenerateName = "forged-"
+	for i := range bad.Spec.Volumes {
+		if bad.Spec.Volumes[i].Name == wiring.CheckpointVolume {
+			bad.Spec.Volumes[i].PersistentVolumeClaim.ClaimName = catalog.PVCName("job/default/train/9")
+		}
+	}
+	e.syncPVCs(bad)
+	l, err := e.client.CoreV1().PersistentVolumeClaims("default").List(context.Background(), metav1.ListOptions{})
+	require.NoError(t, err)
+	assert.Empty(t, l.Items)
+	assert.True(t, containsEvent(e.drainEvents(), "Warning CheckpointConfigRefused checkpoint PVC "+catalog.PVCName("job/default/train/9")+" not created"))
+
+	e.syncPVCs(p)
+	e.syncPVCs(p) // again: the lister now has it
+	l, err = e.client.CoreV1().PersistentVolumeClaims("default").List(context.Background(), metav1.ListOptions{})
+	require.NoError(t, err)
+	require.Len(t, l.Items, 1)
+	assert.Equal(t, catalog.PVCName("job/default/train/1"), l.Items[0].Name)
 }
