@@ -43,7 +43,7 @@ func unsupported(format string, a ...any) error {
 //
 //	plain pod                    pod/<ns>/<name>          (the re-created pod must use the same name)
 //	Indexed Job                  job/<ns>/<job>/<index>
-//	NonIndexed Job               job/<ns>/<job>/slot-<n>  (claimed: see catalog.Claim)
+//	NonIndexed Job               job/<ns>/<job>/slot/<name>  (claimed: see catalog.Claim)
 //	StatefulSet                  sts/<ns>/<pod name>      (pod names are stable ordinals)
 //	Deployment with 1 replica    deploy/<ns>/<name>
 //	ReplicaSet with 1 replica    rs/<ns>/<name>           (not owned by a Deployment)

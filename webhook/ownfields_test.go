@@ -194,20 +194,28 @@ func TestPodMutateReinvocationKeepsClaim(t *testing.T) {
 	delete(base.Annotations, "batch.kubernetes.io/job-completion-index")
 	delete(base.Labels, "batch.kubernetes.io/job-completion-index")
 	p := e.wired(t, podReview(t, base, false))
-	slot0 := "job/default/train/slot/0"
-	require.Equal(t, slot0, p.Annotations[wiring.AnnotationIdentity])
+	slot0 := p.Annotations[wiring.AnnotationIdentity]
 
+	// A new slot: nothing written yet, the slot is the one its token names.
 	resp, again := e.admit(PathMutatePod, podReview(t, p, false))
 	require.True(t, resp.Allowed, "%+v", resp.Result)
 	assert.Nil(t, again, "same pod, same slot")
-	_, err := e.client.CoreV1().PersistentVolumeClaims("default").Get(context.Background(), catalog.PVCName("job/default/train/slot/1"), metav1.GetOptions{})
-	assert.Error(t, err, "no second slot claimed")
+
+	// An existing slot (claimed at admission by an annotation): verified against that claim.
+	require.NoError(t, e.client.Tracker().Add(catalog.NewPVC(catalog.PVCSpec{Namespace: "default", Name: catalog.PVCName(slot0), Identity: slot0})))
+	require.NoError(t, e.wh.store.EnsureClaim(context.Background(), "default", catalog.PVCName(slot0), slot0, p.Annotations[catalog.AnnotationClaim]))
+	resp, again = e.admit(PathMutatePod, podReview(t, p, false))
+	require.True(t, resp.Allowed, "%+v", resp.Result)
+	assert.Nil(t, again)
+	l, err := e.client.CoreV1().PersistentVolumeClaims("default").List(context.Background(), metav1.ListOptions{})
+	require.NoError(t, err)
+	assert.Len(t, l.Items, 1, "no second slot")
 
 	forged := p.DeepCopy()
 	forged.Annotations[catalog.AnnotationClaim] = "0123456789abcdef01234567"
 	resp, _ = e.admit(PathMutatePod, podReview(t, forged, false))
 	require.False(t, resp.Allowed)
-	assert.Contains(t, resp.Result.Message, "metadata.annotations[stasis.dev/claim]: the catalog's claim on job/default/train/slot/0 is not this pod's")
+	assert.Contains(t, resp.Result.Message, "metadata.annotations[stasis.dev/claim]: the catalog's claim on "+slot0+" is not this pod's")
 
 	// The pod runs; a copy of it (same token) would run a second pod on the same slot.
 	running := p.DeepCopy()
@@ -215,13 +223,20 @@ func TestPodMutateReinvocationKeepsClaim(t *testing.T) {
 	e.addPods(running)
 	resp, _ = e.admit(PathMutatePod, podReview(t, p, false))
 	require.False(t, resp.Allowed)
-	assert.Contains(t, resp.Result.Message, "slot job/default/train/slot/0 is held by another running pod")
+	assert.Contains(t, resp.Result.Message, "slot "+slot0+" is held by another running pod")
 
 	other := p.DeepCopy()
 	other.Annotations[wiring.AnnotationIdentity] = "job/default/eval/slot/0"
 	resp, _ = e.admit(PathMutatePod, podReview(t, other, false))
 	require.False(t, resp.Allowed)
 	assert.Contains(t, resp.Result.Message, `"job/default/eval/slot/0" is not a slot of Job default/train`)
+
+	// A new slot named by another token (someone else's slot name, own token): refused.
+	stolen := p.DeepCopy()
+	stolen.Annotations[wiring.AnnotationIdentity] = "job/default/train/slot/ffffffffff"
+	resp, _ = e.admit(PathMutatePod, podReview(t, stolen, false))
+	require.False(t, resp.Allowed)
+	assert.Contains(t, resp.Result.Message, "the catalog's claim on job/default/train/slot/ffffffffff is not this pod's")
 }
 
 // A container another webhook injected after ours (and that the labels select) is wired on the

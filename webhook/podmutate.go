@@ -203,13 +203,15 @@ func (w *Webhook) storage(ctx context.Context, ar *model.AdmissionReview, ns str
 // claims one; a marked pod (our reinvocation) keeps the slot it claimed, verified against the
 // catalog, and never claims twice.
 //
-// The claim is the one write left in admission: two pods admitted at the same time (by two
-// replicas) must not get the same slot, and the slot is baked into the pod's immutable spec, so it
-// must be reserved before the answer. A claim whose pod never appears (rejected later) expires by
-// itself: no pod carries its token, so after ClaimGrace the slot is free again (catalog.held).
+// Taking an existing free slot is the one write left in admission: two pods admitted at the same
+// time (by two replicas) must not get the same slot, and the slot is baked into the pod's immutable
+// spec, so it must be reserved before the answer. It is an annotation on an existing PVC, and a
+// claim whose pod never appears (rejected later) expires by itself: no pod carries its token, so
+// after ClaimGrace the slot is free again (catalog.held). A new slot writes nothing (catalog.Claim);
+// its PVC and claim come from the PVC controller once the pod exists.
 func (w *Webhook) slot(ctx context.Context, ar *model.AdmissionReview, ns string, pod *corev1.Pod, cfg *labels.Config, id identity, shared string, marked bool) (catalog.ClaimResult, *verdict) {
 	if !marked {
-		res, err := w.store.Claim(ctx, w.claimRequest(ns, id, shared, pod, cfg, ar.DryRun))
+		res, err := w.store.Claim(ctx, w.claimRequest(ns, id, shared, ar.DryRun))
 		if err != nil {
 			return res, w.internal(ns, pod, err)
 		}
@@ -235,20 +237,46 @@ func (w *Webhook) slot(ctx context.Context, ar *model.AdmissionReview, ns string
 	if err != nil && !apierrors.IsNotFound(err) {
 		return res, w.internal(ns, pod, fmt.Errorf("reading checkpoint PVC %s/%s: %w", ns, res.PVC, err))
 	}
-	var c *catalog.Claim
-	ok := false
-	if err == nil {
-		c, ok = catalog.ClaimOf(p, slot)
+	if err != nil {
+		p = nil
 	}
-	if !ok || token == "" || c.Token != token {
-		return res, w.refuseOwn(ns, pod, true, []string{fmt.Sprintf("metadata.annotations[%s]: the catalog's claim on %s is not this pod's", catalog.AnnotationClaim, slot)})
+	if problem := claimProblem(p, id.ClaimBase, slot, token); problem != "" {
+		return res, w.refuseOwn(ns, pod, true, []string{fmt.Sprintf("metadata.annotations[%s]: %s", catalog.AnnotationClaim, problem)})
 	}
 	if live, _ := (claimHolders{w: w}).Holder(ns, token); live {
 		// The pod being admitted does not exist yet: a live pod with this token is another one.
 		return res, w.refuseOwn(ns, pod, true, []string{fmt.Sprintf("metadata.annotations[%s]: slot %s is held by another running pod", catalog.AnnotationClaim, slot)})
 	}
-	res.Record, _ = catalog.RecordOf(p, slot)
+	if p != nil {
+		res.Record, _ = catalog.RecordOf(p, slot)
+	}
 	return res, nil
+}
+
+// claimProblem checks a marked pod's slot against the catalog (p is the slot's PVC, nil when it
+// does not exist yet): the slot's claim must carry the pod's token, or, for a new slot (no claim
+// written yet, catalog.Claim), the slot must be the one the token names and hold no checkpoint.
+func claimProblem(p *corev1.PersistentVolumeClaim, base, slot, token string) string {
+	if token == "" {
+		return "missing"
+	}
+	if p != nil {
+		if c, ok := catalog.ClaimOf(p, slot); ok {
+			if c.Token != token {
+				return fmt.Sprintf("the catalog's claim on %s is not this pod's", slot)
+			}
+			return ""
+		}
+	}
+	if len(token) < 10 || slot != base+"/"+token[:10] {
+		return fmt.Sprintf("the catalog's claim on %s is not this pod's", slot)
+	}
+	if p != nil {
+		if _, ok := catalog.RecordOf(p, slot); ok {
+			return fmt.Sprintf("slot %s holds a checkpoint but no claim of this pod", slot)
+		}
+	}
+	return ""
 }
 
 // restoreOf turns a record into the restore of the pod's checkpointed containers; nil when the
@@ -286,10 +314,9 @@ func (w *Webhook) pvcSpec(ns, identity string, owner *metav1.OwnerReference, pod
 	}
 }
 
-func (w *Webhook) claimRequest(ns string, id identity, shared string, pod *corev1.Pod, cfg *labels.Config, dryRun bool) catalog.ClaimRequest {
+func (w *Webhook) claimRequest(ns string, id identity, shared string, dryRun bool) catalog.ClaimRequest {
 	return catalog.ClaimRequest{
 		Namespace: ns, Base: id.ClaimBase, SharedPVC: shared,
-		NewPVC:  func(identity string) catalog.PVCSpec { return w.pvcSpec(ns, identity, id.Owner, pod, cfg) },
 		Holders: claimHolders{w: w}, Grace: w.cfg.ClaimGrace, DryRun: dryRun,
 	}
 }

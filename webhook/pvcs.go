@@ -102,8 +102,11 @@ func (c *PVCController) Sync(ctx context.Context, key string) error {
 		return nil
 	}
 	cfg, err := labels.ParsePod(c.w.cfg.LabelPrefix, pod)
-	if err != nil || !cfg.Enabled || cfg.StorageVolume != "" {
-		return nil // not wired (refused at admission), or the user's own storage
+	if err != nil || !cfg.Enabled {
+		return nil // not wired (refused at admission)
+	}
+	if cfg.StorageVolume != "" {
+		return c.syncSharedClaim(ctx, pod, cfg)
 	}
 	claimName := stasisClaim(pod)
 	if claimName == "" {
@@ -129,6 +132,31 @@ func (c *PVCController) Sync(ctx context.Context, key string) error {
 		c.w.d.Events.Eventf(pod, corev1.EventTypeNormal, ReasonPVCCreated, "created checkpoint PVC %s (%s) for %s", spec.Name, spec.Size.String(), what)
 	}
 	return nil
+}
+
+// syncSharedClaim writes the claim of a NonIndexed Job pod on a new slot of the user's shared
+// checkpoint PVC (admission wrote nothing for a new slot: catalog.Claim). Only while the pod is
+// Pending: the claim is written once, right after the pod appears.
+func (c *PVCController) syncSharedClaim(ctx context.Context, pod *corev1.Pod, cfg *labels.Config) error {
+	token := pod.Annotations[catalog.AnnotationClaim]
+	if token == "" || (pod.Status.Phase != "" && pod.Status.Phase != corev1.PodPending) {
+		return nil
+	}
+	id, err := c.w.deriveIdentity(ctx, pod.Namespace, pod, false)
+	if err != nil || id.ClaimBase == "" {
+		return nil
+	}
+	slot := wire.SpecIdentity(pod, cfg)
+	pvc, perr := checkpointPVC(pod, cfg)
+	if !strings.HasPrefix(slot, id.ClaimBase+"/") || perr != nil {
+		return nil
+	}
+	err = c.w.store.EnsureClaim(ctx, pod.Namespace, pvc, slot, token)
+	if errors.Is(err, catalog.ErrClaimedByOther) {
+		c.w.d.Events.Eventf(pod, corev1.EventTypeWarning, ReasonRefused, "checkpoint slot not claimed: %v", err)
+		return nil
+	}
+	return err
 }
 
 // stasisClaim is the claim name of the pod's Stasis-created checkpoint volume, "" when it has none.
