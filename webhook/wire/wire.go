@@ -55,14 +55,14 @@ func Pod(pod *corev1.Pod, in Input) {
 		pod.Annotations[k] = v
 	}
 
-	setVolume(&pod.Spec, corev1.Volume{Name: wiring.ToolsVolume,
+	ensureVolume(&pod.Spec, corev1.Volume{Name: wiring.ToolsVolume,
 		VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}})
 	if in.PVCName != "" {
-		setVolume(&pod.Spec, corev1.Volume{Name: wiring.CheckpointVolume,
+		ensureVolume(&pod.Spec, corev1.Volume{Name: wiring.CheckpointVolume,
 			VolumeSource: corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: in.PVCName}}})
 	}
 	dirOrCreate := corev1.HostPathDirectoryOrCreate
-	setVolume(&pod.Spec, corev1.Volume{Name: wiring.AgentVolume,
+	ensureVolume(&pod.Spec, corev1.Volume{Name: wiring.AgentVolume,
 		VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: wiring.HostAgentDir, Type: &dirOrCreate}}})
 
 	toolsMount := corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount}
@@ -129,9 +129,9 @@ func Pod(pod *corev1.Pod, in Input) {
 				setEnv(c, corev1.EnvVar{Name: wiring.EnvRestoreOptions, Value: string(opts)})
 			}
 		}
-		setMount(c, corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true})
-		setMount(c, ckptMount)
-		setMount(c, corev1.VolumeMount{Name: wiring.AgentVolume, MountPath: wiring.AgentMount})
+		ensureMount(c, corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true})
+		ensureMount(c, ckptMount)
+		ensureMount(c, corev1.VolumeMount{Name: wiring.AgentVolume, MountPath: wiring.AgentMount})
 		addCapabilities(c, wiring.LauncherCapabilities)
 	}
 }
@@ -147,8 +147,8 @@ func named(name string) func(corev1.Container) bool {
 	return func(c corev1.Container) bool { return c.Name == name }
 }
 
-// setVolume puts v in the pod, replacing a volume of the same name in place.
-func setVolume(spec *corev1.PodSpec, v corev1.Volume) {
+// ensureVolume puts v in the pod, replacing a volume of the same name in place.
+func ensureVolume(spec *corev1.PodSpec, v corev1.Volume) {
 	if i := slices.IndexFunc(spec.Volumes, func(x corev1.Volume) bool { return x.Name == v.Name }); i >= 0 {
 		spec.Volumes[i] = v
 		return
@@ -156,8 +156,8 @@ func setVolume(spec *corev1.PodSpec, v corev1.Volume) {
 	spec.Volumes = append(spec.Volumes, v)
 }
 
-// setMount puts m in the container, replacing whatever is mounted at its path in place.
-func setMount(c *corev1.Container, m corev1.VolumeMount) {
+// ensureMount puts m in the container, replacing whatever is mounted at its path in place.
+func ensureMount(c *corev1.Container, m corev1.VolumeMount) {
 	if i := slices.IndexFunc(c.VolumeMounts, func(x corev1.VolumeMount) bool { return cleanPath(x.MountPath) == m.MountPath }); i >= 0 {
 		c.VolumeMounts[i] = m
 		return

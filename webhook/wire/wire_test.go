@@ -100,9 +100,10 @@ func TestPodReplacesMountAtStasisPath(t *testing.T) {
 	in := input(nil)
 	in.CheckpointVolume, in.PVCName = "mine", ""
 	Pod(p, in)
-	assert.Equal(t, []corev1.VolumeMount{{Name: "mine", MountPath: wiring.CheckpointMount},
-		{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true},
-		{Name: wiring.AgentVolume, MountPath: wiring.AgentMount}}, p.Spec.Containers[0].VolumeMounts)
+	mounts := p.Spec.Containers[0].VolumeMounts
+	require.Len(t, mounts, 3)
+	assert.Equal(t, corev1.VolumeMount{Name: "mine", MountPath: wiring.CheckpointMount}, mounts[0], "replaced in place")
+	assert.Equal(t, []string{wiring.ToolsMount, wiring.AgentMount}, []string{mounts[1].MountPath, mounts[2].MountPath})
 	var names []string
 	for _, v := range p.Spec.Volumes {
 		names = append(names, v.Name)
