@@ -178,4 +178,29 @@ func TestAcceptedPodGetsPVCFromControllerAndSchedules_NoKubelet(t *testing.T) {
 	late, lateRun := run("late", false)
 	t.Logf("pod created → scheduled: %v with the PVC there beforehand, %v with the PVC created by the controller (adds %v); → Running %v vs %v",
 		base, late, late-base, baseRun, lateRun)
+
+	// What the API server stored (with every default and admission plugin applied) fed back to the
+	// webhook, as a reinvocation or a copied YAML is: accepted unchanged. The same with a forged
+	// identity: refused, naming the annotation.
+	stored := s.jobPods("late")[0]
+	again := stored.DeepCopy()
+	again.ObjectMeta = metav1.ObjectMeta{GenerateName: "late-0-", Namespace: s.ns, Labels: stored.Labels, Annotations: stored.Annotations,
+		OwnerReferences: stored.OwnerReferences}
+	again.Status = corev1.PodStatus{}
+	out, err := s.c.CoreV1().Pods(s.ns).Create(s.ctx, again, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+	require.NoError(t, err, "a stored wired pod fed back is accepted")
+	assert.Equal(t, stored.Annotations, out.Annotations)
+	assert.Equal(t, stored.Spec.InitContainers, out.Spec.InitContainers)
+	assert.Equal(t, stored.Spec.Volumes, out.Spec.Volumes)
+
+	forged := again.DeepCopy()
+	forged.Annotations = map[string]string{}
+	for k, v := range again.Annotations {
+		forged.Annotations[k] = v
+	}
+	forged.Annotations[wiring.AnnotationIdentity] = "job/" + s.ns + "/pre/0"
+	_, err = s.c.CoreV1().Pods(s.ns).Create(s.ctx, forged, metav1.CreateOptions{})
+	require.Error(t, err, "a forged identity is refused")
+	assert.Contains(t, err.Error(), `metadata.annotations[stasis.dev/identity]: "job/`+s.ns+`/pre/0" is not what Stasis derives for this pod`)
+	t.Logf("forged identity: %v", err)
 }
