@@ -164,8 +164,8 @@ func TestPodMutateRefusesStasisFields(t *testing.T) {
 
 // Our own reinvocation (reinvocationPolicy IfNeeded: the API server calls the webhook again when a
 // later webhook changed the pod) is accepted and produces the same pod, also after another webhook
-// added a sidecar (not checkpointed by default), a volume and a securityContext to Stasis'
-// init-container.
+// added a sidecar (not checkpointed by default), a volume, a securityContext, a proxy variable and
+// the ServiceAccount token mount to Stasis' init-containers.
 func TestPodMutateReinvocationAccepted(t *testing.T) {
 	for _, name := range []string{"pod-create-job-command.json", "pod-create-plain-nocommand.json"} {
 		t.Run(name, func(t *testing.T) {
@@ -178,6 +178,13 @@ func TestPodMutateReinvocationAccepted(t *testing.T) {
 			p.Spec.Containers = append(p.Spec.Containers, corev1.Container{Name: "nginx-proxy", Image: "proxy"})
 			p.Spec.Volumes = append(p.Spec.Volumes, corev1.Volume{Name: "mesh-certs"})
 			p.Spec.InitContainers[0].SecurityContext = &corev1.SecurityContext{RunAsNonRoot: new(bool)}
+			// What the real API server does after our webhook (and why it reinvokes us): the
+			// ServiceAccount plugin mounts its token into every container, ours included.
+			sa := corev1.VolumeMount{Name: "kube-api-access-x1", ReadOnly: true, MountPath: "/var/run/secrets/kubernetes.io/serviceaccount"}
+			for i := range p.Spec.InitContainers {
+				p.Spec.InitContainers[i].VolumeMounts = append(p.Spec.InitContainers[i].VolumeMounts, sa)
+				p.Spec.InitContainers[i].Env = append(p.Spec.InitContainers[i].Env, corev1.EnvVar{Name: "HTTP_PROXY", Value: "http://proxy"})
+			}
 			resp, again = e.admit(PathMutatePod, podReview(t, p, false))
 			require.True(t, resp.Allowed, "%+v", resp.Result)
 			assert.Nil(t, again, "other webhooks' additions stay and need no patch")

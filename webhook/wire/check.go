@@ -109,12 +109,20 @@ func mountItems(kind string, i int, container string, mounts []corev1.VolumeMoun
 	return out
 }
 
-// projection is what Stasis owns of its own containers; other webhooks may set the rest
-// (resources, securityContext) without making the pod look forged.
+// projection is what Stasis owns of its own containers: what runs, in which directory, its
+// STASIS_* variables and its mounts of Stasis' volumes and paths. Admission plugins and other
+// webhooks may set the rest (the ServiceAccount plugin adds its token mount to every container,
+// after our webhook, which is why the API server reinvokes us; a mesh adds proxy variables)
+// without making the pod look forged.
 func projection(c corev1.Container) corev1.Container {
 	return corev1.Container{Name: c.Name, Image: c.Image, Command: c.Command, Args: c.Args, WorkingDir: c.WorkingDir,
-		Env: c.Env, EnvFrom: c.EnvFrom, VolumeMounts: c.VolumeMounts}
+		Env: without(c.Env, func(e corev1.EnvVar) bool { return !ownEnv(e.Name) }), EnvFrom: c.EnvFrom,
+		VolumeMounts: without(c.VolumeMounts, func(m corev1.VolumeMount) bool { return !ownMount(m) })}
 }
+
+func ownEnv(name string) bool { return strings.HasPrefix(name, "STASIS_") }
+
+func ownMount(m corev1.VolumeMount) bool { return ReservedPath(m.MountPath) || ReservedName(m.Name) }
 
 // Reserved lists the fields of Stasis' namespace an unmarked pod sets (each one user-set), as
 // "field path: problem".
@@ -173,15 +181,14 @@ func Strip(pod *corev1.Pod) {
 	notOurs := func(c corev1.Container) bool { return ReservedName(c.Name) }
 	pod.Spec.InitContainers = without(pod.Spec.InitContainers, notOurs)
 	pod.Spec.Containers = without(pod.Spec.Containers, notOurs)
-	reservedMount := func(m corev1.VolumeMount) bool { return ReservedPath(m.MountPath) || ReservedName(m.Name) }
 	for _, cs := range [][]corev1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
 		for i := range cs {
-			cs[i].VolumeMounts = without(cs[i].VolumeMounts, reservedMount)
+			cs[i].VolumeMounts = without(cs[i].VolumeMounts, ownMount)
 		}
 	}
 	for i := range pod.Spec.EphemeralContainers {
 		c := &pod.Spec.EphemeralContainers[i]
-		c.VolumeMounts = without(c.VolumeMounts, reservedMount)
+		c.VolumeMounts = without(c.VolumeMounts, ownMount)
 	}
 }
 

@@ -166,8 +166,8 @@ func ensureMount(c *corev1.Container, m corev1.VolumeMount) {
 }
 
 // setInitContainer inserts want at index at, or, when an init-container of its name exists, sets
-// the fields Stasis owns in place (other webhooks may add resources or a securityContext to it:
-// those stay).
+// the fields Stasis owns in place (see projection): what others added (the ServiceAccount token
+// mount, resources, a securityContext, proxy variables) stays.
 func setInitContainer(spec *corev1.PodSpec, at int, want corev1.Container) {
 	i := slices.IndexFunc(spec.InitContainers, named(want.Name))
 	if i < 0 {
@@ -175,8 +175,11 @@ func setInitContainer(spec *corev1.PodSpec, at int, want corev1.Container) {
 		return
 	}
 	c := &spec.InitContainers[i]
-	c.Image, c.Command, c.Args, c.WorkingDir = want.Image, want.Command, want.Args, want.WorkingDir
-	c.Env, c.EnvFrom, c.VolumeMounts = want.Env, want.EnvFrom, want.VolumeMounts
+	c.Image, c.Command, c.Args, c.WorkingDir, c.EnvFrom = want.Image, want.Command, want.Args, want.WorkingDir, want.EnvFrom
+	c.Env = without(c.Env, func(e corev1.EnvVar) bool { return ownEnv(e.Name) })
+	c.Env = append(slices.Clone(want.Env), c.Env...)
+	c.VolumeMounts = without(c.VolumeMounts, ownMount)
+	c.VolumeMounts = append(slices.Clone(want.VolumeMounts), c.VolumeMounts...)
 }
 
 // setEnv sets a variable, replacing one of the same name: Stasis owns the STASIS_* names.
