@@ -185,11 +185,15 @@ func (w *Webhook) pvcFor(ctx context.Context, pod *corev1.Pod, cfg *labels.Confi
 		return catalog.PVCSpec{}, "", mismatch("pod %s/%s has no controller to own a checkpoint PVC", pod.Namespace, pod.Name)
 	}
 	key, spec := id.Key, wire.SpecIdentity(pod, cfg)
-	if id.ClaimBase != "" && strings.HasPrefix(spec, id.ClaimBase+"/") {
-		key = spec
+	derived := id.Key
+	if id.ClaimBase != "" {
+		derived = "a slot of " + id.What
+		if strings.HasPrefix(spec, id.ClaimBase+"/") {
+			key = spec
+		}
 	}
 	if key == "" || spec != key {
-		return catalog.PVCSpec{}, "", mismatch("pod %s/%s was wired as %q, its owner gives %q", pod.Namespace, pod.Name, spec, id.Key+id.ClaimBase)
+		return catalog.PVCSpec{}, "", mismatch("pod %s/%s was wired as %q, its owner gives %s", pod.Namespace, pod.Name, spec, derived)
 	}
 	if want := catalog.PVCName(key); claimName != want {
 		return catalog.PVCSpec{}, "", mismatch("the pod names PVC %s, Stasis' PVC for %s is %s", claimName, key, want)
