@@ -93,6 +93,20 @@ func TestJobSuspendHandler(t *testing.T) {
 			event: "Warning CheckpointFailed",
 		},
 		{
+			// Pod 0 claims pod 1's identity by annotation: ignored (re-derived from its index);
+			// pod 1 had its completion index changed after creation: not checkpointed (Event),
+			// never under index 0's identity.
+			name: "forged identity annotation ignored; changed index skipped",
+			pods: []*corev1.Pod{
+				jobPod(0, func(p *corev1.Pod) { p.Annotations[wiring.AnnotationIdentity] = "job/default/train/1" }),
+				jobPod(1, func(p *corev1.Pod) { p.Annotations["batch.kubernetes.io/job-completion-index"] = "0" }),
+			},
+			scripts: map[string]fakeagent.Script{"train-0-abcde": {Polls: 1, Bytes: 100}},
+			want:    v1Response(jsUID, `"allowed":true`),
+			posts:   []string{"uid-train-0"}, records: []int{0},
+			event: `Warning CheckpointSkipped Job suspended without checkpointing this pod: pod default/train-1-abcde was wired as "job/default/train/1" but its owner and name now give "job/default/train/0"`,
+		},
+		{
 			name: "no running pod: allowed at once",
 			pods: []*corev1.Pod{pending, other},
 			want: v1Response(jsUID, `"allowed":true,"status":{"metadata":{},"status":"Success","message":"no running checkpoint-enabled pod"}`),
