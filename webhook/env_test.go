@@ -7,6 +7,7 @@ package webhook
 
 import (
 	"bytes"
+	"context"
 	"io"
 	"net/http/httptest"
 	"os"
@@ -19,6 +20,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	klabels "k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
@@ -37,7 +39,8 @@ type testEnv struct {
 	pods   cache.Indexer
 	pdbs   cache.Indexer
 	agent  *fakeagent.Agent
-	events *record.FakeRecorder
+	events []string // recorded so far, filled by drainEvents
+	rec    *record.FakeRecorder
 	srv    *httptest.Server
 	wh     *Webhook
 	reg    *prometheus.Registry
@@ -48,7 +51,7 @@ type envOption func(*Config, *Deps)
 func newEnv(t *testing.T, cfg Config, objs []runtime.Object, opts ...envOption) *testEnv {
 	t.Helper()
 	e := &testEnv{t: t, client: fake.NewClientset(objs...), agent: fakeagent.New("node-1"),
-		events: record.NewFakeRecorder(1000), reg: prometheus.NewRegistry()}
+		rec: record.NewFakeRecorder(1000), reg: prometheus.NewRegistry()}
 	e.pods = cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
 	e.pdbs = cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
 	agentSrv := httptest.NewServer(e.agent)
@@ -62,7 +65,7 @@ func newEnv(t *testing.T, cfg Config, objs []runtime.Object, opts ...envOption) 
 	}
 	d := Deps{
 		Client: e.client, Pods: corev1listers.NewPodLister(e.pods), PDBs: policyv1listers.NewPodDisruptionBudgetLister(e.pdbs),
-		Agents: agents, Locate: StaticLocator(agentSrv.URL), Events: e.events, Registry: e.reg, Log: zerolog.Nop(),
+		Agents: agents, Locate: StaticLocator(agentSrv.URL), Events: e.rec, Registry: e.reg, Log: zerolog.Nop(),
 		Now: func() time.Time { return time.Date(2026, 11, 29, 10, 0, 0, 0, time.UTC) },
 	}
 	for _, o := range opts {
@@ -103,17 +106,37 @@ func (e *testEnv) post(path string, body []byte) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
-// drainEvents returns the Events recorded so far ("Type Reason message").
+// drainEvents returns the Events recorded so far ("Type Reason message") and keeps them in e.events.
 func (e *testEnv) drainEvents() []string {
-	var out []string
 	for {
 		select {
-		case ev := <-e.events.Events:
-			out = append(out, ev)
+		case ev := <-e.rec.Events:
+			e.events = append(e.events, ev)
 		default:
-			return out
+			return e.events
 		}
 	}
+}
+
+// syncPVCs plays the pod's creation for the PVC controller: the pod (named, as the API server
+// names it) enters the informer cache and the controller syncs it, as the real one does on the
+// informer's add event.
+func (e *testEnv) syncPVCs(pod *corev1.Pod) {
+	e.t.Helper()
+	p := pod.DeepCopy()
+	if p.Name == "" {
+		p.Name = p.GenerateName + "x1y2z"
+	}
+	p.Namespace = "default"
+	require.NoError(e.t, e.pods.Add(p))
+	managed := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
+	l, err := e.client.CoreV1().PersistentVolumeClaims("").List(context.Background(), metav1.ListOptions{})
+	require.NoError(e.t, err)
+	for i := range l.Items {
+		require.NoError(e.t, managed.Add(&l.Items[i]))
+	}
+	c := NewPVCController(e.wh, corev1listers.NewPersistentVolumeClaimLister(managed))
+	require.NoError(e.t, c.Sync(context.Background(), "default/"+p.Name))
 }
 
 func containsEvent(events []string, substr string) bool {

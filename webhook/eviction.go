@@ -14,7 +14,7 @@ import (
 	klabels "k8s.io/apimachinery/pkg/labels"
 
 	"github.com/stasis-k8s/stasis/labels"
-	"github.com/stasis-k8s/stasis/wiring"
+	"github.com/stasis-k8s/stasis/webhook/wire"
 )
 
 // validateEviction is CREATE pods/eviction (policy/v1 and policy/v1beta1 Evictions decode into
@@ -56,15 +56,20 @@ func (w *Webhook) evictionVerdict(ctx context.Context, ar *model.AdmissionReview
 	if pod.DeletionTimestamp != nil || pod.Status.Phase != corev1.PodRunning {
 		return allow(fmt.Sprintf("pod is %s: nothing to checkpoint", podState(pod)))
 	}
-	identity := pod.Annotations[wiring.AnnotationIdentity]
-	if identity == "" || pod.Annotations[wiring.AnnotationWired] != "true" {
+	cfg, err := labels.ParsePod(w.cfg.LabelPrefix, pod)
+	if err != nil {
+		return w.failed(pod, "eviction", fmt.Sprintf("checkpoint configuration of pod %s/%s is invalid: %v", ns, name, err))
+	}
+	// Wired or not is read from the spec (immutable, written by the pod webhook), never from the
+	// annotations anyone who may patch the pod can change.
+	if wire.SpecIdentity(pod, cfg) == "" {
 		w.d.Events.Eventf(pod, corev1.EventTypeWarning, ReasonCheckpointSkipped,
 			"evicted without checkpoint: the pod was not wired by Stasis at creation (created before the webhook was installed?)")
 		return allow("", "stasis: pod was not wired at creation; evicted without checkpoint")
 	}
-	cfg, err := labels.ParsePod(w.cfg.LabelPrefix, pod)
+	identity, err := w.checkpointIdentity(ctx, pod, cfg)
 	if err != nil {
-		return w.failed(pod, "eviction", fmt.Sprintf("checkpoint configuration of pod %s/%s is invalid: %v", ns, name, err))
+		return w.failed(pod, "eviction", err.Error())
 	}
 	if DryRunEviction(ar.DryRun, ev) {
 		return allow("dry run: no checkpoint taken")

@@ -14,8 +14,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
 
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/labels"
 	"github.com/stasis-k8s/stasis/tests/fakeagent"
 	"github.com/stasis-k8s/stasis/webhook/catalog"
 	"github.com/stasis-k8s/stasis/wiring"
@@ -34,10 +36,27 @@ func runningPod(mod ...func(*corev1.Pod)) *corev1.Pod {
 		},
 		Status: corev1.PodStatus{Phase: corev1.PodRunning},
 	}
+	wireSpec(p, "pod/default/app")
 	for _, m := range mod {
 		m(p)
 	}
 	return p
+}
+
+// wireSpec writes what the pod webhook writes into the spec of a pod's checkpointed containers and
+// the eviction and suspend webhooks read back: the launcher command and STASIS_IDENTITY.
+func wireSpec(p *corev1.Pod, identity string) {
+	cfg, err := labels.ParsePod(labels.DefaultPrefix, p)
+	if err != nil {
+		panic(err)
+	}
+	for i := range p.Spec.Containers {
+		c := &p.Spec.Containers[i]
+		if _, ok := cfg.Container(c.Name); ok {
+			c.Command = wiring.LauncherCommand(c.Command)
+			c.Env = []corev1.EnvVar{{Name: wiring.EnvIdentity, Value: identity}}
+		}
+	}
 }
 
 func userPVC(name string) *corev1.PersistentVolumeClaim {
@@ -95,10 +114,32 @@ func TestEvictionHandler(t *testing.T) {
 			want: v1Response(evUID, `"allowed":true,"status":{"metadata":{},"status":"Success","message":"pod is terminating: nothing to checkpoint"}`),
 		},
 		{
-			name: "pod not wired at creation: allowed with a warning", fixture: "eviction-v1.json",
-			pod:   runningPod(func(p *corev1.Pod) { delete(p.Annotations, wiring.AnnotationWired) }),
+			// Its annotations say wired (set by the user): the spec, which only admission wrote, says not.
+			name: "pod not wired at creation (forged stasis.dev/wired): allowed with a warning, no dump", fixture: "eviction-v1.json",
+			pod: runningPod(func(p *corev1.Pod) {
+				p.Spec.Containers[0].Command, p.Spec.Containers[0].Env = []string{"/app"}, nil
+			}),
 			want:  v1Response(evUID, `"allowed":true,"warnings":["stasis: pod was not wired at creation; evicted without checkpoint"]`),
 			event: "Warning CheckpointSkipped evicted without checkpoint",
+		},
+		{
+			// The identity is re-derived (pod/default/app), never read from the annotation.
+			name: "forged stasis.dev/identity annotation: dumped and recorded under the pod's own identity", fixture: "eviction-v1.json",
+			pod:    runningPod(func(p *corev1.Pod) { p.Annotations[wiring.AnnotationIdentity] = "pod/default/victim" }),
+			script: &fakeagent.Script{Polls: 1, Bytes: 1 << 20},
+			want:   v1Response(evUID, `"allowed":true`), wantPost: true, record: true,
+		},
+		{
+			// ownerReferences and the completion index are mutable metadata: re-pointing them after
+			// creation must not redirect the checkpoint to another identity.
+			name: "owner changed since creation: not checkpointed, failure policy", fixture: "eviction-v1.json",
+			pod: runningPod(func(p *corev1.Pod) {
+				p.OwnerReferences = []metav1.OwnerReference{{APIVersion: "batch/v1", Kind: "Job", Name: "other", UID: "uid-other", Controller: ptr.To(true)}}
+				p.Annotations["batch.kubernetes.io/job-completion-index"] = "0"
+			}),
+			want: v1Response(evUID, `"allowed":false,"status":{"metadata":{},"status":"Failure","reason":"Forbidden","code":403,`+
+				`"message":"pod default/app was wired as \"pod/default/app\" but its owner and name now give \"job/default/other/0\" (metadata changed since creation); not checkpointed (failure policy fail-closed)"}`),
+			event: "Warning CheckpointFailed",
 		},
 		{
 			name: "dump done within the budget: allowed and recorded", fixture: "eviction-v1.json",

@@ -3,11 +3,14 @@ package webhook
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/stasis-k8s/stasis/labels"
 	"github.com/stasis-k8s/stasis/webhook/catalog"
+	"github.com/stasis-k8s/stasis/webhook/wire"
 )
 
 // The Job controller marks each pod of an Indexed Job with its completion index (annotation
@@ -40,11 +43,21 @@ func unsupported(format string, a ...any) error {
 //
 //	plain pod                    pod/<ns>/<name>          (the re-created pod must use the same name)
 //	Indexed Job                  job/<ns>/<job>/<index>
-//	NonIndexed Job               job/<ns>/<job>/slot-<n>  (claimed: see catalog.Claim)
+//	NonIndexed Job               job/<ns>/<job>/slot/<name>  (claimed: see catalog.Claim)
 //	StatefulSet                  sts/<ns>/<pod name>      (pod names are stable ordinals)
 //	Deployment with 1 replica    deploy/<ns>/<name>
 //	ReplicaSet with 1 replica    rs/<ns>/<name>           (not owned by a Deployment)
+//
+// The same function decides the identity at creation and re-derives it at eviction and suspend
+// (checkpointIdentity): nothing a pod says about its own identity is trusted.
 func (w *Webhook) resolveIdentity(ctx context.Context, ns string, pod *corev1.Pod) (identity, error) {
+	return w.deriveIdentity(ctx, ns, pod, true)
+}
+
+// deriveIdentity is resolveIdentity; admission (creating) also refuses owners whose pods have no
+// stable identity (replica counts). A running pod keeps the identity it was created with even if
+// its Deployment is being scaled.
+func (w *Webhook) deriveIdentity(ctx context.Context, ns string, pod *corev1.Pod, creating bool) (identity, error) {
 	ref := metav1.GetControllerOf(pod)
 	if ref == nil {
 		if pod.Name == "" {
@@ -76,7 +89,7 @@ func (w *Webhook) resolveIdentity(ctx context.Context, ns string, pod *corev1.Po
 		if err != nil {
 			return identity{}, fmt.Errorf("reading ReplicaSet %s/%s: %w", ns, ref.Name, err)
 		}
-		if r := replicas(rs.Spec.Replicas); r != 1 {
+		if r := replicas(rs.Spec.Replicas); creating && r != 1 {
 			return identity{}, unsupported("ReplicaSet %s/%s has %d replicas: its pods have no stable identity", ns, ref.Name, r)
 		}
 		if dref := metav1.GetControllerOf(rs); dref != nil && dref.Kind == "Deployment" {
@@ -84,7 +97,7 @@ func (w *Webhook) resolveIdentity(ctx context.Context, ns string, pod *corev1.Po
 			if err != nil {
 				return identity{}, fmt.Errorf("reading Deployment %s/%s: %w", ns, dref.Name, err)
 			}
-			if r := replicas(d.Spec.Replicas); r != 1 {
+			if r := replicas(d.Spec.Replicas); creating && r != 1 {
 				return identity{}, unsupported("Deployment %s/%s has %d replicas: its pods have no stable identity", ns, d.Name, r)
 			}
 			downer := *dref
@@ -96,6 +109,51 @@ func (w *Webhook) resolveIdentity(ctx context.Context, ns string, pod *corev1.Po
 	default:
 		return identity{}, unsupported("pods owned by %s %s are not supported", ref.Kind, ref.Name)
 	}
+}
+
+// checkpointIdentity is the identity under which a running pod is checkpointed (eviction, Job
+// suspend). It is re-derived from the owner chain with the function used at creation, and must equal
+// the identity the webhook wrote into the pod's (immutable) spec then: an owner reference, completion
+// index or name changed since (metadata is mutable) would otherwise redirect the checkpoint to
+// another identity. A NonIndexed Job slot is the result of a claim, not derivable: it must be a
+// slot of the pod's Job, and the catalog's claim on it must carry the pod's token.
+func (w *Webhook) checkpointIdentity(ctx context.Context, pod *corev1.Pod, cfg *labels.Config) (string, error) {
+	spec := wire.SpecIdentity(pod, cfg)
+	id, err := w.deriveIdentity(ctx, pod.Namespace, pod, false)
+	if err != nil {
+		return "", fmt.Errorf("deriving the checkpoint identity of pod %s/%s: %w", pod.Namespace, pod.Name, err)
+	}
+	if id.ClaimBase == "" {
+		if spec != id.Key {
+			return "", fmt.Errorf("pod %s/%s was wired as %q but its owner and name now give %q (metadata changed since creation); not checkpointed",
+				pod.Namespace, pod.Name, spec, id.Key)
+		}
+		return id.Key, nil
+	}
+	if !strings.HasPrefix(spec, id.ClaimBase+"/") {
+		return "", fmt.Errorf("pod %s/%s was wired as %q, which is not a slot of %s; not checkpointed", pod.Namespace, pod.Name, spec, id.What)
+	}
+	pvc, err := checkpointPVC(pod, cfg)
+	if err != nil {
+		return "", err
+	}
+	if err := w.verifyClaim(ctx, pod.Namespace, pvc, spec, pod.Annotations[catalog.AnnotationClaim]); err != nil {
+		return "", fmt.Errorf("pod %s/%s: %w; not checkpointed", pod.Namespace, pod.Name, err)
+	}
+	return spec, nil
+}
+
+// verifyClaim checks that the catalog's claim on slot (on PVC ns/pvc) carries token.
+func (w *Webhook) verifyClaim(ctx context.Context, ns, pvc, slot, token string) error {
+	p, err := w.d.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, pvc, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("reading the claim on %s from PVC %s/%s: %w", slot, ns, pvc, err)
+	}
+	c, ok := catalog.ClaimOf(p, slot)
+	if !ok || token == "" || c.Token != token {
+		return fmt.Errorf("%s: the catalog's claim on %s (PVC %s/%s) is not this pod's", catalog.AnnotationClaim, slot, ns, pvc)
+	}
+	return nil
 }
 
 func replicas(r *int32) int32 {

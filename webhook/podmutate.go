@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"sort"
+	"strings"
 	"time"
 
 	"github.com/slok/kubewebhook/v2/pkg/model"
@@ -48,15 +50,23 @@ func refuse(format string, a ...any) *verdict {
 }
 
 // wirePod mutates pod in place; a non-nil verdict refuses the pod.
+//
+// Nothing a pod says in Stasis' namespace (stasis.dev/* annotations, stasis-* volumes and
+// containers, mounts under /stasis) is trusted: the identity is always re-derived and the wiring
+// re-applied. An unmarked pod (no stasis.dev/* annotation) may set none of those fields. A marked
+// pod must be exactly what Stasis produces for it: that is our own reinvocation (the API server
+// calls us again after later webhooks; it must get the same pod back), a retried request, or a copy
+// of a wired pod that happens to be current. Any difference refuses the pod, naming the field. A
+// copied or forged pod is refused rather than silently re-wired because Stasis cannot tell its own
+// stale pieces (a wrapped command, a stale restore) from the user's, and because a mismatch is
+// exactly what an attempt to take another identity or skip wiring looks like: it must fail loudly.
+//
+// Admission writes no object: a Stasis-created PVC is only named here and created by the PVC
+// controller (pvcs.go) once the pod exists. The exception is a NonIndexed Job's claim (see slot).
 func (w *Webhook) wirePod(ctx context.Context, ar *model.AdmissionReview, pod *corev1.Pod) *verdict {
 	ns := pod.Namespace
 	if ns == "" {
 		ns = ar.Namespace
-	}
-	if pod.Annotations[wiring.AnnotationWired] == "true" && pod.Annotations[wiring.AnnotationIdentity] != "" {
-		// Reinvocation (or a pod copied from a wired one): wiring is done, and the identity
-		// claim must not be taken twice.
-		return nil
 	}
 	cfg, err := labels.ParsePod(w.cfg.LabelPrefix, pod)
 	if err != nil {
@@ -65,6 +75,12 @@ func (w *Webhook) wirePod(ctx context.Context, ar *model.AdmissionReview, pod *c
 	}
 	if !cfg.Enabled {
 		return nil
+	}
+	marked := wire.Marked(pod)
+	if !marked {
+		if probs := wire.Reserved(pod); len(probs) > 0 {
+			return w.refuseOwn(ns, pod, false, probs)
+		}
 	}
 	id, err := w.resolveIdentity(ctx, ns, pod)
 	if err != nil {
@@ -76,78 +92,23 @@ func (w *Webhook) wirePod(ctx context.Context, ar *model.AdmissionReview, pod *c
 		v := deny(http.StatusInternalServerError, metav1.StatusReasonInternalError, "stasis: %v", err)
 		return &v
 	}
-
-	in := wire.Input{Config: cfg, ToolsImage: w.cfg.ToolsImage, Identity: id.Key}
-	var rec *catalog.Record
-	var pvc *corev1.PersistentVolumeClaim
-	switch {
-	case cfg.StorageVolume != "":
-		claim, err := checkpointPVC(pod, cfg)
-		if err != nil {
-			return refuse("%s: %v (the checkpoint record is kept on the PVC)", cfg.Key(labels.StorageVolume), err)
-		}
-		in.CheckpointVolume = cfg.StorageVolume
-		if id.ClaimBase != "" {
-			res, err := w.store.Claim(ctx, w.claimRequest(ns, id, claim, pod, cfg, ar.DryRun))
-			if err != nil {
-				return w.internal(ns, pod, err)
-			}
-			in.Identity, rec = res.Identity, res.Record
-			in.Annotations = map[string]string{catalog.AnnotationClaim: res.Token}
-		} else if rec, err = w.store.Lookup(ctx, ns, claim, id.Key); err != nil {
-			return w.internal(ns, pod, err)
-		}
-	case id.Owner == nil:
-		return refuse("%s: required for a pod without a controller: name a persistentVolumeClaim volume of the pod that holds its checkpoints (Stasis creates PVCs only for Jobs, StatefulSets, Deployments and ReplicaSets)",
-			cfg.Key(labels.StorageVolume))
-	default:
-		in.CheckpointVolume = wiring.CheckpointVolume
-		if id.ClaimBase != "" {
-			res, err := w.store.Claim(ctx, w.claimRequest(ns, id, "", pod, cfg, ar.DryRun))
-			if err != nil {
-				return w.internal(ns, pod, err)
-			}
-			in.Identity, rec, in.PVCName = res.Identity, res.Record, res.PVC
-			in.Annotations = map[string]string{catalog.AnnotationClaim: res.Token}
-			break
-		}
-		in.PVCName = catalog.PVCName(id.Key)
-		pvc, err = w.d.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, in.PVCName, metav1.GetOptions{})
-		switch {
-		case apierrors.IsNotFound(err):
-			if !ar.DryRun {
-				spec := w.pvcSpec(ns, id.Key, id.Owner, pod, cfg)
-				if _, err := w.store.EnsurePVC(ctx, spec); err != nil {
-					return w.internal(ns, pod, err)
-				}
-				w.podEvent(ns, pod, corev1.EventTypeNormal, ReasonWired, "created checkpoint PVC %s (%s) for %s", spec.Name, spec.Size.String(), id.What)
-			}
-		case err != nil:
-			return w.internal(ns, pod, fmt.Errorf("reading checkpoint PVC %s/%s: %w", ns, in.PVCName, err))
-		default:
-			if o := foreignOwner(pvc, id.Owner); o != nil {
-				return refuse("checkpoint PVC %s/%s belongs to an earlier %s %s (uid %s); wait until it is garbage-collected",
-					ns, pvc.Name, o.Kind, o.Name, o.UID)
-			}
-			rec, _ = catalog.RecordOf(pvc, id.Key)
-		}
+	in, rec, v := w.storage(ctx, ar, ns, pod, cfg, id, marked)
+	if v != nil {
+		return v
 	}
-
-	if rec != nil {
-		in.Restore = &wire.Restore{
-			Ref: wiring.RestoreRef{ID: rec.ID, Node: rec.Node, Time: rec.Time.UTC().Format(time.RFC3339), Size: rec.Size},
-			IDs: map[string]string{},
-		}
-		for _, c := range cfg.Containers {
-			if cid := rec.Containers[c.Name]; cid != "" {
-				in.Restore.IDs[c.Name] = cid
-			}
-		}
-		if len(in.Restore.IDs) == 0 {
-			in.Restore = nil
+	in.Restore = restoreOf(rec, cfg)
+	if marked {
+		want := pod.DeepCopy()
+		wire.Strip(want)
+		wire.Pod(want, in)
+		if probs := wire.Foreign(pod, want); len(probs) > 0 {
+			return w.refuseOwn(ns, pod, true, probs)
 		}
 	}
 	wire.Pod(pod, in)
+	if marked {
+		return nil // wired, counted and reported by the first invocation
+	}
 	if in.Restore != nil {
 		w.metrics.wired.WithLabelValues("true").Inc()
 		w.podEvent(ns, pod, corev1.EventTypeNormal, ReasonRestoring, "restoring %s (containers %v) from checkpoint %s taken on node %s at %s (%s)",
@@ -157,6 +118,186 @@ func (w *Webhook) wirePod(ctx context.Context, ar *model.AdmissionReview, pod *c
 		w.podEvent(ns, pod, corev1.EventTypeNormal, ReasonWired, "wired for checkpointing as %s (containers %v); no checkpoint to restore", in.Identity, cfg.Names())
 	}
 	return nil
+}
+
+// refuseOwn refuses a pod that sets fields of Stasis' namespace, naming (up to three of) them.
+func (w *Webhook) refuseOwn(ns string, pod *corev1.Pod, marked bool, probs []string) *verdict {
+	list := probs
+	if len(list) > 3 {
+		list = append(list[:3:3], fmt.Sprintf("and %d more", len(probs)-3))
+	}
+	hint := "rename or remove them"
+	if marked {
+		var keys []string
+		for k := range pod.Annotations {
+			if strings.HasPrefix(k, wiring.Prefix) {
+				keys = append(keys, k)
+			}
+		}
+		sort.Strings(keys)
+		hint = fmt.Sprintf("the pod sets %s but is not what Stasis wires for it (copied from a wired pod, or forged): remove Stasis' annotations, volumes, containers and mounts and let Stasis wire it",
+			strings.Join(keys, ", "))
+	}
+	msg := fmt.Sprintf("Stasis' own fields (%s* annotations, volumes and containers named %s*, mounts at or under %s) are set by Stasis only: %s; %s",
+		wiring.Prefix, wire.ReservedPrefix, wire.ReservedDir, strings.Join(list, "; "), hint)
+	w.podEvent(ns, pod, corev1.EventTypeWarning, ReasonRefused, "pod refused: %s", msg)
+	return refuse("%s", msg)
+}
+
+// storage decides where the pod's checkpoints live (wire.Input without the restore) and returns
+// the record to restore, if any.
+func (w *Webhook) storage(ctx context.Context, ar *model.AdmissionReview, ns string, pod *corev1.Pod, cfg *labels.Config, id identity, marked bool) (wire.Input, *catalog.Record, *verdict) {
+	in := wire.Input{Config: cfg, ToolsImage: w.cfg.ToolsImage, Identity: id.Key}
+	shared := ""
+	switch {
+	case cfg.StorageVolume != "":
+		claim, err := checkpointPVC(pod, cfg)
+		if err != nil {
+			return in, nil, refuse("%s: %v (the checkpoint record is kept on the PVC)", cfg.Key(labels.StorageVolume), err)
+		}
+		in.CheckpointVolume, shared = cfg.StorageVolume, claim
+	case id.Owner == nil:
+		return in, nil, refuse("%s: required for a pod without a controller: name a persistentVolumeClaim volume of the pod that holds its checkpoints (Stasis creates PVCs only for Jobs, StatefulSets, Deployments and ReplicaSets)",
+			cfg.Key(labels.StorageVolume))
+	default:
+		in.CheckpointVolume = wiring.CheckpointVolume
+	}
+	if id.ClaimBase != "" {
+		res, v := w.slot(ctx, ar, ns, pod, cfg, id, shared, marked)
+		if v != nil {
+			return in, nil, v
+		}
+		in.Identity, in.Annotations = res.Identity, map[string]string{catalog.AnnotationClaim: res.Token}
+		if shared == "" {
+			in.PVCName = res.PVC
+		}
+		return in, res.Record, nil
+	}
+	if shared != "" {
+		rec, err := w.store.Lookup(ctx, ns, shared, id.Key)
+		if err != nil {
+			return in, nil, w.internal(ns, pod, err)
+		}
+		return in, rec, nil
+	}
+	// Stasis' own PVC: named here, created by the PVC controller once the pod exists (the pod
+	// stays Pending until then). Creating it here would leave it behind when a later admission
+	// step (Pod Security, quota, another webhook) rejects the pod.
+	in.PVCName = catalog.PVCName(id.Key)
+	pvc, err := w.d.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, in.PVCName, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		return in, nil, nil
+	case err != nil:
+		return in, nil, w.internal(ns, pod, fmt.Errorf("reading checkpoint PVC %s/%s: %w", ns, in.PVCName, err))
+	}
+	if o := foreignOwner(pvc, id.Owner); o != nil {
+		return in, nil, refuse("checkpoint PVC %s/%s belongs to an earlier %s %s (uid %s); wait until it is garbage-collected",
+			ns, pvc.Name, o.Kind, o.Name, o.UID)
+	}
+	rec, _ := catalog.RecordOf(pvc, id.Key)
+	return in, rec, nil
+}
+
+// slot is a NonIndexed Job pod's identity: a slot it claims (catalog.Claim). An unmarked pod
+// claims one; a marked pod (our reinvocation) keeps the slot it claimed, verified against the
+// catalog, and never claims twice.
+//
+// Taking an existing free slot is the one write left in admission: two pods admitted at the same
+// time (by two replicas) must not get the same slot, and the slot is baked into the pod's immutable
+// spec, so it must be reserved before the answer. It is an annotation on an existing PVC, and a
+// claim whose pod never appears (rejected later) expires by itself: no pod carries its token, so
+// after ClaimGrace the slot is free again (catalog.held). A new slot writes nothing (catalog.Claim);
+// its PVC and claim come from the PVC controller once the pod exists.
+func (w *Webhook) slot(ctx context.Context, ar *model.AdmissionReview, ns string, pod *corev1.Pod, cfg *labels.Config, id identity, shared string, marked bool) (catalog.ClaimResult, *verdict) {
+	if !marked {
+		res, err := w.store.Claim(ctx, w.claimRequest(ns, id, shared, ar.DryRun))
+		if err != nil {
+			return res, w.internal(ns, pod, err)
+		}
+		return res, nil
+	}
+	slot, token := pod.Annotations[wiring.AnnotationIdentity], pod.Annotations[catalog.AnnotationClaim]
+	res := catalog.ClaimResult{Identity: slot, Token: token, PVC: shared}
+	if res.PVC == "" {
+		res.PVC = catalog.PVCName(slot)
+	}
+	if !strings.HasPrefix(slot, id.ClaimBase+"/") {
+		return res, w.refuseOwn(ns, pod, true, []string{fmt.Sprintf("metadata.annotations[%s]: %q is not a slot of %s", wiring.AnnotationIdentity, slot, id.What)})
+	}
+	var err error
+	if ar.DryRun { // a dry run claimed nothing: there is no claim to verify
+		res.Record, err = w.store.Lookup(ctx, ns, res.PVC, slot)
+		if err != nil {
+			return res, w.internal(ns, pod, err)
+		}
+		return res, nil
+	}
+	p, err := w.d.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, res.PVC, metav1.GetOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return res, w.internal(ns, pod, fmt.Errorf("reading checkpoint PVC %s/%s: %w", ns, res.PVC, err))
+	}
+	if err != nil {
+		p = nil
+	}
+	if problem := claimProblem(p, id.ClaimBase, slot, token); problem != "" {
+		return res, w.refuseOwn(ns, pod, true, []string{fmt.Sprintf("metadata.annotations[%s]: %s", catalog.AnnotationClaim, problem)})
+	}
+	if live, _ := (claimHolders{w: w}).Holder(ns, token); live {
+		// The pod being admitted does not exist yet: a live pod with this token is another one.
+		return res, w.refuseOwn(ns, pod, true, []string{fmt.Sprintf("metadata.annotations[%s]: slot %s is held by another running pod", catalog.AnnotationClaim, slot)})
+	}
+	if p != nil {
+		res.Record, _ = catalog.RecordOf(p, slot)
+	}
+	return res, nil
+}
+
+// claimProblem checks a marked pod's slot against the catalog (p is the slot's PVC, nil when it
+// does not exist yet): the slot's claim must carry the pod's token, or, for a new slot (no claim
+// written yet, catalog.Claim), the slot must be the one the token names and hold no checkpoint.
+func claimProblem(p *corev1.PersistentVolumeClaim, base, slot, token string) string {
+	if token == "" {
+		return "missing"
+	}
+	if p != nil {
+		if c, ok := catalog.ClaimOf(p, slot); ok {
+			if c.Token != token {
+				return fmt.Sprintf("the catalog's claim on %s is not this pod's", slot)
+			}
+			return ""
+		}
+	}
+	if len(token) < 10 || slot != base+"/"+token[:10] {
+		return fmt.Sprintf("the catalog's claim on %s is not this pod's", slot)
+	}
+	if p != nil {
+		if _, ok := catalog.RecordOf(p, slot); ok {
+			return fmt.Sprintf("slot %s holds a checkpoint but no claim of this pod", slot)
+		}
+	}
+	return ""
+}
+
+// restoreOf turns a record into the restore of the pod's checkpointed containers; nil when the
+// record covers none of them.
+func restoreOf(rec *catalog.Record, cfg *labels.Config) *wire.Restore {
+	if rec == nil {
+		return nil
+	}
+	r := &wire.Restore{
+		Ref: wiring.RestoreRef{ID: rec.ID, Node: rec.Node, Time: rec.Time.UTC().Format(time.RFC3339), Size: rec.Size},
+		IDs: map[string]string{},
+	}
+	for _, c := range cfg.Containers {
+		if cid := rec.Containers[c.Name]; cid != "" {
+			r.IDs[c.Name] = cid
+		}
+	}
+	if len(r.IDs) == 0 {
+		return nil
+	}
+	return r
 }
 
 func (w *Webhook) internal(ns string, pod *corev1.Pod, err error) *verdict {
@@ -173,10 +314,9 @@ func (w *Webhook) pvcSpec(ns, identity string, owner *metav1.OwnerReference, pod
 	}
 }
 
-func (w *Webhook) claimRequest(ns string, id identity, shared string, pod *corev1.Pod, cfg *labels.Config, dryRun bool) catalog.ClaimRequest {
+func (w *Webhook) claimRequest(ns string, id identity, shared string, dryRun bool) catalog.ClaimRequest {
 	return catalog.ClaimRequest{
 		Namespace: ns, Base: id.ClaimBase, SharedPVC: shared,
-		NewPVC:  func(identity string) catalog.PVCSpec { return w.pvcSpec(ns, identity, id.Owner, pod, cfg) },
 		Holders: claimHolders{w: w}, Grace: w.cfg.ClaimGrace, DryRun: dryRun,
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"flag"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -111,16 +112,16 @@ func TestPodMutateHandler(t *testing.T) {
 		golden  string // patched pod
 		refused string // exact denial message
 		code    int32
-		pvc     string // a PVC Stasis must have created (size checked)
+		pvc     string // the PVC the controller creates once the pod exists (size checked); never admission
 		size    string
-		noPVC   bool // Stasis must not have created a PVC
+		noPVC   bool // Stasis must not create a PVC, neither at admission nor by the controller
 		event   string
 	}{
 		{
-			name:   "Indexed Job pod with command: PVC created, wired",
+			name:   "Indexed Job pod with command: wired, PVC named, created by the controller once the pod exists",
 			review: func(t *testing.T) []byte { return fixture(t, "pod-create-job-command.json") },
 			golden: "pod-job-command.json", pvc: catalog.PVCName(jobID), size: "512Mi",
-			event: "Normal CheckpointWired created checkpoint PVC",
+			event: "Normal CheckpointWired wired for checkpointing as job/default/train/1",
 		},
 		{
 			name:   "Indexed Job pod with a complete checkpoint: restore",
@@ -241,7 +242,14 @@ func TestPodMutateHandler(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			e := newEnv(t, Config{DefaultVolumeSize: resource.MustParse("10Gi")}, tt.objs)
-			resp, patched := e.admit(PathMutatePod, tt.review(t))
+			review := tt.review(t)
+			resp, patched := e.admit(PathMutatePod, review)
+			userPVCs := 0
+			for _, o := range tt.objs {
+				if _, ok := o.(*corev1.PersistentVolumeClaim); ok {
+					userPVCs++
+				}
+			}
 			if tt.refused != "" {
 				assert.False(t, resp.Allowed)
 				require.NotNil(t, resp.Result)
@@ -257,6 +265,15 @@ func TestPodMutateHandler(t *testing.T) {
 			}
 			pvcs, err := e.client.CoreV1().PersistentVolumeClaims("default").List(context.Background(), metav1.ListOptions{})
 			require.NoError(t, err)
+			assert.Len(t, pvcs.Items, userPVCs, "admission creates no PVC")
+			var ar admissionv1.AdmissionReview
+			require.NoError(t, json.Unmarshal(review, &ar))
+			if patched != nil && (ar.Request.DryRun == nil || !*ar.Request.DryRun) {
+				// The pod now exists: the controller creates what it names.
+				var pod corev1.Pod
+				require.NoError(t, json.Unmarshal(patched, &pod))
+				e.syncPVCs(&pod)
+			}
 			if tt.pvc != "" {
 				pvc, err := e.client.CoreV1().PersistentVolumeClaims("default").Get(context.Background(), tt.pvc, metav1.GetOptions{})
 				require.NoError(t, err)
@@ -266,9 +283,12 @@ func TestPodMutateHandler(t *testing.T) {
 				assert.Equal(t, "Job", pvc.OwnerReferences[0].Kind)
 				assert.Equal(t, "job-uid-1", string(pvc.OwnerReferences[0].UID))
 				assert.Equal(t, jobID, pvc.Annotations[catalog.AnnotationIdentity])
+				assert.True(t, containsEvent(e.drainEvents(), "Normal CheckpointPVCCreated created checkpoint PVC "+tt.pvc), "Event on the pod")
 			}
 			if tt.noPVC {
-				assert.Len(t, pvcs.Items, len(tt.objs), "no PVC may be created")
+				pvcs, err := e.client.CoreV1().PersistentVolumeClaims("default").List(context.Background(), metav1.ListOptions{})
+				require.NoError(t, err)
+				assert.Len(t, pvcs.Items, userPVCs, "no PVC may be created")
 			}
 			if tt.event != "" {
 				assert.True(t, containsEvent(e.drainEvents(), tt.event), "event %q", tt.event)
@@ -290,35 +310,47 @@ func TestPodMutateIdempotent(t *testing.T) {
 	assert.Empty(t, resp.Patch)
 }
 
-// NonIndexed Job pods claim slots: two pods created together get different identities; a pod
-// created after one was evicted takes over the evicted pod's checkpointed slot.
+// NonIndexed Job pods claim slots: two pods created together get different (new) slots and
+// admission writes nothing for them; once they exist the PVC controller creates their PVCs with
+// their claims; a pod created after one was evicted takes over the evicted pod's checkpointed slot.
 func TestPodMutateNonIndexedClaims(t *testing.T) {
 	e := newEnv(t, Config{}, nil)
 	base := reviewObject[corev1.Pod](t, fixture(t, "pod-create-job-command.json"))
 	delete(base.Annotations, "batch.kubernetes.io/job-completion-index")
 	delete(base.Labels, "batch.kubernetes.io/job-completion-index")
 
-	ids := map[string]*corev1.Pod{}
+	var pods []*corev1.Pod
 	for i := 0; i < 2; i++ {
 		_, patched := e.admit(PathMutatePod, podReview(t, base, false))
 		require.NotNil(t, patched)
 		var p corev1.Pod
 		require.NoError(t, json.Unmarshal(patched, &p))
-		ids[p.Annotations[wiring.AnnotationIdentity]] = &p
+		pods = append(pods, &p)
 	}
-	assert.Contains(t, ids, "job/default/train/slot/0")
-	assert.Contains(t, ids, "job/default/train/slot/1")
+	a, b := pods[0].Annotations[wiring.AnnotationIdentity], pods[1].Annotations[wiring.AnnotationIdentity]
+	assert.NotEqual(t, a, b, "distinct slots")
+	assert.Regexp(t, `^job/default/train/slot/[0-9a-f]{10}$`, a)
+	l, err := e.client.CoreV1().PersistentVolumeClaims("default").List(context.Background(), metav1.ListOptions{})
+	require.NoError(t, err)
+	assert.Empty(t, l.Items, "admission creates nothing for new slots")
 
-	// Both pods run (the informer sees them); slot 0 gets a checkpoint, then its pod is evicted.
-	for id, p := range ids {
-		p.Name, p.Namespace = "train-"+id[len(id)-1:], "default"
+	// Both pods are created and run (the informer sees them): the controller creates their PVCs.
+	for i, p := range pods {
+		p.Name, p.Namespace = fmt.Sprintf("train-%d", i), "default"
 		p.Status.Phase = corev1.PodRunning
-		e.addPods(p)
+		e.syncPVCs(p)
 	}
-	slot0 := "job/default/train/slot/0"
-	require.NoError(t, e.wh.store.Save(context.Background(), "default", catalog.PVCName(slot0), catalog.Record{
-		Identity: slot0, ID: "ckpt-9", Node: "node-1", Time: recTime, Containers: map[string]string{"worker": "ckpt-9"}}))
-	evicted := ids[slot0].DeepCopy()
+	for _, p := range pods {
+		id := p.Annotations[wiring.AnnotationIdentity]
+		pvc, err := e.client.CoreV1().PersistentVolumeClaims("default").Get(context.Background(), catalog.PVCName(id), metav1.GetOptions{})
+		require.NoError(t, err)
+		c, ok := catalog.ClaimOf(pvc, id)
+		require.True(t, ok)
+		assert.Equal(t, p.Annotations[catalog.AnnotationClaim], c.Token, "the PVC carries the pod's claim")
+	}
+	require.NoError(t, e.wh.store.Save(context.Background(), "default", catalog.PVCName(a), catalog.Record{
+		Identity: a, ID: "ckpt-9", Node: "node-1", Time: recTime, Containers: map[string]string{"worker": "ckpt-9"}}))
+	evicted := pods[0].DeepCopy()
 	evicted.DeletionTimestamp = &metav1.Time{Time: recTime}
 	require.NoError(t, e.pods.Update(evicted))
 
@@ -326,11 +358,11 @@ func TestPodMutateNonIndexedClaims(t *testing.T) {
 	require.True(t, resp.Allowed)
 	var p corev1.Pod
 	require.NoError(t, json.Unmarshal(patched, &p))
-	assert.Equal(t, slot0, p.Annotations[wiring.AnnotationIdentity], "the replacement takes the checkpointed slot")
+	assert.Equal(t, a, p.Annotations[wiring.AnnotationIdentity], "the replacement takes the checkpointed slot")
 	assert.Contains(t, p.Annotations[wiring.AnnotationRestore], `"id":"ckpt-9"`)
 
-	// A third pod while slots 0 and 1 are held: a new slot.
+	// A third pod while both slots are held: a new slot.
 	_, patched = e.admit(PathMutatePod, podReview(t, base, false))
 	require.NoError(t, json.Unmarshal(patched, &p))
-	assert.Equal(t, "job/default/train/slot/2", p.Annotations[wiring.AnnotationIdentity])
+	assert.NotContains(t, []string{a, b}, p.Annotations[wiring.AnnotationIdentity])
 }

@@ -12,7 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/stasis-k8s/stasis/labels"
-	"github.com/stasis-k8s/stasis/wiring"
+	"github.com/stasis-k8s/stasis/webhook/wire"
 )
 
 // validateJobSuspend is UPDATE jobs. The configuration's matchConditions already limit calls to
@@ -47,7 +47,7 @@ func (w *Webhook) suspendVerdict(ctx context.Context, ar *model.AdmissionReview,
 	if ns == "" {
 		ns = ar.Namespace
 	}
-	targets, err := w.activePods(ns, job)
+	targets, err := w.activePods(ctx, ns, job)
 	if err != nil {
 		w.d.Events.Eventf(job, corev1.EventTypeWarning, ReasonCheckpointFailed, "listing the Job's pods: %v", err)
 		return deny(500, metav1.StatusReasonInternalError, "listing the pods of Job %s/%s: %v", ns, job.Name, err)
@@ -59,7 +59,7 @@ func (w *Webhook) suspendVerdict(ctx context.Context, ar *model.AdmissionReview,
 }
 
 // activePods are the Job's running, wired, checkpoint-enabled pods.
-func (w *Webhook) activePods(ns string, job *batchv1.Job) ([]target, error) {
+func (w *Webhook) activePods(ctx context.Context, ns string, job *batchv1.Job) ([]target, error) {
 	if job.Spec.Selector == nil {
 		return nil, nil
 	}
@@ -79,13 +79,18 @@ func (w *Webhook) activePods(ns string, job *batchv1.Job) ([]target, error) {
 		if p.DeletionTimestamp != nil || p.Status.Phase != corev1.PodRunning {
 			continue
 		}
-		identity := p.Annotations[wiring.AnnotationIdentity]
-		if identity == "" {
+		cfg, err := labels.ParsePod(w.cfg.LabelPrefix, p)
+		if err != nil || !cfg.Enabled {
+			w.d.Events.Eventf(p, corev1.EventTypeWarning, ReasonCheckpointSkipped, "Job suspended without checkpointing this pod: %v", err)
+			continue
+		}
+		if wire.SpecIdentity(p, cfg) == "" {
 			w.d.Events.Eventf(p, corev1.EventTypeWarning, ReasonCheckpointSkipped, "Job suspended without checkpointing this pod: it was not wired by Stasis at creation")
 			continue
 		}
-		cfg, err := labels.ParsePod(w.cfg.LabelPrefix, p)
-		if err != nil || !cfg.Enabled {
+		// Re-derived as at creation, never read back from the pod's annotations.
+		identity, err := w.checkpointIdentity(ctx, p, cfg)
+		if err != nil {
 			w.d.Events.Eventf(p, corev1.EventTypeWarning, ReasonCheckpointSkipped, "Job suspended without checkpointing this pod: %v", err)
 			continue
 		}

@@ -35,6 +35,7 @@ func jobPod(index int, mod ...func(*corev1.Pod)) *corev1.Pod {
 				PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: catalog.PVCName(id)}}}}},
 		Status: corev1.PodStatus{Phase: corev1.PodRunning},
 	}
+	wireSpec(p, id)
 	for _, m := range mod {
 		m(p)
 	}
@@ -90,6 +91,20 @@ func TestJobSuspendHandler(t *testing.T) {
 				`"message":"checkpoint of pod default/train-1-abcde failed: criu: can't dump (failure policy fail-closed)"}`),
 			posts: []string{"uid-train-0", "uid-train-1"}, records: []int{0},
 			event: "Warning CheckpointFailed",
+		},
+		{
+			// Pod 0 claims pod 1's identity by annotation: ignored (re-derived from its index);
+			// pod 1 had its completion index changed after creation: not checkpointed (Event),
+			// never under index 0's identity.
+			name: "forged identity annotation ignored; changed index skipped",
+			pods: []*corev1.Pod{
+				jobPod(0, func(p *corev1.Pod) { p.Annotations[wiring.AnnotationIdentity] = "job/default/train/1" }),
+				jobPod(1, func(p *corev1.Pod) { p.Annotations["batch.kubernetes.io/job-completion-index"] = "0" }),
+			},
+			scripts: map[string]fakeagent.Script{"train-0-abcde": {Polls: 1, Bytes: 100}},
+			want:    v1Response(jsUID, `"allowed":true`),
+			posts:   []string{"uid-train-0"}, records: []int{0},
+			event: `Warning CheckpointSkipped Job suspended without checkpointing this pod: pod default/train-1-abcde was wired as "job/default/train/1" but its owner and name now give "job/default/train/0"`,
 		},
 		{
 			name: "no running pod: allowed at once",

@@ -22,6 +22,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/util/retry"
 )
@@ -145,18 +146,27 @@ func (s *Store) Save(ctx context.Context, ns, pvc string, rec Record) error {
 		if old, ok := RecordOf(p, rec.Identity); ok && (old.Time.After(rec.Time) || old.ID == rec.ID) {
 			return nil
 		}
-		if p.Annotations == nil {
-			p.Annotations = map[string]string{}
-		}
-		p.Annotations[RecordKey(rec.Identity)] = string(val)
-		// Update, not patch: it carries the resourceVersion, so a concurrent write is a conflict.
-		_, err = s.Client.CoreV1().PersistentVolumeClaims(ns).Update(ctx, p, metav1.UpdateOptions{})
-		return err
+		return s.annotate(ctx, p, RecordKey(rec.Identity), string(val))
 	})
 	if err != nil {
 		return fmt.Errorf("recording checkpoint %s of %s on PVC %s/%s: %w", rec.ID, rec.Identity, ns, pvc, err)
 	}
 	return nil
+}
+
+// annotate sets one annotation on p with a merge patch that carries p's resourceVersion: a write
+// made since p was read is a conflict, as with an update, but the webhook needs only `patch` on
+// PVCs and can change nothing but what the patch names.
+func (s *Store) annotate(ctx context.Context, p *corev1.PersistentVolumeClaim, key, val string) error {
+	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{
+		"resourceVersion": p.ResourceVersion,
+		"annotations":     map[string]string{key: val},
+	}})
+	if err != nil {
+		return err
+	}
+	_, err = s.Client.CoreV1().PersistentVolumeClaims(p.Namespace).Patch(ctx, p.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+	return err
 }
 
 // PVCSpec is what EnsurePVC creates.

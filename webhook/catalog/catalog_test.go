@@ -62,7 +62,7 @@ func TestSave(t *testing.T) {
 			}
 			c := fake.NewClientset(p)
 			n := 0
-			c.PrependReactor("update", "persistentvolumeclaims", func(k8stesting.Action) (bool, runtime.Object, error) {
+			c.PrependReactor("patch", "persistentvolumeclaims", func(k8stesting.Action) (bool, runtime.Object, error) {
 				if n < tt.conflicts {
 					n++
 					return true, nil, apierrors.NewConflict(schema.GroupResource{Resource: "persistentvolumeclaims"}, "p", nil)
@@ -97,52 +97,60 @@ type holders map[string][2]bool // token → live, seen
 
 func (h holders) Holder(_, token string) (bool, bool) { v := h[token]; return v[0], v[1] }
 
+// slotPVC is a Stasis-created PVC of a slot, as the PVC controller creates it.
+func slotPVC(id string) *corev1.PersistentVolumeClaim {
+	return NewPVC(PVCSpec{Namespace: "ns", Name: PVCName(id), Identity: id, Size: resource.MustParse("1Gi")})
+}
+
 func TestClaim(t *testing.T) {
 	slot := func(i string) string { return "job/ns/j/slot/" + i }
 	claimed := func(p *corev1.PersistentVolumeClaim, id, token string, at time.Time) *corev1.PersistentVolumeClaim {
-		if p.Annotations == nil {
-			p.Annotations = map[string]string{}
-		}
 		p.Annotations[ClaimKey(id)] = `{"token":"` + token + `","time":"` + at.Format(time.RFC3339) + `"}`
 		return p
 	}
 	recorded := func(id string) *corev1.PersistentVolumeClaim {
-		return withRecord(pvc(PVCName(id)), Record{Identity: id, ID: "ck", Time: now, Containers: map[string]string{"c": "ck"}})
+		return withRecord(slotPVC(id), Record{Identity: id, ID: "ck", Time: now, Containers: map[string]string{"c": "ck"}})
 	}
 	tests := []struct {
 		name    string
 		objs    []runtime.Object
 		holders holders
-		want    string
+		want    string // "" = a new slot
 		rec     bool
-		created bool
 	}{
-		{name: "first pod: new slot 0", want: slot("0"), created: true},
-		{name: "slot 0 held by a live pod: slot 1", objs: []runtime.Object{claimed(pvc(PVCName(slot("0"))), slot("0"), "t0", now.Add(-time.Hour))},
-			holders: holders{"t0": {true, true}}, want: slot("1"), created: true},
-		{name: "slot 0 claimed moments ago by a pod not yet seen: slot 1", objs: []runtime.Object{claimed(pvc(PVCName(slot("0"))), slot("0"), "t0", now.Add(-time.Second))},
-			want: slot("1"), created: true},
-		{name: "stale claim of a pod never seen: slot 0 reused", objs: []runtime.Object{claimed(pvc(PVCName(slot("0"))), slot("0"), "t0", now.Add(-time.Hour))},
-			want: slot("0")},
+		{name: "first pod: a new slot, nothing written"},
+		{name: "slot a held by a live pod: a new slot", objs: []runtime.Object{claimed(slotPVC(slot("a")), slot("a"), "t0", now.Add(-time.Hour))},
+			holders: holders{"t0": {true, true}}},
+		{name: "slot a claimed moments ago by a pod not yet seen: a new slot", objs: []runtime.Object{claimed(slotPVC(slot("a")), slot("a"), "t0", now.Add(-time.Second))}},
+		{name: "stale claim of a pod never seen (rejected in admission): slot a reused", objs: []runtime.Object{claimed(slotPVC(slot("a")), slot("a"), "t0", now.Add(-time.Hour))},
+			want: slot("a")},
 		{name: "holder evicted: its checkpointed slot is taken over first",
 			objs: []runtime.Object{
-				claimed(pvc(PVCName(slot("0"))), slot("0"), "t0", now.Add(-time.Hour)),
-				claimed(recorded(slot("1")), slot("1"), "t1", now.Add(-time.Hour)),
+				claimed(slotPVC(slot("a")), slot("a"), "t0", now.Add(-time.Hour)),
+				claimed(recorded(slot("b")), slot("b"), "t1", now.Add(-time.Hour)),
 			},
-			holders: holders{"t0": {false, true}, "t1": {false, true}}, want: slot("1"), rec: true},
+			holders: holders{"t0": {false, true}, "t1": {false, true}}, want: slot("b"), rec: true},
+		{name: "another Job's slots and foreign PVCs are not slots",
+			objs: []runtime.Object{slotPVC("job/ns/other/slot/a"), pvc("user-data")}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			c := fake.NewClientset(tt.objs...)
 			s := &Store{Client: c, Now: func() time.Time { return now }}
-			res, err := s.Claim(context.Background(), ClaimRequest{Namespace: "ns", Base: "job/ns/j/slot", Holders: tt.holders, Grace: time.Minute,
-				NewPVC: func(id string) PVCSpec {
-					return PVCSpec{Namespace: "ns", Name: PVCName(id), Identity: id, Size: resource.MustParse("1Gi")}
-				}})
+			res, err := s.Claim(context.Background(), ClaimRequest{Namespace: "ns", Base: "job/ns/j/slot", Holders: tt.holders, Grace: time.Minute})
 			require.NoError(t, err)
-			assert.Equal(t, tt.want, res.Identity)
 			assert.Equal(t, tt.rec, res.Record != nil)
-			assert.Equal(t, tt.created, res.Created)
+			assert.Equal(t, PVCName(res.Identity), res.PVC)
+			if tt.want == "" {
+				assert.True(t, res.Fresh)
+				assert.Equal(t, slot(res.Token[:10]), res.Identity, "a new slot is named by its token: unique without a write")
+				l, err := c.CoreV1().PersistentVolumeClaims("ns").List(context.Background(), metav1.ListOptions{})
+				require.NoError(t, err)
+				assert.Len(t, l.Items, len(tt.objs), "a new slot creates nothing")
+				return
+			}
+			assert.Equal(t, tt.want, res.Identity)
+			assert.False(t, res.Fresh)
 			p, err := c.CoreV1().PersistentVolumeClaims("ns").Get(context.Background(), PVCName(res.Identity), metav1.GetOptions{})
 			require.NoError(t, err)
 			cl, ok := ClaimOf(p, res.Identity)
@@ -152,31 +160,55 @@ func TestClaim(t *testing.T) {
 	}
 }
 
-// Two replicas admit two pods at once: the loser of the race (conflict / already exists) looks
-// again and takes another slot.
+// Slots on the user's shared PVC: those with a record are reused, the rest are new slots.
+func TestClaimShared(t *testing.T) {
+	id := "job/ns/j/slot/x"
+	shared := withRecord(pvc("shared"), Record{Identity: id, ID: "ck", Time: now, Containers: map[string]string{"c": "ck"}})
+	shared.ResourceVersion = "5"
+	c := fake.NewClientset(shared)
+	s := &Store{Client: c, Now: func() time.Time { return now }}
+	req := ClaimRequest{Namespace: "ns", Base: "job/ns/j/slot", SharedPVC: "shared", Grace: time.Minute}
+	res, err := s.Claim(context.Background(), req)
+	require.NoError(t, err)
+	assert.Equal(t, id, res.Identity)
+	assert.Equal(t, "shared", res.PVC)
+	require.NotNil(t, res.Record)
+	res2, err := s.Claim(context.Background(), req)
+	require.NoError(t, err)
+	assert.True(t, res2.Fresh, "the recorded slot is held now")
+	require.NoError(t, s.EnsureClaim(context.Background(), "ns", "shared", res2.Identity, res2.Token), "the PVC controller claims the new slot")
+	require.NoError(t, s.EnsureClaim(context.Background(), "ns", "shared", res2.Identity, res2.Token), "idempotent")
+	assert.ErrorIs(t, s.EnsureClaim(context.Background(), "ns", "shared", res2.Identity, "other"), ErrClaimedByOther)
+}
+
+// Two replicas admit two pods at once for one free slot: the loser of the race (conflict on the
+// resourceVersion) looks again and, the slot being taken, gets a new slot.
 func TestClaimRace(t *testing.T) {
-	c := fake.NewClientset()
+	a := "job/ns/j/slot/a"
+	c := fake.NewClientset(slotPVC(a))
 	raced := false
-	c.PrependReactor("create", "persistentvolumeclaims", func(a k8stesting.Action) (bool, runtime.Object, error) {
+	c.PrependReactor("patch", "persistentvolumeclaims", func(k8stesting.Action) (bool, runtime.Object, error) {
 		if !raced {
 			raced = true
-			// Another replica creates slot 0 first.
-			other := NewPVC(PVCSpec{Namespace: "ns", Name: PVCName("job/ns/j/slot/0"), Identity: "job/ns/j/slot/0", Size: resource.MustParse("1Gi"),
-				Annotations: map[string]string{ClaimKey("job/ns/j/slot/0"): `{"token":"other","time":"2026-11-29T10:00:00Z"}`}})
-			if err := c.Tracker().Add(other); err != nil {
+			// Another replica claims slot a first.
+			p, err := c.Tracker().Get(schema.GroupVersionResource{Version: "v1", Resource: "persistentvolumeclaims"}, "ns", PVCName(a))
+			if err != nil {
 				return true, nil, err
 			}
-			return true, nil, apierrors.NewAlreadyExists(schema.GroupResource{Resource: "persistentvolumeclaims"}, other.Name)
+			other := p.(*corev1.PersistentVolumeClaim).DeepCopy()
+			other.Annotations[ClaimKey(a)] = `{"token":"other","time":"2026-11-29T10:00:00Z"}`
+			if err := c.Tracker().Update(schema.GroupVersionResource{Version: "v1", Resource: "persistentvolumeclaims"}, other, "ns"); err != nil {
+				return true, nil, err
+			}
+			return true, nil, apierrors.NewConflict(schema.GroupResource{Resource: "persistentvolumeclaims"}, other.Name, nil)
 		}
 		return false, nil, nil
 	})
 	s := &Store{Client: c, Now: func() time.Time { return now }}
-	res, err := s.Claim(context.Background(), ClaimRequest{Namespace: "ns", Base: "job/ns/j/slot", Grace: time.Minute,
-		NewPVC: func(id string) PVCSpec {
-			return PVCSpec{Namespace: "ns", Name: PVCName(id), Identity: id, Size: resource.MustParse("1Gi")}
-		}})
+	res, err := s.Claim(context.Background(), ClaimRequest{Namespace: "ns", Base: "job/ns/j/slot", Grace: time.Minute})
 	require.NoError(t, err)
-	assert.Equal(t, "job/ns/j/slot/1", res.Identity)
+	assert.True(t, raced)
+	assert.True(t, res.Fresh, "slot a was taken meanwhile: a new slot, got %s", res.Identity)
 }
 
 func ptr[T any](v T) *T { return &v }

@@ -5,12 +5,16 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"sort"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 )
 
 // Holders tells whether a claim token is held by a pod: live = a pod carrying the token exists and
@@ -20,21 +24,19 @@ type Holders interface {
 }
 
 // ClaimRequest asks for an identity for a new pod of a NonIndexed Job. Its pods are
-// interchangeable, so identities are slots Base/0, Base/1, ...; a new pod takes a free slot that
-// has a complete checkpoint, else a free slot without one, else a new slot.
+// interchangeable, so identities are slots Base/<name>; a new pod takes a free slot that has a
+// complete checkpoint, else a free slot without one, else a new slot.
 type ClaimRequest struct {
 	Namespace string
 	Base      string
 	// SharedPVC is the claim name of the user's checkpoint volume; empty means one PVC per slot,
-	// created by Stasis from NewPVC.
+	// created by Stasis (the PVC controller, once the pod exists).
 	SharedPVC string
-	NewPVC    func(identity string) PVCSpec
 	Holders   Holders
 	// Grace keeps a claim whose pod is not (yet) seen: the pod may still be in admission or not
 	// yet in the informer cache.
-	Grace    time.Duration
-	MaxSlots int
-	DryRun   bool
+	Grace  time.Duration
+	DryRun bool
 }
 
 // ClaimResult is the slot a pod got.
@@ -44,8 +46,9 @@ type ClaimResult struct {
 	Record   *Record
 	// PVC is the claim name that holds the slot's checkpoints.
 	PVC string
-	// Created: this claim created the slot's PVC.
-	Created bool
+	// Fresh: a new slot. Nothing was written: its name is unique (random), so no other pod can
+	// get it, and its PVC and claim are written by the PVC controller once the pod exists.
+	Fresh bool
 }
 
 // NewToken returns a random claim token.
@@ -57,56 +60,35 @@ func NewToken() string {
 
 type slot struct {
 	identity string
-	pvc      *corev1.PersistentVolumeClaim // nil: not created yet
+	pvc      *corev1.PersistentVolumeClaim
 	record   *Record
 }
 
-// Claim takes a slot atomically: the claim is written with the PVC's resourceVersion (or by
-// creating the slot's PVC), so two pods admitted at once by two replicas never get the same slot.
+// Claim takes a slot for a pod being admitted, writing nothing that a rejected pod would leave
+// behind but an expiring claim:
+//
+//   - an existing free slot is claimed by an annotation written with the PVC's resourceVersion,
+//     so two pods admitted at once (by two replicas) never get the same one; a claim whose pod
+//     never appears (rejected later in admission) stops holding the slot after Grace;
+//   - a new slot gets a random name (the token's prefix): unique without any write, so nothing is
+//     created for a pod the API server may still reject. Slots are named, not numbered, for that
+//     reason: a number would have to be reserved before the answer.
 func (s *Store) Claim(ctx context.Context, req ClaimRequest) (ClaimResult, error) {
-	if req.MaxSlots <= 0 {
-		req.MaxSlots = 1000
-	}
 	token := NewToken()
-	pvcs := s.Client.CoreV1().PersistentVolumeClaims(req.Namespace)
 	for attempt := 0; attempt < 10; attempt++ {
-		var withRecord, empty []slot
-		var fresh *slot
-		var shared *corev1.PersistentVolumeClaim
-		if req.SharedPVC != "" {
-			p, err := pvcs.Get(ctx, req.SharedPVC, metav1.GetOptions{})
-			if err != nil {
-				return ClaimResult{}, fmt.Errorf("reading checkpoint PVC %s/%s: %w", req.Namespace, req.SharedPVC, err)
-			}
-			shared = p
+		slots, err := s.slots(ctx, req)
+		if err != nil {
+			return ClaimResult{}, err
 		}
-		for i := 0; i < req.MaxSlots && fresh == nil; i++ {
-			id := fmt.Sprintf("%s/%d", req.Base, i)
-			p := shared
-			if p == nil {
-				got, err := pvcs.Get(ctx, PVCName(id), metav1.GetOptions{})
-				if apierrors.IsNotFound(err) {
-					fresh = &slot{identity: id}
-					break
-				}
-				if err != nil {
-					return ClaimResult{}, fmt.Errorf("reading checkpoint PVC %s/%s: %w", req.Namespace, PVCName(id), err)
-				}
-				p = got
-			}
-			rec, hasRec := RecordOf(p, id)
-			c, claimed := ClaimOf(p, id)
-			if shared != nil && !hasRec && !claimed {
-				fresh = &slot{identity: id, pvc: p}
-				break
-			}
-			if claimed && s.held(req, c, rec) {
+		var withRecord, empty []slot
+		for _, sl := range slots {
+			if c, ok := ClaimOf(sl.pvc, sl.identity); ok && s.held(req, c, sl.record) {
 				continue
 			}
-			if hasRec {
-				withRecord = append(withRecord, slot{identity: id, pvc: p, record: rec})
+			if sl.record != nil {
+				withRecord = append(withRecord, sl)
 			} else {
-				empty = append(empty, slot{identity: id, pvc: p})
+				empty = append(empty, sl)
 			}
 		}
 		var pick *slot
@@ -115,47 +97,72 @@ func (s *Store) Claim(ctx context.Context, req ClaimRequest) (ClaimResult, error
 			pick = &withRecord[0]
 		case len(empty) > 0:
 			pick = &empty[0]
-		case fresh != nil:
-			pick = fresh
 		default:
-			return ClaimResult{}, fmt.Errorf("no free checkpoint slot among %d for %s", req.MaxSlots, req.Base)
+			id := req.Base + "/" + token[:10]
+			return ClaimResult{Identity: id, Token: token, PVC: req.pvcOf(id), Fresh: true}, nil
 		}
-		res := ClaimResult{Identity: pick.identity, Token: token, Record: pick.record, PVC: req.SharedPVC}
-		if res.PVC == "" {
-			res.PVC = PVCName(pick.identity)
-		}
+		res := ClaimResult{Identity: pick.identity, Token: token, Record: pick.record, PVC: req.pvcOf(pick.identity)}
 		if req.DryRun {
 			return res, nil
 		}
 		claim, _ := json.Marshal(Claim{Token: token, Time: s.now().UTC()})
-		if pick.pvc == nil {
-			spec := req.NewPVC(pick.identity)
-			spec.Annotations = map[string]string{ClaimKey(pick.identity): string(claim)}
-			_, err := pvcs.Create(ctx, NewPVC(spec), metav1.CreateOptions{})
-			if apierrors.IsAlreadyExists(err) {
-				continue // another pod took this new slot first
-			}
-			if err != nil {
-				return ClaimResult{}, fmt.Errorf("creating checkpoint PVC %s/%s: %w", req.Namespace, spec.Name, err)
-			}
-			res.Created = true
-			return res, nil
-		}
-		p := pick.pvc.DeepCopy()
-		if p.Annotations == nil {
-			p.Annotations = map[string]string{}
-		}
-		p.Annotations[ClaimKey(pick.identity)] = string(claim)
-		_, err := pvcs.Update(ctx, p, metav1.UpdateOptions{})
+		err = s.annotate(ctx, pick.pvc, ClaimKey(pick.identity), string(claim))
 		if apierrors.IsConflict(err) {
 			continue // someone claimed or recorded meanwhile: look again
 		}
 		if err != nil {
-			return ClaimResult{}, fmt.Errorf("claiming %s on PVC %s/%s: %w", pick.identity, req.Namespace, p.Name, err)
+			return ClaimResult{}, fmt.Errorf("claiming %s on PVC %s/%s: %w", pick.identity, req.Namespace, pick.pvc.Name, err)
 		}
 		return res, nil
 	}
 	return ClaimResult{}, fmt.Errorf("could not claim a checkpoint slot for %s: too many concurrent claims, retry", req.Base)
+}
+
+func (r ClaimRequest) pvcOf(identity string) string {
+	if r.SharedPVC != "" {
+		return r.SharedPVC
+	}
+	return PVCName(identity)
+}
+
+// slots lists the existing slots under req.Base, ordered by identity: on the shared PVC those
+// with a record (a slot without one is no better than a new slot); else Stasis' PVCs created for
+// a slot (label LabelManaged, annotation AnnotationIdentity).
+func (s *Store) slots(ctx context.Context, req ClaimRequest) ([]slot, error) {
+	pvcs := s.Client.CoreV1().PersistentVolumeClaims(req.Namespace)
+	prefix := req.Base + "/"
+	var out []slot
+	if req.SharedPVC != "" {
+		p, err := pvcs.Get(ctx, req.SharedPVC, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("reading checkpoint PVC %s/%s: %w", req.Namespace, req.SharedPVC, err)
+		}
+		for k, v := range p.Annotations {
+			var r Record
+			if !strings.HasPrefix(k, recordPrefix) || json.Unmarshal([]byte(v), &r) != nil || !strings.HasPrefix(r.Identity, prefix) {
+				continue
+			}
+			if rec, ok := RecordOf(p, r.Identity); ok {
+				out = append(out, slot{identity: r.Identity, pvc: p, record: rec})
+			}
+		}
+	} else {
+		l, err := pvcs.List(ctx, metav1.ListOptions{LabelSelector: LabelManaged + "=true"})
+		if err != nil {
+			return nil, fmt.Errorf("listing checkpoint PVCs in %s: %w", req.Namespace, err)
+		}
+		for i := range l.Items {
+			p := &l.Items[i]
+			id := p.Annotations[AnnotationIdentity]
+			if !strings.HasPrefix(id, prefix) || p.Name != PVCName(id) || p.DeletionTimestamp != nil {
+				continue
+			}
+			rec, _ := RecordOf(p, id)
+			out = append(out, slot{identity: id, pvc: p, record: rec})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].identity < out[j].identity })
+	return out, nil
 }
 
 func (s *Store) held(req ClaimRequest, c *Claim, rec *Record) bool {
@@ -171,4 +178,27 @@ func (s *Store) held(req ClaimRequest, c *Claim, rec *Record) bool {
 		}
 	}
 	return s.now().Sub(c.Time) < req.Grace
+}
+
+// ErrClaimedByOther: the slot's claim carries another pod's token.
+var ErrClaimedByOther = errors.New("claimed by another pod")
+
+// EnsureClaim writes a pod's claim on its slot's existing PVC when the slot has none (a new slot on
+// a shared PVC, claimed by the PVC controller once the pod exists). A slot claimed by another
+// token is left alone and reported.
+func (s *Store) EnsureClaim(ctx context.Context, ns, pvc, identity, token string) error {
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		p, err := s.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, pvc, metav1.GetOptions{})
+		if err != nil {
+			return fmt.Errorf("reading checkpoint PVC %s/%s: %w", ns, pvc, err)
+		}
+		if c, ok := ClaimOf(p, identity); ok {
+			if c.Token != token {
+				return fmt.Errorf("slot %s on PVC %s/%s: %w", identity, ns, pvc, ErrClaimedByOther)
+			}
+			return nil
+		}
+		claim, _ := json.Marshal(Claim{Token: token, Time: s.now().UTC()})
+		return s.annotate(ctx, p, ClaimKey(identity), string(claim))
+	})
 }

@@ -2,8 +2,11 @@
 // init-container, the launcher-wrapped commands, the checkpoint and agent volumes, the environment
 // and, when a checkpoint is restored, the restore init-container and annotation.
 //
-// Pod is idempotent: it checks every piece before adding it, so wiring a wired pod again (a
-// reinvoked webhook, a retried request) changes nothing.
+// Pod is idempotent and authoritative: every piece it owns (annotations stasis.dev/*, volumes and
+// containers named stasis-*, mounts at Stasis' paths) is set to exactly Stasis' value, replacing what
+// was there in place, so wiring a wired pod again (a reinvoked webhook, a retried request) changes
+// nothing and a forged piece never survives. Foreign (check.go) tells the webhook which of a pod's
+// reserved fields Stasis did not write.
 package wire
 
 import (
@@ -64,17 +67,14 @@ func Pod(pod *corev1.Pod, in Input) {
 	toolsMount := corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount}
 	ckptMount := corev1.VolumeMount{Name: in.CheckpointVolume, MountPath: wiring.CheckpointMount}
 
-	if !slices.ContainsFunc(pod.Spec.InitContainers, named(wiring.ToolsInitContainer)) {
-		tools := corev1.Container{
-			Name:            wiring.ToolsInitContainer,
-			Image:           in.ToolsImage,
-			ImagePullPolicy: corev1.PullIfNotPresent,
-			Command:         []string{wiring.ImageBinary, wiring.ToolsInstallSubcommand, "--dest", wiring.ToolsMount},
-			VolumeMounts:    []corev1.VolumeMount{toolsMount},
-			SecurityContext: restrictedContext(),
-		}
-		pod.Spec.InitContainers = append([]corev1.Container{tools}, pod.Spec.InitContainers...)
-	}
+	setInitContainer(&pod.Spec, 0, corev1.Container{
+		Name:            wiring.ToolsInitContainer,
+		Image:           in.ToolsImage,
+		ImagePullPolicy: corev1.PullIfNotPresent,
+		Command:         []string{wiring.ImageBinary, wiring.ToolsInstallSubcommand, "--dest", wiring.ToolsMount},
+		VolumeMounts:    []corev1.VolumeMount{toolsMount},
+		SecurityContext: restrictedContext(),
+	})
 
 	// The agent restores what the annotation names (it reads it from the runtime's pod sandbox):
 	// the checkpoint, and the containers that restore from it together.
@@ -95,7 +95,8 @@ func Pod(pod *corev1.Pod, in Input) {
 			c.Command = wiring.LauncherCommand(c.Command)
 		}
 		fieldEnv := func(name, path string) corev1.EnvVar {
-			return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: path}}}
+			// apiVersion as the API server defaults it, so that a reinvocation sees our own value.
+			return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{APIVersion: "v1", FieldPath: path}}}
 		}
 		setEnv(c, fieldEnv(wiring.EnvPodName, "metadata.name"))
 		setEnv(c, fieldEnv(wiring.EnvPodNamespace, "metadata.namespace"))
@@ -129,18 +130,39 @@ func named(name string) func(corev1.Container) bool {
 	return func(c corev1.Container) bool { return c.Name == name }
 }
 
+// ensureVolume puts v in the pod, replacing a volume of the same name in place.
 func ensureVolume(spec *corev1.PodSpec, v corev1.Volume) {
-	if !slices.ContainsFunc(spec.Volumes, func(x corev1.Volume) bool { return x.Name == v.Name }) {
-		spec.Volumes = append(spec.Volumes, v)
+	if i := slices.IndexFunc(spec.Volumes, func(x corev1.Volume) bool { return x.Name == v.Name }); i >= 0 {
+		spec.Volumes[i] = v
+		return
 	}
+	spec.Volumes = append(spec.Volumes, v)
 }
 
-// ensureMount adds m unless something is already mounted at its path (a user who mounted the
-// checkpoint volume there themselves keeps their mount).
+// ensureMount puts m in the container, replacing whatever is mounted at its path in place.
 func ensureMount(c *corev1.Container, m corev1.VolumeMount) {
-	if !slices.ContainsFunc(c.VolumeMounts, func(x corev1.VolumeMount) bool { return x.MountPath == m.MountPath }) {
-		c.VolumeMounts = append(c.VolumeMounts, m)
+	if i := slices.IndexFunc(c.VolumeMounts, func(x corev1.VolumeMount) bool { return cleanPath(x.MountPath) == m.MountPath }); i >= 0 {
+		c.VolumeMounts[i] = m
+		return
 	}
+	c.VolumeMounts = append(c.VolumeMounts, m)
+}
+
+// setInitContainer inserts want at index at, or, when an init-container of its name exists, sets
+// the fields Stasis owns in place (see projection): what others added (the ServiceAccount token
+// mount, resources, a securityContext, proxy variables) stays.
+func setInitContainer(spec *corev1.PodSpec, at int, want corev1.Container) {
+	i := slices.IndexFunc(spec.InitContainers, named(want.Name))
+	if i < 0 {
+		spec.InitContainers = slices.Insert(spec.InitContainers, at, want)
+		return
+	}
+	c := &spec.InitContainers[i]
+	c.Image, c.Command, c.Args, c.WorkingDir, c.EnvFrom = want.Image, want.Command, want.Args, want.WorkingDir, want.EnvFrom
+	c.Env = without(c.Env, func(e corev1.EnvVar) bool { return ownEnv(e.Name) })
+	c.Env = append(slices.Clone(want.Env), c.Env...)
+	c.VolumeMounts = without(c.VolumeMounts, ownMount)
+	c.VolumeMounts = append(slices.Clone(want.VolumeMounts), c.VolumeMounts...)
 }
 
 // setEnv sets a variable, replacing one of the same name: Stasis owns the STASIS_* names.

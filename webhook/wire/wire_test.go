@@ -92,20 +92,121 @@ func TestPod(t *testing.T) {
 	}
 }
 
-func TestPodKeepsUserMount(t *testing.T) {
+// Whatever is mounted at one of Stasis' paths is replaced in place by Stasis' own mount (the webhook
+// refuses such user mounts; the wiring itself never lets one survive).
+func TestPodReplacesMountAtStasisPath(t *testing.T) {
 	p := pod()
-	p.Spec.Volumes = []corev1.Volume{{Name: "mine"}}
-	p.Spec.Containers[0].VolumeMounts = []corev1.VolumeMount{{Name: "mine", MountPath: wiring.CheckpointMount}}
+	p.Spec.Volumes = []corev1.Volume{{Name: "mine"}, {Name: "victim"}}
+	p.Spec.Containers[0].VolumeMounts = []corev1.VolumeMount{{Name: "victim", MountPath: wiring.CheckpointMount + "/"}}
 	in := input(nil)
 	in.CheckpointVolume, in.PVCName = "mine", ""
 	Pod(p, in)
-	assert.Equal(t, []corev1.VolumeMount{{Name: "mine", MountPath: wiring.CheckpointMount},
-		{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true},
-		{Name: wiring.AgentVolume, MountPath: wiring.AgentMount, ReadOnly: true}}, p.Spec.Containers[0].VolumeMounts,
+	mounts := p.Spec.Containers[0].VolumeMounts
+	require.Len(t, mounts, 3)
+	assert.Equal(t, corev1.VolumeMount{Name: "mine", MountPath: wiring.CheckpointMount}, mounts[0], "replaced in place")
+	assert.Equal(t, []corev1.VolumeMount{{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true},
+		{Name: wiring.AgentVolume, MountPath: wiring.AgentMount, ReadOnly: true}}, mounts[1:],
 		"the agent's socket directory is shared by the node's pods: read-only")
 	var names []string
 	for _, v := range p.Spec.Volumes {
 		names = append(names, v.Name)
 	}
-	assert.Equal(t, []string{"mine", wiring.ToolsVolume, wiring.AgentVolume}, names, "no Stasis PVC volume for user storage")
+	assert.Equal(t, []string{"mine", "victim", wiring.ToolsVolume, wiring.AgentVolume}, names, "no Stasis PVC volume for user storage")
+}
+
+// A forged piece with Stasis' name is overwritten in place, never kept.
+func TestPodOverwritesForgedPieces(t *testing.T) {
+	p := pod()
+	p.Spec.Volumes = []corev1.Volume{{Name: wiring.CheckpointVolume, VolumeSource: corev1.VolumeSource{
+		PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "victim"}}}}
+	p.Spec.InitContainers = append(p.Spec.InitContainers, corev1.Container{Name: wiring.ToolsInitContainer, Image: "evil", Command: []string{"/evil"},
+		Resources: corev1.ResourceRequirements{Limits: corev1.ResourceList{}}})
+	Pod(p, input(nil))
+	assert.Equal(t, "pvc-0", p.Spec.Volumes[0].PersistentVolumeClaim.ClaimName)
+	tools := p.Spec.InitContainers[1]
+	assert.Equal(t, wiring.ToolsInitContainer, tools.Name, "replaced where it was")
+	assert.Equal(t, "stasis-agent:dev", tools.Image)
+	assert.Equal(t, []string{wiring.ImageBinary, "tools-install", "--dest", wiring.ToolsMount}, tools.Command)
+	assert.NotNil(t, tools.Resources.Limits, "fields Stasis does not own stay")
+}
+
+func TestReservedPath(t *testing.T) {
+	for p, want := range map[string]bool{
+		"/stasis": true, "/stasis/": true, "/stasis/checkpoints": true, "//stasis": true, "/x/../stasis/tools": true,
+		"stasis/agent": true, "/stasis-data": false, "/data/stasis": false, "/": false, "/stasisx/y": false,
+	} {
+		assert.Equal(t, want, ReservedPath(p), p)
+	}
+}
+
+// Foreign over a wired pod: identical → nothing; each kind of tampering → named.
+func TestForeign(t *testing.T) {
+	wired := func() *corev1.Pod {
+		p := pod()
+		Pod(p, input(nil))
+		return p
+	}
+	tests := []struct {
+		name   string
+		tamper func(p *corev1.Pod)
+		want   []string
+	}{
+		{"identical", func(*corev1.Pod) {}, nil},
+		{"missing volume is added, not refused", func(p *corev1.Pod) { p.Spec.Volumes = p.Spec.Volumes[1:] }, nil},
+		{"identity", func(p *corev1.Pod) { p.Annotations[wiring.AnnotationIdentity] = "job/ns/j/9" },
+			[]string{`metadata.annotations[stasis.dev/identity]: "job/ns/j/9" is not what Stasis derives for this pod ("job/ns/j/0")`}},
+		{"extra annotation", func(p *corev1.Pod) { p.Annotations[wiring.AnnotationRestore] = "{}" },
+			[]string{"metadata.annotations[stasis.dev/restore]: stasis.dev/* annotations are Stasis' own, and Stasis sets no such field on this pod"}},
+		{"annotation missing", func(p *corev1.Pod) { delete(p.Annotations, wiring.AnnotationWired) },
+			[]string{"metadata.annotations[stasis.dev/wired]: missing (Stasis sets it on this pod)"}},
+		{"extra mount under /stasis", func(p *corev1.Pod) {
+			p.Spec.Containers[2].VolumeMounts = append(p.Spec.Containers[2].VolumeMounts, corev1.VolumeMount{Name: "x", MountPath: "/stasis/checkpoints"})
+		}, []string{`spec.containers[2].volumeMounts[0].mountPath: "/stasis/checkpoints": mounts at or under /stasis are reserved for Stasis, and Stasis sets no such field on this pod`}},
+		{"mount made read-write", func(p *corev1.Pod) { p.Spec.Containers[0].VolumeMounts[0].ReadOnly = false },
+			[]string{"spec.containers[0].volumeMounts[0].mountPath: differs from what Stasis sets there for this pod"}},
+		{"tools image", func(p *corev1.Pod) { p.Spec.InitContainers[0].Image = "evil" },
+			[]string{"spec.initContainers[0].name: differs from what Stasis sets there for this pod"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := wired()
+			tt.tamper(p)
+			want := p.DeepCopy()
+			Strip(want)
+			Pod(want, input(nil))
+			assert.Equal(t, tt.want, Foreign(p, want))
+		})
+	}
+}
+
+func TestStripThenWireIsWired(t *testing.T) {
+	p := pod()
+	Pod(p, input(nil))
+	again := p.DeepCopy()
+	Strip(again)
+	assert.False(t, Marked(again))
+	assert.Empty(t, Reserved(again))
+	Pod(again, input(nil))
+	assert.Empty(t, Foreign(p, again))
+}
+
+func TestSpecIdentity(t *testing.T) {
+	p := pod()
+	cfg := input(nil).Config
+	assert.Empty(t, SpecIdentity(p, cfg), "not wired")
+	Pod(p, input(nil))
+	assert.Equal(t, "job/ns/j/0", SpecIdentity(p, cfg))
+	p.Annotations[wiring.AnnotationIdentity] = "job/ns/other/0"
+	assert.Equal(t, "job/ns/j/0", SpecIdentity(p, cfg), "annotations are not read")
+	p.Spec.Containers[1].Env[len(p.Spec.Containers[1].Env)-1] = corev1.EnvVar{Name: "X"}
+	setEnvFor(p, "entry", wiring.EnvIdentity, "job/ns/j/1")
+	assert.Empty(t, SpecIdentity(p, cfg), "containers disagree")
+}
+
+func setEnvFor(p *corev1.Pod, container, name, value string) {
+	for i := range p.Spec.Containers {
+		if p.Spec.Containers[i].Name == container {
+			setEnv(&p.Spec.Containers[i], corev1.EnvVar{Name: name, Value: value})
+		}
+	}
 }
