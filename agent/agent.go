@@ -45,6 +45,10 @@ type EventRecorder interface {
 // Config configures an Agent.
 type Config struct {
 	NodeName string
+	// ManifestKey signs the manifests the agent writes; it restores only manifests it signed.
+	ManifestKey checkpoint.Key
+	// RestoreDir holds the private copies of the images being restored (default os.TempDir()).
+	RestoreDir string
 	// Criu is the agent's own CRIU (from its image): the only CRIU the agent ever runs.
 	Criu criurun.Bundle
 	// CriuVersion is the version the agent's version gate measured (recorded in manifests).
@@ -76,6 +80,9 @@ func (c *Config) defaults() error {
 	}
 	if c.Criu.Dir == "" {
 		return errors.New("agent: no CRIU bundle")
+	}
+	if len(c.ManifestKey) == 0 {
+		return errors.New("agent: no manifest key (--manifest-key-file)")
 	}
 	if c.MaxConcurrentDumps <= 0 {
 		c.MaxConcurrentDumps = 2

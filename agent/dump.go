@@ -13,6 +13,7 @@ import (
 	"github.com/stasis-k8s/stasis/checkpoint"
 	"github.com/stasis-k8s/stasis/criurun"
 	"github.com/stasis-k8s/stasis/internal/confine"
+	"github.com/stasis-k8s/stasis/wiring"
 )
 
 // dump is one container's checkpoint in the making.
@@ -92,6 +93,7 @@ func (d *dump) open(ctx context.Context, id string) error {
 	if d.w, err = checkpoint.BeginAt(d.dir, id); err != nil {
 		return fmt.Errorf("checkpoint directory %s in the container: %w", d.c.Dir, err)
 	}
+	d.w.Key = d.a.cfg.ManifestKey
 	return nil
 }
 
@@ -158,7 +160,8 @@ func (d *dump) commit(dumped time.Time) (*checkpoint.Manifest, error) {
 		return nil, err
 	}
 	m := &checkpoint.Manifest{
-		Pod: d.req.Pod, Container: d.c.Name, Node: d.a.cfg.NodeName, Image: d.t.Image, ImageRef: d.t.ImageRef,
+		Pod: d.req.Pod, Identity: d.t.PodAnnotations[wiring.AnnotationIdentity], Container: d.c.Name,
+		Node: d.a.cfg.NodeName, Image: d.t.Image, ImageRef: d.t.ImageRef,
 		Reason: d.req.Reason, CriuVersion: d.a.cfg.CriuVersion, Started: d.start.UTC(), Dumped: dumped.UTC(),
 	}
 	if err := processInfo(d.app, d.t.PID, m); err != nil {

@@ -46,10 +46,11 @@ func newRig(t testing.TB, cfg Config) *rig {
 	criu := needCriu(t)
 	base := t.TempDir()
 	r := &rig{t: t, criu: criu, root: filepath.Join(base, "volume"), identity: "job/default/counter/0",
-		finder: pidFinder{}, restore: map[string]string{}}
+		finder: pidFinder{}, restore: map[string]string{wiring.AnnotationIdentity: "job/default/counter/0"}}
 	cfg.Finder = rigFinder{r}
 	cfg.Criu = agentCriu(t, criu)
 	cfg.CheckpointMount = r.root
+	cfg.ManifestKey = testKey
 	cfg.NodeName = "node-a"
 	cfg.Log = zerolog.New(zerolog.NewTestWriter(t))
 	ctx, cancel := context.WithCancel(context.Background())
@@ -227,8 +228,15 @@ func TestDumpRestoreCounterContinues(t *testing.T) {
 	assert.Equal(t, "0000000000000000", creds["CapBnd"], "the container has no capability: %v", creds)
 	assert.Equal(t, "1", creds["NoNewPrivs"])
 
-	m, err := checkpoint.Verify(filepath.Join(r.dir("app"), id))
+	ckpt, err := os.Open(filepath.Join(r.dir("app"), id))
 	require.NoError(t, err)
+	defer ckpt.Close()
+	m, err := checkpoint.CheckAt(ckpt, id, testKey)
+	require.NoError(t, err, "the manifest is signed with the agent's key")
+	require.NoError(t, checkpoint.VerifyImagesAt(ckpt, m))
+	_, err = checkpoint.CheckAt(ckpt, id, checkpoint.Key("another cluster's key, 32 bytes and more"))
+	require.ErrorIs(t, err, checkpoint.ErrNotAuthentic)
+	assert.Equal(t, "job/default/counter/0", m.Identity, "bound to the pod's identity")
 	assert.Equal(t, "app", m.Container)
 	assert.Contains(t, strings.Join(m.Process.Argv, " "), counterBin)
 	assert.Len(t, m.Stdio, 3)

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -81,4 +82,28 @@ func plant(t *testing.T, path, content string) {
 	t.Helper()
 	require.NoError(t, os.MkdirAll(filepath.Dir(path), 0o755))
 	require.NoError(t, os.WriteFile(path, []byte(content), 0o755))
+}
+
+// The agent restores as root what the images say. A checkpoint of a privileged container restored
+// into a container that may hold no capability (its pod changed, or the images were crafted): the
+// restored tree, still stopped, holds capabilities outside the new container's bounding set, so
+// it is killed and the app starts afresh: a restored app never holds more than its container.
+func TestRestoreNeverExceedsItsContainer(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	r.serveLocal()
+	out := filepath.Join(t.TempDir(), "counter.txt")
+	c := startContainerWith(t, "", nil, r.env("app"), "--", counterBin, out)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 3)
+	st := r.checkpoint("uid-privileged", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app"), Files: []string{out}})
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	assert.Equal(t, 143, c.stop())
+	require.NoError(t, os.Remove(out))
+
+	c2 := r.restoreContainer("app", st.Containers[0].CheckpointID, counterBin, out)
+	require.Eventually(t, func() bool { return strings.Contains(c2.out.String(), "COLD START") }, time.Minute, 20*time.Millisecond,
+		"the launcher must start afresh; output:\n%s", c2.out.String())
+	assert.Contains(t, c2.out.String(), "beyond its container's bounding set")
+	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("cold-start")))
+	c2.stop()
 }

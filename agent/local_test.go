@@ -210,7 +210,7 @@ func newLocalRig(t *testing.T, cfg LocalConfig) *localRig {
 	// The agent finds containers where the runtime stand-in has them; no CRIU runs in these tests
 	// (an empty folder stands for the bundle): a restore that gets past the checks finds no
 	// checkpoint to restore and answers a cold start.
-	a, err := New(context.Background(), Config{Finder: podsFinder{r.pods}, Criu: criurun.Bundle{Dir: t.TempDir()},
+	a, err := New(context.Background(), Config{Finder: podsFinder{r.pods}, Criu: criurun.Bundle{Dir: t.TempDir()}, ManifestKey: testKey,
 		Events: r.events, Log: zerolog.New(zerolog.NewTestWriter(t))})
 	require.NoError(t, err)
 	r.agent = a

@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/checkpoint"
 	"github.com/stasis-k8s/stasis/criurun"
 )
 
@@ -109,7 +110,14 @@ func startContainer(t testing.TB, env []string, launcherArgs ...string) *contain
 // runtime does.
 func startContainerIn(t testing.TB, cgroup string, env []string, launcherArgs ...string) *container {
 	t.Helper()
-	args := append([]string{"--mount", "--pid", "--uts", "--ipc", "--fork", "--mount-proc", "--"}, restrictedContainer...)
+	return startContainerWith(t, cgroup, restrictedContainer, env, launcherArgs...)
+}
+
+// startContainerWith starts the container with the given setpriv prefix (none: every capability
+// of the test, as a privileged pod).
+func startContainerWith(t testing.TB, cgroup string, setpriv []string, env []string, launcherArgs ...string) *container {
+	t.Helper()
+	args := append([]string{"--mount", "--pid", "--uts", "--ipc", "--fork", "--mount-proc", "--"}, setpriv...)
 	args = append(args, stasisBin, "launcher")
 	args = append(args, launcherArgs...)
 	cmd := exec.Command("unshare", args...)
@@ -182,6 +190,9 @@ func (c *container) stop() int {
 	}
 	return c.status.ExitStatus()
 }
+
+// testKey signs the manifests of the agents in these tests.
+var testKey = checkpoint.Key("stasis test manifest key, 32 bytes or more")
 
 // agentCriu is the bundle of the CRIU wrapper the tests use: the agent's own CRIU.
 func agentCriu(t testing.TB, wrapper string) criurun.Bundle {

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -68,9 +70,12 @@ func (a *Agent) restore(ctx context.Context, log zerolog.Logger, t Target, req a
 	}
 	defer root.Close()
 	plan, err := a.podPlans(req.Pod.UID, func() map[string]*restorePlan {
-		return preparePod(root, path.Join(a.cfg.CheckpointMount, wiring.IdentityDir(identity)), ref)
+		return preparePod(root, path.Join(a.cfg.CheckpointMount, wiring.IdentityDir(identity)), ref, a.cfg.ManifestKey)
 	}).get(req.Container)
 	if err != nil {
+		return 0, "", err
+	}
+	if err := bound(plan.m, req, identity, t.ImageRef); err != nil {
 		return 0, "", err
 	}
 	timeout := a.cfg.RestoreTimeout
@@ -85,6 +90,23 @@ func (a *Agent) restore(ctx context.Context, log zerolog.Logger, t Target, req a
 		return 0, "", err
 	}
 	return pid, fmt.Sprintf("restored checkpoint %s (%d bytes of images) in %.2fs", ref.ID, plan.m.ImagesSize, time.Since(start).Seconds()), nil
+}
+
+// bound checks that an authentic checkpoint belongs where it is restored: the same namespace,
+// identity and container, and the same image (by the digest the runtime resolved, when both are
+// known). A pod cannot move another identity's checkpoint under its own name and have it restored.
+func bound(m *checkpoint.Manifest, req agentapi.RestoreRequest, identity, imageRef string) error {
+	switch {
+	case m.Pod.Namespace != req.Pod.Namespace:
+		return fmt.Errorf("checkpoint %s was taken in namespace %q, not %q", m.ID, m.Pod.Namespace, req.Pod.Namespace)
+	case m.Identity != identity:
+		return fmt.Errorf("checkpoint %s belongs to identity %q, not %q", m.ID, m.Identity, identity)
+	case m.Container != req.Container:
+		return fmt.Errorf("checkpoint %s is of container %q, not %q", m.ID, m.Container, req.Container)
+	case m.ImageRef != "" && imageRef != "" && m.ImageRef != imageRef:
+		return fmt.Errorf("checkpoint %s was taken of image %s; this container runs %s", m.ID, m.ImageRef, imageRef)
+	}
+	return nil
 }
 
 // restoreRef reads what the webhook decided: the checkpoint to restore and the identity.
@@ -158,7 +180,7 @@ func (a *Agent) podPlans(uid string, prepare func() map[string]*restorePlan) *po
 // back to zero. With several containers the images are verified here, before any of them
 // restores; a single container's images are verified while CRIU restores them. The checkpoint
 // volume is the same in every container of the pod, so the caller's root reaches them all.
-func preparePod(root *os.File, identityDir string, ref wiring.RestoreRef) map[string]*restorePlan {
+func preparePod(root *os.File, identityDir string, ref wiring.RestoreRef, key checkpoint.Key) map[string]*restorePlan {
 	names := ref.Containers
 	plans := map[string]*restorePlan{}
 	var failed string
@@ -167,7 +189,7 @@ func preparePod(root *os.File, identityDir string, ref wiring.RestoreRef) map[st
 		plans[c] = pl
 		dir := path.Join(identityDir, c, ref.ID)
 		if pl.dir, pl.err = confine.Open(root, dir, unix.O_RDONLY|unix.O_DIRECTORY); pl.err == nil {
-			pl.m, pl.err = checkpoint.CheckAt(pl.dir, ref.ID)
+			pl.m, pl.err = checkpoint.CheckAt(pl.dir, ref.ID, key)
 		}
 		if pl.err == nil && len(names) > 1 {
 			pl.err, pl.imagesVerified = checkpoint.VerifyImagesAt(pl.dir, pl.m), true
@@ -205,29 +227,28 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 	if err != nil {
 		return 0, err
 	}
-	images, err := confine.OpenBeneath(plan.dir, checkpoint.ImagesDir, unix.O_RDONLY|unix.O_DIRECTORY)
-	if err != nil {
-		return 0, fmt.Errorf("images: %w", err)
-	}
-	defer images.Close()
-	work, err := os.MkdirTemp("", "stasis-restore-")
+	// CRIU restores from a private copy of the images, verified while copied: what it parses, as
+	// root, is exactly what the agent wrote (the pod can still write its checkpoint volume).
+	work, err := os.MkdirTemp(a.cfg.RestoreDir, "stasis-restore-")
 	if err != nil {
 		return 0, err
 	}
 	defer os.RemoveAll(work)
+	if err := os.Mkdir(filepath.Join(work, checkpoint.ImagesDir), 0o700); err != nil {
+		return 0, err
+	}
 	wd, err := os.Open(work)
 	if err != nil {
 		return 0, err
 	}
 	defer wd.Close()
-	// The images' sha256 is checked while CRIU restores them: the restored tree stays stopped
-	// until the check passes, so the app never runs from a corrupt image, and the hash of
-	// gigabytes costs the restore no time.
-	verified := make(chan error, 1)
-	if plan.imagesVerified {
-		verified <- nil
-	} else {
-		go func() { verified <- checkpoint.VerifyImagesAt(plan.dir, plan.m) }()
+	images, err := os.Open(filepath.Join(work, checkpoint.ImagesDir))
+	if err != nil {
+		return 0, err
+	}
+	defer images.Close()
+	if err := checkpoint.CopyImagesAt(plan.dir, plan.m, images); err != nil {
+		return 0, fmt.Errorf("corrupt checkpoint %s: %w", plan.m.ID, err)
 	}
 	st, _ := criurun.StartTime(t.PID)
 	log.Info().Str("checkpoint", plan.m.ID).Int("inheritFDs", len(inherit)).Msg("restoring")
@@ -239,19 +260,11 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 	if err == nil {
 		host, err = hostPID(t.PID, pid)
 	}
-	var verr error
-	select {
-	case verr = <-verified:
-	case <-ctx.Done():
-		verr = fmt.Errorf("verifying the images: %w", ctx.Err())
+	if err == nil {
+		err = noMoreThanItsContainer(host, t.PID)
 	}
-	if err != nil || verr != nil {
+	if err != nil {
 		killChildren(t.PID) // the restored or half-restored tree: nothing else is the launcher's yet
-	}
-	switch {
-	case verr != nil: // first: a corrupt image also makes CRIU fail, less clearly
-		return 0, fmt.Errorf("corrupt checkpoint %s: %w", plan.m.ID, verr)
-	case err != nil:
 		return 0, criurun.LogError("restore", err, work+"/restore.log")
 	}
 	if err := criurun.SignalTree(host, syscall.SIGCONT); err != nil {
@@ -341,4 +354,52 @@ func (a *Agent) recordRestore(ctx context.Context, log zerolog.Logger, req agent
 	if a.cfg.Events != nil && req.Pod.Name != "" {
 		a.cfg.Events.PodEvent(ctx, req.Pod, !res.Restored, reason, msg)
 	}
+}
+
+// noMoreThanItsContainer checks every restored process, still stopped, against the container's
+// PID 1: no capability outside its bounding set, and no_new_privs and seccomp at least as strict.
+// The agent restores as root what the images say; the images are its own (authenticated, copied),
+// and this is the second line: a restored app never holds more than its container could give it.
+func noMoreThanItsContainer(root, launcher int) error {
+	limit, err := procStatus(launcher)
+	if err != nil {
+		return err
+	}
+	bnd := hexCaps(limit["CapBnd"])
+	for _, p := range criurun.Descendants(root) {
+		st, err := procStatus(p)
+		if err != nil {
+			continue // exited
+		}
+		for _, k := range []string{"CapPrm", "CapEff", "CapBnd", "CapInh", "CapAmb"} {
+			if extra := hexCaps(st[k]) &^ bnd; extra != 0 {
+				return fmt.Errorf("restored process %d has %s %s beyond its container's bounding set %s", p, k, st[k], limit["CapBnd"])
+			}
+		}
+		if st["NoNewPrivs"] < limit["NoNewPrivs"] || st["Seccomp"] < limit["Seccomp"] {
+			return fmt.Errorf("restored process %d has NoNewPrivs %s, Seccomp %s: less strict than its container's (%s, %s)",
+				p, st["NoNewPrivs"], st["Seccomp"], limit["NoNewPrivs"], limit["Seccomp"])
+		}
+	}
+	return nil
+}
+
+func procStatus(pid int) (map[string]string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok {
+			out[k] = strings.TrimSpace(v)
+		}
+	}
+	return out, nil
+}
+
+func hexCaps(s string) uint64 {
+	var n uint64
+	fmt.Sscanf(s, "%x", &n)
+	return n
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/checkpoint"
 	"github.com/stasis-k8s/stasis/internal/confine"
 	"github.com/stasis-k8s/stasis/wiring"
@@ -18,8 +19,14 @@ import (
 // decide plans) and returns its directory.
 func writeCheckpoint(t *testing.T, identityDir, container, id string) string {
 	t.Helper()
+	return writeCheckpointKey(t, identityDir, container, id, testKey)
+}
+
+func writeCheckpointKey(t *testing.T, identityDir, container, id string, key checkpoint.Key) string {
+	t.Helper()
 	w, err := checkpoint.Begin(filepath.Join(identityDir, container), id)
 	require.NoError(t, err)
+	w.Key = key
 	require.NoError(t, os.WriteFile(filepath.Join(w.Path(), checkpoint.ImagesDir, "pages-1.img"), []byte("memory of "+container), 0o600))
 	require.NoError(t, w.Commit(&checkpoint.Manifest{Container: container}))
 	return w.Final()
@@ -58,6 +65,16 @@ func TestPreparePod(t *testing.T) {
 		{"two containers, one checkpoint missing: neither restores", []string{"app", "sidecar"},
 			func(t *testing.T, dir string) { require.NoError(t, os.RemoveAll(filepath.Join(dir, "app", id))) }, []bool{false, false}, false,
 			"no such file", "app"},
+		{"a checkpoint the pod wrote itself (plain sha256 marker): refused", []string{"app"},
+			func(t *testing.T, dir string) {
+				require.NoError(t, os.RemoveAll(filepath.Join(dir, "app", id)))
+				writeCheckpointKey(t, dir, "app", id, nil)
+			}, []bool{false}, false, "not signed by this cluster's Stasis agents", ""},
+		{"a checkpoint signed with another key: refused", []string{"app"},
+			func(t *testing.T, dir string) {
+				require.NoError(t, os.RemoveAll(filepath.Join(dir, "app", id)))
+				writeCheckpointKey(t, dir, "app", id, checkpoint.Key("another cluster's key, 32 bytes and more"))
+			}, []bool{false}, false, "not signed by this cluster's Stasis agents", ""},
 		{"a checkpoint directory swapped for a symlink to the host: refused", []string{"app"},
 			func(t *testing.T, dir string) {
 				host := filepath.Dir(writeCheckpoint(t, t.TempDir(), "app", id))
@@ -79,7 +96,7 @@ func TestPreparePod(t *testing.T) {
 			root, err := confine.OpenRoot(ctrRoot)
 			require.NoError(t, err)
 			defer root.Close()
-			plans := preparePod(root, identityDir, wiring.RestoreRef{ID: id, Containers: tt.containers})
+			plans := preparePod(root, identityDir, wiring.RestoreRef{ID: id, Containers: tt.containers}, testKey)
 			require.Len(t, plans, len(tt.containers))
 			for i, c := range tt.containers {
 				p := plans[c]
@@ -97,4 +114,21 @@ func TestPreparePod(t *testing.T) {
 			}
 		})
 	}
+}
+
+// An authentic checkpoint restores only where it belongs: same namespace, identity, container and
+// image.
+func TestRestoreBinding(t *testing.T) {
+	m := &checkpoint.Manifest{ID: "c1", Pod: agentapi.PodRef{Namespace: "team-a"}, Identity: "job/team-a/train/0", Container: "app", ImageRef: "sha256:aaa"}
+	req := agentapi.RestoreRequest{Pod: agentapi.PodRef{Namespace: "team-a"}, Container: "app"}
+	assert.NoError(t, bound(m, req, "job/team-a/train/0", "sha256:aaa"))
+	assert.NoError(t, bound(m, req, "job/team-a/train/0", ""), "image unknown to the runtime: not compared")
+	other := req
+	other.Pod.Namespace = "team-b"
+	assert.ErrorContains(t, bound(m, other, "job/team-a/train/0", "sha256:aaa"), `taken in namespace "team-a"`)
+	assert.ErrorContains(t, bound(m, req, "job/team-a/train/1", "sha256:aaa"), `belongs to identity "job/team-a/train/0"`)
+	side := req
+	side.Container = "side"
+	assert.ErrorContains(t, bound(m, side, "job/team-a/train/0", "sha256:aaa"), `of container "app"`)
+	assert.ErrorContains(t, bound(m, req, "job/team-a/train/0", "sha256:bbb"), "taken of image sha256:aaa")
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/checkpoint"
 	"github.com/stasis-k8s/stasis/criurun"
 	"github.com/stasis-k8s/stasis/internal/flagenv"
 	"github.com/stasis-k8s/stasis/wiring"
@@ -34,6 +35,7 @@ type RunConfig struct {
 	MaxConcurrentDumps, KeepCheckpoints        int
 	FreezeTimeout, DumpTimeout, RestoreTimeout time.Duration
 	SocketDir, Kubeconfig                      string
+	ManifestKeyFile, RestoreDir                string
 	LogLevel                                   string
 }
 
@@ -42,6 +44,8 @@ func (c *RunConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Listen, "listen", fmt.Sprintf(":%d", agentapi.DefaultPort), "address of the mTLS agent API")
 	fs.StringVar(&c.CertFile, "tls-cert-file", "", "serving certificate (must carry the name "+agentapi.ServerName+"); reloaded on change")
 	fs.StringVar(&c.KeyFile, "tls-key-file", "", "serving key; reloaded on change")
+	fs.StringVar(&c.ManifestKeyFile, "manifest-key-file", "", "secret the key that signs checkpoint manifests is derived from, the same on every node and readable by the agents only (default: --tls-key-file, kept across renewals)")
+	fs.StringVar(&c.RestoreDir, "restore-dir", os.TempDir(), "where the images being restored are copied (verified) for CRIU: node disk, as large as the largest checkpoint")
 	fs.StringVar(&c.ClientCAFile, "client-ca-file", "", "CA that signs client certificates; only "+agentapi.WebhookIdentity+" may start dumps")
 	fs.StringVar(&c.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (downward API spec.nodeName)")
 	fs.StringVar(&c.CRIEndpoint, "cri-endpoint", "unix:///run/containerd/containerd.sock", "CRI socket of the container runtime")
@@ -88,7 +92,15 @@ func Run(ctx context.Context, args []string) error {
 		return fmt.Errorf("agent: %w", err)
 	}
 	defer runtime.Close()
-	a, reg, err := newAgent(ctx, rc, bundle, v, runtime, log)
+	keyFile := rc.ManifestKeyFile
+	if keyFile == "" {
+		keyFile = rc.KeyFile
+	}
+	key, err := checkpoint.KeyFromFile(keyFile)
+	if err != nil {
+		return fmt.Errorf("agent: --manifest-key-file: %w", err)
+	}
+	a, reg, err := newAgent(ctx, rc, bundle, v, key, runtime, log)
 	if err != nil {
 		return err
 	}
@@ -102,7 +114,7 @@ func Run(ctx context.Context, args []string) error {
 }
 
 // newAgent builds the agent with its Event recorder and metrics registry.
-func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersion int, runtime *CRI, log zerolog.Logger) (*Agent, *prometheus.Registry, error) {
+func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersion int, key checkpoint.Key, runtime *CRI, log zerolog.Logger) (*Agent, *prometheus.Registry, error) {
 	events, err := NewKubeEvents(rc.Kubeconfig, rc.NodeName, log)
 	if err != nil {
 		return nil, nil, fmt.Errorf("agent: %w", err)
@@ -113,7 +125,7 @@ func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersio
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a, err := New(ctx, Config{
-		NodeName: rc.NodeName, Criu: criu, CriuVersion: criuVersion,
+		NodeName: rc.NodeName, Criu: criu, CriuVersion: criuVersion, ManifestKey: key, RestoreDir: rc.RestoreDir,
 		MaxConcurrentDumps: rc.MaxConcurrentDumps, FreezeTimeout: rc.FreezeTimeout, DumpTimeout: rc.DumpTimeout,
 		RestoreTimeout: rc.RestoreTimeout, KeepCheckpoints: rc.KeepCheckpoints,
 		Finder: runtime, Events: events, Metrics: NewMetrics(reg), Log: log,

@@ -78,7 +78,7 @@ func TestAPIAuthentication(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	// No dump runs here: an empty folder stands for the CRIU bundle.
-	a, err := New(ctx, Config{Finder: pidFinder{}, NodeName: "node-a", Criu: criurun.Bundle{Dir: t.TempDir()}, Log: zerolog.New(zerolog.NewTestWriter(t))})
+	a, err := New(ctx, Config{Finder: pidFinder{}, NodeName: "node-a", Criu: criurun.Bundle{Dir: t.TempDir()}, ManifestKey: testKey, Log: zerolog.New(zerolog.NewTestWriter(t))})
 	require.NoError(t, err)
 	ca := newTestCA(t)
 	base := startAPI(t, a, ca)

@@ -29,7 +29,7 @@ func Verify(ckpt string) (*Manifest, error) {
 		return nil, err
 	}
 	defer d.Close()
-	m, err := CheckAt(d, filepath.Base(ckpt))
+	m, err := CheckAt(d, filepath.Base(ckpt), nil)
 	if err != nil {
 		return nil, err
 	}
@@ -46,7 +46,47 @@ func Check(ckpt string) (*Manifest, error) {
 		return nil, err
 	}
 	defer d.Close()
-	return CheckAt(d, filepath.Base(ckpt))
+	return CheckAt(d, filepath.Base(ckpt), nil)
+}
+
+// CopyImagesAt copies the CRIU images m lists from the checkpoint d into dst (a directory of the
+// agent's own), checking each one's size and sha256 as it goes, two at a time. What CRIU then
+// restores from dst is exactly what was verified: the checkpoint volume stays writable by the pod
+// (by any pod of its namespace mounting it), which could change an image between a check and
+// CRIU's read.
+func CopyImagesAt(d *os.File, m *Manifest, dst *os.File) error {
+	var imgs []FileSum
+	for _, f := range m.Files {
+		if isImage(f.Path) {
+			imgs = append(imgs, f)
+		}
+	}
+	return inParallel(len(imgs), 2, func(i int) error { return copyVerified(d, imgs[i], dst) })
+}
+
+func copyVerified(d *os.File, f FileSum, dst *os.File) error {
+	src, _, err := openRegular(d, f.Path)
+	if err != nil {
+		return fmt.Errorf("%s: %w", f.Path, err)
+	}
+	defer src.Close()
+	out, err := confine.CreateEntry(dst, path.Base(f.Path), 0o600)
+	if err != nil {
+		return fmt.Errorf("%s: %w", f.Path, err)
+	}
+	defer out.Close()
+	h := sha256.New()
+	n, err := io.CopyBuffer(io.MultiWriter(out, h), io.LimitReader(src, f.Size+1), make([]byte, 1<<20))
+	if err != nil {
+		return fmt.Errorf("%s: %w", f.Path, err)
+	}
+	if n != f.Size {
+		return fmt.Errorf("%s: size %d, manifest says %d", f.Path, n, f.Size)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != f.SHA256 {
+		return fmt.Errorf("%s: sha256 %s, manifest says %s (corrupt)", f.Path, got, f.SHA256)
+	}
+	return nil
 }
 
 // VerifyImages is VerifyImagesAt for a checkpoint given by a trusted path.
@@ -80,7 +120,10 @@ const maxManifest = 16 << 20
 // The images' contents are left to VerifyImagesAt, run beside the restore: the restored tree
 // stays stopped until they are verified, so the hash of gigabytes of images costs the restore
 // nothing.
-func CheckAt(d *os.File, id string) (*Manifest, error) {
+//
+// With a key, the manifest must be authenticated by it (ErrNotAuthentic otherwise): then every
+// sha256 it lists is the agent's, and so are the pod, identity and image it names.
+func CheckAt(d *os.File, id string, key Key) (*Manifest, error) {
 	marker, err := readSmall(d, MarkerName)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, ErrIncomplete
@@ -92,9 +135,8 @@ func CheckAt(d *os.File, id string) (*Manifest, error) {
 	if err != nil {
 		return nil, fmt.Errorf("manifest: %w", err)
 	}
-	sum := sha256.Sum256(data)
-	if strings.TrimSpace(string(marker)) != hex.EncodeToString(sum[:]) {
-		return nil, fmt.Errorf("manifest.json does not match the completion marker (corrupt manifest)")
+	if err := key.check(string(marker), data); err != nil {
+		return nil, err
 	}
 	var m Manifest
 	if err := json.Unmarshal(data, &m); err != nil {

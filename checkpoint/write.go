@@ -33,6 +33,9 @@ type Writer struct {
 	// Path/Final; empty when begun from a descriptor (BeginAt).
 	Dir string
 	ID  string
+	// Key authenticates the manifest (the completion marker is its HMAC); nil: a plain sha256
+	// (tests and tools; the agent always sets its key).
+	Key Key
 
 	dir    *os.File    // the checkpoint directory
 	tmp    *os.File    // .tmp-<id>, created by Begin, renamed to <id> by Commit
@@ -193,8 +196,7 @@ func (w *Writer) Commit(m *Manifest) error {
 	if err := w.dir.Sync(); err != nil {
 		return fmt.Errorf("fsync %s: %w", w.dir.Name(), err)
 	}
-	sum := sha256.Sum256(data)
-	if err := writeFileSync(w.tmp, MarkerName, []byte(hex.EncodeToString(sum[:])+"\n")); err != nil {
+	if err := writeFileSync(w.tmp, MarkerName, []byte(w.Key.marker(data)+"\n")); err != nil {
 		return err
 	}
 	return w.tmp.Sync()
