@@ -50,15 +50,15 @@ const (
 
 // Manifest describes one checkpoint.
 type Manifest struct {
-	Format    int             `json:"format"`
-	ID        string          `json:"id"`
-	Pod agentapi.PodRef `json:"pod"`
+	Format int             `json:"format"`
+	ID     string          `json:"id"`
+	Pod    agentapi.PodRef `json:"pod"`
 	// Identity is the checkpoint identity of the pod (stasis.dev/identity): a checkpoint restores
 	// only into a pod of the same identity, namespace and image.
 	Identity  string `json:"identity,omitempty"`
 	Container string `json:"container"`
-	Node      string          `json:"node,omitempty"`
-	Image     string          `json:"image,omitempty"`
+	Node      string `json:"node,omitempty"`
+	Image     string `json:"image,omitempty"`
 	// ImageRef is the image the runtime ran (digest), when known.
 	ImageRef string `json:"imageRef,omitempty"`
 	Reason   string `json:"reason,omitempty"`
