@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"slices"
 	"sort"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 
@@ -50,6 +51,7 @@ func Pod(pod *corev1.Pod, in Input) {
 	}
 	pod.Annotations[wiring.AnnotationIdentity] = in.Identity
 	pod.Annotations[wiring.AnnotationWired] = "true"
+	safeToEvict(pod)
 	for k, v := range in.Annotations {
 		pod.Annotations[k] = v
 	}
@@ -211,4 +213,21 @@ func RestoredContainers(r *Restore) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// caSafeToEvict is the Cluster Autoscaler annotation naming local volumes whose loss does not block
+// scaling a node down. Stasis' tools volume holds only the launcher, copied again in every pod.
+const caSafeToEvict = "cluster-autoscaler.kubernetes.io/safe-to-evict-local-volumes"
+
+func safeToEvict(pod *corev1.Pod) {
+	have := pod.Annotations[caSafeToEvict]
+	for _, v := range strings.Split(have, ",") {
+		if strings.TrimSpace(v) == wiring.ToolsVolume {
+			return
+		}
+	}
+	if have != "" {
+		have += ","
+	}
+	pod.Annotations[caSafeToEvict] = have + wiring.ToolsVolume
 }

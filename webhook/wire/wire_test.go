@@ -210,3 +210,18 @@ func setEnvFor(p *corev1.Pod, container, name, value string) {
 		}
 	}
 }
+
+// Cluster Autoscaler may scale the node down despite Stasis' tools emptyDir; a user's own list
+// of safe volumes is kept.
+func TestPodSafeToEvictLocalVolumes(t *testing.T) {
+	p := pod()
+	Pod(p, input(nil))
+	assert.Equal(t, wiring.ToolsVolume, p.Annotations[caSafeToEvict])
+	p = pod()
+	p.Annotations = map[string]string{caSafeToEvict: "scratch"}
+	Pod(p, input(nil))
+	assert.Equal(t, "scratch,"+wiring.ToolsVolume, p.Annotations[caSafeToEvict])
+	again := p.DeepCopy()
+	Pod(again, input(nil))
+	assert.Equal(t, p.Annotations, again.Annotations, "idempotent")
+}
