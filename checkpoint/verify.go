@@ -65,28 +65,12 @@ func CopyImagesAt(d *os.File, m *Manifest, dst *os.File) error {
 }
 
 func copyVerified(d *os.File, f FileSum, dst *os.File) error {
-	src, _, err := openRegular(d, f.Path)
-	if err != nil {
-		return fmt.Errorf("%s: %w", f.Path, err)
-	}
-	defer src.Close()
 	out, err := confine.CreateEntry(dst, path.Base(f.Path), 0o600)
 	if err != nil {
 		return fmt.Errorf("%s: %w", f.Path, err)
 	}
 	defer out.Close()
-	h := sha256.New()
-	n, err := io.CopyBuffer(io.MultiWriter(out, h), io.LimitReader(src, f.Size+1), make([]byte, 1<<20))
-	if err != nil {
-		return fmt.Errorf("%s: %w", f.Path, err)
-	}
-	if n != f.Size {
-		return fmt.Errorf("%s: size %d, manifest says %d", f.Path, n, f.Size)
-	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != f.SHA256 {
-		return fmt.Errorf("%s: sha256 %s, manifest says %s (corrupt)", f.Path, got, f.SHA256)
-	}
-	return nil
+	return readVerified(d, f, out)
 }
 
 // VerifyImages is VerifyImagesAt for a checkpoint given by a trusted path.
@@ -240,14 +224,17 @@ func checkSize(d *os.File, f FileSum) error {
 	return nil
 }
 
-func verifyFile(d *os.File, f FileSum) error {
+func verifyFile(d *os.File, f FileSum) error { return readVerified(d, f, io.Discard) }
+
+// readVerified reads f below d into w, checking its size and sha256 against the manifest's.
+func readVerified(d *os.File, f FileSum, w io.Writer) error {
 	fh, _, err := openRegular(d, f.Path)
 	if err != nil {
 		return fmt.Errorf("%s: %w", f.Path, err)
 	}
 	defer fh.Close()
 	h := sha256.New()
-	n, err := io.CopyBuffer(h, fh, make([]byte, 1<<20))
+	n, err := io.CopyBuffer(io.MultiWriter(w, h), io.LimitReader(fh, f.Size+1), make([]byte, 1<<20))
 	if err != nil {
 		return fmt.Errorf("%s: %w", f.Path, err)
 	}
