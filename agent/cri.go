@@ -5,12 +5,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"sync"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/wiring"
 )
 
 // Labels the kubelet puts on every container it creates through CRI.
@@ -24,6 +26,8 @@ type CRI struct {
 	conn    *grpc.ClientConn
 	runtime runtimeapi.RuntimeServiceClient
 	images  runtimeapi.ImageServiceClient
+
+	sandboxPIDs sync.Map // sandbox ID → pause PID (WiredSandboxes)
 }
 
 // DialCRI connects to a CRI endpoint ("unix:///run/containerd/containerd.sock" or a plain path).
@@ -214,4 +218,56 @@ func (c *CRI) Ping(ctx context.Context) error {
 		return fmt.Errorf("CRI Version: %w", err)
 	}
 	return nil
+}
+
+// WiredSandboxes implements SandboxLister: the ready sandboxes of pods the webhook wired (their
+// annotation stasis.dev/wired), each with its pause process (whose network namespace is the
+// pod's). A sandbox's PID is asked once.
+func (c *CRI) WiredSandboxes(ctx context.Context) ([]Sandbox, error) {
+	resp, err := c.runtime.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{Filter: &runtimeapi.PodSandboxFilter{
+		State: &runtimeapi.PodSandboxStateValue{State: runtimeapi.PodSandboxState_SANDBOX_READY},
+	}})
+	if err != nil {
+		return nil, fmt.Errorf("CRI ListPodSandbox: %w", err)
+	}
+	var out []Sandbox
+	live := map[string]bool{}
+	for _, s := range resp.Items {
+		if s.Annotations[wiring.AnnotationWired] != "true" {
+			continue
+		}
+		live[s.Id] = true
+		pid, ok := c.sandboxPIDs.Load(s.Id)
+		if !ok {
+			p, err := c.sandboxPID(ctx, s.Id)
+			if err != nil {
+				continue
+			}
+			c.sandboxPIDs.Store(s.Id, p)
+			pid = p
+		}
+		out = append(out, Sandbox{ID: s.Id, PodUID: s.GetMetadata().GetUid(), PID: pid.(int)})
+	}
+	c.sandboxPIDs.Range(func(k, _ any) bool {
+		if !live[k.(string)] {
+			c.sandboxPIDs.Delete(k)
+		}
+		return true
+	})
+	return out, nil
+}
+
+// sandboxPID is a sandbox's pause process from PodSandboxStatus verbose info.
+func (c *CRI) sandboxPID(ctx context.Context, id string) (int, error) {
+	st, err := c.runtime.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: id, Verbose: true})
+	if err != nil {
+		return 0, fmt.Errorf("CRI PodSandboxStatus %s: %w", id, err)
+	}
+	var info struct {
+		Pid int `json:"pid"`
+	}
+	if err := json.Unmarshal([]byte(st.Info["info"]), &info); err != nil || info.Pid <= 0 {
+		return 0, fmt.Errorf("CRI PodSandboxStatus %s: no pid in the verbose info", id)
+	}
+	return info.Pid, nil
 }

@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -606,4 +607,58 @@ func TestReadyzExpiredCertificate(t *testing.T) {
 	_, ready, err := serverTLS(filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key"), filepath.Join(dir, "ca.crt"))
 	require.NoError(t, err)
 	assert.ErrorContains(t, ready(context.Background()), "expired at")
+}
+
+// fakeSandboxes stands in for CRI's list of wired pod sandboxes.
+type fakeSandboxes struct {
+	mu  sync.Mutex
+	sbs []Sandbox
+}
+
+func (f *fakeSandboxes) WiredSandboxes(context.Context) ([]Sandbox, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]Sandbox(nil), f.sbs...), nil
+}
+
+func (f *fakeSandboxes) set(sbs ...Sandbox) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.sbs = sbs
+}
+
+// The channel needs no volume: the agent listens on the abstract socket inside each wired pod's
+// network namespace. A process in that namespace reaches it (and is then identified like any
+// caller); one in another namespace, the node's included, cannot; the listener goes with the pod.
+func TestPodSocketsInPodNetworkNamespace(t *testing.T) {
+	r := newLocalRig(t, LocalConfig{})
+	pod := exec.Command("unshare", "--net", "sleep", "300") // the pod's sandbox: a network namespace of its own
+	require.NoError(t, pod.Start())
+	t.Cleanup(func() { _ = pod.Process.Kill(); _ = pod.Wait() })
+	require.Eventually(t, func() bool {
+		a, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/net", pod.Process.Pid))
+		b, _ := os.Readlink("/proc/self/ns/net")
+		return a != "" && a != b
+	}, 5*time.Second, 10*time.Millisecond)
+	sbs := &fakeSandboxes{}
+	sbs.set(Sandbox{ID: "sb-1", PodUID: randomUID(t), PID: pod.Process.Pid})
+	ps := &PodSockets{Local: NewLocal(r.agent, LocalConfig{Pods: r.pods}), Lister: sbs, Interval: 20 * time.Millisecond, Log: zerolog.New(zerolog.NewTestWriter(t))}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go func() { _ = ps.Run(ctx) }()
+	require.Eventually(t, func() bool { return ps.Open() == 1 }, 5*time.Second, 10*time.Millisecond)
+
+	inPod := []string{"nsenter", "--net", "-t", strconv.Itoa(pod.Process.Pid), "--"}
+	res := call(t, inPod, "-socket="+wiring.AgentSocket)
+	assert.Empty(t, res.Err, "reachable from the pod's network namespace")
+	assert.Equal(t, http.StatusForbidden, res.Code, "and the caller is identified like any other: %s", res.Body)
+	assert.Contains(t, res.Body, "containers of pods only")
+
+	res = call(t, nil, "-socket="+wiring.AgentSocket)
+	assert.NotEmpty(t, res.Err, "not reachable from the node's network namespace: %d %s", res.Code, res.Body)
+
+	sbs.set()
+	require.Eventually(t, func() bool { return ps.Open() == 0 }, 5*time.Second, 10*time.Millisecond)
+	res = call(t, inPod, "-socket="+wiring.AgentSocket)
+	assert.NotEmpty(t, res.Err, "gone with the pod")
 }

@@ -104,12 +104,15 @@ func Run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	servers, err := rc.servers(a, runtime, tlsCfg, reg, readyCheck{"serving certificate", certReady}, readyCheck{"container runtime", runtime.Ping})
+	servers, local, err := rc.servers(a, runtime, tlsCfg, reg, readyCheck{"serving certificate", certReady}, readyCheck{"container runtime", runtime.Ping})
 	if err != nil {
 		return err
 	}
 	log.Info().Str("api", servers[0].ln.Addr().String()).Str("socket", servers[1].ln.Addr().String()).
 		Str("health", servers[2].ln.Addr().String()).Str("node", rc.NodeName).Msg("agent serving")
+	// The launchers' channel inside every wired pod's network namespace (wiring.AgentSocket).
+	pods := &PodSockets{Local: local, Lister: runtime, Log: log}
+	go func() { _ = pods.Run(ctx) }()
 	return serveAll(ctx, servers)
 }
 
@@ -135,15 +138,15 @@ func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersio
 
 // servers opens the three listeners (mTLS API, local socket, health) and their servers, in
 // that order. Every server bounds how long a client may take to send and receive.
-func (rc RunConfig) servers(a *Agent, runtime *CRI, tlsCfg *tls.Config, reg *prometheus.Registry, checks ...readyCheck) ([]server, error) {
+func (rc RunConfig) servers(a *Agent, runtime *CRI, tlsCfg *tls.Config, reg *prometheus.Registry, checks ...readyCheck) ([]server, *Local, error) {
 	apiLn, err := net.Listen("tcp", rc.Listen)
 	if err != nil {
-		return nil, fmt.Errorf("--listen: %w", err)
+		return nil, nil, fmt.Errorf("--listen: %w", err)
 	}
 	localLn, err := ListenLocal(rc.SocketDir, wiring.AgentSocketName)
 	if err != nil {
 		apiLn.Close()
-		return nil, err
+		return nil, nil, err
 	}
 	sockReady, err := socketCheck(filepath.Join(rc.SocketDir, wiring.AgentSocketName))
 	var healthLn net.Listener
@@ -155,7 +158,7 @@ func (rc RunConfig) servers(a *Agent, runtime *CRI, tlsCfg *tls.Config, reg *pro
 	if err != nil {
 		apiLn.Close()
 		localLn.Close()
-		return nil, err
+		return nil, nil, err
 	}
 	checks = append(checks, readyCheck{"local socket", sockReady})
 	local := NewLocal(a, LocalConfig{Pods: runtime, Entrypoints: runtime})
@@ -163,7 +166,7 @@ func (rc RunConfig) servers(a *Agent, runtime *CRI, tlsCfg *tls.Config, reg *pro
 		{"api", apiServer(a, tlsCfg), apiLn, true},
 		{"local", local.Server(), local.Listener(localLn), false},
 		{"health", healthServer(reg, checks), healthLn, false},
-	}, nil
+	}, local, nil
 }
 
 func apiServer(a *Agent, tlsCfg *tls.Config) *http.Server {

@@ -22,7 +22,6 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
-	"path/filepath"
 	"runtime"
 	"strings"
 	"syscall"
@@ -38,7 +37,7 @@ import (
 
 // Overrides of the in-pod paths, for running the launcher outside a wired pod (tests, debugging).
 const (
-	EnvAgentSocket = "STASIS_AGENT_SOCKET" // default wiring.AgentMount/wiring.AgentSocketName
+	EnvAgentSocket = "STASIS_AGENT_SOCKET" // default wiring.AgentSocket (abstract, in the pod's network namespace)
 	// EnvRestoreTimeout bounds the agent's restore (Go duration, default 5m); then a cold start.
 	EnvRestoreTimeout = "STASIS_RESTORE_TIMEOUT"
 )
@@ -118,7 +117,7 @@ func readEnv() launchEnv {
 		image:     os.Getenv(wiring.EnvImage),
 		restoreID: os.Getenv(wiring.EnvRestoreID),
 		options:   os.Getenv(wiring.EnvRestoreOptions),
-		socket:    envOr(EnvAgentSocket, filepath.Join(wiring.AgentMount, wiring.AgentSocketName)),
+		socket:    envOr(EnvAgentSocket, wiring.AgentSocket),
 		timeout:   5 * time.Minute,
 	}
 	if d, err := time.ParseDuration(os.Getenv(EnvRestoreTimeout)); err == nil && d > 0 {

@@ -97,14 +97,14 @@ func TestPodMutateRefusesStasisFields(t *testing.T) {
 			want: []string{`spec.containers[0].volumeMounts[0].mountPath: "//stasis/../stasis/": mounts at or under /stasis are reserved`},
 		},
 		{
-			name: "user init-container mounting Stasis' agent volume elsewhere",
+			name: "user init-container mounting Stasis' tools volume elsewhere",
 			pod: func(t *testing.T, _ *testEnv) *corev1.Pod {
 				p := plain(t)
 				p.Spec.InitContainers = []corev1.Container{{Name: "peek", Image: "busybox",
-					VolumeMounts: []corev1.VolumeMount{{Name: wiring.AgentVolume, MountPath: "/run/x"}}}}
+					VolumeMounts: []corev1.VolumeMount{{Name: wiring.ToolsVolume, MountPath: "/run/x"}}}}
 				return p
 			},
-			want: []string{`spec.initContainers[0].volumeMounts[0].name: "stasis-agent" is Stasis' volume: only Stasis mounts it`},
+			want: []string{`spec.initContainers[0].volumeMounts[0].name: "stasis-tools" is Stasis' volume: only Stasis mounts it`},
 		},
 		{
 			name: "user init-container named like Stasis' restore",

@@ -30,12 +30,11 @@ const (
 	// restore init-container. Checkpoints live at CheckpointMount/<identity>/<container>/<id>/.
 	CheckpointMount = "/stasis/checkpoints"
 
-	// AgentVolume is a hostPath volume (HostAgentDir) holding the agent's local socket, mounted
-	// read-only at AgentMount: the launcher asks the agent for the image's entrypoint and reports
-	// restore results there. The agent identifies every caller (its pod and container) itself.
-	AgentVolume     = "stasis-agent"
+	// AgentSocket is the launchers' channel to the node agent: an abstract unix socket the agent
+	// listens on inside each wired pod's network namespace (no volume in the pod). HostAgentDir/
+	// AgentSocketName is the same channel on the node, for the agent's own checks and people.
+	AgentSocket     = "@stasis-agent"
 	HostAgentDir    = "/run/stasis"
-	AgentMount      = "/stasis/agent"
 	AgentSocketName = "launcher.sock"
 
 	// ImageBinary is where the stasis binary lives in the Stasis image.

@@ -17,9 +17,15 @@ import (
 // newNamespace creates a namespace for one test and deletes it afterwards.
 func newNamespace(t *testing.T, prefix string) string {
 	t.Helper()
+	return newNamespaceLabelled(t, prefix, nil)
+}
+
+// newNamespaceLabelled creates a namespace with labels (e.g. a Pod Security level to enforce).
+func newNamespaceLabelled(t *testing.T, prefix string, labels map[string]string) string {
+	t.Helper()
 	ctx := context.Background()
 	ns, err := env.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{
-		ObjectMeta: metav1.ObjectMeta{GenerateName: prefix + "-"},
+		ObjectMeta: metav1.ObjectMeta{GenerateName: prefix + "-", Labels: labels},
 	}, metav1.CreateOptions{})
 	require.NoError(t, err)
 	// Pods need the namespace's default ServiceAccount (the controller-manager creates it).

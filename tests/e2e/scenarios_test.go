@@ -265,3 +265,29 @@ func TestScenario7MemoryHeavy(t *testing.T) {
 	}
 	assert.GreaterOrEqual(t, r.CheckpointBytes, int64(600<<20), "the checkpoint must hold the touched memory")
 }
+
+// Scenario 8: adding the label changes nothing Pod Security sees. The drain scenario in a
+// namespace enforcing "baseline", with a container that drops every capability, forbids privilege
+// escalation and runs the RuntimeDefault seccomp profile: the wired pod is admitted (no capability,
+// no hostPath added), the agent checkpoints it, and the replacement continues on the other node.
+func TestScenario8PodSecurityBaseline(t *testing.T) {
+	ns := newNamespaceLabelled(t, "s8", map[string]string{
+		"pod-security.kubernetes.io/enforce": "baseline",
+		"pod-security.kubernetes.io/warn":    "restricted",
+	})
+	no := false
+	spec := harness.CounterSpec{Name: "counter", Args: []string{"--to=40"}, SecurityContext: &corev1.SecurityContext{
+		AllowPrivilegeEscalation: &no,
+		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+		SeccompProfile:           &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
+	}}
+	r := drainScenario(t, ns, spec, 40)
+	for _, p := range []*corev1.Pod{r.OldPod, r.NewPod} {
+		for _, v := range p.Spec.Volumes {
+			assert.Nil(t, v.HostPath, "pod %s volume %s: no hostPath", p.Name, v.Name)
+		}
+		for _, c := range p.Spec.Containers {
+			assert.Equal(t, spec.SecurityContext, c.SecurityContext, "pod %s container %s: the security context as written", p.Name, c.Name)
+		}
+	}
+}

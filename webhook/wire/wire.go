@@ -62,9 +62,6 @@ func Pod(pod *corev1.Pod, in Input) {
 		ensureVolume(&pod.Spec, corev1.Volume{Name: wiring.CheckpointVolume,
 			VolumeSource: corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: in.PVCName}}})
 	}
-	dirOrCreate := corev1.HostPathDirectoryOrCreate
-	ensureVolume(&pod.Spec, corev1.Volume{Name: wiring.AgentVolume,
-		VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: wiring.HostAgentDir, Type: &dirOrCreate}}})
 
 	toolsMount := corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount}
 	ckptMount := corev1.VolumeMount{Name: in.CheckpointVolume, MountPath: wiring.CheckpointMount}
@@ -117,7 +114,6 @@ func Pod(pod *corev1.Pod, in Input) {
 		ensureMount(c, corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true})
 		ensureMount(c, ckptMount)
 		// Read-only: connecting to the socket works, replacing it or filling the host's /run does not.
-		ensureMount(c, corev1.VolumeMount{Name: wiring.AgentVolume, MountPath: wiring.AgentMount, ReadOnly: true})
 	}
 }
 

@@ -102,16 +102,18 @@ func TestPodReplacesMountAtStasisPath(t *testing.T) {
 	in.CheckpointVolume, in.PVCName = "mine", ""
 	Pod(p, in)
 	mounts := p.Spec.Containers[0].VolumeMounts
-	require.Len(t, mounts, 3)
+	require.Len(t, mounts, 2)
 	assert.Equal(t, corev1.VolumeMount{Name: "mine", MountPath: wiring.CheckpointMount}, mounts[0], "replaced in place")
-	assert.Equal(t, []corev1.VolumeMount{{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true},
-		{Name: wiring.AgentVolume, MountPath: wiring.AgentMount, ReadOnly: true}}, mounts[1:],
-		"the agent's socket directory is shared by the node's pods: read-only")
+	assert.Equal(t, corev1.VolumeMount{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount, ReadOnly: true}, mounts[1],
+		"the launcher, read-only; no host path: the agent's channel is a socket in the pod's network namespace")
 	var names []string
 	for _, v := range p.Spec.Volumes {
 		names = append(names, v.Name)
 	}
-	assert.Equal(t, []string{"mine", "victim", wiring.ToolsVolume, wiring.AgentVolume}, names, "no Stasis PVC volume for user storage")
+	assert.Equal(t, []string{"mine", "victim", wiring.ToolsVolume}, names, "no Stasis PVC volume for user storage, no hostPath")
+	for _, v := range p.Spec.Volumes {
+		assert.Nil(t, v.HostPath, "volume %s", v.Name)
+	}
 }
 
 // A forged piece with Stasis' name is overwritten in place, never kept.

@@ -99,6 +99,8 @@ type CounterSpec struct {
 	NodeName string
 	// MemoryRequest, when set, is the container's memory request and limit.
 	MemoryRequest string
+	// SecurityContext is the counter container's (nil: the runtime's defaults).
+	SecurityContext *corev1.SecurityContext
 }
 
 func (e *Env) podTemplate(s CounterSpec) corev1.PodTemplateSpec {
@@ -115,6 +117,7 @@ func (e *Env) podTemplate(s CounterSpec) corev1.PodTemplateSpec {
 		ImagePullPolicy: corev1.PullIfNotPresent,
 		Args:            s.Args,
 		Env:             s.Env,
+		SecurityContext: s.SecurityContext,
 	}
 	if !s.FromImage {
 		c.Command = []string{"/counter"}
