@@ -174,6 +174,14 @@ func (r *rig) restoreContainer(container, id string, cmd ...string) *container {
 	return r.restorePod(id, map[string][]string{container: cmd})[container]
 }
 
+// cgroups is /proc/<pid>/cgroup.
+func cgroups(t testing.TB, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	require.NoError(t, err)
+	return string(b)
+}
+
 // credentials are the lines of /proc/<pid>/status a restore must carry over exactly.
 func credentials(t testing.TB, pid int) map[string]string {
 	t.Helper()
@@ -252,10 +260,11 @@ func TestDumpRestoreCounterContinues(t *testing.T) {
 	got := waitCount(t, c2, out, len(dumped)+5)
 	assert.Equal(t, dumped, got[:len(dumped)], "checkpoint-files content restored")
 	assert.True(t, isSequence(got), "the restored counter continues from %d, got %v", len(dumped), got)
-	assert.Contains(t, c2.out.String(), "restored; supervising the restored tree")
+	c2.waitOutput("restored; supervising the restored tree")
 	restored, err := appRoot(c2.launcherPID())
 	require.NoError(t, err)
 	assert.Equal(t, creds, credentials(t, restored), "the restored app has the original's credentials, capabilities, no_new_privs and seccomp")
+	assert.Equal(t, cgroups(t, c2.launcherPID()), cgroups(t, restored), "the restored app is in its new container's cgroups, not the agent's")
 	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("restored")))
 	// The restored tree is supervised like a fresh one: SIGTERM reaches the app and ends it.
 	code := c2.stop()
@@ -270,7 +279,7 @@ func TestDumpRestoreCounterContinues(t *testing.T) {
 	c3 := r.restoreContainer("app", id, counterBin, out)
 	again := waitCount(t, c3, out, len(dumped)+2)
 	assert.True(t, isSequence(again), "the second restore continues from %d too, got %v", len(dumped), again)
-	assert.Contains(t, c3.out.String(), "restored; supervising the restored tree")
+	c3.waitOutput("restored; supervising the restored tree")
 	assert.Equal(t, 2.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("restored")))
 	assert.Equal(t, 128+15, c3.stop())
 }
@@ -309,7 +318,7 @@ func TestCorruptCheckpointColdStarts(t *testing.T) {
 	c2 := r.restoreContainer("app", id, counterBin, out)
 	got := waitCount(t, c2, out, 3)
 	assert.Equal(t, []int{1, 2, 3}, got[:3], "cold start counts from 1")
-	assert.Contains(t, c2.out.String(), "COLD START")
+	c2.waitOutput("COLD START")
 	assert.Contains(t, c2.out.String(), "corrupt checkpoint")
 	assert.Regexp(t, `pages-[0-9]+\.img: sha256 [0-9a-f]+, manifest says`, c2.out.String())
 
@@ -459,7 +468,7 @@ func TestPodContainersRestoreTogether(t *testing.T) {
 	for _, n := range names {
 		got := waitCount(t, cs[n], outs[n], len(dumped[n])+2)
 		assert.True(t, isSequence(got), "%s continues from %d: %v", n, len(dumped[n]), got)
-		assert.Contains(t, cs[n].out.String(), "restored; supervising the restored tree", n)
+		cs[n].waitOutput("restored; supervising the restored tree")
 		cs[n].stop()
 	}
 
@@ -478,7 +487,7 @@ func TestPodContainersRestoreTogether(t *testing.T) {
 	for _, n := range names {
 		got := waitCount(t, cs[n], outs[n], 2)
 		assert.Equal(t, []int{1, 2}, got[:2], "%s starts cold", n)
-		assert.Contains(t, cs[n].out.String(), "COLD START", n)
+		cs[n].waitOutput("COLD START")
 		cs[n].stop()
 	}
 	assert.Contains(t, cs["app"].out.String(), "container side cannot restore", "the healthy container says why it did not restore")

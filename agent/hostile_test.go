@@ -6,7 +6,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -101,8 +100,7 @@ func TestRestoreNeverExceedsItsContainer(t *testing.T) {
 	require.NoError(t, os.Remove(out))
 
 	c2 := r.restoreContainer("app", st.Containers[0].CheckpointID, counterBin, out)
-	require.Eventually(t, func() bool { return strings.Contains(c2.out.String(), "COLD START") }, time.Minute, 20*time.Millisecond,
-		"the launcher must start afresh; output:\n%s", c2.out.String())
+	c2.waitOutput("COLD START")
 	assert.Contains(t, c2.out.String(), "beyond its container's bounding set")
 	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("cold-start")))
 	c2.stop()

@@ -161,6 +161,19 @@ func startContainerWith(t testing.TB, cgroup string, setpriv []string, env []str
 	return c
 }
 
+// waitOutput waits until the container printed s (the launcher logs after the agent answered,
+// when the app may already be running again); bounded so a broken launcher fails the test.
+func (c *container) waitOutput(s string) {
+	c.t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !strings.Contains(c.out.String(), s) {
+		if time.Now().After(deadline) {
+			c.t.Fatalf("the container never printed %q; output:\n%s", s, c.out.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // launcherPID is the host PID of the container's PID 1 (unshare's child).
 func (c *container) launcherPID() int {
 	for i := 0; i < 200; i++ {

@@ -253,7 +253,7 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 	st, _ := criurun.StartTime(t.PID)
 	log.Info().Str("checkpoint", plan.m.ID).Int("inheritFDs", len(inherit)).Msg("restoring")
 	pid, err := criurun.Restore(ctx, criurun.RestoreOptions{
-		Bundle: a.cfg.Criu, Join: criurun.Join{PID: t.PID, StartTime: st},
+		Bundle: a.cfg.Criu, Join: criurun.Join{PID: t.PID, StartTime: st, Cgroups: true},
 		ImagesDir: images, WorkDir: wd, LogFile: "restore.log", Inherit: inherit, Extra: options,
 	})
 	host := 0

@@ -40,7 +40,7 @@ type RestoreOptions struct {
 // caller verifies the images meanwhile, then sends SIGCONT with SignalTree), and returns the PID
 // of the restored root as seen in the container. --root /: the container's root, as CRIU sees it
 // from inside its mount namespace (without it: "BUG at criu/mount.c:48"). Cgroups: CRIU leaves
-// the tasks where CRIU itself is.
+// the tasks where CRIU itself is, which is the container's when Join.Cgroups is set.
 func Restore(ctx context.Context, o RestoreOptions) (int, error) {
 	call := &Call{Type: rpc.CriuReqType_RESTORE, Join: &o.Join}
 	opts := &rpc.CriuOpts{

@@ -21,6 +21,9 @@ type Join struct {
 	// StartTime, when set, is the process's start time (field 22 of /proc/<pid>/stat): the PID
 	// must still name that process once its namespaces are open (PIDs are reused).
 	StartTime uint64
+	// Cgroups: CRIU also joins the process's cgroups (a restore: what CRIU creates is charged to
+	// the container, under its limits).
+	Cgroups bool
 }
 
 // joinedNamespaces are entered in this order (nsenter's, minus user and time: a container here
@@ -88,6 +91,9 @@ func (b Bundle) Run(ctx context.Context, c *Call) (*rpc.CriuResp, error) {
 		}
 		extra = append(extra, nsFiles...)
 		env = append(env, "STASIS_NSJOIN="+strings.Join(list, ","))
+		if c.Join.Cgroups {
+			env = append(env, "STASIS_NSJOIN_CGROUPS_OF="+strconv.Itoa(c.Join.PID))
+		}
 	}
 	var stderr bytes.Buffer
 	argv := b.argv(swrkPluginsFD, "swrk", strconv.Itoa(swrkSocketFD))

@@ -9,8 +9,12 @@
  * then are the namespaces joined.
  *
  * Input (environment, removed before main):
- *   STASIS_NSJOIN_CGROUP  comma-separated fds of cgroup.procs files to join first (optional)
  *   STASIS_NSJOIN         comma-separated fds of /proc/<pid>/ns/ files, joined in that order
+ *                         (the cgroup namespace first, the mount namespace last)
+ *   STASIS_NSJOIN_CGROUPS_OF  a host PID (optional): join that process's cgroups, in every
+ *                         hierarchy, right after joining the cgroup namespace (a restore: the
+ *                         restored tasks are CRIU's children and must be the container's, limits
+ *                         and accounting included)
  * A pid namespace applies to children only, so after joining the constructor forks: the child
  * runs CRIU in the container's pid namespace, the parent waits and exits with the child's status.
  * The child dies with the parent (PR_SET_PDEATHSIG), so killing the process the agent started
@@ -18,12 +22,15 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -49,20 +56,78 @@ static void each_fd(const char *list, void (*fn)(int))
 	}
 }
 
-static void join_cgroup(int fd)
+/*
+ * join_cgroups_of moves this process into the cgroups of process pid, hierarchy by hierarchy. The
+ * agent's own view of the cgroup trees may be its container's subtree only, so each hierarchy is
+ * mounted afresh in a private mount namespace (a copy of the agent's, thrown away when the
+ * container's is joined): seen from the cgroup namespace just joined, its root is the one the
+ * target's /proc/<pid>/cgroup paths are relative to. The memory, cpu and pids hierarchies and the
+ * unified one must succeed (limits and accounting); a failure of another is reported and skipped.
+ */
+static void join_cgroups_of(const char *pid)
 {
-	char pid[32];
-	int n = snprintf(pid, sizeof(pid), "%d\n", getpid());
-	if (write(fd, pid, n) != n)
-		die("joining the cgroup", fd);
-	close(fd);
+	char path[4096], line[4096];
+	if (unshare(CLONE_NEWNS) < 0)
+		die("unshare(CLONE_NEWNS) for the cgroup mounts", -1);
+	if (mount("none", "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+		die("making the private mount namespace private", -1);
+	if (mount("stasis-cgroups", "/tmp", "tmpfs", 0, "mode=0700") < 0)
+		die("tmpfs for the cgroup mounts", -1);
+	snprintf(path, sizeof(path), "/proc/%s/cgroup", pid);
+	FILE *f = fopen(path, "re");
+	if (!f)
+		die("reading the target's cgroups", -1);
+	int n = 0;
+	while (fgets(line, sizeof(line), f)) {
+		char *ctrls = strchr(line, ':'), *cg;
+		if (!ctrls || !(cg = strchr(ctrls + 1, ':')))
+			continue;
+		*ctrls++ = 0;
+		*cg++ = 0;
+		cg[strcspn(cg, "\n")] = 0;
+		char dir[64], opts[512], procs[4096 + 80];
+		snprintf(dir, sizeof(dir), "/tmp/%d", n++);
+		mkdir(dir, 0700);
+		int v2 = *ctrls == 0;
+		if (!strncmp(ctrls, "name=", 5))
+			snprintf(opts, sizeof(opts), "none,%s", ctrls);
+		else
+			snprintf(opts, sizeof(opts), "%s", ctrls);
+		int vital = v2 || strstr(ctrls, "memory") || !strcmp(ctrls, "pids") || strstr(ctrls, "cpu,") ||
+			    !strcmp(ctrls, "cpu");
+		if (mount("cgroup", dir, v2 ? "cgroup2" : "cgroup", 0, v2 ? NULL : opts) < 0) {
+			if (vital)
+				die(ctrls, -1);
+			dprintf(2, "stasis-nsjoin: cgroup hierarchy %s: %s (skipped)\n", ctrls, strerror(errno));
+			continue;
+		}
+		snprintf(procs, sizeof(procs), "%s%s/cgroup.procs", dir, cg);
+		int fd = open(procs, O_WRONLY | O_CLOEXEC);
+		char self[32];
+		int len = snprintf(self, sizeof(self), "%d\n", getpid());
+		if (fd < 0 || write(fd, self, len) != len) {
+			if (vital)
+				die(procs, fd);
+			dprintf(2, "stasis-nsjoin: joining %s: %s (skipped)\n", procs, strerror(errno));
+		}
+		if (fd >= 0)
+			close(fd);
+	}
+	fclose(f);
 }
+
+static const char *cgroups_of;
 
 static void join_ns(int fd)
 {
 	if (setns(fd, 0) < 0)
 		die("setns", fd);
 	close(fd);
+	/* The cgroup namespace comes first: right after it, the cgroups (see join_cgroups_of). */
+	if (cgroups_of) {
+		join_cgroups_of(cgroups_of);
+		cgroups_of = NULL;
+	}
 }
 
 __attribute__((constructor)) static void nsjoin(void)
@@ -70,10 +135,10 @@ __attribute__((constructor)) static void nsjoin(void)
 	const char *ns = getenv("STASIS_NSJOIN");
 	if (!ns)
 		return;
-	each_fd(getenv("STASIS_NSJOIN_CGROUP"), join_cgroup);
+	cgroups_of = getenv("STASIS_NSJOIN_CGROUPS_OF");
 	each_fd(ns, join_ns);
 	unsetenv("STASIS_NSJOIN");
-	unsetenv("STASIS_NSJOIN_CGROUP");
+	unsetenv("STASIS_NSJOIN_CGROUPS_OF");
 
 	pid_t child = fork();
 	if (child < 0)
