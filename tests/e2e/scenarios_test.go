@@ -291,3 +291,47 @@ func TestScenario8PodSecurityBaseline(t *testing.T) {
 		}
 	}
 }
+
+// Scenario 9: a restricted-compliant Job (non-root user, drop ALL, RuntimeDefault seccomp, no
+// privilege escalation) in a namespace enforcing Pod Security "restricted": admitted wired,
+// drained (continues on the other node), then suspended and resumed (continues again). The
+// restored app runs as the same non-root user.
+func TestScenario9PodSecurityRestrictedNonRoot(t *testing.T) {
+	ns := newNamespaceLabelled(t, "s9", map[string]string{"pod-security.kubernetes.io/enforce": "restricted"})
+	yes, no, uid := true, false, int64(1000)
+	spec := harness.CounterSpec{Name: "counter", Args: []string{"--to=60"}, SecurityContext: &corev1.SecurityContext{
+		RunAsNonRoot: &yes, RunAsUser: &uid, RunAsGroup: &uid, AllowPrivilegeEscalation: &no,
+		Capabilities:   &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+		SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
+	}}
+	ctx := context.Background()
+	r, err := env.JobDrain(ctx, ns, spec, 8)
+	if r.OldPod != nil {
+		t.Cleanup(func() { _ = env.Uncordon(context.Background(), r.OldPod.Spec.NodeName) })
+	}
+	require.NoError(t, err)
+	t.Log(r.Summary())
+	continues(t, r.Before, r.After)
+	require.NoError(t, env.Uncordon(ctx, r.OldPod.Spec.NodeName))
+
+	// Suspend and resume: the restored (non-root) app is checkpointed again and continues.
+	follow := env.Follow(ctx, ns, r.NewPod.Name)
+	_, err = env.WaitCount(ctx, ns, r.NewPod.Name, r.After.First()+3, 2*time.Minute)
+	require.NoError(t, err)
+	_, err = env.SetSuspend(ctx, ns, spec.Name, true)
+	require.NoError(t, err)
+	require.NoError(t, env.WaitNoActivePods(ctx, ns, spec.Name, 2*time.Minute))
+	before, err := follow.Wait(time.Minute)
+	require.NoError(t, err)
+	_, err = env.SetSuspend(ctx, ns, spec.Name, false)
+	require.NoError(t, err)
+	resumed, err := env.WaitJobPod(ctx, ns, spec.Name, 3*time.Minute, r.OldPod, r.NewPod)
+	require.NoError(t, err)
+	after, err := env.WaitCount(ctx, ns, resumed.Name, 0, time.Minute)
+	require.NoError(t, err)
+	continues(t, before, after)
+	job, err := env.WaitJobComplete(ctx, ns, spec.Name, 3*time.Minute)
+	require.NoError(t, err)
+	assert.True(t, harness.JobSucceeded(job), "Job must complete; status %+v", job.Status)
+	assert.Zero(t, job.Status.Failed)
+}
