@@ -170,7 +170,7 @@ func (d *dump) dumpCred() (*criurun.Cred, error) {
 	if as != nil {
 		d.log.Info().Uint32("criu-uid", as.UID).Uint32("criu-gid", as.GID).Msg("dumping as the app's user (the agent lacks CAP_SYS_RESOURCE)")
 	} else {
-		d.log.Debug().Uint32("app-uid", uid).Msg("dumping as root")
+		d.log.Info().Uint32("app-uid", uid).Msg("dumping as root")
 	}
 	return as, nil
 }

@@ -31,7 +31,7 @@ func testBundle(t *testing.T) Bundle {
 	return b
 }
 
-// container starts a process in new PID and mount namespaces with its own /proc and returns its
+// testContainer starts a process in new PID and mount namespaces with its own /proc and returns its
 // Join (a stand-in for a container's PID 1).
 func testContainer(t *testing.T) Join {
 	t.Helper()

@@ -57,9 +57,11 @@ static const int dump_caps[] = {
 };
 
 /*
- * switch_cred makes the process cred ("uid:gid", no supplementary groups) with exactly dump_caps
- * effective and permitted (inheritable and ambient empty, the bounding set untouched): CRIU as the
- * app's own user needs no capability over other users' processes.
+ * switch_cred switches the process to cred ("uid:gid", no supplementary groups) with exactly
+ * dump_caps effective and permitted (inheritable and ambient empty, the bounding set untouched):
+ * as the app's own user, CRIU may read the app's rlimits without CAP_SYS_RESOURCE. The uid change
+ * also leaves the process non-dumpable, and its capabilities exceed the app's: the app's user can
+ * neither ptrace CRIU nor read its memory.
  */
 static void switch_cred(const char *cred)
 {
