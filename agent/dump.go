@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -127,11 +129,15 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 		logLevel = 4
 	}
 	st, _ := criurun.StartTime(d.t.PID)
+	as, err := d.dumpCred()
+	if err != nil {
+		return 0, err
+	}
 	d.w.FollowImages(checkpoint.DumpLogName)
 	begin := time.Now()
 	err = criurun.Dump(ctx, criurun.DumpOptions{
 		Bundle:    d.a.cfg.Criu,
-		Join:      criurun.Join{PID: d.t.PID, StartTime: st},
+		Join:      criurun.Join{PID: d.t.PID, StartTime: st, As: as},
 		Pid:       pidInCtr,
 		ImagesDir: d.w.Images(),
 		LogFile:   checkpoint.DumpLogName,
@@ -148,6 +154,84 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 		return 0, criurun.LogError("dump", err, logPath)
 	}
 	return time.Since(begin), nil
+}
+
+// dumpCred decides who CRIU dumps as, and logs it.
+func (d *dump) dumpCred() (*criurun.Cred, error) {
+	uid, gid, err := realIDs(d.app)
+	if err != nil {
+		return nil, err
+	}
+	eff, err := agentCapEff()
+	if err != nil {
+		return nil, err
+	}
+	as := dumpCredFor(uid, gid, eff)
+	if as != nil {
+		d.log.Info().Uint32("criu-uid", as.UID).Uint32("criu-gid", as.GID).Msg("dumping as the app's user (the agent lacks CAP_SYS_RESOURCE)")
+	} else {
+		d.log.Info().Uint32("app-uid", uid).Msg("dumping as root")
+	}
+	return as, nil
+}
+
+// capSysResource is CAP_SYS_RESOURCE's bit in a capability set.
+const capSysResource = 1 << 24
+
+// dumpCredFor is the decision: CRIU must read the rlimits of every process it dumps, and reading
+// another user's needs CAP_SYS_RESOURCE ("Can't get rlimit 0: Operation not permitted"), which
+// some VMs withhold even from root. Without it, CRIU dumps as the app's own user (uid and gid
+// equal to the app's, so no capability is needed for its rlimits). With it, or for a root app, as
+// root: the tested path of real nodes. agentEff is the agent's effective capability set.
+func dumpCredFor(appUID, appGID uint32, agentEff uint64) *criurun.Cred {
+	if appUID == 0 || agentEff&capSysResource != 0 {
+		return nil
+	}
+	return &criurun.Cred{UID: appUID, GID: appGID}
+}
+
+// agentCapEff is the agent's effective capability set (CapEff of /proc/self/status).
+func agentCapEff() (uint64, error) {
+	v, err := statusField("self", "CapEff")
+	if err != nil {
+		return 0, err
+	}
+	eff, err := strconv.ParseUint(v, 16, 64)
+	if err != nil {
+		return 0, fmt.Errorf("/proc/self/status: CapEff %q: %w", v, err)
+	}
+	return eff, nil
+}
+
+// realIDs returns a process's real uid and gid (the first values of Uid and Gid in its status).
+func realIDs(pid int) (uid, gid uint32, err error) {
+	var ids [2]uint32
+	for i, k := range []string{"Uid", "Gid"} {
+		v, err := statusField(strconv.Itoa(pid), k)
+		if err != nil {
+			return 0, 0, err
+		}
+		n, err := strconv.ParseUint(strings.Fields(v)[0], 10, 32)
+		if err != nil {
+			return 0, 0, fmt.Errorf("/proc/%d/status: %s %q: %w", pid, k, v, err)
+		}
+		ids[i] = uint32(n)
+	}
+	return ids[0], ids[1], nil
+}
+
+// statusField is the value of field key in /proc/<pid>/status.
+func statusField(pid, key string) (string, error) {
+	b, err := os.ReadFile("/proc/" + pid + "/status")
+	if err != nil {
+		return "", err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && k == key && strings.TrimSpace(v) != "" {
+			return strings.TrimSpace(v), nil
+		}
+	}
+	return "", fmt.Errorf("/proc/%s/status: no %s", pid, key)
 }
 
 // commit records the stopped tree and the checkpoint-files, writes the manifest and marks the

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"path/filepath"
@@ -36,6 +37,9 @@ type rig struct {
 	socket   string
 
 	pods *fakeRuntimePods // the runtime's view of the restoring pods' containers (serveLocal)
+	// setpriv starts the restoring containers (restrictedContainer unless a test sets it).
+	setpriv []string
+	logs    *syncBuffer // the agent's log
 
 	mu      sync.Mutex
 	restore map[string]string // the pod annotations of restoring pods (what CRI's sandbox holds)
@@ -46,13 +50,14 @@ func newRig(t testing.TB, cfg Config) *rig {
 	criu := needCriu(t)
 	base := t.TempDir()
 	r := &rig{t: t, criu: criu, root: filepath.Join(base, "volume"), identity: "job/default/counter/0",
-		finder: pidFinder{}, restore: map[string]string{wiring.AnnotationIdentity: "job/default/counter/0"}}
+		finder: pidFinder{}, restore: map[string]string{wiring.AnnotationIdentity: "job/default/counter/0"},
+		setpriv: restrictedContainer, logs: &syncBuffer{}}
 	cfg.Finder = rigFinder{r}
 	cfg.Criu = agentCriu(t, criu)
 	cfg.CheckpointMount = r.root
 	cfg.ManifestKey = testKey
 	cfg.NodeName = "node-a"
-	cfg.Log = zerolog.New(zerolog.NewTestWriter(t))
+	cfg.Log = zerolog.New(io.MultiWriter(zerolog.NewTestWriter(t), r.logs))
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	a, err := New(ctx, cfg)
@@ -143,7 +148,7 @@ func (r *rig) restorePod(id string, containers map[string][]string) map[string]*
 			r.pods.add(pod, ctr, name, pid)
 		}
 		env := append(r.envFor(name, uid), wiring.EnvRestoreID+"="+id)
-		out[name] = startContainerIn(r.t, podCgroup(r.t, uid, ctr), env, append([]string{"--"}, cmd...)...)
+		out[name] = startContainerWith(r.t, podCgroup(r.t, uid, ctr), r.setpriv, env, append([]string{"--"}, cmd...)...)
 		ch <- out[name]
 	}
 	return out

@@ -36,6 +36,11 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// Executable by every user: some test containers run as uid 1000.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	stasisBin = filepath.Join(dir, "stasis")
 	counterBin = filepath.Join(dir, "counter")
 	callerBin = filepath.Join(dir, "localcaller")
@@ -72,6 +77,10 @@ func needCriu(t testing.TB) string {
 // "restricted" runs (drop ALL, no_new_privs), with no capability at all in its bounding set: the
 // launcher needs none, the agent does the privileged work.
 var restrictedContainer = []string{"setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--no-new-privs", "--"}
+
+// nonRootContainer is restrictedContainer with runAsUser and runAsGroup 1000 (no supplementary
+// groups), as most pods of Pod Security "restricted" run.
+var nonRootContainer = append([]string{"setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups"}, restrictedContainer[1:]...)
 
 // container is `stasis launcher -- CMD` as PID 1 of fresh mount, PID, UTS and IPC namespaces with
 // its own /proc and the capabilities of a wired container: what containerd would start.

@@ -23,7 +23,8 @@ import (
 // before it joins, and handed every file it needs as an fd the agent opened.
 type DumpOptions struct {
 	Bundle Bundle
-	// Join is the container's PID 1 (the launcher), whose namespaces CRIU enters.
+	// Join is the container's PID 1 (the launcher), whose namespaces CRIU enters; Join.As the
+	// user CRIU dumps as (nil: root).
 	Join Join
 	// Pid is the root of the tree to dump, as a PID in Join's PID namespace.
 	Pid int
@@ -65,6 +66,11 @@ func Dump(ctx context.Context, o DumpOptions) error {
 	}
 	if o.TimeoutSeconds > 0 {
 		opts.Timeout = proto.Uint32(o.TimeoutSeconds)
+	}
+	if o.Join.As != nil {
+		// CRIU as a non-root user: without it CRIU demands root (it checks for CAP_SYS_ADMIN and
+		// more); with it, it checks for the capabilities nsjoin.so kept.
+		opts.Unprivileged = proto.Bool(true)
 	}
 	call.Opts = opts
 	_, err := o.Bundle.Run(ctx, call)

@@ -17,6 +17,11 @@ import (
 
 // Join names the namespaces CRIU enters: those of a host process (a container's PID 1).
 type Join struct {
+	// As, when set, is the user CRIU runs as once inside the namespaces, with only the
+	// capabilities a dump needs (nsjoin.c's dump_caps; Dump then asks for --unprivileged). Nil:
+	// root, with the agent's capabilities.
+	As *Cred
+
 	PID int
 	// StartTime, when set, is the process's start time (field 22 of /proc/<pid>/stat): the PID
 	// must still name that process once its namespaces are open (PIDs are reused).
@@ -29,6 +34,11 @@ type Join struct {
 // joinedNamespaces are entered in this order (nsenter's, minus user and time: a container here
 // shares the host's user namespace, and CRIU handles time namespaces itself).
 var joinedNamespaces = []string{"cgroup", "ipc", "uts", "net", "pid", "mnt"}
+
+// Cred is a user and group CRIU runs as (no supplementary groups).
+type Cred struct {
+	UID, GID uint32
+}
 
 // Call is one CRIU RPC request, served by a `criu swrk` started for it alone.
 type Call struct {
@@ -84,6 +94,9 @@ func (b Bundle) Run(ctx context.Context, c *Call) (*rpc.CriuResp, error) {
 			srv.Close()
 			plugins.Close()
 			return nil, err
+		}
+		if a := c.Join.As; a != nil {
+			env = append(env, fmt.Sprintf("STASIS_NSJOIN_CRED=%d:%d", a.UID, a.GID))
 		}
 		var list []string
 		for i := range nsFiles {

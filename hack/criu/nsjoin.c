@@ -19,6 +19,8 @@
  * runs CRIU in the container's pid namespace, the parent waits and exits with the child's status.
  * The child dies with the parent (PR_SET_PDEATHSIG), so killing the process the agent started
  * stops CRIU.
+ * Optional STASIS_NSJOIN_CRED="uid:gid": the child then runs CRIU as that user with only the
+ * capabilities a dump needs (see switch_cred).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -34,11 +36,68 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+/* switch_cred */
+#include <grp.h>
+#include <linux/capability.h>
 
 static void die(const char *what, int fd)
 {
 	dprintf(2, "stasis-nsjoin: %s (fd %d): %s\n", what, fd, strerror(errno));
 	_exit(126);
+}
+
+/*
+ * The capabilities a dump as the app's user keeps (measured with CRIU 4.2.1 --unprivileged; with
+ * fewer: "Can't setns 13/mnt"). Not CAP_SYS_RESOURCE: that one is why this exists at all (reading
+ * another uid's rlimits needs it, and some VMs withhold it even from root).
+ */
+static const int dump_caps[] = {
+	CAP_CHECKPOINT_RESTORE, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_SYS_CHROOT, CAP_DAC_OVERRIDE,
+	CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_KILL, CAP_SETUID, CAP_SETGID, CAP_NET_ADMIN,
+};
+
+/*
+ * switch_cred switches the process to cred ("uid:gid", no supplementary groups) with exactly
+ * dump_caps effective and permitted (inheritable and ambient empty, the bounding set untouched):
+ * as the app's own user, CRIU may read the app's rlimits without CAP_SYS_RESOURCE. The uid change
+ * also leaves the process non-dumpable, and its capabilities exceed the app's: the app's user can
+ * neither ptrace CRIU nor read its memory.
+ */
+static void switch_cred(const char *cred)
+{
+	char *end;
+	unsigned long uid = strtoul(cred, &end, 10), gid;
+	if (end == cred || *end != ':' || uid > 0xfffffffeUL)
+		goto bad;
+	cred = end + 1;
+	gid = strtoul(cred, &end, 10);
+	if (end == cred || *end || gid > 0xfffffffeUL)
+		goto bad;
+
+	/* Without KEEPCAPS, leaving uid 0 clears the permitted set. */
+	if (prctl(PR_SET_KEEPCAPS, 1) < 0)
+		die("PR_SET_KEEPCAPS", -1);
+	if (setgroups(0, NULL) < 0)
+		die("setgroups", -1);
+	if (setresgid(gid, gid, gid) < 0)
+		die("setresgid", -1);
+	if (setresuid(uid, uid, uid) < 0)
+		die("setresuid", -1);
+
+	struct __user_cap_header_struct hdr = {.version = _LINUX_CAPABILITY_VERSION_3};
+	struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3] = {0};
+	for (size_t i = 0; i < sizeof(dump_caps) / sizeof(dump_caps[0]); i++) {
+		data[CAP_TO_INDEX(dump_caps[i])].effective |= CAP_TO_MASK(dump_caps[i]);
+		data[CAP_TO_INDEX(dump_caps[i])].permitted |= CAP_TO_MASK(dump_caps[i]);
+	}
+	if (syscall(SYS_capset, &hdr, data) < 0)
+		die("capset", -1);
+	if (prctl(PR_SET_KEEPCAPS, 0) < 0)
+		die("PR_SET_KEEPCAPS", -1);
+	return;
+bad:
+	errno = EINVAL;
+	die("bad STASIS_NSJOIN_CRED (want uid:gid)", -1);
 }
 
 /* each_fd calls fn for every fd of a comma-separated list. */
@@ -146,7 +205,13 @@ __attribute__((constructor)) static void nsjoin(void)
 	if (child == 0) {
 		/* No getppid() check after it: the parent is outside the new pid namespace (getppid()
 		 * is 0 here). Had the parent died before prctl, CRIU would find its RPC socket closed
-		 * by the agent and exit. */
+		 * by the agent and exit. Set after switch_cred: a uid change clears it. The switch is
+		 * the child's alone: the parent, still root, only waits. */
+		const char *cred = getenv("STASIS_NSJOIN_CRED");
+		if (cred) {
+			switch_cred(cred);
+			unsetenv("STASIS_NSJOIN_CRED");
+		}
 		if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
 			die("PR_SET_PDEATHSIG", -1);
 		return; /* on to CRIU's main, inside the namespaces */
