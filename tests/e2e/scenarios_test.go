@@ -266,22 +266,36 @@ func TestScenario7MemoryHeavy(t *testing.T) {
 	assert.GreaterOrEqual(t, r.CheckpointBytes, int64(600<<20), "the checkpoint must hold the touched memory")
 }
 
-// Scenario 8: adding the label changes nothing Pod Security sees. The drain scenario in a
-// namespace enforcing "baseline", with a container that drops every capability, forbids privilege
-// escalation and runs the RuntimeDefault seccomp profile: the wired pod is admitted (no capability,
-// no hostPath added), the agent checkpoints it, and the replacement continues on the other node.
+// Scenario 8: adding the label changes nothing Pod Security sees. In a namespace enforcing
+// "baseline", a Job whose container drops every capability, forbids privilege escalation and runs
+// the RuntimeDefault seccomp profile: the wired pod is admitted (no capability, no hostPath added),
+// drained (the replacement continues on the other node), then suspended and resumed (continues
+// again).
 func TestScenario8PodSecurityBaseline(t *testing.T) {
 	ns := newNamespaceLabelled(t, "s8", map[string]string{
 		"pod-security.kubernetes.io/enforce": "baseline",
 		"pod-security.kubernetes.io/warn":    "restricted",
 	})
 	no := false
-	spec := harness.CounterSpec{Name: "counter", Args: []string{"--to=40"}, SecurityContext: &corev1.SecurityContext{
+	spec := harness.CounterSpec{Name: "counter", Args: []string{"--to=60"}, SecurityContext: &corev1.SecurityContext{
 		AllowPrivilegeEscalation: &no,
 		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
 		SeccompProfile:           &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
 	}}
-	r := drainScenario(t, ns, spec, 40)
+	ctx := context.Background()
+	r, err := env.JobDrain(ctx, ns, spec, 8)
+	if r.OldPod != nil {
+		t.Cleanup(func() { _ = env.Uncordon(context.Background(), r.OldPod.Spec.NodeName) })
+	}
+	require.NoError(t, err)
+	t.Log(r.Summary())
+	continues(t, r.Before, r.After)
+	require.NoError(t, env.Uncordon(ctx, r.OldPod.Spec.NodeName))
+	suspendResumeContinues(t, ns, spec.Name, r)
+	job, err := env.WaitJobComplete(ctx, ns, spec.Name, 3*time.Minute)
+	require.NoError(t, err)
+	assert.True(t, harness.JobSucceeded(job), "Job must complete; status %+v", job.Status)
+	assert.Zero(t, job.Status.Failed)
 	for _, p := range []*corev1.Pod{r.OldPod, r.NewPod} {
 		for _, v := range p.Spec.Volumes {
 			assert.Nil(t, v.HostPath, "pod %s volume %s: no hostPath", p.Name, v.Name)
@@ -315,23 +329,31 @@ func TestScenario9PodSecurityRestrictedNonRoot(t *testing.T) {
 	require.NoError(t, env.Uncordon(ctx, r.OldPod.Spec.NodeName))
 
 	// Suspend and resume: the restored (non-root) app is checkpointed again and continues.
-	follow := env.Follow(ctx, ns, r.NewPod.Name)
-	_, err = env.WaitCount(ctx, ns, r.NewPod.Name, r.After.First()+3, 2*time.Minute)
-	require.NoError(t, err)
-	_, err = env.SetSuspend(ctx, ns, spec.Name, true)
-	require.NoError(t, err)
-	require.NoError(t, env.WaitNoActivePods(ctx, ns, spec.Name, 2*time.Minute))
-	before, err := follow.Wait(time.Minute)
-	require.NoError(t, err)
-	_, err = env.SetSuspend(ctx, ns, spec.Name, false)
-	require.NoError(t, err)
-	resumed, err := env.WaitJobPod(ctx, ns, spec.Name, 3*time.Minute, r.OldPod, r.NewPod)
-	require.NoError(t, err)
-	after, err := env.WaitCount(ctx, ns, resumed.Name, 0, time.Minute)
-	require.NoError(t, err)
-	continues(t, before, after)
+	suspendResumeContinues(t, ns, spec.Name, r)
 	job, err := env.WaitJobComplete(ctx, ns, spec.Name, 3*time.Minute)
 	require.NoError(t, err)
 	assert.True(t, harness.JobSucceeded(job), "Job must complete; status %+v", job.Status)
 	assert.Zero(t, job.Status.Failed)
+}
+
+// suspendResumeContinues suspends the Job of a drain's restored pod and resumes it: the pod is
+// checkpointed again and its replacement continues.
+func suspendResumeContinues(t *testing.T, ns, name string, r *harness.DrainResult) {
+	t.Helper()
+	ctx := context.Background()
+	follow := env.Follow(ctx, ns, r.NewPod.Name)
+	_, err := env.WaitCount(ctx, ns, r.NewPod.Name, r.After.First()+3, 2*time.Minute)
+	require.NoError(t, err)
+	_, err = env.SetSuspend(ctx, ns, name, true)
+	require.NoError(t, err)
+	require.NoError(t, env.WaitNoActivePods(ctx, ns, name, 2*time.Minute))
+	before, err := follow.Wait(time.Minute)
+	require.NoError(t, err)
+	_, err = env.SetSuspend(ctx, ns, name, false)
+	require.NoError(t, err)
+	resumed, err := env.WaitJobPod(ctx, ns, name, 3*time.Minute, r.OldPod, r.NewPod)
+	require.NoError(t, err)
+	after, err := env.WaitCount(ctx, ns, resumed.Name, 0, time.Minute)
+	require.NoError(t, err)
+	continues(t, before, after)
 }
