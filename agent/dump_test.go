@@ -420,14 +420,14 @@ func TestOldCheckpointsPrunedAfterSuccess(t *testing.T) {
 	r.finder["app"] = c.launcherPID()
 	waitCount(t, c, out, 2)
 	spec := agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")}
-	first := r.checkpoint("uid-p1", spec)
-	require.Equal(t, agentapi.PhaseSucceeded, first.Phase, first.Message)
-	require.True(t, r.agent.Delete("uid-p1")) // thaw: the pod stayed
-
+	// Planted before any dump: a pruning in the background must not race their creation.
 	stale, err := checkpoint.Begin(r.dir("app"), checkpoint.NewID(time.Now().Add(-time.Hour)))
 	require.NoError(t, err)
 	inProgress, err := checkpoint.Begin(r.dir("app"), checkpoint.NewID(time.Now()))
 	require.NoError(t, err)
+	first := r.checkpoint("uid-p1", spec)
+	require.Equal(t, agentapi.PhaseSucceeded, first.Phase, first.Message)
+	require.True(t, r.agent.Delete("uid-p1")) // thaw: the pod stayed
 	second := r.checkpoint("uid-p2", spec)
 	require.Equal(t, agentapi.PhaseSucceeded, second.Phase, second.Message)
 
