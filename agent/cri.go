@@ -84,13 +84,11 @@ func (c *CRI) Find(ctx context.Context, pod agentapi.PodRef, name string) (Targe
 	if err != nil {
 		return Target{}, fmt.Errorf("CRI ContainerStatus %s: %w", ct.Id, err)
 	}
-	var info struct {
-		Pid int `json:"pid"`
+	pid, err := verbosePID(st.Info, "CRI ContainerStatus "+ct.Id)
+	if err != nil {
+		return Target{}, err
 	}
-	if err := json.Unmarshal([]byte(st.Info["info"]), &info); err != nil || info.Pid <= 0 {
-		return Target{}, fmt.Errorf("CRI ContainerStatus %s: no pid in the verbose info (runtime not supported?)", ct.Id)
-	}
-	t := Target{PID: info.Pid, ImageRef: st.GetStatus().GetImageRef()}
+	t := Target{PID: pid, ImageRef: st.GetStatus().GetImageRef()}
 	if img := st.GetStatus().GetImage(); img != nil {
 		t.Image = img.Image
 	}
@@ -203,13 +201,18 @@ func (c *CRI) initPID(ctx context.Context, id string) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("CRI ContainerStatus %s: %w", id, err)
 	}
-	var info struct {
+	return verbosePID(st.Info, "CRI ContainerStatus "+id)
+}
+
+// verbosePID reads the "pid" of a CRI verbose info (containerd's; other runtimes may not say).
+func verbosePID(info map[string]string, what string) (int, error) {
+	var v struct {
 		Pid int `json:"pid"`
 	}
-	if err := json.Unmarshal([]byte(st.Info["info"]), &info); err != nil || info.Pid <= 0 {
-		return 0, fmt.Errorf("CRI ContainerStatus %s: no pid in the verbose info (runtime not supported?)", id)
+	if err := json.Unmarshal([]byte(info["info"]), &v); err != nil || v.Pid <= 0 {
+		return 0, fmt.Errorf("%s: no pid in the verbose info (runtime not supported?)", what)
 	}
-	return info.Pid, nil
+	return v.Pid, nil
 }
 
 // Ping asks the runtime its version: the readiness check of the CRI connection.
@@ -263,11 +266,5 @@ func (c *CRI) sandboxPID(ctx context.Context, id string) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("CRI PodSandboxStatus %s: %w", id, err)
 	}
-	var info struct {
-		Pid int `json:"pid"`
-	}
-	if err := json.Unmarshal([]byte(st.Info["info"]), &info); err != nil || info.Pid <= 0 {
-		return 0, fmt.Errorf("CRI PodSandboxStatus %s: no pid in the verbose info", id)
-	}
-	return info.Pid, nil
+	return verbosePID(st.Info, "CRI PodSandboxStatus "+id)
 }

@@ -282,20 +282,7 @@ func TestScenario8PodSecurityBaseline(t *testing.T) {
 		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
 		SeccompProfile:           &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
 	}}
-	ctx := context.Background()
-	r, err := env.JobDrain(ctx, ns, spec, 8)
-	if r.OldPod != nil {
-		t.Cleanup(func() { _ = env.Uncordon(context.Background(), r.OldPod.Spec.NodeName) })
-	}
-	require.NoError(t, err)
-	t.Log(r.Summary())
-	continues(t, r.Before, r.After)
-	require.NoError(t, env.Uncordon(ctx, r.OldPod.Spec.NodeName))
-	suspendResumeContinues(t, ns, spec.Name, r)
-	job, err := env.WaitJobComplete(ctx, ns, spec.Name, 3*time.Minute)
-	require.NoError(t, err)
-	assert.True(t, harness.JobSucceeded(job), "Job must complete; status %+v", job.Status)
-	assert.Zero(t, job.Status.Failed)
+	r := drainSuspendScenario(t, ns, spec)
 	for _, p := range []*corev1.Pod{r.OldPod, r.NewPod} {
 		for _, v := range p.Spec.Volumes {
 			assert.Nil(t, v.HostPath, "pod %s volume %s: no hostPath", p.Name, v.Name)
@@ -318,6 +305,14 @@ func TestScenario9PodSecurityRestrictedNonRoot(t *testing.T) {
 		Capabilities:   &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
 		SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
 	}}
+	drainSuspendScenario(t, ns, spec)
+}
+
+// drainSuspendScenario drains a checkpointed Job's node (the replacement continues on the other
+// node), then suspends and resumes the Job (the restored app is checkpointed again and continues),
+// and checks the Job completes without a counted failure.
+func drainSuspendScenario(t *testing.T, ns string, spec harness.CounterSpec) *harness.DrainResult {
+	t.Helper()
 	ctx := context.Background()
 	r, err := env.JobDrain(ctx, ns, spec, 8)
 	if r.OldPod != nil {
@@ -327,13 +322,12 @@ func TestScenario9PodSecurityRestrictedNonRoot(t *testing.T) {
 	t.Log(r.Summary())
 	continues(t, r.Before, r.After)
 	require.NoError(t, env.Uncordon(ctx, r.OldPod.Spec.NodeName))
-
-	// Suspend and resume: the restored (non-root) app is checkpointed again and continues.
 	suspendResumeContinues(t, ns, spec.Name, r)
 	job, err := env.WaitJobComplete(ctx, ns, spec.Name, 3*time.Minute)
 	require.NoError(t, err)
 	assert.True(t, harness.JobSucceeded(job), "Job must complete; status %+v", job.Status)
 	assert.Zero(t, job.Status.Failed)
+	return r
 }
 
 // suspendResumeContinues suspends the Job of a drain's restored pod and resumes it: the pod is
