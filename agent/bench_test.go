@@ -51,7 +51,7 @@ func BenchmarkDump1GiB(b *testing.B) {
 		// Agent path.
 		uid := "bench-" + strconv.Itoa(i)
 		t0 := time.Now()
-		_, err := a.Start(agentapi.CheckpointRequest{Pod: agentapi.PodRef{Name: "bench", UID: uid}, Containers: []agentapi.ContainerSpec{{Name: "app", Dir: dir}}})
+		_, err := a.Start(agentapi.CheckpointRequest{Pod: agentapi.PodRef{Namespace: "default", Name: "counter", UID: uid}, Containers: []agentapi.ContainerSpec{{Name: "app", Dir: dir}}})
 		require.NoError(b, err)
 		st, err := a.Wait(ctx, uid)
 		require.NoError(b, err)
@@ -113,7 +113,7 @@ func BenchmarkDump1GiB(b *testing.B) {
 	// Restores: kill the app (pod deletion), then each restore in a new container.
 	require.Equal(b, 143, func() int {
 		// Leave it frozen first, as after an eviction.
-		_, err := a.Start(agentapi.CheckpointRequest{Pod: agentapi.PodRef{Name: "bench", UID: "final"}, Containers: []agentapi.ContainerSpec{{Name: "app", Dir: dir}}})
+		_, err := a.Start(agentapi.CheckpointRequest{Pod: agentapi.PodRef{Namespace: "default", Name: "counter", UID: "final"}, Containers: []agentapi.ContainerSpec{{Name: "app", Dir: dir}}})
 		require.NoError(b, err)
 		st, err := a.Wait(ctx, "final")
 		require.NoError(b, err)
@@ -125,6 +125,9 @@ func BenchmarkDump1GiB(b *testing.B) {
 		t := time.Now()
 		c := r.restoreContainer("app", lastID, counter...)
 		for !strings.Contains(c.out.String(), "restored; supervising") {
+			if strings.Contains(c.out.String(), "COLD START") {
+				b.Fatalf("the agent did not restore: %s", c.out.String())
+			}
 			select {
 			case <-c.done:
 				b.Fatalf("restore container exited: %s", c.out.String())

@@ -15,6 +15,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/stasis-k8s/stasis/tests/e2e/harness"
 )
@@ -350,4 +351,71 @@ func suspendResumeContinues(t *testing.T, ns, name string, r *harness.DrainResul
 	after, err := env.WaitCount(ctx, ns, resumed.Name, 0, time.Minute)
 	require.NoError(t, err)
 	continues(t, before, after)
+}
+
+// Scenario 10: a hostile tenant, on real nodes. Its pod (root in its container) plants a CRIU
+// configuration naming its own program as action-script (which would run as root at every
+// stage of a dump if the agent's CRIU read the container's /etc), and asks the agent's channel
+// about another tenant's pod; another of its pods claims the victim's identity. The forged pod is
+// refused, the probes get 403, the drain checkpoints and restores the attacker's app (it
+// continues) and the planted script never ran.
+func TestScenario10HostileTenant(t *testing.T) {
+	ctx := context.Background()
+	victimNs := newNamespace(t, "s10v")
+	_, err := env.CreateCounterJob(ctx, victimNs, harness.CounterSpec{Name: "victim", Checkpoint: true, Args: []string{"--to=600"}})
+	require.NoError(t, err)
+	victim, err := env.WaitJobPod(ctx, victimNs, "victim", 3*time.Minute)
+	require.NoError(t, err)
+
+	ns := newNamespace(t, "s10")
+	_, err = env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "forger", Checkpoint: true, Args: []string{"--to=600"},
+		Annotations: map[string]string{"stasis.dev/identity": "job/" + victimNs + "/victim/0"}})
+	require.NoError(t, err)
+	refusal := waitEvent(t, ns, "forger", "stasis.dev/identity")
+	t.Logf("forged identity: %s", refusal)
+
+	spec := harness.CounterSpec{Name: "attacker", Args: []string{"--to=40", "--hostile", "--probe-agent=" + string(victim.UID)}}
+	r, err := env.JobDrain(ctx, ns, spec, 8)
+	if r.OldPod != nil {
+		t.Cleanup(func() { _ = env.Uncordon(context.Background(), r.OldPod.Spec.NodeName) })
+	}
+	require.NoError(t, err)
+	require.NoError(t, env.Uncordon(ctx, r.OldPod.Spec.NodeName))
+	t.Logf("attacker's pod:\n%s", firstLines(r.Before.Text, 6))
+	assert.Contains(t, r.Before.Text, "planted /etc/criu/default.conf")
+	assert.Regexp(t, `probe: entrypoint: 403 .*its own pod only`, r.Before.Text, "no answer about another pod")
+	assert.Regexp(t, `probe: restore: 403 .*its own pod only`, r.Before.Text, "no restore of another pod")
+	continues(t, r.Before, r.After)
+	final, err := env.WaitCount(ctx, ns, r.NewPod.Name, 40, 2*time.Minute)
+	require.NoError(t, err)
+	assert.NotContains(t, r.Before.Text+final.Text, "HOSTILE MARKER", "the planted action-script ran inside the agent's CRIU")
+}
+
+// waitEvent waits for an Event on object name in ns whose message contains s, and returns it.
+func waitEvent(t *testing.T, ns, name, s string) string {
+	t.Helper()
+	var found string
+	err := wait.PollUntilContextTimeout(context.Background(), 250*time.Millisecond, 2*time.Minute, true, func(ctx context.Context) (bool, error) {
+		evs, err := env.Client.CoreV1().Events(ns).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + name})
+		if err != nil {
+			return false, nil
+		}
+		for _, e := range evs.Items {
+			if strings.Contains(e.Message, s) {
+				found = e.Message
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	require.NoError(t, err, "no Event on %s/%s mentioning %q", ns, name, s)
+	return found
+}
+
+func firstLines(s string, n int) string {
+	lines := strings.SplitN(s, "\n", n+1)
+	if len(lines) > n {
+		lines = lines[:n]
+	}
+	return strings.Join(lines, "\n")
 }

@@ -10,13 +10,24 @@
 //
 // The first line of a fresh start is "start pid=<pid> token=<token>"; a restored process never
 // prints it again.
+//
+// --hostile plays a hostile tenant against the node agent (e2e security scenario): at start it
+// plants /etc/criu/default.conf naming itself as CRIU's action-script; run as that script (CRIU
+// sets CRTOOLS_SCRIPT_ACTION), it writes HostileMarker with its credentials, and every counter
+// prints "HOSTILE MARKER ..." when it finds one. --probe-agent UID asks the agent, on the
+// launchers' channel, about another pod and prints the answers ("probe: ...").
 package main
 
 import (
+	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"flag"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -24,10 +35,21 @@ import (
 	"time"
 )
 
+// HostileMarker is where the hostile action-script would leave its trace: the checkpoint volume,
+// which the restored pod mounts too.
+const HostileMarker = "/stasis/checkpoints/HOSTILE-MARKER"
+
 const pageSize = 4096
 
 func main() {
+	if action := os.Getenv("CRTOOLS_SCRIPT_ACTION"); action != "" {
+		status, _ := os.ReadFile("/proc/self/status")
+		_ = os.WriteFile(HostileMarker, append([]byte("ran as CRIU action-script "+action+"\n"), status...), 0o644)
+		return
+	}
 	interval := flag.Duration("interval", 500*time.Millisecond, "time between two numbers")
+	hostile := flag.Bool("hostile", false, "plant a CRIU configuration naming this program as action-script")
+	probe := flag.String("probe-agent", "", "ask the agent about the pod with this UID and print the answers")
 	to := flag.Int("to", 0, "exit 0 after printing this number (0: count forever)")
 	touchMiB := flag.Int("touch-mib", 0, "allocate and touch this many MiB at start, and check them on every line")
 	file := flag.String("file", "", "write a random token to this file at start, and check it on every line")
@@ -43,6 +65,12 @@ func main() {
 	}
 	token := hex.EncodeToString(tok)
 	fmt.Printf("start pid=%d token=%s\n", os.Getpid(), token)
+	if *hostile {
+		plant()
+	}
+	if *probe != "" {
+		probeAgent(*probe)
+	}
 
 	var mem []byte
 	if *touchMiB > 0 {
@@ -62,6 +90,9 @@ func main() {
 	t := time.NewTicker(*interval)
 	defer t.Stop()
 	for n := 0; ; n++ {
+		if b, err := os.ReadFile(HostileMarker); err == nil {
+			fmt.Printf("HOSTILE MARKER %q\n", b)
+		}
 		fields := []string{fmt.Sprint(n)}
 		if mem != nil {
 			fields = append(fields, "mem="+checkMem(mem))
@@ -111,4 +142,47 @@ func checkFile(path, token string) string {
 func fail(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "counter: "+format+"\n", args...)
 	os.Exit(1)
+}
+
+// plant writes what CRIU would read from the container if it were started inside it: its default
+// configuration, naming this program as an action-script (run as root at every stage).
+func plant() {
+	if err := os.MkdirAll("/etc/criu", 0o755); err != nil {
+		fail("plant: %v", err)
+	}
+	self, _ := os.Executable()
+	if err := os.WriteFile("/etc/criu/default.conf", []byte("action-script "+self+"\n"), 0o644); err != nil {
+		fail("plant: %v", err)
+	}
+	fmt.Println("planted /etc/criu/default.conf")
+}
+
+// probeAgent asks the agent's channel (the abstract socket in this pod's network namespace) about
+// another pod: its image's entrypoint and a restore.
+func probeAgent(uid string) {
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", "@stasis-agent")
+		}}}
+	show := func(what string, resp *http.Response, err error) {
+		if err != nil {
+			fmt.Printf("probe: %s: %v\n", what, err)
+			return
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		fmt.Printf("probe: %s: %d %s\n", what, resp.StatusCode, bytes.TrimSpace(b))
+	}
+	for i := 0; i < 20; i++ { // the agent opens the channel a moment after the pod's sandbox
+		if conn, err := net.Dial("unix", "@stasis-agent"); err == nil {
+			conn.Close()
+			break
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	resp, err := c.Get("http://agent/v1/entrypoint?podUID=" + uid + "&container=counter")
+	show("entrypoint", resp, err)
+	body := fmt.Sprintf(`{"pod":{"uid":%q},"container":"counter","checkpointID":"20261130T000000.000Z-000000"}`, uid)
+	resp, err = c.Post("http://agent/v1/restore", "application/json", strings.NewReader(body))
+	show("restore", resp, err)
 }

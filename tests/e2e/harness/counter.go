@@ -31,6 +31,8 @@ type CounterOutput struct {
 	FreshStarts int
 	// Done is true once the app printed "done" (it reached --to).
 	Done bool
+	// Text is the whole output.
+	Text string
 }
 
 // First and Last are the first and last numbers printed (-1 when none).
@@ -50,7 +52,7 @@ func (o CounterOutput) Last() int {
 
 // ParseCounter parses the counter app's output.
 func ParseCounter(out string) CounterOutput {
-	var o CounterOutput
+	o := CounterOutput{Text: out}
 	sc := bufio.NewScanner(strings.NewReader(out))
 	for sc.Scan() {
 		f := strings.Fields(sc.Text())
