@@ -160,10 +160,13 @@ func plant() {
 // probeAgent asks the agent's channel (the abstract socket in this pod's network namespace) about
 // another pod: its image's entrypoint and a restore.
 func probeAgent(uid string) {
-	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+	// No connection may stay open: CRIU refuses to dump a process holding one to a socket outside
+	// its tree ("External socket is used").
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", "@stasis-agent")
 		}}}
+	defer c.CloseIdleConnections()
 	show := func(what string, resp *http.Response, err error) {
 		if err != nil {
 			fmt.Printf("probe: %s: %v\n", what, err)
