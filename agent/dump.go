@@ -196,7 +196,7 @@ func agentCapEff() (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	eff, err := strconv.ParseUint(v, 16, 64)
+	eff, err := capSet(v)
 	if err != nil {
 		return 0, fmt.Errorf("/proc/self/status: CapEff %q: %w", v, err)
 	}
@@ -218,20 +218,6 @@ func realIDs(pid int) (uid, gid uint32, err error) {
 		ids[i] = uint32(n)
 	}
 	return ids[0], ids[1], nil
-}
-
-// statusField is the value of field key in /proc/<pid>/status.
-func statusField(pid, key string) (string, error) {
-	b, err := os.ReadFile("/proc/" + pid + "/status")
-	if err != nil {
-		return "", err
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if k, v, ok := strings.Cut(l, ":"); ok && k == key && strings.TrimSpace(v) != "" {
-			return strings.TrimSpace(v), nil
-		}
-	}
-	return "", fmt.Errorf("/proc/%s/status: no %s", pid, key)
 }
 
 // commit records the stopped tree and the checkpoint-files, writes the manifest and marks the

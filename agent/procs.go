@@ -39,25 +39,50 @@ func appRoot(launcher int) (int, error) {
 
 // nsPids returns the NSpid line of a process: its PID in each namespace from ours down to its own.
 func nsPids(pid int) ([]int, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	v, err := statusField(strconv.Itoa(pid), "NSpid")
 	if err != nil {
 		return nil, err
 	}
+	var out []int
+	for _, f := range strings.Fields(v) {
+		n, err := strconv.Atoi(f)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+// procStatus is /proc/<pid>/status as fields (pid "self": the agent's own).
+func procStatus(pid string) (map[string]string, error) {
+	b, err := os.ReadFile("/proc/" + pid + "/status")
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]string{}
 	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "NSpid:"); ok {
-			var out []int
-			for _, f := range strings.Fields(v) {
-				n, err := strconv.Atoi(f)
-				if err != nil {
-					return nil, err
-				}
-				out = append(out, n)
-			}
-			return out, nil
+		if k, v, ok := strings.Cut(l, ":"); ok {
+			out[k] = strings.TrimSpace(v)
 		}
 	}
-	return nil, fmt.Errorf("no NSpid in /proc/%d/status", pid)
+	return out, nil
 }
+
+// statusField is the value of field key in /proc/<pid>/status.
+func statusField(pid, key string) (string, error) {
+	st, err := procStatus(pid)
+	if err != nil {
+		return "", err
+	}
+	if v := st[key]; v != "" {
+		return v, nil
+	}
+	return "", fmt.Errorf("/proc/%s/status: no %s", pid, key)
+}
+
+// capSet parses a capability set of /proc/<pid>/status (hexadecimal).
+func capSet(v string) (uint64, error) { return strconv.ParseUint(v, 16, 64) }
 
 // pidIn returns pid's PID as seen in the PID namespace of ref (ref must be an ancestor namespace).
 func pidIn(pid, ref int) (int, error) {

@@ -8,7 +8,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
-	"strings"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -361,18 +361,18 @@ func (a *Agent) recordRestore(ctx context.Context, log zerolog.Logger, req agent
 // The agent restores as root what the images say; the images are its own (authenticated, copied),
 // and this is the second line: a restored app never holds more than its container could give it.
 func noMoreThanItsContainer(root, launcher int) error {
-	limit, err := procStatus(launcher)
+	limit, err := procStatus(strconv.Itoa(launcher))
 	if err != nil {
 		return err
 	}
-	bnd := hexCaps(limit["CapBnd"])
+	bnd, _ := capSet(limit["CapBnd"])
 	for _, p := range criurun.Descendants(root) {
-		st, err := procStatus(p)
+		st, err := procStatus(strconv.Itoa(p))
 		if err != nil {
 			continue // exited
 		}
 		for _, k := range []string{"CapPrm", "CapEff", "CapBnd", "CapInh", "CapAmb"} {
-			if extra := hexCaps(st[k]) &^ bnd; extra != 0 {
+			if set, _ := capSet(st[k]); set&^bnd != 0 {
 				return fmt.Errorf("restored process %d has %s %s beyond its container's bounding set %s", p, k, st[k], limit["CapBnd"])
 			}
 		}
@@ -382,24 +382,4 @@ func noMoreThanItsContainer(root, launcher int) error {
 		}
 	}
 	return nil
-}
-
-func procStatus(pid int) (map[string]string, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return nil, err
-	}
-	out := map[string]string{}
-	for _, l := range strings.Split(string(b), "\n") {
-		if k, v, ok := strings.Cut(l, ":"); ok {
-			out[k] = strings.TrimSpace(v)
-		}
-	}
-	return out, nil
-}
-
-func hexCaps(s string) uint64 {
-	var n uint64
-	fmt.Sscanf(s, "%x", &n)
-	return n
 }

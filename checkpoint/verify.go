@@ -73,16 +73,6 @@ func copyVerified(d *os.File, f FileSum, dst *os.File) error {
 	return readVerified(d, f, out)
 }
 
-// VerifyImages is VerifyImagesAt for a checkpoint given by a trusted path.
-func VerifyImages(ckpt string, m *Manifest) error {
-	d, err := openCheckpoint(ckpt)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return VerifyImagesAt(d, m)
-}
-
 func openCheckpoint(ckpt string) (*os.File, error) {
 	d, err := os.Open(ckpt)
 	if errors.Is(err, fs.ErrNotExist) {

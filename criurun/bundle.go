@@ -21,7 +21,6 @@ type Bundle struct {
 
 // Bundle paths relative to Bundle.Dir.
 const (
-	bundleWrapper = "criu"
 	bundleLoader  = "root/usr/lib64/ld-linux-x86-64.so.2"
 	bundleLibs    = "root/usr/lib/x86_64-linux-gnu"
 	bundleLibs2   = "root/lib/x86_64-linux-gnu"
@@ -43,9 +42,6 @@ func BundleOf(criuPath string) (Bundle, error) {
 	}
 	return b, nil
 }
-
-// Wrapper is the bundle's CLI wrapper.
-func (b Bundle) Wrapper() string { return filepath.Join(b.Dir, bundleWrapper) }
 
 // argv starts CRIU through the bundle's own loader: the libraries come from the bundle, whatever
 // the libc of the host or image, and nsjoin.so is preloaded. CRIU's own options come after.

@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -31,35 +30,6 @@ var ErrCriuTooOld = errors.New("CRIU too old: Stasis needs CRIU >= 4.2 (4.1 cann
 // the debug-register breakpoint never fires and every dump hangs for good after "Waiting for N to
 // trap" (the tasks stay seized). Syscall tracing works everywhere at a negligible cost.
 const NoBreakpointsEnv = "CRIU_FAULT=130"
-
-// Env returns env with NoBreakpointsEnv added unless CRIU_FAULT is already set.
-func Env(env []string) []string {
-	for _, e := range env {
-		if strings.HasPrefix(e, "CRIU_FAULT=") {
-			return env
-		}
-	}
-	return append(env, NoBreakpointsEnv)
-}
-
-// Argv is the command that starts CRIU given its path as seen by the process that will exec it.
-// hostPrefix is prepended only to look at the files (e.g. "/proc/<pid>/root" for a path inside a
-// container). When criuPath is the wrapper of a Stasis bundle, CRIU is started through the bundled
-// loader directly, so no shell (which the container image may lack) is needed. (The launcher's
-// in-pod restore; the agent starts its own bundle with Bundle.Run.)
-func Argv(criuPath, hostPrefix string) []string {
-	dir := filepath.Dir(criuPath)
-	if _, err := os.Stat(filepath.Join(hostPrefix, dir, bundleCriuBin)); err == nil {
-		if _, err := os.Stat(filepath.Join(hostPrefix, dir, bundleLoader)); err == nil {
-			return []string{
-				filepath.Join(dir, bundleLoader),
-				"--library-path", filepath.Join(dir, bundleLibs) + ":" + filepath.Join(dir, bundleLibs2),
-				filepath.Join(dir, bundleCriuBin),
-			}
-		}
-	}
-	return []string{criuPath}
-}
 
 // Version asks the bundle's CRIU (RPC VERSION) for its version as major*10000+minor*100+sub.
 func (b Bundle) Version(ctx context.Context) (int, error) {

@@ -32,7 +32,5 @@ func TestConfigFileContent(t *testing.T) {
 
 func TestVersionHelpers(t *testing.T) {
 	assert.Equal(t, "4.1.1", FormatVersion(40101))
-	assert.Equal(t, []string{"A=1", NoBreakpointsEnv}, Env([]string{"A=1"}))
-	assert.Equal(t, []string{"CRIU_FAULT=0"}, Env([]string{"CRIU_FAULT=0"}))
 	assert.Equal(t, "var/log/app.log", InheritKey("/var/log/app.log"))
 }
