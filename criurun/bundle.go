@@ -47,7 +47,8 @@ func BundleOf(criuPath string) (Bundle, error) {
 // the libc of the host or image, and nsjoin.so is preloaded. CRIU's own options come after.
 // --no-default-config: CRIU would otherwise parse /etc/criu/default.conf and ~/.criu/default.conf
 // after joining the container's mount namespace, i.e. files the pod writes (an action-script
-// there runs as root). --libdir: likewise for the plugins CRIU dlopen()s.
+// there runs as root). --libdir: likewise for the plugins CRIU dlopen()s. --file-validation
+// filesize: no ELF parsing of the container's binaries.
 func (b Bundle) argv(pluginsFD int, args ...string) []string {
 	return append([]string{
 		filepath.Join(b.Dir, bundleLoader),
@@ -55,6 +56,10 @@ func (b Bundle) argv(pluginsFD int, args ...string) []string {
 		"--library-path", filepath.Join(b.Dir, bundleLibs) + ":" + filepath.Join(b.Dir, bundleLibs2),
 		filepath.Join(b.Dir, bundleCriuBin),
 		"--no-default-config", "--libdir", fdPath(pluginsFD),
+		// CRIU's default validation of the files a process maps reads their ELF build-id: it
+		// would parse the container's binaries (files the pod writes) as root. Their size is
+		// checked instead, at dump and restore alike.
+		"--file-validation", "filesize",
 	}, args...)
 }
 
