@@ -89,6 +89,7 @@ func readDirNames(dir string) ([]string, error) {
 type mountPoint struct {
 	point  string // in the process' mount namespace
 	fstype string
+	super  string // the superblock's options (an overlay's layers)
 }
 
 // readMountinfo maps mount IDs to their mount points, as /proc/<pid>/mountinfo lists them.
@@ -116,7 +117,11 @@ func readMountinfo(pid int) (map[uint64]mountPoint, error) {
 		if err != nil {
 			continue
 		}
-		out[id] = mountPoint{point: unescapeMount(f[4]), fstype: f[sep+1]}
+		mp := mountPoint{point: unescapeMount(f[4]), fstype: f[sep+1]}
+		if sep+3 < len(f) {
+			mp.super = f[sep+3]
+		}
+		out[id] = mp
 	}
 	return out, sc.Err()
 }
@@ -209,26 +214,47 @@ func bootTime() (time.Time, error) {
 
 // carryFiles carries the held files of the stopped tree that a new container would lack, except
 // those under a checkpoint-files path (listed: the user's copy wins), and records the
-// directories they and the tree's working directories need. A file that cannot be carried fails
-// the dump: an eviction must not go ahead on a checkpoint that could only cold-start.
-func (d *dump) carryFiles(listed []string) ([]checkpoint.CarriedFile, []checkpoint.CarriedDir, error) {
+// directories they and the tree's working directories need; with checkpoint-rootfs, the whole
+// writable layer's changes too. A file that cannot be carried fails the dump: an eviction must
+// not go ahead on a checkpoint that could only cold-start.
+func (d *dump) carryFiles(m *checkpoint.Manifest, listed []string) error {
 	pids := criurun.Descendants(d.app)
 	mounts, err := readMountinfo(d.app)
 	if err != nil {
-		return nil, nil, fmt.Errorf("the tree's mounts: %w", err)
+		return fmt.Errorf("the tree's mounts: %w", err)
 	}
 	since, err := changedSince(d.t)
 	if err != nil {
-		return nil, nil, fmt.Errorf("the container's start: %w", err)
+		return fmt.Errorf("the container's start: %w", err)
 	}
+	c := d.w.Carrier(d.a.cfg.CopyLimits)
+	dirs := map[string]bool{}
+	if err := d.carryHeld(c, pids, mounts, since, listed, dirs); err != nil {
+		return err
+	}
+	for _, p := range pids {
+		if cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", p)); err == nil && cwd != "/" && path.IsAbs(cwd) {
+			dirs[cwd] = true
+		}
+	}
+	if d.c.Rootfs {
+		if err := d.carryRootfs(c, since, listed, dirs); err != nil {
+			return err
+		}
+		m.Deleted = d.deleted(mounts)
+	}
+	m.Carried, m.CarriedDirs = c.Files, d.dirMeta(dirs)
+	return nil
+}
+
+// carryHeld carries the files the tree holds open or mapped that do not follow the pod.
+func (d *dump) carryHeld(c *checkpoint.Carrier, pids []int, mounts map[uint64]mountPoint, since time.Time, listed []string, dirs map[string]bool) error {
 	held := heldFiles(pids)
 	defer func() {
 		for _, h := range held {
 			h.f.Close()
 		}
 	}()
-	c := d.w.Carrier(d.a.cfg.CopyLimits)
-	dirs := map[string]bool{}
 	for _, h := range held {
 		if under(h.path, listed) || checkpoint.ValidFilePath(h.path) != nil {
 			continue
@@ -239,18 +265,47 @@ func (d *dump) carryFiles(listed []string) ([]checkpoint.CarriedFile, []checkpoi
 			continue
 		}
 		if err := c.Carry(h.f, h.path, why); err != nil {
-			return nil, nil, fmt.Errorf("the checkpoint would not restore: %w (keep such files in a persistent volume)", err)
+			return fmt.Errorf("the checkpoint would not restore: %w (keep such files in a persistent volume)", err)
 		}
 		for p := path.Dir(h.path); p != "/"; p = path.Dir(p) {
 			dirs[p] = true
 		}
 	}
-	for _, p := range pids {
-		if cwd, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", p)); err == nil && cwd != "/" && path.IsAbs(cwd) {
-			dirs[cwd] = true
+	return nil
+}
+
+// deleted lists the image paths the container deleted, when its root is an overlay whose upper
+// directory the agent reaches (through the host's root, /proc/1/root: the agent runs with the
+// host's PID namespace). Elsewhere deletions are not tracked, and the log says so.
+func (d *dump) deleted(mounts map[uint64]mountPoint) []string {
+	var root mountPoint
+	for _, mp := range mounts {
+		if mp.point == "/" {
+			root = mp
 		}
 	}
-	return c.Files, d.dirMeta(dirs), nil
+	upper := overlayUpper(root.super)
+	if root.fstype != "overlay" || !path.IsAbs(upper) {
+		d.log.Info().Str("fstype", root.fstype).Msg("checkpoint-rootfs: the root is not an overlay; deleted paths are not carried")
+		return nil
+	}
+	u, err := confine.OpenRoot("/proc/1/root" + upper)
+	if err != nil {
+		d.log.Warn().Err(err).Msg("checkpoint-rootfs: the overlay's upper directory; deleted paths are not carried")
+		return nil
+	}
+	defer u.Close()
+	var all, out []string
+	if err := deletedPaths(u, "/", 0, &all); err != nil {
+		d.log.Warn().Err(err).Msg("checkpoint-rootfs: reading deletions")
+		return nil
+	}
+	for _, p := range all {
+		if checkpoint.ValidFilePath(p) == nil && !under(p, d.c.Files) {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // dirMeta reads the owner and mode of each directory, resolved inside the container's root.

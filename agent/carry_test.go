@@ -28,15 +28,15 @@ func TestCarryReason(t *testing.T) {
 		changed bool
 		want    string
 	}{
-		{"a file the app wrote in its root", mountPoint{"/", "overlay"}, true, "open in the writable layer"},
-		{"an image file", mountPoint{"/", "overlay"}, false, ""},
-		{"/dev/shm", mountPoint{"/dev/shm", "tmpfs"}, false, "open on tmpfs /dev/shm"},
-		{"an emptyDir", mountPoint{"/cache", "ext4"}, false, "open in emptyDir volume /cache"},
-		{"an emptyDir of medium Memory", mountPoint{"/cache", "tmpfs"}, true, "open in emptyDir volume /cache"},
-		{"a persistent volume follows the pod", mountPoint{"/data", "ext4"}, true, ""},
-		{"a read-only emptyDir cannot be written back", mountPoint{"/ro", "ext4"}, true, ""},
-		{"a configMap (tmpfs) is recreated from the API", mountPoint{"/etc/config", "tmpfs"}, true, ""},
-		{"an unknown mount is left alone", mountPoint{"/mnt/x", "nfs"}, true, ""},
+		{"a file the app wrote in its root", mountPoint{point: "/", fstype: "overlay"}, true, "open in the writable layer"},
+		{"an image file", mountPoint{point: "/", fstype: "overlay"}, false, ""},
+		{"/dev/shm", mountPoint{point: "/dev/shm", fstype: "tmpfs"}, false, "open on tmpfs /dev/shm"},
+		{"an emptyDir", mountPoint{point: "/cache", fstype: "ext4"}, false, "open in emptyDir volume /cache"},
+		{"an emptyDir of medium Memory", mountPoint{point: "/cache", fstype: "tmpfs"}, true, "open in emptyDir volume /cache"},
+		{"a persistent volume follows the pod", mountPoint{point: "/data", fstype: "ext4"}, true, ""},
+		{"a read-only emptyDir cannot be written back", mountPoint{point: "/ro", fstype: "ext4"}, true, ""},
+		{"a configMap (tmpfs) is recreated from the API", mountPoint{point: "/etc/config", fstype: "tmpfs"}, true, ""},
+		{"an unknown mount is left alone", mountPoint{point: "/mnt/x", fstype: "nfs"}, true, ""},
 		{"a file on no known mount", mountPoint{}, true, ""},
 	}
 	for _, tt := range tests {

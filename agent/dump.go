@@ -241,7 +241,7 @@ func (d *dump) commit(dumped time.Time) (*checkpoint.Manifest, error) {
 	if err != nil {
 		return nil, err
 	}
-	if m.Carried, m.CarriedDirs, err = d.carryFiles(d.c.Files); err != nil {
+	if err = d.carryFiles(m, d.c.Files); err != nil {
 		return nil, err
 	}
 	if m.CopiedFiles, err = d.w.CopyIn(d.root, d.c.Files, d.a.cfg.CopyLimits); err != nil {

@@ -76,8 +76,8 @@ func (w *Writer) Carrier(lim CopyLimits) *Carrier {
 }
 
 // Carry copies src, a descriptor of the very file the tree holds (opened through
-// /proc/<pid>/fd/N or map_files: no path is looked up), as the container path p, with its mode,
-// owner and mtime.
+// /proc/<pid>/fd/N or map_files: no path is looked up) or an O_PATH descriptor of a file or
+// symlink found by a walk, as the container path p, with its mode, owner and mtime.
 func (c *Carrier) Carry(src *os.File, p, reason string) error {
 	cf := CarriedFile{Path: path.Clean(p), Reason: reason}
 	cf.Stored = carriedStoredPath(cf.Path)
@@ -88,8 +88,8 @@ func (c *Carrier) Carry(src *os.File, p, reason string) error {
 	if err != nil {
 		return err
 	}
-	if !confine.IsReg(&st) {
-		return fmt.Errorf("carried file %s: not a regular file", p)
+	if !confine.IsReg(&st) && !confine.IsLink(&st) {
+		return fmt.Errorf("carried file %s: not a regular file or a symlink", p)
 	}
 	cf.Size = st.Size
 	c.c.top = cf.Path
@@ -103,13 +103,19 @@ func (c *Carrier) Carry(src *os.File, p, reason string) error {
 // Bytes is what the carrier copied so far.
 func (c *Carrier) Bytes() int64 { return c.c.bytes }
 
-// PutBackCarriedAt recreates, inside root, the directories and files the checkpoint (ckpt: its
-// directory) carried: directories only where missing, with their recorded owner and mode; files
-// replacing what is there (a new container of the image has an older version, or none). Every
-// entry is validated first (a manifest is data) and resolved inside root.
+// PutBackCarriedAt recreates, inside root, the container's filesystem state the checkpoint (ckpt:
+// its directory) carried: the deleted paths removed, directories created where missing with their
+// recorded owner and mode, files replacing what is there (a new container of the image has an
+// older version, or none). Every entry is validated first (a manifest is data) and resolved
+// inside root; removals never cross a mount.
 func PutBackCarriedAt(ckpt *os.File, m *Manifest, root *os.File) error {
 	if err := m.validatePaths(); err != nil {
 		return err
+	}
+	for _, p := range m.Deleted {
+		if err := removeIn(root, p); err != nil {
+			return fmt.Errorf("deleted path %s: %w", p, err)
+		}
 	}
 	dirs := append([]CarriedDir(nil), m.CarriedDirs...)
 	sort.Slice(dirs, func(i, j int) bool { return dirs[i].Path < dirs[j].Path }) // parents first
@@ -124,6 +130,19 @@ func PutBackCarriedAt(ckpt *os.File, m *Manifest, root *os.File) error {
 		}
 	}
 	return nil
+}
+
+// removeIn removes p, resolved inside root, if it is there.
+func removeIn(root *os.File, p string) error {
+	parent, err := confine.Open(root, path.Dir(p), unix.O_RDONLY|unix.O_DIRECTORY)
+	if errors.Is(err, unix.ENOENT) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer parent.Close()
+	return confine.RemoveAll(parent, path.Base(p))
 }
 
 // ensureDir creates d.Path inside root if it is missing, with d's mode and owner.
@@ -170,6 +189,11 @@ func (m *Manifest) validatePaths() error {
 	for _, d := range m.CarriedDirs {
 		if err := d.Validate(); err != nil {
 			return err
+		}
+	}
+	for _, p := range m.Deleted {
+		if err := ValidFilePath(p); err != nil {
+			return fmt.Errorf("deleted path: %w", err)
 		}
 	}
 	return nil

@@ -45,7 +45,10 @@ func TestPutBackCarried(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(ckpt, "carried/tmp/hs/7"), []byte("perf data"), 0o600))
 	require.NoError(t, os.MkdirAll(filepath.Join(root, "tmp"), 0o1777))
 	require.NoError(t, os.Chmod(filepath.Join(root, "tmp"), os.ModeSticky|0o777))
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(root, "etc/motd"), []byte("image"), 0o644))
 	m := &Manifest{
+		Deleted:     []string{"/etc/motd", "/not/there"},
 		Carried:     []CarriedFile{{Path: "/tmp/hs/7", Stored: "carried/tmp/hs/7"}},
 		CarriedDirs: []CarriedDir{{Path: "/tmp/hs", Mode: 0o750}, {Path: "/tmp", Mode: 0o700}},
 	}
@@ -59,6 +62,8 @@ func TestPutBackCarried(t *testing.T) {
 	b, err := os.ReadFile(filepath.Join(root, "tmp/hs/7"))
 	require.NoError(t, err)
 	assert.Equal(t, "perf data", string(b))
+	_, err = os.Stat(filepath.Join(root, "etc/motd"))
+	assert.True(t, os.IsNotExist(err), "a path the container had deleted is deleted again")
 	fi, err := os.Stat(filepath.Join(root, "tmp/hs"))
 	require.NoError(t, err)
 	assert.Equal(t, os.FileMode(0o750), fi.Mode().Perm(), "a missing directory gets its recorded mode")
@@ -66,6 +71,9 @@ func TestPutBackCarried(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, os.ModeSticky|0o777, fi.Mode()&(os.ModeSticky|os.ModePerm), "an existing directory is left as the image has it")
 
+	for _, bad := range []*Manifest{{Deleted: []string{"/proc/1"}}, {Deleted: []string{"/etc/../.."}}} {
+		assert.Error(t, PutBackCarriedAt(d, bad, r), bad.Deleted)
+	}
 	bad := &Manifest{
 		Carried:     []CarriedFile{{Path: "/tmp/hs/8", Stored: "carried/tmp/hs/8"}},
 		CarriedDirs: []CarriedDir{{Path: "/sys/x", Mode: 0o700}},

@@ -79,6 +79,9 @@ type Manifest struct {
 	// by the agent on its own, and CarriedDirs the directories they (and the tree) need.
 	Carried     []CarriedFile `json:"carried,omitempty"`
 	CarriedDirs []CarriedDir  `json:"carriedDirs,omitempty"`
+	// Deleted are the image paths the container had deleted (checkpoint-rootfs): removed again
+	// before the restore.
+	Deleted []string `json:"deleted,omitempty"`
 
 	CriuVersion int `json:"criuVersion"`
 	// Files lists every file of the checkpoint (relative paths) but the manifest and the marker.
