@@ -428,7 +428,7 @@ func TestScenarioWritableLayer(t *testing.T) {
 	ns := newNamespace(t, "wl")
 	r := drainScenario(t, ns, harness.CounterSpec{
 		Name:   "counter",
-		Args:   []string{"--to=40", "--hold=/var/tmp/counter.log", "--file=/tmp/state", "--remove=/etc/group"},
+		Args:   []string{"--to=40", "--hold=/tmp/counter.log", "--file=/tmp/state", "--remove=/etc/group"},
 		Labels: map[string]string{"memverge.ai/checkpoint-rootfs": "true"},
 	}, 40)
 	for _, l := range append(r.Before.Lines, r.After.Lines...) {
