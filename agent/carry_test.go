@@ -65,7 +65,6 @@ func TestHeldFilesTravel(t *testing.T) {
 	r := newRig(t, Config{FreezeTimeout: time.Hour})
 	r.serveLocal()
 	r.setpriv = withShm(restrictedContainer)
-	notNew(t, counterBin)
 	run := filepath.Join(t.TempDir(), "run") // created by the app after its start
 	log := filepath.Join(run, "counter.log")
 	args := []string{counterBin, "-chdir", run, "-map", "/dev/shm/seg", log}
@@ -114,14 +113,6 @@ func TestHeldFilesTravel(t *testing.T) {
 	assert.Equal(t, 128+15, c2.stop())
 }
 
-// notNew waits until p is older than a container started now may compute its own start to be
-// (the kernel gives its boot time in whole seconds): p is then an image file, not carried.
-func notNew(t *testing.T, p string) {
-	fi, err := os.Stat(p)
-	require.NoError(t, err)
-	time.Sleep(time.Until(fi.ModTime().Add(1100 * time.Millisecond)))
-}
-
 // A held file that cannot be carried (here: over the cap) fails the dump with a reason, before
 // any eviction relies on it, and the app runs on.
 func TestUncarriableFileFailsTheDump(t *testing.T) {
@@ -139,4 +130,57 @@ func TestUncarriableFileFailsTheDump(t *testing.T) {
 	waitCount(t, c, log, n+5) // thawed: it counts on
 	entries, _ := checkpoint.List(r.dir("app"))
 	assert.Empty(t, entries, "no checkpoint is left that could be restored")
+}
+
+// withVolume is a setpriv prefix that first bind-mounts dir onto itself in the container, as the
+// kubelet mounts a persistent volume: a mount of its own, which the runtime reports.
+func withVolume(dir string, setpriv []string) []string {
+	return append([]string{"sh", "-c", `mount --bind "$0" "$0" && exec "$@"`, dir}, setpriv...)
+}
+
+// A file in a persistent volume follows the pod and is not carried; another process (a sidecar, a
+// log shipper) appends to it after the dump. CRIU would refuse the changed size ("has bad size"):
+// the agent hands it the file as it is now, and the restored app appends after the sidecar's line.
+func TestVolumeFileChangedAfterDump(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	r.serveLocal()
+	vol := t.TempDir()
+	r.mounts = []Mount{{ContainerPath: vol, HostPath: "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pvc-1/mount"}}
+	r.setpriv = withVolume(vol, restrictedContainer)
+	log := filepath.Join(vol, "counter.log")
+	c := startContainerWith(t, "", withVolume(vol, restrictedContainer), r.env("app"), "--", counterBin, log)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, log, 10)
+
+	st := r.checkpoint("uid-1", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	id := st.Containers[0].CheckpointID
+	m, err := checkpoint.ReadManifest(filepath.Join(r.dir("app"), id))
+	require.NoError(t, err)
+	assert.Empty(t, m.Carried, "a persistent volume's file is not carried")
+	dumped := readCounts(t, log)
+	assert.Equal(t, 143, c.stop())
+
+	f, err := os.OpenFile(log, os.O_WRONLY|os.O_APPEND, 0)
+	require.NoError(t, err)
+	_, err = f.WriteString("sidecar\n")
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+
+	c2 := r.restoreContainer("app", id, counterBin, log)
+	c2.waitOutput("restored; supervising the restored tree")
+	var after []string
+	deadline := time.Now().Add(time.Minute)
+	for len(after) < len(dumped)+6 && time.Now().Before(deadline) {
+		b, err := os.ReadFile(log)
+		require.NoError(t, err)
+		after = strings.Fields(string(b))
+		time.Sleep(20 * time.Millisecond)
+	}
+	require.Greater(t, len(after), len(dumped)+5, "the restored app appends to the file")
+	assert.Equal(t, "sidecar", after[len(dumped)], "the sidecar's line stays where it was written")
+	next, err := strconv.Atoi(after[len(dumped)+1])
+	require.NoError(t, err)
+	assert.Equal(t, len(dumped)+1, next, "the restored counter continues after the sidecar's line")
+	assert.Equal(t, 128+15, c2.stop())
 }
