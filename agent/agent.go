@@ -68,6 +68,11 @@ type Config struct {
 	MaxConcurrentDumps int
 	// FreezeTimeout: an app still frozen this long after its dump (its pod was not deleted) is thawed.
 	FreezeTimeout time.Duration
+	// Pods tells whether a pod's deletion has started (nil: only FreezeTimeout thaws). With it, an
+	// app whose pod is not being deleted ReleaseAfter (default 15s) after the webhook last asked
+	// about its checkpoint is thawed.
+	Pods         PodStates
+	ReleaseAfter time.Duration
 	// DumpTimeout bounds one container's dump.
 	DumpTimeout time.Duration
 	// CheckpointMount is where pods mount their checkpoint volume (wiring.CheckpointMount).
@@ -101,6 +106,9 @@ func (c *Config) defaults() error {
 	}
 	if c.FreezeTimeout <= 0 {
 		c.FreezeTimeout = 5 * time.Minute
+	}
+	if c.ReleaseAfter <= 0 {
+		c.ReleaseAfter = 15 * time.Second
 	}
 	if c.DumpTimeout <= 0 {
 		c.DumpTimeout = 15 * time.Minute
@@ -145,7 +153,8 @@ type operation struct {
 	mu     sync.Mutex
 	status agentapi.CheckpointStatus
 	frozen []frozenTree
-	timer  *time.Timer
+	timer  *time.Timer // the next look at a frozen operation (holdFrozen)
+	asked  time.Time   // when the webhook last asked about it
 }
 
 // New returns an agent whose operations live as long as ctx.
@@ -193,6 +202,7 @@ func (a *Agent) Start(req agentapi.CheckpointRequest) (agentapi.CheckpointStatus
 	a.mu.Lock()
 	if op, ok := a.ops[req.Pod.UID]; ok {
 		a.mu.Unlock()
+		op.touch(a.cfg.Now())
 		return op.snapshot(), nil
 	}
 	ctx, cancel := context.WithCancel(a.ctx)
@@ -212,6 +222,7 @@ func (a *Agent) Wait(ctx context.Context, uid string) (agentapi.CheckpointStatus
 	if !ok {
 		return agentapi.CheckpointStatus{}, fmt.Errorf("no checkpoint operation for pod %s", uid)
 	}
+	defer func() { op.touch(a.cfg.Now()) }()
 	select {
 	case <-op.done:
 	case <-ctx.Done():
@@ -228,6 +239,7 @@ func (a *Agent) Status(uid string) (agentapi.CheckpointStatus, bool) {
 	if !ok {
 		return agentapi.CheckpointStatus{}, false
 	}
+	op.touch(a.cfg.Now())
 	return op.snapshot(), true
 }
 
@@ -323,20 +335,9 @@ func (a *Agent) run(ctx context.Context, op *operation, req agentapi.CheckpointR
 		close(op.done)
 		return
 	}
-	// The app stays frozen until its pod is deleted (the launcher then kills it). A pod that stays
-	// (PDB refusal, suspend rejected elsewhere) must not stay frozen.
-	op.mu.Lock()
-	op.timer = time.AfterFunc(a.cfg.FreezeTimeout, func() {
-		// Forget the operation too: the app runs on, so its checkpoint is stale and the next
-		// request for this pod must dump again instead of joining this one.
-		a.mu.Lock()
-		if a.ops[req.Pod.UID] == op {
-			delete(a.ops, req.Pod.UID)
-		}
-		a.mu.Unlock()
-		a.thaw(op, fmt.Sprintf("pod not deleted within --freeze-timeout %s", a.cfg.FreezeTimeout))
-	})
-	op.mu.Unlock()
+	// The app stays frozen until its pod is deleted (the launcher then kills it); a pod that stays
+	// must not stay frozen (release.go).
+	a.holdFrozen(op, req.Pod)
 	close(op.done) // before the deferred pruning: nothing waits for it
 }
 
