@@ -73,6 +73,9 @@ type Config struct {
 	// about its checkpoint is thawed.
 	Pods         PodStates
 	ReleaseAfter time.Duration
+	// StateDir keeps, per node, the operations whose apps are frozen (a tmpfs of the host such as
+	// /run/stasis/state): a restarted agent adopts them. Empty: none kept.
+	StateDir string
 	// DumpTimeout bounds one container's dump.
 	DumpTimeout time.Duration
 	// CheckpointMount is where pods mount their checkpoint volume (wiring.CheckpointMount).
@@ -162,7 +165,11 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
-	return &Agent{cfg: cfg, ctx: ctx, slots: make(chan struct{}, cfg.MaxConcurrentDumps), ops: map[string]*operation{}, restores: map[string]*podRestore{}}, nil
+	a := &Agent{cfg: cfg, ctx: ctx, slots: make(chan struct{}, cfg.MaxConcurrentDumps), ops: map[string]*operation{}, restores: map[string]*podRestore{}}
+	if err := a.adoptFrozen(); err != nil {
+		return nil, fmt.Errorf("frozen apps of a previous agent (%s): %w", a.stateDir(), err)
+	}
+	return a, nil
 }
 
 // ValidateRequest checks a request and names the offending field.
@@ -375,6 +382,9 @@ func (a *Agent) thaw(op *operation, why string) {
 	}
 	pod := op.status.Pod
 	op.mu.Unlock()
+	if len(frozen) > 0 {
+		a.forgetFrozen(pod.UID)
+	}
 	for _, t := range frozen {
 		resumed, err := t.thaw()
 		ev := a.cfg.Log.Info()

@@ -9,6 +9,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/criurun"
 )
 
 // After a dump the app stays frozen until its pod is deleted (the launcher kills it then). The
@@ -50,31 +51,41 @@ func (op *operation) touch(now time.Time) {
 // thawed or their pod's deletion has started.
 func (a *Agent) holdFrozen(op *operation, pod agentapi.PodRef) {
 	frozenAt := a.cfg.Now()
-	op.touch(frozenAt)
+	a.recordFrozen(op, frozenAt)
+	a.holdFrozenSince(op, pod, frozenAt)
+}
+
+// holdFrozenSince is holdFrozen for apps frozen at frozenAt (by this agent or a previous one).
+func (a *Agent) holdFrozenSince(op *operation, pod agentapi.PodRef, frozenAt time.Time) {
+	op.touch(a.cfg.Now())
 	tick := min(a.cfg.ReleaseAfter, a.cfg.FreezeTimeout) / 4
+	deleting := false // once seen, the pod is not asked about again
 	var check func()
 	check = func() {
 		now := a.cfg.Now()
 		op.mu.Lock()
-		asked, thawed := op.asked, len(op.frozen) == 0
+		asked, frozen := op.asked, op.frozen
 		op.mu.Unlock()
 		switch {
-		case thawed:
+		case len(frozen) == 0:
+			return // thawed
+		case !anyAlive(frozen):
+			a.forgetFrozen(pod.UID) // the pod was deleted and its launcher ended the app
 			return
+		case deleting:
 		case now.Sub(frozenAt) >= a.cfg.FreezeTimeout:
 			a.release(op, pod, fmt.Sprintf("pod not deleted within --freeze-timeout %s", a.cfg.FreezeTimeout))
 			return
 		case a.cfg.Pods != nil && now.Sub(asked) >= a.cfg.ReleaseAfter:
-			deleting, err := a.cfg.Pods.Deleting(a.ctx, pod)
-			if err == nil && deleting {
+			var err error
+			if deleting, err = a.cfg.Pods.Deleting(a.ctx, pod); err != nil {
+				a.cfg.Log.Warn().Err(err).Str("uid", pod.UID).Msg("reading the frozen app's pod; asking again")
+			} else if deleting {
 				a.cfg.Log.Info().Str("uid", pod.UID).Msg("the pod is being deleted: its frozen app stays frozen until the launcher ends it")
-				return
-			}
-			if err == nil {
+			} else {
 				a.release(op, pod, fmt.Sprintf("the pod was not deleted within %s after its checkpoint was last asked for (the eviction was refused after it, e.g. by a PodDisruptionBudget, or the suspend did not happen)", a.cfg.ReleaseAfter))
 				return
 			}
-			a.cfg.Log.Warn().Err(err).Str("uid", pod.UID).Msg("reading the frozen app's pod; asking again")
 		}
 		op.mu.Lock()
 		op.timer = time.AfterFunc(tick, check)
@@ -83,6 +94,16 @@ func (a *Agent) holdFrozen(op *operation, pod agentapi.PodRef) {
 	op.mu.Lock()
 	op.timer = time.AfterFunc(tick, check)
 	op.mu.Unlock()
+}
+
+// anyAlive reports whether one of the frozen trees still exists.
+func anyAlive(trees []frozenTree) bool {
+	for _, t := range trees {
+		if st, err := criurun.StartTime(t.pid); err == nil && st == t.start {
+			return true
+		}
+	}
+	return false
 }
 
 // release forgets the operation and thaws its apps: they run on, so the checkpoint is stale and

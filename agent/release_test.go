@@ -36,7 +36,8 @@ func TestFrozenAppReleasedWhenPodNotDeleted(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			pods := &apiPods{}
 			pods.deleting.Store(deleting)
-			r := newRig(t, Config{FreezeTimeout: time.Hour, ReleaseAfter: 2 * time.Second, Pods: pods})
+			state := t.TempDir()
+			r := newRig(t, Config{FreezeTimeout: time.Hour, ReleaseAfter: 2 * time.Second, Pods: pods, StateDir: state})
 			out := filepath.Join(t.TempDir(), "counter.txt")
 			c := startContainer(t, r.env("app"), "--", counterBin, out)
 			r.finder["app"] = c.launcherPID()
@@ -70,6 +71,53 @@ func TestFrozenAppReleasedWhenPodNotDeleted(t *testing.T) {
 			assert.Equal(t, dumped, readCounts(t, out))
 			assert.Positive(t, pods.asked.Load(), "the pod's state was read")
 			assert.Equal(t, 143, c.stop(), "the launcher kills the frozen app on SIGTERM")
+			require.Eventually(t, func() bool {
+				entries, _ := filepath.Glob(filepath.Join(state, "node-a", "*"))
+				return len(entries) == 0
+			}, 10*time.Second, 100*time.Millisecond, "the record goes once the app is gone")
 		})
 	}
+}
+
+// The agent restarts (a DaemonSet rollout) while an app is frozen after its dump: the new agent
+// adopts the operation from the node's record, answers the webhook's next question with the
+// checkpoint it was waiting for, and thaws the app as soon as it is clear that the pod stays.
+func TestRestartedAgentAdoptsFrozenApp(t *testing.T) {
+	state := t.TempDir()
+	r := newRig(t, Config{FreezeTimeout: time.Hour, StateDir: state})
+	out := filepath.Join(t.TempDir(), "counter.txt")
+	c := startContainer(t, r.env("app"), "--", counterBin, out)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 3)
+	st := r.checkpoint("uid-a", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	dumped := readCounts(t, out)
+	root, err := appRoot(r.finder["app"])
+	require.NoError(t, err)
+
+	// The new agent of the node (the old one's operations die with it: nothing would thaw them).
+	pods := &apiPods{}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	b, err := New(ctx, Config{NodeName: "node-a", Criu: r.agent.cfg.Criu, ManifestKey: testKey, Finder: rigFinder{r},
+		FreezeTimeout: time.Hour, ReleaseAfter: 2 * time.Second, Pods: pods, StateDir: state})
+	require.NoError(t, err)
+	adopted, ok := b.Status("uid-a")
+	require.True(t, ok, "the new agent knows the operation")
+	assert.Equal(t, agentapi.PhaseSucceeded, adopted.Phase)
+	require.Len(t, adopted.Containers, 1)
+	assert.Equal(t, st.Containers[0].CheckpointID, adopted.Containers[0].CheckpointID, "the webhook gets the checkpoint it waited for")
+	assert.True(t, launcher.Stopped(root), "still frozen right after the restart")
+
+	got := waitCount(t, c, out, len(dumped)+3)
+	assert.True(t, isSequence(got), "thawed by the new agent, the app runs on: %v", got)
+	entries, _ := filepath.Glob(filepath.Join(state, "node-a", "*"))
+	assert.Empty(t, entries, "the record goes with the thaw")
+
+	// Another restart finds nothing to adopt.
+	b2, err := New(ctx, Config{NodeName: "node-a", Criu: r.agent.cfg.Criu, ManifestKey: testKey, Finder: rigFinder{r}, StateDir: state})
+	require.NoError(t, err)
+	_, ok = b2.Status("uid-a")
+	assert.False(t, ok)
+	assert.Equal(t, 128+15, c.stop())
 }
