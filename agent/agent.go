@@ -40,6 +40,8 @@ type Target struct {
 	Started time.Time
 	// Mounts are the container's volume mounts as the kubelet gave them to the runtime.
 	Mounts []Mount
+	// Attempt counts the container's in-place restarts in its pod (0: its first start).
+	Attempt uint32
 }
 
 // Mount is one volume mount of a container.

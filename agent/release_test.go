@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
@@ -120,4 +121,29 @@ func TestRestartedAgentAdoptsFrozenApp(t *testing.T) {
 	_, ok = b2.Status("uid-a")
 	assert.False(t, ok)
 	assert.Equal(t, 128+15, c.stop())
+}
+
+// A restored container that restarts in place (crash, OOM kill, liveness probe) is not restored
+// again from the checkpoint its pod was created for: that checkpoint was for its first start.
+// The restart starts afresh, and nothing of the checkpoint is put back over its newer files.
+func TestInPlaceRestartDoesNotRestoreAgain(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	r.serveLocal()
+	out := filepath.Join(t.TempDir(), "counter.txt")
+	c := startContainer(t, r.env("app"), "--", counterBin, out)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 5)
+	st := r.checkpoint("uid-ip", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app"), Files: []string{out}})
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	id := st.Containers[0].CheckpointID
+	assert.Equal(t, 143, c.stop())
+	require.NoError(t, os.WriteFile(out, []byte("1\n2\n"), 0o644)) // what the restarted container wrote since
+
+	r.attempt = 1
+	c2 := r.restoreContainer("app", id, counterBin, out)
+	c2.waitOutput("COLD START")
+	assert.Contains(t, c2.out.String(), "restarted in place (restart 1)")
+	got := waitCount(t, c2, out, 5)
+	assert.Equal(t, []int{1, 2, 1, 2, 3}, got[:5], "the file is the restarted container's own, appended to by a fresh start")
+	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("cold-start")))
 }
