@@ -309,7 +309,8 @@ func (w *Webhook) internal(ns string, pod *corev1.Pod, err error) *verdict {
 func (w *Webhook) pvcSpec(ns, identity string, owner *metav1.OwnerReference, pod *corev1.Pod, cfg *labels.Config) catalog.PVCSpec {
 	return catalog.PVCSpec{
 		Namespace: ns, Name: catalog.PVCName(identity), Identity: identity,
-		Size:         cfg.VolumeSizeFor(&pod.Spec, w.cfg.DefaultVolumeSize),
+		// The checkpoints kept, the newest, and the one being written.
+		Size:         cfg.VolumeSizeFor(&pod.Spec, w.cfg.DefaultVolumeSize, w.cfg.KeepCheckpoints+2),
 		StorageClass: cfg.StorageClass, Owner: owner,
 	}
 }
