@@ -100,6 +100,7 @@ func (d *dump) open(ctx context.Context, id string) error {
 		return fmt.Errorf("checkpoint directory %s in the container: %w", d.c.Dir, err)
 	}
 	d.w.Key = d.a.cfg.ManifestKey
+	d.w.Within(ctx) // the dump's deadline bounds copying, hashing and syncing too
 	return nil
 }
 
