@@ -8,6 +8,7 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/rsa"
@@ -27,7 +28,10 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/stasis-k8s/stasis/checkpoint"
+	"github.com/stasis-k8s/stasis/tests/e2e/harness"
 )
 
 // treeState describes every entry below dir (mode, size, mtime, content hash, link target): two
@@ -132,12 +136,13 @@ func scanTree(t *testing.T, root string, needles [][]byte) scan {
 // holding the secret). Every agent must hold the same key.
 func agentKeyNeedles(t *testing.T) [][]byte {
 	t.Helper()
+	ids := agentContainerIDs(t)
 	var needles [][]byte
 	agents := 0
 	for _, pid := range hostPIDs(t) {
 		argv := cmdline(pid)
-		if len(argv) < 2 || filepath.Base(argv[0]) != "stasis" || argv[1] != "agent" {
-			continue
+		if len(argv) < 2 || filepath.Base(argv[0]) != "stasis" || argv[1] != "agent" || !inContainer(pid, ids) {
+			continue // not an agent of this cluster (another local cluster may run on the machine)
 		}
 		vars := environ(pid)
 		keyFile := vars["STASIS_MANIFEST_KEY_FILE"]
@@ -161,6 +166,34 @@ func agentKeyNeedles(t *testing.T) [][]byte {
 	}
 	require.Equal(t, len(env.Local.Nodes), agents, "one agent per node found on the host")
 	return needles
+}
+
+// agentContainerIDs are the container IDs of this cluster's agents.
+func agentContainerIDs(t *testing.T) []string {
+	t.Helper()
+	pods, err := env.Client.CoreV1().Pods(harness.StasisNamespace).List(context.Background(), metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=stasis-agent"})
+	require.NoError(t, err)
+	var ids []string
+	for _, p := range pods.Items {
+		for _, c := range p.Status.ContainerStatuses {
+			if _, id, ok := strings.Cut(c.ContainerID, "://"); ok {
+				ids = append(ids, id)
+			}
+		}
+	}
+	require.NotEmpty(t, ids, "no running agent container")
+	return ids
+}
+
+// inContainer reports whether a host process lives in the cgroup of one of the containers.
+func inContainer(pid int, ids []string) bool {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	for _, id := range ids {
+		if bytes.Contains(b, []byte(id)) {
+			return true
+		}
+	}
+	return false
 }
 
 func privateNeedles(t *testing.T, pemBytes []byte) [][]byte {
