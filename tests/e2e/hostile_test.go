@@ -188,10 +188,12 @@ func TestScenario11SymlinkSwapDuringDump(t *testing.T) {
 	require.NoError(t, err)
 	time.Sleep(2 * time.Second) // the sidecar is swapping (it starts 3 s after the pod)
 
+	swapsBefore := swapCount(t, ns, attacker.Name)
 	took, evictErr := env.Evict(ctx, ns, attacker.Name)
 	if evictErr == nil {
 		out, err := follow.Wait(time.Minute)
 		require.NoError(t, err)
+		t.Logf("the sidecar had swapped %d times before the eviction", swapsBefore)
 		complete := completeCheckpoints(t, dir)
 		t.Logf("eviction allowed after %s: the app counted to %d; complete checkpoints in the attacker's volume: %q",
 			took.Round(10*time.Millisecond), out.Last(), complete)
@@ -207,7 +209,8 @@ func TestScenario11SymlinkSwapDuringDump(t *testing.T) {
 		t.Logf("restore under swaps: %s", waitEvent(t, ns, spec.Name, "container counter: "))
 		time.Sleep(3 * time.Second)
 	} else {
-		t.Logf("eviction refused after %s: %v", took.Round(10*time.Millisecond), evictErr)
+		t.Logf("eviction refused after %s: %v; the sidecar swapped %d times before it and %d in all",
+			took.Round(10*time.Millisecond), evictErr, swapsBefore, swapCount(t, ns, attacker.Name))
 		assert.NotContains(t, evictErr.Error(), "TooManyRequests", "refused, not left hanging")
 		now, err := env.Logs(ctx, ns, attacker.Name)
 		require.NoError(t, err)
@@ -256,6 +259,7 @@ func TestScenario11ReadAgentKey(t *testing.T) {
 	require.Contains(t, out.Text, "hunt: done")
 	assert.Regexp(t, `hunt: api /api/v1/namespaces/stasis-system/secrets/stasis-agent-tls: 403`, out.Text)
 	assert.Regexp(t, `hunt: channel GET /v1/key: 40[34] `, out.Text)
+	assert.Regexp(t, `hunt: agent https://[0-9.]+:9443/v1/checkpoints: 401 .*client certificate`, out.Text, "the agent API wants a client certificate")
 	scanPod(t, "--hunt=", needles, true)
 
 	_, err = env.SetSuspend(ctx, ns, "hunter", true)
@@ -278,6 +282,23 @@ func TestScenario11ReadAgentKey(t *testing.T) {
 	require.NoError(t, err)
 	continues(t, before, after)
 	scanPod(t, "--hunt=", needles, false) // the loot stayed in the old container's writable layer
+}
+
+// swapCount waits until the swapper sidecar of pod reports swaps, and returns the last count.
+func swapCount(t *testing.T, ns, pod string) int {
+	t.Helper()
+	n := 0
+	require.Eventually(t, func() bool {
+		raw, err := env.Client.CoreV1().Pods(ns).GetLogs(pod, &corev1.PodLogOptions{Container: "swapper"}).DoRaw(context.Background())
+		if err != nil {
+			return false
+		}
+		for _, l := range strings.Split(string(raw), "\n") {
+			fmt.Sscanf(l, "swap: %d swaps", &n)
+		}
+		return n > 0
+	}, 30*time.Second, 500*time.Millisecond, "the sidecar reports no swap")
+	return n
 }
 
 // plainCounter creates a plain checkpointed counter pod whose checkpoints go to the PVC (volume
