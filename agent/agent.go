@@ -211,7 +211,9 @@ func (a *Agent) Start(req agentapi.CheckpointRequest) (agentapi.CheckpointStatus
 	a.mu.Lock()
 	if op, ok := a.ops[req.Pod.UID]; ok {
 		a.mu.Unlock()
-		op.touch(a.cfg.Now())
+		// Not a question that holds a frozen app (no touch): an eviction retried after the API
+		// server refused it (a PDB) joins the finished operation and is allowed at once, again
+		// and again; the app must be released all the same.
 		return op.snapshot(), nil
 	}
 	ctx, cancel := context.WithCancel(a.ctx)

@@ -40,7 +40,9 @@ func (k *kubeEvents) Deleting(ctx context.Context, pod agentapi.PodRef) (bool, e
 	return p.DeletionTimestamp != nil || string(p.UID) != pod.UID, nil
 }
 
-// touch records that the webhook asked about the operation: the release clock starts again.
+// touch records that the webhook asked about the operation while holding an admission review
+// (it polls with Status or Wait until every pod of the review is done): the release clock starts
+// again. Joining a finished operation (Start) does not count: see Start.
 func (op *operation) touch(now time.Time) {
 	op.mu.Lock()
 	op.asked = now

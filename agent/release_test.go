@@ -49,7 +49,8 @@ func TestFrozenAppReleasedWhenPodNotDeleted(t *testing.T) {
 			root, err := appRoot(r.finder["app"])
 			require.NoError(t, err)
 
-			// The webhook still holding the eviction asks every second: the app stays frozen.
+			// The webhook still holding the review (a suspend waiting for the Job's other pods)
+			// asks every second: the app stays frozen.
 			for i := 0; i < 4; i++ {
 				_, ok := r.agent.Status("uid-r")
 				require.True(t, ok)
@@ -57,6 +58,16 @@ func TestFrozenAppReleasedWhenPodNotDeleted(t *testing.T) {
 			}
 			assert.True(t, launcher.Stopped(root), "frozen while the webhook asks")
 			assert.Equal(t, dumped, readCounts(t, out))
+			// kubectl drain retries the eviction the PDB refused: each retry joins the finished
+			// operation and is allowed at once; that does not hold the app.
+			for i := 0; i < 3; i++ {
+				_, err := r.agent.Start(agentapi.CheckpointRequest{Pod: agentapi.PodRef{Namespace: "default", Name: "counter", UID: "uid-r"},
+					Containers: []agentapi.ContainerSpec{{Name: "app", Dir: r.dir("app")}}})
+				require.NoError(t, err)
+				if deleting {
+					time.Sleep(time.Second)
+				}
+			}
 
 			if !deleting {
 				got := waitCount(t, c, out, len(dumped)+3)
