@@ -1,0 +1,189 @@
+package agent
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+)
+
+// testApps are test programs built on first use (agent/testdata/<name>), shared by the package.
+var testApps sync.Map // name → func() (string, error)
+
+// testApp builds ./testdata/<name> once and returns its path.
+func testApp(t testing.TB, name string) string {
+	t.Helper()
+	build, _ := testApps.LoadOrStore(name, sync.OnceValues(func() (string, error) {
+		bin := filepath.Join(filepath.Dir(stasisBin), name)
+		cmd := exec.Command("go", "build", "-o", bin, "./testdata/"+name)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return "", fmt.Errorf("go build ./testdata/%s: %v\n%s", name, err, out)
+		}
+		return bin, nil
+	}))
+	bin, err := build.(func() (string, error))()
+	require.NoError(t, err)
+	return bin
+}
+
+// podNet is a pod's network namespace as a CNI plugin leaves it: lo up, and eth0 holding the pod
+// IP. eth0's peer stays in the namespace too: no address of these tests exists outside it.
+type podNet struct {
+	name, ip string
+}
+
+func newPodNet(t testing.TB, ip string) *podNet {
+	t.Helper()
+	n := &podNet{name: "stasis-t-" + randomHex(t, 6), ip: ip}
+	ipCmd := func(args ...string) {
+		out, err := exec.Command("ip", append([]string{"-n", n.name}, args...)...).CombinedOutput()
+		require.NoError(t, err, "ip %v: %s", args, out)
+	}
+	out, err := exec.Command("ip", "netns", "add", n.name).CombinedOutput()
+	require.NoError(t, err, "ip netns add: %s", out)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", n.name).Run() })
+	ipCmd("link", "set", "lo", "up")
+	ipCmd("link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
+	ipCmd("addr", "add", ip+"/24", "dev", "eth0")
+	ipCmd("link", "set", "peer0", "up")
+	ipCmd("link", "set", "eth0", "up")
+	return n
+}
+
+func (n *podNet) path() string { return "/run/netns/" + n.name }
+
+// container is the prefix that starts a container's PID 1 in this network namespace, before
+// dropping privileges with base (as the runtime joins the pod's namespace).
+func (n *podNet) container(base []string) []string {
+	return append([]string{"nsenter", "--net=" + n.path(), "--"}, base...)
+}
+
+// dial connects from the pod's network namespace but outside the container's tree (a sidecar, or
+// another pod through the pod IP): a socket is created in the namespace its thread is in.
+func (n *podNet) dial(t testing.TB, addr string) net.Conn {
+	t.Helper()
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine, namespace and all
+		ns, err := os.Open(n.path())
+		if err != nil {
+			ch <- result{nil, err}
+			return
+		}
+		defer ns.Close()
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- result{nil, err}
+			return
+		}
+		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+		ch <- result{c, err}
+	}()
+	r := <-ch
+	require.NoError(t, r.err, "dial %s in %s", addr, n.name)
+	t.Cleanup(func() { r.c.Close() })
+	return r.c
+}
+
+// ask sends one request to the netserver and returns its answer ("token=… served=N").
+func ask(c net.Conn) (string, error) {
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte("get\n")); err != nil {
+		return "", err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	return strings.TrimSpace(line), err
+}
+
+// waitLog waits until the app's log holds a line matching re and returns the submatches.
+func waitLog(t testing.TB, path string, re *regexp.Regexp) []string {
+	t.Helper()
+	var last string
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		b, _ := os.ReadFile(path)
+		last = string(b)
+		if m := re.FindStringSubmatch(last); m != nil {
+			return m
+		}
+	}
+	t.Fatalf("%s never matched %s; it holds:\n%s", path, re, last)
+	return nil
+}
+
+// noMPTCP turns off Go's default of listening with Multipath TCP (Go >= 1.24), which CRIU cannot
+// dump ("inet: Unsupported proto 262"): what a user of a Go server sets in the pod (see
+// TestDumpRefusesUnrestorableSockets for what happens without it).
+const noMPTCP = "GODEBUG=multipathtcp=0"
+
+var readyRe = regexp.MustCompile(`ready token=([0-9a-f]+)`)
+
+// A server holding a listening socket and an established connection from a client outside its
+// tree: (a) dumped and thawed (the eviction was refused), the connection still works; (b) restored
+// into a new pod (new network namespace, new IP), the app sees its old connection end as an
+// ordinary EOF, and a new client reaches the restored listening socket and gets the app's state.
+func TestTCPConnectionsThawAndRestore(t *testing.T) {
+	server := testApp(t, "netserver")
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	r.serveLocal()
+	logPath := filepath.Join(t.TempDir(), "events.log")
+	args := []string{server, "-log", logPath, "-listen", ":7070"}
+	pod1 := newPodNet(t, "10.213.1.2")
+	c := startContainerWith(t, "", pod1.container(restrictedContainer), append(r.env("app"), noMPTCP), append([]string{"--"}, args...)...)
+	r.finder["app"] = c.launcherPID()
+	token := waitLog(t, logPath, readyRe)[1]
+
+	conn := pod1.dial(t, pod1.ip+":7070")
+	got, err := ask(conn)
+	require.NoError(t, err)
+	require.Equal(t, "token="+token+" served=1", got)
+
+	// (a) Dumped, then thawed: the connection was never locked or put in repair mode.
+	spec := agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")}
+	st := r.checkpoint("uid-tcp-1", spec)
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	require.True(t, r.agent.Delete("uid-tcp-1"), "thaw")
+	got, err = ask(conn)
+	require.NoError(t, err, "the established connection works after the thaw")
+	assert.Equal(t, "token="+token+" served=2", got)
+
+	// (b) Dumped for good, the pod deleted, restored into a new pod with another IP.
+	st = r.checkpoint("uid-tcp-2", spec)
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	id := st.Containers[0].CheckpointID
+	assert.Equal(t, 143, c.stop())
+	_, err = ask(conn)
+	assert.Error(t, err, "the old pod is gone: its client sees the connection end")
+
+	pod2 := newPodNet(t, "10.213.2.2")
+	r.setpriv = pod2.container(restrictedContainer)
+	c2 := r.restoreContainer("app", id, args...)
+	c2.waitOutput("restored; supervising the restored tree")
+	closed := regexp.MustCompile(`closed ` + regexp.QuoteMeta(conn.LocalAddr().String()) + `: (.*)`)
+	assert.Equal(t, "read: EOF", waitLog(t, logPath, closed)[1], "the restored app sees its old connection end as an ordinary EOF")
+
+	conn2 := pod2.dial(t, pod2.ip+":7070")
+	got, err = ask(conn2)
+	require.NoError(t, err, "a new client reaches the restored listening socket at the new pod IP")
+	assert.Equal(t, "token="+token+" served=3", got, "the restored server answers with the state it had")
+	b, _ := os.ReadFile(logPath)
+	assert.Equal(t, 1, strings.Count(string(b), "ready"), "restored, not cold-started:\n%s", b)
+	assert.Equal(t, 128+15, c2.stop())
+}
