@@ -61,6 +61,10 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 		return fail(err, nil)
 	}
 	frozen := newFrozenTree(d.app)
+	// Checked on the stopped tree: exactly the sockets CRIU dumped (sockets.go).
+	if err := checkSockets(d.app, d.t.PID); err != nil {
+		return fail(err, &frozen)
+	}
 	m, err := d.commit(time.Now())
 	if err != nil {
 		return fail(err, &frozen)

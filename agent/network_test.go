@@ -187,3 +187,115 @@ func TestTCPConnectionsThawAndRestore(t *testing.T) {
 	assert.Equal(t, 1, strings.Count(string(b), "ready"), "restored, not cold-started:\n%s", b)
 	assert.Equal(t, 128+15, c2.stop())
 }
+
+// A socket bound to the pod's own IP cannot be restored in the replacement pod (another IP): the
+// dump fails, naming the socket and the fix, and the app runs on. Wildcard and loopback binds
+// dump. Go's default Multipath TCP listener is refused by CRIU itself, with its hint.
+func TestDumpRefusesUnrestorableSockets(t *testing.T) {
+	server := testApp(t, "netserver")
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	tests := []struct {
+		name  string
+		args  []string
+		env   string
+		dial  string   // an address the app serves, asked after the dump
+		fails []string // in the refusal, in order; none: the dump succeeds
+	}{
+		{"wildcard and loopback", []string{"-listen", ":7070", "-listen", "127.0.0.1:7071", "-listen", "[::1]:7072", "-udp", "0.0.0.0:5353", "-udp", "127.0.0.1:5354"},
+			noMPTCP, "127.0.0.1:7071", nil},
+		{"listening on the pod IPv4", []string{"-listen", "10.213.3.2:7070", "-listen", "127.0.0.1:7071"},
+			noMPTCP, "10.213.3.2:7070", []string{"TCP 10.213.3.2:7070 (listening) in process", "(netserver)", "bind the wildcard address instead (0.0.0.0 or ::"}},
+		{"listening on the pod IPv6 (CRIU would restore it with IP_FREEBIND, unreachable)", []string{"-listen", "[fd00:213::2]:7070"},
+			noMPTCP, "[fd00:213::2]:7070", []string{"TCP [fd00:213::2]:7070 (listening)"}},
+		{"UDP bound to the pod IP", []string{"-listen", "127.0.0.1:7071", "-udp", "10.213.3.2:5353"},
+			noMPTCP, "127.0.0.1:7071", []string{"UDP 10.213.3.2:5353 (bound)"}},
+		{"Go's default listener: Multipath TCP", []string{"-listen", ":7070"},
+			"", "127.0.0.1:7070", []string{"Unsupported proto 262", "GODEBUG=multipathtcp=0"}},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pod := newPodNet(t, "10.213.3.2")
+			out, err := exec.Command("ip", "-n", pod.name, "addr", "add", "fd00:213::2/64", "dev", "eth0", "nodad").CombinedOutput()
+			require.NoError(t, err, "%s", out)
+			logPath := filepath.Join(t.TempDir(), "events.log")
+			env := r.env("app")
+			if tt.env != "" {
+				env = append(env, tt.env)
+			}
+			c := startContainerWith(t, "", pod.container(restrictedContainer), env, append([]string{"--", server, "-log", logPath}, tt.args...)...)
+			r.finder["app"] = c.launcherPID()
+			token := waitLog(t, logPath, readyRe)[1]
+
+			uid := fmt.Sprintf("uid-sock-%d", i)
+			st := r.checkpoint(uid, agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
+			if len(tt.fails) == 0 {
+				require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+				require.True(t, r.agent.Delete(uid), "thaw")
+			} else {
+				require.Equal(t, agentapi.PhaseFailed, st.Phase, "an unrestorable socket must fail the dump")
+				last := -1
+				for _, s := range tt.fails {
+					i := strings.Index(st.Message, s)
+					require.Greater(t, i, last, "%q after the previous parts in: %s", s, st.Message)
+					last = i
+				}
+			}
+			// Either way the app runs on and serves.
+			conn := pod.dial(t, tt.dial)
+			got, err := ask(conn)
+			require.NoError(t, err)
+			assert.Equal(t, "token="+token+" served=1", got)
+			assert.Equal(t, 128+15, c.stop())
+		})
+	}
+}
+
+// The socket tables of /proc/<pid>/net, as the kernel prints them.
+func TestParseProcNet(t *testing.T) {
+	tcp := `  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1234 1 0000000000000000 100 0 0 10 0
+   1: 0201D50A:1F90 0201D50A:D2F4 01 00000000:00000000 02:000AB2C4 00000000     0        0 5678 2 0000000000000000 20 4 30 10 -1
+`
+	socks, err := parseProcNet("tcp", []byte(tcp))
+	require.NoError(t, err)
+	require.Len(t, socks, 2)
+	assert.Equal(t, "127.0.0.1:8080", socks[0].local.String())
+	assert.Equal(t, tcpListen, socks[0].state)
+	assert.Equal(t, uint64(1234), socks[0].inode)
+	assert.False(t, socks[0].podSpecific(), "loopback")
+	assert.Equal(t, "10.213.1.2:8080", socks[1].local.String())
+	assert.Equal(t, "10.213.1.2:54004", socks[1].remote.String())
+	assert.False(t, socks[1].podSpecific(), "a connection: restored closed, never rebound")
+
+	tcp6 := `  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 11 1 0000000000000000 100 0 0 10 0
+   1: 0000000000000000FFFF00000201D50A:1F91 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12 1 0000000000000000 100 0 0 10 0
+   2: 130200FD000000000000000002000000:1F92 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 13 1 0000000000000000 100 0 0 10 0
+   3: 00000000000000000000000001000000:1F93 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 14 1 0000000000000000 100 0 0 10 0
+`
+	socks, err = parseProcNet("tcp", []byte(tcp6))
+	require.NoError(t, err)
+	require.Len(t, socks, 4)
+	want := []struct {
+		addr string
+		pod  bool
+	}{{"[::]:8080", false}, {"[::ffff:10.213.1.2]:8081", true}, {"[fd00:213::2]:8082", true}, {"[::1]:8083", false}}
+	for i, w := range want {
+		assert.Equal(t, w.addr, socks[i].local.String())
+		assert.Equal(t, w.pod, socks[i].podSpecific(), w.addr)
+	}
+
+	udp := `   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  100: 0201D50A:14E9 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 99 2 0000000000000000 0
+  101: 00000000:14EA 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 98 2 0000000000000000 0
+`
+	socks, err = parseProcNet("udp", []byte(udp))
+	require.NoError(t, err)
+	require.Len(t, socks, 2)
+	assert.True(t, socks[0].podSpecific(), "UDP bound to the pod IP")
+	assert.Equal(t, "UDP 10.213.1.2:5353 (bound)", socks[0].describe())
+	assert.False(t, socks[1].podSpecific(), "UDP on the wildcard")
+
+	_, err = parseProcNet("tcp", []byte("header\n 0: 0100007F 00000000:0000 0A 0 0 0 0 0 1 1\n"))
+	assert.ErrorContains(t, err, "line 2: local address")
+}
