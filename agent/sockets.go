@@ -163,7 +163,11 @@ func checkSockets(app, launcher int) error {
 		}
 		for _, s := range socks {
 			if pid, ok := held[s.inode]; ok && s.podSpecific() {
-				bad = append(bad, fmt.Sprintf("%s in process %d (%s)", s.describe(), pid, comm(pid)))
+				shown := pid // the container's PID, what its user sees
+				if p, err := pidIn(pid, launcher); err == nil {
+					shown = p
+				}
+				bad = append(bad, fmt.Sprintf("%s in process %d (%s)", s.describe(), shown, comm(pid)))
 			}
 		}
 	}
