@@ -137,11 +137,18 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 	if err != nil {
 		return 0, err
 	}
+	ipc, err := sysvObjects(d.t.PID) // ipc.go
+	if err != nil {
+		return 0, err
+	}
+	if ipc.any() {
+		d.log.Info().Stringer("sysv", ipc).Msg("the pod's IPC namespace holds SysV objects: dumping it with the tree")
+	}
 	d.w.FollowImages(checkpoint.DumpLogName)
 	begin := time.Now()
 	err = criurun.Dump(ctx, criurun.DumpOptions{
 		Bundle:    d.a.cfg.Criu,
-		Join:      criurun.Join{PID: d.t.PID, StartTime: st, As: as},
+		Join:      criurun.Join{PID: d.t.PID, StartTime: st, As: as, DumpIPC: ipc.any()},
 		Pid:       pidInCtr,
 		ImagesDir: d.w.Images(),
 		LogFile:   checkpoint.DumpLogName,

@@ -81,11 +81,28 @@ func waitRound(t testing.TB, c *container, path string, n uint64) []ipcState {
 // memfd mapped by two processes) is dumped and restored into a new container: every object
 // carries on where it was (the app checks each answer itself and logs ERROR otherwise).
 func TestIPCStateContinues(t *testing.T) {
+	testIPCState(t)
+}
+
+// SysV shared memory lives in the pod's IPC namespace: the dump takes the namespace along (CRIU
+// refuses a tree attached to a segment otherwise), and the restored tree finds its segment, with
+// its contents, in a private IPC namespace of the new container.
+func TestSysVSharedMemoryContinues(t *testing.T) {
+	restored := testIPCState(t, "-sysv")
+	objs, err := sysvObjects(restored)
+	require.NoError(t, err)
+	assert.Equal(t, 1, objs.shm, "the segment is in the restored tree's IPC namespace: %v", objs)
+}
+
+// testIPCState runs ipcapp with args through dump and restore, checks its state, and returns the
+// restored app's host PID (still running).
+func testIPCState(t *testing.T, args ...string) int {
 	app := testApp(t, "ipcapp")
 	r := newRig(t, Config{FreezeTimeout: time.Hour})
 	r.serveLocal()
 	state := filepath.Join(t.TempDir(), "state.txt")
-	c := startContainer(t, r.env("app"), "--", app, "-state", state)
+	cmd := append([]string{app, "-state", state}, args...)
+	c := startContainer(t, r.env("app"), append([]string{"--"}, cmd...)...)
 	r.finder["app"] = c.launcherPID()
 	waitRound(t, c, state, 20)
 	root, err := appRoot(r.finder["app"])
@@ -99,7 +116,7 @@ func TestIPCStateContinues(t *testing.T) {
 	dumped := before[len(before)-1]
 	assert.Equal(t, 143, c.stop())
 
-	c2 := r.restoreContainer("app", id, app, "-state", state)
+	c2 := r.restoreContainer("app", id, cmd...)
 	c2.waitOutput("restored; supervising the restored tree")
 	states := waitRound(t, c2, state, dumped.n["round"]+50)
 	_, errs := readIPCStates(t, state)
@@ -111,6 +128,9 @@ func TestIPCStateContinues(t *testing.T) {
 	for i, s := range states {
 		require.Equal(t, dumped.token, s.token, "line %d: the same process state (a cold start draws a new token)", i+1)
 		require.Equal(t, uint64(i+1), s.n["round"], "line %d: rounds continue without reset or gap", i+1)
+		if v, ok := s.n["sysv"]; ok {
+			require.Equal(t, s.n["round"], v, "line %d: the SysV segment's counter continues with its contents", i+1)
+		}
 	}
 	last := states[len(states)-1]
 	round := last.n["round"]
@@ -124,7 +144,13 @@ func TestIPCStateContinues(t *testing.T) {
 	assert.Greater(t, last.n["forked"], dumped.n["forked"], "the forked child runs on in the shared anonymous mapping")
 	echo := last.n["echo"]
 	assert.True(t, echo%3 == 0 && echo/3+3 >= round && echo/3 <= round, "the forked child sees the parent's rounds: echo %d at round %d", echo, round)
-	assert.Equal(t, 128+15, c2.stop())
+	if len(args) > 0 {
+		require.Equal(t, uint64(len(states)), last.n["sysv"], "the SysV counter was read after the restore")
+		restoredNS, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/ipc", restored))
+		podNS, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/ipc", c2.launcherPID()))
+		assert.NotEqual(t, podNS, restoredNS, "the restored tree has a private IPC namespace")
+	}
+	return restored
 }
 
 // treeFds describes the app's processes and their open files (fdinfo included), for a failure.

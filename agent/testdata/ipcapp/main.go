@@ -32,10 +32,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-var statePath string
+var (
+	statePath string
+	sysv      bool
+	sysvMem   *uint64
+)
 
 func main() {
 	child := flag.Bool("child", false, "run as the pipe child")
+	flag.BoolVar(&sysv, "sysv", false, "also count in a SysV shared memory segment (sysv=N)")
 	flag.StringVar(&statePath, "state", "", "state file")
 	flag.Parse()
 	if *child {
@@ -140,6 +145,17 @@ func run() error {
 	a := &app{token: hex.EncodeToString(b)}
 	if err := forkChild(); err != nil {
 		return err
+	}
+	if sysv {
+		id, err := unix.SysvShmGet(unix.IPC_PRIVATE, 4096, unix.IPC_CREAT|0o600)
+		if err != nil {
+			return fmt.Errorf("shmget: %w", err)
+		}
+		mem, err := unix.SysvShmAttach(id, 0, 0)
+		if err != nil {
+			return fmt.Errorf("shmat: %w", err)
+		}
+		sysvMem = (*uint64)(unsafe.Pointer(&mem[0]))
 	}
 	if err := a.startPipeChild(); err != nil {
 		return err
@@ -252,8 +268,12 @@ func (a *app) handle(fd int) error {
 		if err := unix.Tgkill(unix.Getpid(), unix.Gettid(), syscall.SIGUSR1); err != nil {
 			return err
 		}
-		record("token=%s round=%d replies=%d events=%d signals=%d memfd=%d forked=%d echo=%d", a.token, a.round, a.replies,
-			a.events, a.signals, atomic.LoadUint64(a.memfdMap), atomic.LoadUint64(&shm[1]), atomic.LoadUint64(&shm[2]))
+		extra := ""
+		if sysvMem != nil {
+			extra = fmt.Sprintf(" sysv=%d", atomic.AddUint64(sysvMem, 1))
+		}
+		record("token=%s round=%d replies=%d events=%d signals=%d memfd=%d forked=%d echo=%d%s", a.token, a.round, a.replies,
+			a.events, a.signals, atomic.LoadUint64(a.memfdMap), atomic.LoadUint64(&shm[1]), atomic.LoadUint64(&shm[2]), extra)
 	case a.efd:
 		if _, err := unix.Read(a.efd, buf[:8]); err != nil {
 			return fmt.Errorf("eventfd read: %w", err)
