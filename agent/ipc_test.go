@@ -81,28 +81,42 @@ func waitRound(t testing.TB, c *container, path string, n uint64) []ipcState {
 // memfd mapped by two processes) is dumped and restored into a new container: every object
 // carries on where it was (the app checks each answer itself and logs ERROR otherwise).
 func TestIPCStateContinues(t *testing.T) {
-	testIPCState(t)
+	testIPCState(t, restrictedContainer)
 }
 
 // SysV shared memory lives in the pod's IPC namespace: the dump takes the namespace along (CRIU
 // refuses a tree attached to a segment otherwise), and the restored tree finds its segment, with
 // its contents, in a private IPC namespace of the new container.
+// Also for a non-root app (as PostgreSQL runs), which this VM dumps as the app's user.
 func TestSysVSharedMemoryContinues(t *testing.T) {
-	restored := testIPCState(t, "-sysv")
-	objs, err := sysvObjects(restored)
-	require.NoError(t, err)
-	assert.Equal(t, 1, objs.shm, "the segment is in the restored tree's IPC namespace: %v", objs)
+	for _, tt := range []struct {
+		name    string
+		setpriv []string
+	}{{"root", restrictedContainer}, {"uid 1000", nonRootContainer}} {
+		t.Run(tt.name, func(t *testing.T) {
+			restored := testIPCState(t, tt.setpriv, "-sysv")
+			objs, err := sysvObjects(restored)
+			require.NoError(t, err)
+			assert.Equal(t, 1, objs.shm, "the segment is in the restored tree's IPC namespace: %v", objs)
+		})
+	}
 }
 
-// testIPCState runs ipcapp with args through dump and restore, checks its state, and returns the
-// restored app's host PID (still running).
-func testIPCState(t *testing.T, args ...string) int {
+// testIPCState runs ipcapp with args in containers started with setpriv through dump and
+// restore, checks its state, and returns the restored app's host PID (still running).
+func testIPCState(t *testing.T, setpriv []string, args ...string) int {
 	app := testApp(t, "ipcapp")
 	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	r.setpriv = setpriv
 	r.serveLocal()
-	state := filepath.Join(t.TempDir(), "state.txt")
+	work := t.TempDir()
+	for _, d := range []string{filepath.Dir(r.socket), r.root, filepath.Dir(app)} {
+		openToAll(t, d, 0o755) // for a non-root app
+	}
+	openToAll(t, work, 0o777)
+	state := filepath.Join(work, "state.txt")
 	cmd := append([]string{app, "-state", state}, args...)
-	c := startContainer(t, r.env("app"), append([]string{"--"}, cmd...)...)
+	c := startContainerWith(t, "", setpriv, r.env("app"), append([]string{"--"}, cmd...)...)
 	r.finder["app"] = c.launcherPID()
 	waitRound(t, c, state, 20)
 	root, err := appRoot(r.finder["app"])
