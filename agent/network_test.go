@@ -42,26 +42,58 @@ func testApp(t testing.TB, name string) string {
 }
 
 // podNet is a pod's network namespace as a CNI plugin leaves it: lo up, and eth0 holding the pod
-// IP. eth0's peer stays in the namespace too: no address of these tests exists outside it.
+// IP. eth0's peer stays in the namespace too, or, with a service namespace (the rest of the
+// cluster), lives there as the pod's gateway. No address of these tests exists outside the
+// namespaces they create.
 type podNet struct {
 	name, ip string
 }
 
-func newPodNet(t testing.TB, ip string) *podNet {
+// newNetns is a network namespace with lo up.
+func newNetns(t testing.TB) *podNet {
 	t.Helper()
-	n := &podNet{name: "stasis-t-" + randomHex(t, 6), ip: ip}
-	ipCmd := func(args ...string) {
-		out, err := exec.Command("ip", append([]string{"-n", n.name}, args...)...).CombinedOutput()
-		require.NoError(t, err, "ip %v: %s", args, out)
-	}
+	n := &podNet{name: "stasis-t-" + randomHex(t, 6)}
 	out, err := exec.Command("ip", "netns", "add", n.name).CombinedOutput()
 	require.NoError(t, err, "ip netns add: %s", out)
 	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", n.name).Run() })
-	ipCmd("link", "set", "lo", "up")
-	ipCmd("link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
-	ipCmd("addr", "add", ip+"/24", "dev", "eth0")
-	ipCmd("link", "set", "peer0", "up")
-	ipCmd("link", "set", "eth0", "up")
+	n.ipCmd(t, "link", "set", "lo", "up")
+	return n
+}
+
+func (n *podNet) ipCmd(t testing.TB, args ...string) {
+	t.Helper()
+	out, err := exec.Command("ip", append([]string{"-n", n.name}, args...)...).CombinedOutput()
+	require.NoError(t, err, "ip -n %s %v: %s", n.name, args, out)
+}
+
+// newServiceNet is the rest of the cluster: a namespace holding the service address svcIP.
+func newServiceNet(t testing.TB) *podNet {
+	n := newNetns(t)
+	n.ip = svcIP
+	n.ipCmd(t, "addr", "add", svcIP+"/32", "dev", "lo")
+	return n
+}
+
+const svcIP = "10.96.0.10"
+
+// newPodNet makes a pod's namespace with ip (a /24 whose .1 is the gateway in svc, if given).
+func newPodNet(t testing.TB, ip string, svc ...*podNet) *podNet {
+	t.Helper()
+	n := newNetns(t)
+	n.ip = ip
+	if len(svc) == 0 {
+		n.ipCmd(t, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
+		n.ipCmd(t, "link", "set", "peer0", "up")
+	} else {
+		peer := "v" + randomHex(t, 4)
+		n.ipCmd(t, "link", "add", "eth0", "type", "veth", "peer", "name", peer, "netns", svc[0].name)
+		gw := ip[:strings.LastIndexByte(ip, '.')] + ".1"
+		svc[0].ipCmd(t, "addr", "add", gw+"/24", "dev", peer)
+		svc[0].ipCmd(t, "link", "set", peer, "up")
+		defer n.ipCmd(t, "route", "add", "default", "via", gw)
+	}
+	n.ipCmd(t, "addr", "add", ip+"/24", "dev", "eth0")
+	n.ipCmd(t, "link", "set", "eth0", "up")
 	return n
 }
 
@@ -73,34 +105,55 @@ func (n *podNet) container(base []string) []string {
 	return append([]string{"nsenter", "--net=" + n.path(), "--"}, base...)
 }
 
-// dial connects from the pod's network namespace but outside the container's tree (a sidecar, or
-// another pod through the pod IP): a socket is created in the namespace its thread is in.
-func (n *podNet) dial(t testing.TB, addr string) net.Conn {
+// inside runs f on a thread in the namespace: a socket is created in the namespace of the thread
+// that creates it, and stays there.
+func (n *podNet) inside(t testing.TB, f func() error) {
 	t.Helper()
-	type result struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan result, 1)
+	done := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine, namespace and all
 		ns, err := os.Open(n.path())
 		if err != nil {
-			ch <- result{nil, err}
+			done <- err
 			return
 		}
 		defer ns.Close()
 		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- result{nil, err}
+			done <- err
 			return
 		}
-		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
-		ch <- result{c, err}
+		done <- f()
 	}()
-	r := <-ch
-	require.NoError(t, r.err, "dial %s in %s", addr, n.name)
-	t.Cleanup(func() { r.c.Close() })
-	return r.c
+	require.NoError(t, <-done, "in %s", n.name)
+}
+
+// dial connects from the pod's network namespace but outside the container's tree (a sidecar, or
+// another pod through the pod IP).
+func (n *podNet) dial(t testing.TB, addr string) net.Conn {
+	t.Helper()
+	var c net.Conn
+	n.inside(t, func() (err error) { c, err = net.DialTimeout("tcp", addr, 10*time.Second); return err })
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// listenUDP binds a UDP socket in the namespace.
+func (n *podNet) listenUDP(t testing.TB, addr string) net.PacketConn {
+	t.Helper()
+	var pc net.PacketConn
+	n.inside(t, func() (err error) { pc, err = net.ListenPacket("udp", addr); return err })
+	t.Cleanup(func() { pc.Close() })
+	return pc
+}
+
+// datagram reads one datagram: its content and its sender.
+func datagram(t testing.TB, pc net.PacketConn) (string, string) {
+	t.Helper()
+	buf := make([]byte, 512)
+	_ = pc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	n, from, err := pc.ReadFrom(buf)
+	require.NoError(t, err, "no datagram")
+	return string(buf[:n]), from.String()
 }
 
 // ask sends one request to the netserver and returns its answer ("token=… served=N").
@@ -135,17 +188,21 @@ const noMPTCP = "GODEBUG=multipathtcp=0"
 
 var readyRe = regexp.MustCompile(`ready token=([0-9a-f]+)`)
 
-// A server holding a listening socket and an established connection from a client outside its
-// tree: (a) dumped and thawed (the eviction was refused), the connection still works; (b) restored
-// into a new pod (new network namespace, new IP), the app sees its old connection end as an
-// ordinary EOF, and a new client reaches the restored listening socket and gets the app's state.
+// A server holding a listening socket, an established connection from a client outside its tree
+// and a connected UDP socket to a service elsewhere in the cluster: (a) dumped and thawed (the
+// eviction was refused), the connection still works; (b) restored into a new pod (new network
+// namespace, new IP), the app sees its old connection end as an ordinary EOF, a new client reaches
+// the restored listening socket and gets the app's state, and its UDP reports reach the service
+// from the new pod's IP, from the same port.
 func TestTCPConnectionsThawAndRestore(t *testing.T) {
 	server := testApp(t, "netserver")
 	r := newRig(t, Config{FreezeTimeout: time.Hour})
 	r.serveLocal()
 	logPath := filepath.Join(t.TempDir(), "events.log")
-	args := []string{server, "-log", logPath, "-listen", ":7070"}
-	pod1 := newPodNet(t, "10.213.1.2")
+	args := []string{server, "-log", logPath, "-listen", ":7070", "-udpdial", svcIP + ":53"}
+	svc := newServiceNet(t)
+	reports := svc.listenUDP(t, svcIP+":53")
+	pod1 := newPodNet(t, "10.213.1.2", svc)
 	c := startContainerWith(t, "", pod1.container(restrictedContainer), append(r.env("app"), noMPTCP), append([]string{"--"}, args...)...)
 	r.finder["app"] = c.launcherPID()
 	token := waitLog(t, logPath, readyRe)[1]
@@ -154,6 +211,10 @@ func TestTCPConnectionsThawAndRestore(t *testing.T) {
 	got, err := ask(conn)
 	require.NoError(t, err)
 	require.Equal(t, "token="+token+" served=1", got)
+	report, from := datagram(t, reports)
+	require.Equal(t, got, report)
+	require.True(t, strings.HasPrefix(from, pod1.ip+":"), "reported from the pod IP: %s", from)
+	_, udpPort, _ := strings.Cut(from, ":")
 
 	// (a) Dumped, then thawed: the connection was never locked or put in repair mode.
 	spec := agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")}
@@ -163,6 +224,8 @@ func TestTCPConnectionsThawAndRestore(t *testing.T) {
 	got, err = ask(conn)
 	require.NoError(t, err, "the established connection works after the thaw")
 	assert.Equal(t, "token="+token+" served=2", got)
+	report, _ = datagram(t, reports)
+	assert.Equal(t, got, report)
 
 	// (b) Dumped for good, the pod deleted, restored into a new pod with another IP.
 	st = r.checkpoint("uid-tcp-2", spec)
@@ -172,7 +235,7 @@ func TestTCPConnectionsThawAndRestore(t *testing.T) {
 	_, err = ask(conn)
 	assert.Error(t, err, "the old pod is gone: its client sees the connection end")
 
-	pod2 := newPodNet(t, "10.213.2.2")
+	pod2 := newPodNet(t, "10.213.2.2", svc)
 	r.setpriv = pod2.container(restrictedContainer)
 	c2 := r.restoreContainer("app", id, args...)
 	c2.waitOutput("restored; supervising the restored tree")
@@ -183,8 +246,12 @@ func TestTCPConnectionsThawAndRestore(t *testing.T) {
 	got, err = ask(conn2)
 	require.NoError(t, err, "a new client reaches the restored listening socket at the new pod IP")
 	assert.Equal(t, "token="+token+" served=3", got, "the restored server answers with the state it had")
+	report, from = datagram(t, reports)
+	assert.Equal(t, got, report, "the restored UDP socket reports to the service")
+	assert.Equal(t, pod2.ip+":"+udpPort, from, "from the new pod's IP, same port")
 	b, _ := os.ReadFile(logPath)
 	assert.Equal(t, 1, strings.Count(string(b), "ready"), "restored, not cold-started:\n%s", b)
+	assert.NotContains(t, string(b), "udp report:")
 	assert.Equal(t, 128+15, c2.stop())
 }
 

@@ -250,10 +250,10 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 	if err := checkpoint.CopyImagesAt(plan.dir, plan.m, images); err != nil {
 		return 0, fmt.Errorf("corrupt checkpoint %s: %w", plan.m.ID, err)
 	}
-	if n, err := criurun.RearmExpiredTimerfds(images); err != nil {
+	if fx, err := criurun.FixImages(images); err != nil {
 		return 0, fmt.Errorf("checkpoint %s: %w", plan.m.ID, err)
-	} else if n > 0 {
-		log.Info().Int("timerfds", n).Msg("re-armed periodic timers that expired during the dump (CRIU would restore them disarmed)")
+	} else if fx != (criurun.Fixes{}) {
+		log.Info().Int("timerfds-rearmed", fx.Timers).Int("udp-rebound", fx.UDP).Msg("images adapted to the new pod")
 	}
 	st, _ := criurun.StartTime(t.PID)
 	log.Info().Str("checkpoint", plan.m.ID).Int("inheritFDs", len(inherit)).Msg("restoring")

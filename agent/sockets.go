@@ -91,17 +91,15 @@ func parseHexAddr(s string) (netip.AddrPort, error) {
 }
 
 // podSpecific tells whether a socket is bound to an address that belongs to this pod (not the
-// wildcard, not loopback), in a way CRIU restores by binding to it again. TCP connections are not
-// rebound (restored closed); a connected UDP socket is (CRIU binds, then connects).
+// wildcard, not loopback), in a way CRIU restores by binding to it again. Connections are not:
+// TCP ones are restored closed, connected UDP sockets get the new pod's address
+// (criurun.FixImages).
 func (s inetSocket) podSpecific() bool {
 	a := s.local.Addr().Unmap()
 	if s.local.Port() == 0 || a.IsUnspecified() || a.IsLoopback() {
 		return false
 	}
-	if s.proto == "tcp" && s.remote.Port() != 0 {
-		return false
-	}
-	return true
+	return s.remote.Port() == 0
 }
 
 func (s inetSocket) describe() string {

@@ -4,7 +4,10 @@
 // requests served so far. Every connection that ends is logged to LOG (opened for each line, so
 // the app holds no file open) with the error the app saw.
 //
-//	netserver -log LOG [-listen ADDR]... [-udp ADDR]...
+// With -udpdial it also reports each answer in a datagram on a connected UDP socket (as a
+// metrics client does).
+//
+//	netserver -log LOG [-listen ADDR]... [-udp ADDR]... [-udpdial ADDR]
 package main
 
 import (
@@ -28,6 +31,7 @@ var (
 	logPath string
 	token   string
 	served  atomic.Int64
+	report  net.Conn // -udpdial
 )
 
 func logf(format string, args ...any) {
@@ -45,6 +49,7 @@ func main() {
 	flag.StringVar(&logPath, "log", "", "event log")
 	flag.Var(&tcp, "listen", "TCP address to serve on (repeatable)")
 	flag.Var(&udp, "udp", "UDP address to bind (repeatable; only held)")
+	udpDial := flag.String("udpdial", "", "UDP address to report each answer to")
 	flag.Parse()
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
@@ -57,6 +62,14 @@ func main() {
 			os.Exit(1)
 		}
 		held = append(held, pc)
+	}
+	if *udpDial != "" {
+		c, err := net.Dial("udp", *udpDial)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		report = c
 	}
 	done := make(chan struct{})
 	for _, a := range tcp {
@@ -94,6 +107,11 @@ func serve(c net.Conn) {
 			return
 		}
 		n := served.Add(1)
+		if report != nil {
+			if _, err := fmt.Fprintf(report, "token=%s served=%d", token, n); err != nil {
+				logf("udp report: %v", err)
+			}
+		}
 		if _, err := fmt.Fprintf(c, "token=%s served=%d\n", token, n); err != nil {
 			logf("closed %s: write: %v", peer, err)
 			return
