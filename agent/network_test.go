@@ -355,13 +355,16 @@ func TestParseProcNet(t *testing.T) {
 	udp := `   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
   100: 0201D50A:14E9 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 99 2 0000000000000000 0
   101: 00000000:14EA 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 98 2 0000000000000000 0
+  102: 0201D50A:9C40 0A00600A:0035 01 00000000:00000000 00:00000000 00000000     0        0 97 2 0000000000000000 0
 `
 	socks, err = parseProcNet("udp", []byte(udp))
 	require.NoError(t, err)
-	require.Len(t, socks, 2)
+	require.Len(t, socks, 3)
 	assert.True(t, socks[0].podSpecific(), "UDP bound to the pod IP")
 	assert.Equal(t, "UDP 10.213.1.2:5353 (bound)", socks[0].describe())
 	assert.False(t, socks[1].podSpecific(), "UDP on the wildcard")
+	assert.Equal(t, "UDP 10.213.1.2:40000 (connected to 10.96.0.10:53)", socks[2].describe())
+	assert.False(t, socks[2].podSpecific(), "connected UDP: the restore gives it the new pod's address")
 
 	_, err = parseProcNet("tcp", []byte("header\n 0: 0100007F 00000000:0000 0A 0 0 0 0 0 1 1\n"))
 	assert.ErrorContains(t, err, "line 2: local address")

@@ -16,8 +16,9 @@ import (
 // Sockets a checkpoint cannot take along.
 //
 // The tree is restored into a new pod: same image, new network namespace, new IP. CRIU restores
-// an inet socket by binding it again to the address it had (connections excepted: they come back
-// closed, see criurun/network.go). A socket bound to the old pod IP therefore cannot come back
+// an inet socket by binding it again to the address it had (connections excepted: TCP ones come
+// back closed, see criurun/network.go, connected UDP sockets get the new pod's address, see
+// criurun.FixImages). A socket bound to the old pod IP therefore cannot come back
 // (measured with this check off): IPv4 fails the restore ("inet: Can't bind inet socket (id 8):
 // Cannot assign requested address", a cold start), and IPv6 is worse, CRIU binds with IP_FREEBIND,
 // so the restore succeeds and the socket listens on an address nobody can reach. Either way the eviction would have been allowed on a checkpoint
