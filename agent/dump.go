@@ -61,6 +61,10 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 		return fail(d.noRoomHint(err), nil)
 	}
 	frozen := newFrozenTree(d.app)
+	// Checked on the stopped tree: exactly the sockets CRIU dumped (sockets.go).
+	if err := checkSockets(d.app, d.t.PID); err != nil {
+		return fail(err, &frozen)
+	}
 	m, err := d.commit(time.Now())
 	if err != nil {
 		return fail(d.noRoomHint(err), &frozen)
@@ -138,11 +142,18 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 	if err != nil {
 		return 0, err
 	}
+	ipc, err := sysvObjects(d.t.PID) // ipc.go
+	if err != nil {
+		return 0, err
+	}
+	if ipc.any() {
+		d.log.Info().Stringer("sysv", ipc).Msg("the pod's IPC namespace holds SysV objects: dumping it with the tree")
+	}
 	d.w.FollowImages(checkpoint.DumpLogName)
 	begin := time.Now()
 	err = criurun.Dump(ctx, criurun.DumpOptions{
 		Bundle:    d.a.cfg.Criu,
-		Join:      criurun.Join{PID: d.t.PID, StartTime: st, As: as},
+		Join:      criurun.Join{PID: d.t.PID, StartTime: st, As: as, DumpIPC: ipc.any()},
 		Pid:       pidInCtr,
 		ImagesDir: d.w.Images(),
 		LogFile:   checkpoint.DumpLogName,

@@ -261,6 +261,11 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 	if err := checkpoint.CopyImagesAt(plan.dir, plan.m, images); err != nil {
 		return 0, fmt.Errorf("corrupt checkpoint %s: %w", plan.m.ID, err)
 	}
+	if fx, err := criurun.FixImages(images); err != nil {
+		return 0, fmt.Errorf("checkpoint %s: %w", plan.m.ID, err)
+	} else if fx != (criurun.Fixes{}) {
+		log.Info().Int("timerfds-rearmed", fx.Timers).Int("udp-rebound", fx.UDP).Msg("images adapted to the new pod")
+	}
 	st, _ := criurun.StartTime(t.PID)
 	log.Info().Str("checkpoint", plan.m.ID).Int("inheritFDs", len(inherit)).Msg("restoring")
 	pid, err := criurun.Restore(ctx, criurun.RestoreOptions{

@@ -56,6 +56,7 @@ func Dump(ctx context.Context, o DumpOptions) error {
 		LogLevel:     proto.Int32(o.LogLevel),
 		LeaveStopped: proto.Bool(true),
 	}
+	networkOptions(opts)
 	if o.Config != "" {
 		cfg, err := sealedFile("criu.conf", o.Config)
 		if err != nil {

@@ -52,6 +52,7 @@ func Restore(ctx context.Context, o RestoreOptions) (int, error) {
 		ManageCgroupsMode: rpc.CriuCgMode_IGNORE.Enum(),
 		LeaveStopped:      proto.Bool(true),
 	}
+	networkOptions(opts)
 	for _, in := range o.Inherit {
 		opts.InheritFd = append(opts.InheritFd, &rpc.InheritFd{Key: proto.String(in.Key), Fd: proto.Int32(int32(call.Pass(in.File)))})
 	}

@@ -29,6 +29,11 @@ type Join struct {
 	// Cgroups: CRIU also joins the process's cgroups (a restore: what CRIU creates is charged to
 	// the container, under its limits).
 	Cgroups bool
+	// DumpIPC: CRIU stays out of the process's IPC namespace, so that a dump takes that namespace
+	// along (CRIU dumps the namespaces of the tree that differ from its own): every SysV shared
+	// memory segment with its contents, semaphore set and message queue in it. The restored tree
+	// then gets a private IPC namespace holding them (see agent/ipc.go).
+	DumpIPC bool
 }
 
 // joinedNamespaces are entered in this order (nsenter's, minus user and time: a container here
@@ -145,6 +150,9 @@ func (b Bundle) Run(ctx context.Context, c *Call) (*rpc.CriuResp, error) {
 func openNamespaces(j Join) ([]*os.File, error) {
 	var out []*os.File
 	for _, ns := range joinedNamespaces {
+		if ns == "ipc" && j.DumpIPC {
+			continue
+		}
 		f, err := os.Open(fmt.Sprintf("/proc/%d/ns/%s", j.PID, ns))
 		if err != nil {
 			for _, o := range out {
