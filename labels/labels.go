@@ -50,10 +50,12 @@ var DefaultExcludedContainers = []string{"istio-proxy", "nginx-proxy"}
 
 // CheckpointOptions are the CRIU dump options a user may add (checkpoint-advanced-options,
 // MMC_CHECKPOINT_ADVANCED_OPTIONS). Options that change where or how Stasis runs CRIU (images dir,
-// leave-running, root, pid) are not among them: the agent owns those. A trailing '=' takes a value.
+// leave-running, root, pid, network lock) are not among them: the agent owns those.
+// --tcp-established and --tcp-close are accepted for TCO manifests and change nothing: the agent
+// always closes established connections (a new pod has a new IP; see docs/agent.md). A trailing '=' takes a value.
 var CheckpointOptions = []string{"--tcp-established", "--tcp-close", "--tcp-skip-in-flight",
 	"--skip-in-flight", "--file-locks", "--ext-unix-sk", "--shell-job", "--link-remap",
-	"--ghost-limit=", "--timeout=", "--manage-cgroups=", "--network-lock=", "--external=",
+	"--ghost-limit=", "--timeout=", "--manage-cgroups=", "--external=",
 	"--skip-mnt=", "--enable-external-masters", "--enable-external-sharing", "--track-mem",
 	"--auto-dedup", "--compress"}
 

@@ -106,6 +106,7 @@ func Pod(pod *corev1.Pod, in Input) {
 		setEnv(c, corev1.EnvVar{Name: wiring.EnvCheckpointDir, Value: wiring.CheckpointDir(in.Identity, c.Name)})
 		setEnv(c, corev1.EnvVar{Name: wiring.EnvIdentity, Value: in.Identity})
 		setEnv(c, corev1.EnvVar{Name: wiring.EnvFreezeWatchdog, Value: freezeWatchdog(pod).String()})
+		noMultipathTCP(c)
 		if id := restoreID(in.Restore, c.Name); id != "" {
 			setEnv(c, corev1.EnvVar{Name: wiring.EnvRestoreID, Value: id})
 			if len(cc.RestoreOptions) > 0 {
@@ -176,6 +177,26 @@ func setInitContainer(spec *corev1.PodSpec, at int, want corev1.Container) {
 }
 
 // setEnv sets a variable, replacing one of the same name: Stasis owns the STASIS_* names.
+// noMultipathTCP turns off Go's Multipath TCP (on by default for listeners since Go 1.24): CRIU
+// cannot dump an MPTCP socket ("Unsupported proto 262"), so every Go server would refuse its
+// drain. For Go programs the sockets become plain TCP, which nothing sees; other programs ignore
+// GODEBUG. A user's own GODEBUG keeps its settings (and a multipathtcp setting of its own wins).
+func noMultipathTCP(c *corev1.Container) {
+	const setting = "multipathtcp=0"
+	for i := range c.Env {
+		e := &c.Env[i]
+		if e.Name != "GODEBUG" {
+			continue
+		}
+		if e.ValueFrom == nil && !strings.Contains(e.Value, "multipathtcp=") {
+			e.Value = strings.TrimSuffix(e.Value+","+setting, ",")
+			e.Value = strings.TrimPrefix(e.Value, ",")
+		}
+		return
+	}
+	c.Env = append(c.Env, corev1.EnvVar{Name: "GODEBUG", Value: setting})
+}
+
 func setEnv(c *corev1.Container, e corev1.EnvVar) {
 	for i := range c.Env {
 		if c.Env[i].Name == e.Name {
