@@ -30,6 +30,7 @@ type dump struct {
 	dir   *os.File // the container's checkpoint directory (c.Dir)
 	w     *checkpoint.Writer
 	start time.Time
+	ipcNS bool // the pod's IPC namespace was dumped with the tree (it holds SysV objects)
 }
 
 // dumpContainer checkpoints one container: find its launcher and the app under it, dump the app's
@@ -146,7 +147,7 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 	if err != nil {
 		return 0, err
 	}
-	if ipc.any() {
+	if d.ipcNS = ipc.any(); d.ipcNS {
 		d.log.Info().Stringer("sysv", ipc).Msg("the pod's IPC namespace holds SysV objects: dumping it with the tree")
 	}
 	d.w.FollowImages(checkpoint.DumpLogName)
@@ -249,6 +250,7 @@ func (d *dump) commit(dumped time.Time) (*checkpoint.Manifest, error) {
 		Pod: d.req.Pod, Identity: d.t.PodAnnotations[wiring.AnnotationIdentity], Container: d.c.Name,
 		Node: d.a.cfg.NodeName, Image: d.t.Image, ImageRef: d.t.ImageRef,
 		Reason: d.req.Reason, CriuVersion: d.a.cfg.CriuVersion, Started: d.start.UTC(), Dumped: dumped.UTC(),
+		IPCNamespace: d.ipcNS,
 	}
 	err := processInfo(d.app, d.t.PID, m)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -13,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/checkpoint"
 	"github.com/stasis-k8s/stasis/criurun"
 )
 
@@ -126,6 +128,9 @@ func testIPCState(t *testing.T, setpriv []string, args ...string) int {
 	st := r.checkpoint("uid-ipc", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
 	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
 	id := st.Containers[0].CheckpointID
+	m, err := checkpoint.ReadManifest(filepath.Join(r.dir("app"), id))
+	require.NoError(t, err)
+	assert.Equal(t, slices.Contains(args, "-sysv"), m.IPCNamespace, "the manifest says whether the IPC namespace travelled")
 	before, _ := readIPCStates(t, state)
 	dumped := before[len(before)-1]
 	assert.Equal(t, 143, c.stop())

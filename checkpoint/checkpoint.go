@@ -79,6 +79,9 @@ type Manifest struct {
 	// by the agent on its own, and CarriedDirs the directories they (and the tree) need.
 	Carried     []CarriedFile `json:"carried,omitempty"`
 	CarriedDirs []CarriedDir  `json:"carriedDirs,omitempty"`
+	// IPCNamespace: the pod's IPC namespace (its SysV objects) was dumped with the tree, and the
+	// restored tree gets a private one holding them.
+	IPCNamespace bool `json:"ipcNamespace,omitempty"`
 	// Deleted are the image paths the container had deleted (checkpoint-rootfs): removed again
 	// before the restore.
 	Deleted []string `json:"deleted,omitempty"`
