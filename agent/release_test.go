@@ -39,15 +39,8 @@ func TestFrozenAppReleasedWhenPodNotDeleted(t *testing.T) {
 			pods.deleting.Store(deleting)
 			state := t.TempDir()
 			r := newRig(t, Config{FreezeTimeout: time.Hour, ReleaseAfter: 2 * time.Second, Pods: pods, StateDir: state})
-			out := filepath.Join(t.TempDir(), "counter.txt")
-			c := startContainer(t, r.env("app"), "--", counterBin, out)
-			r.finder["app"] = c.launcherPID()
-			waitCount(t, c, out, 3)
-			st := r.checkpoint("uid-r", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
-			require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
-			dumped := readCounts(t, out)
-			root, err := appRoot(r.finder["app"])
-			require.NoError(t, err)
+			c, out := r.startCounter()
+			_, dumped, root := r.dumpFrozen("uid-r", out)
 
 			// The webhook still holding the review (a suspend waiting for the Job's other pods)
 			// asks every second: the app stays frozen.
@@ -97,15 +90,8 @@ func TestFrozenAppReleasedWhenPodNotDeleted(t *testing.T) {
 func TestRestartedAgentAdoptsFrozenApp(t *testing.T) {
 	state := t.TempDir()
 	r := newRig(t, Config{FreezeTimeout: time.Hour, StateDir: state})
-	out := filepath.Join(t.TempDir(), "counter.txt")
-	c := startContainer(t, r.env("app"), "--", counterBin, out)
-	r.finder["app"] = c.launcherPID()
-	waitCount(t, c, out, 3)
-	st := r.checkpoint("uid-a", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
-	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
-	dumped := readCounts(t, out)
-	root, err := appRoot(r.finder["app"])
-	require.NoError(t, err)
+	c, out := r.startCounter()
+	st, dumped, root := r.dumpFrozen("uid-a", out)
 
 	// The new agent of the node (the old one's operations die with it: nothing would thaw them).
 	pods := &apiPods{}
@@ -157,4 +143,27 @@ func TestInPlaceRestartDoesNotRestoreAgain(t *testing.T) {
 	got := waitCount(t, c2, out, 5)
 	assert.Equal(t, []int{1, 2, 1, 2, 3}, got[:5], "the file is the restarted container's own, appended to by a fresh start")
 	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("cold-start")))
+}
+
+// startCounter starts the counter app in the rig's container "app" (with extra flags first) and
+// waits until it has counted to 3; it returns the container and the counter's file.
+func (r *rig) startCounter(flags ...string) (*container, string) {
+	r.t.Helper()
+	out := filepath.Join(r.t.TempDir(), "counter.txt")
+	c := startContainer(r.t, r.env("app"), append(append([]string{"--", counterBin}, flags...), out)...)
+	r.finder["app"] = c.launcherPID()
+	waitCount(r.t, c, out, 3)
+	return c, out
+}
+
+// dumpFrozen checkpoints the started counter (writing to out) and returns the result, the numbers
+// it had written and the host PID of its (frozen) app.
+func (r *rig) dumpFrozen(uid, out string) (agentapi.CheckpointStatus, []int, int) {
+	r.t.Helper()
+	st := r.checkpoint(uid, agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
+	require.Equal(r.t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	dumped := readCounts(r.t, out)
+	root, err := appRoot(r.finder["app"])
+	require.NoError(r.t, err)
+	return st, dumped, root
 }

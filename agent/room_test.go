@@ -34,10 +34,7 @@ func dumpAndThaw(t *testing.T, r *rig, uid string) agentapi.CheckpointStatus {
 func TestDumpMakesRoomFirst(t *testing.T) {
 	r := newRig(t, Config{FreezeTimeout: time.Hour, KeepCheckpoints: 2})
 	smallVolume(t, r, "40m")
-	out := filepath.Join(t.TempDir(), "counter.txt")
-	c := startContainer(t, r.env("app"), "--", counterBin, "-touch-mib", "12", out)
-	r.finder["app"] = c.launcherPID()
-	waitCount(t, c, out, 3)
+	r.startCounter("-touch-mib", "12")
 	for i, uid := range []string{"u1", "u2", "u3", "u4"} {
 		st := dumpAndThaw(t, r, uid)
 		require.Equal(t, agentapi.PhaseSucceeded, st.Phase, "dump %d: %s", i+1, st.Message)
@@ -53,10 +50,7 @@ func TestDumpMakesRoomFirst(t *testing.T) {
 func TestFullVolumeFailsCleanly(t *testing.T) {
 	r := newRig(t, Config{FreezeTimeout: time.Hour, KeepCheckpoints: 2})
 	smallVolume(t, r, "20m")
-	out := filepath.Join(t.TempDir(), "counter.txt")
-	c := startContainer(t, r.env("app"), "--", counterBin, "-touch-mib", "12", out)
-	r.finder["app"] = c.launcherPID()
-	waitCount(t, c, out, 3)
+	c, out := r.startCounter("-touch-mib", "12")
 	first := dumpAndThaw(t, r, "u1")
 	require.Equal(t, agentapi.PhaseSucceeded, first.Phase, first.Message)
 	id := first.Containers[0].CheckpointID
