@@ -86,6 +86,8 @@ for jdk in "$dest"/usr/lib/jvm/java-*-openjdk-*; do
     [ -e "$jdk/bin/$b" ] && ln -sf "${jdk#"$dest"}/bin/$b" "$dest/usr/bin/$b"
   done
 done
+# Debian's alternatives (made by postinst scripts) that users call by their generic name.
+[ -e "$dest/usr/bin/awk" ] || { [ -e "$dest/usr/bin/gawk" ] && ln -s gawk "$dest/usr/bin/awk"; }
 cat >"$dest/etc/passwd" <<'P'
 root:x:0:0:root:/root:/bin/bash
 daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin
