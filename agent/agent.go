@@ -35,6 +35,18 @@ type Target struct {
 	// PodAnnotations are the pod's annotations as the kubelet gave them to the runtime (the pod
 	// sandbox's): where the agent reads what the webhook decided (identity, checkpoint to restore).
 	PodAnnotations map[string]string
+	// Started is when the container started (zero: unknown, the start of its PID 1 is used): a
+	// file of its root changed since is in its writable layer.
+	Started time.Time
+	// Mounts are the container's volume mounts as the kubelet gave them to the runtime.
+	Mounts []Mount
+}
+
+// Mount is one volume mount of a container.
+type Mount struct {
+	ContainerPath string
+	HostPath      string // the kubelet's directory of the volume, which names its kind
+	ReadOnly      bool
 }
 
 // EventRecorder records Events on pods (nil: no Events).

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -91,6 +92,12 @@ func (c *CRI) Find(ctx context.Context, pod agentapi.PodRef, name string) (Targe
 	t := Target{PID: pid, ImageRef: st.GetStatus().GetImageRef()}
 	if img := st.GetStatus().GetImage(); img != nil {
 		t.Image = img.Image
+	}
+	if ns := st.GetStatus().GetStartedAt(); ns > 0 {
+		t.Started = time.Unix(0, ns)
+	}
+	for _, m := range st.GetStatus().GetMounts() {
+		t.Mounts = append(t.Mounts, Mount{ContainerPath: m.ContainerPath, HostPath: m.HostPath, ReadOnly: m.Readonly})
 	}
 	sb, err := c.runtime.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: ct.PodSandboxId})
 	if err != nil {

@@ -67,6 +67,9 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	}
 	res.Phase, res.CheckpointID, res.Bytes = agentapi.PhaseSucceeded, id, m.Size
 	res.Message = fmt.Sprintf("dump %.2fs, total %.2fs, %d bytes of images", criuTime.Seconds(), time.Since(d.start).Seconds(), m.ImagesSize)
+	if len(m.Carried) > 0 {
+		res.Message += fmt.Sprintf(", %d held file(s) carried from the container's filesystem", len(m.Carried))
+	}
 	a.cfg.Metrics.DumpDuration.Observe(time.Since(d.start).Seconds())
 	a.cfg.Metrics.DumpBytes.Add(float64(m.Size))
 	d.log.Info().Str("checkpoint", path.Join(c.Dir, id)).Int64("bytes", m.Size).Dur("criu", criuTime).Dur("total", time.Since(d.start)).Msg("checkpoint complete; app left frozen")
@@ -234,14 +237,16 @@ func (d *dump) commit(dumped time.Time) (*checkpoint.Manifest, error) {
 		Node: d.a.cfg.NodeName, Image: d.t.Image, ImageRef: d.t.ImageRef,
 		Reason: d.req.Reason, CriuVersion: d.a.cfg.CriuVersion, Started: d.start.UTC(), Dumped: dumped.UTC(),
 	}
-	if err := processInfo(d.app, d.t.PID, m); err != nil {
-		return nil, err
-	}
-	copied, err := d.w.CopyIn(d.root, d.c.Files, d.a.cfg.CopyLimits)
+	err := processInfo(d.app, d.t.PID, m)
 	if err != nil {
 		return nil, err
 	}
-	m.CopiedFiles = copied
+	if err = d.carryFiles(m, d.c.Files); err != nil {
+		return nil, err
+	}
+	if m.CopiedFiles, err = d.w.CopyIn(d.root, d.c.Files, d.a.cfg.CopyLimits); err != nil {
+		return nil, err
+	}
 	if err := d.w.Commit(m); err != nil {
 		return nil, fmt.Errorf("committing the checkpoint: %w", err)
 	}

@@ -34,6 +34,7 @@ type rig struct {
 	identity string
 	agent    *Agent
 	finder   pidFinder
+	mounts   []Mount // the volume mounts the runtime reports for every container
 	socket   string
 
 	pods *fakeRuntimePods // the runtime's view of the restoring pods' containers (serveLocal)
@@ -78,13 +79,13 @@ func (f rigFinder) Find(ctx context.Context, pod agentapi.PodRef, c string) (Tar
 		select {
 		case ct := <-v.(chan *container):
 			v.(chan *container) <- ct
-			return Target{PID: ct.launcherPID(), Image: "counter:test", PodAnnotations: ann}, nil
+			return Target{PID: ct.launcherPID(), Image: "counter:test", PodAnnotations: ann, Mounts: f.r.mounts}, nil
 		case <-time.After(10 * time.Second):
 			return Target{}, fmt.Errorf("restoring container %q never started", c)
 		}
 	}
 	t, err := f.r.finder.Find(ctx, pod, c)
-	t.PodAnnotations = ann
+	t.PodAnnotations, t.Mounts = ann, f.r.mounts
 	return t, err
 }
 

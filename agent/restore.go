@@ -215,6 +215,10 @@ func preparePod(root *os.File, identityDir string, ref wiring.RestoreRef, key ch
 // resumes the restored tree once its images are verified. It returns the restored root's PID as
 // seen in the container.
 func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Target, root *os.File, plan *restorePlan, options []string) (int, error) {
+	// Carried files first: a checkpoint-files path over one of them is the user's, and wins.
+	if err := checkpoint.PutBackCarriedAt(plan.dir, plan.m, root); err != nil {
+		return 0, fmt.Errorf("putting the carried files back: %w", err)
+	}
 	if err := checkpoint.PutBackAt(plan.dir, plan.m, root); err != nil {
 		return 0, fmt.Errorf("putting the checkpoint files back: %w", err)
 	}

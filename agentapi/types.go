@@ -74,6 +74,9 @@ type ContainerSpec struct {
 	// CriuOptions are extra CRIU dump options (checkpoint-advanced-options /
 	// MMC_CHECKPOINT_ADVANCED_OPTIONS), already validated by the webhook, e.g. "--tcp-established".
 	CriuOptions []string `json:"criuOptions,omitempty"`
+	// Rootfs: carry every change of the container's writable layer, not only the files its
+	// processes hold (checkpoint-rootfs).
+	Rootfs bool `json:"rootfs,omitempty"`
 }
 
 // CheckpointStatus is the state of one checkpoint operation.

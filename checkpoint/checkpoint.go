@@ -75,6 +75,13 @@ type Manifest struct {
 	OpenFiles []OpenFile `json:"openFiles,omitempty"`
 	// CopiedFiles are the checkpoint-files copied into files/.
 	CopiedFiles []CopiedFile `json:"copiedFiles,omitempty"`
+	// Carried are the files the tree held that a new container would lack, copied into carried/
+	// by the agent on its own, and CarriedDirs the directories they (and the tree) need.
+	Carried     []CarriedFile `json:"carried,omitempty"`
+	CarriedDirs []CarriedDir  `json:"carriedDirs,omitempty"`
+	// Deleted are the image paths the container had deleted (checkpoint-rootfs): removed again
+	// before the restore.
+	Deleted []string `json:"deleted,omitempty"`
 
 	CriuVersion int `json:"criuVersion"`
 	// Files lists every file of the checkpoint (relative paths) but the manifest and the marker.

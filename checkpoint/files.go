@@ -25,11 +25,15 @@ type CopyLimits struct {
 var DefaultCopyLimits = CopyLimits{Bytes: 1 << 30, Entries: 100_000}
 
 // forbiddenRoots are the trees no checkpoint-files path may name: the kernel's views (the agent
-// reads as root what the app may not) and Stasis' own mounts.
+// reads as root what the app may not) and Stasis' own mounts. /dev/shm is the exception under
+// /dev: a tmpfs of plain files (POSIX shared memory) that is the app's data.
 var forbiddenRoots = []string{"/proc", "/sys", "/dev", "/stasis"}
 
+// devShm is the one tree under /dev that holds app data.
+const devShm = "/dev/shm"
+
 // ValidFilePath checks a checkpoint-files path: absolute, clean, not the root, no "..", not under
-// /proc, /sys, /dev or /stasis.
+// /proc, /sys, /dev (but /dev/shm) or /stasis.
 func ValidFilePath(p string) error {
 	switch {
 	case !path.IsAbs(p):
@@ -40,6 +44,9 @@ func ValidFilePath(p string) error {
 		return fmt.Errorf("checkpoint file %q: the whole root cannot be copied", p)
 	}
 	for _, r := range forbiddenRoots {
+		if strings.HasPrefix(p, devShm+"/") {
+			break
+		}
 		if p == r || strings.HasPrefix(p, r+"/") {
 			return fmt.Errorf("checkpoint file %q: paths under %s are refused", p, r)
 		}

@@ -122,10 +122,8 @@ func CheckAt(d *os.File, id string, key Key) (*Manifest, error) {
 	if m.ID != id {
 		return nil, fmt.Errorf("manifest.json: id %q does not match directory %q", m.ID, id)
 	}
-	for _, c := range m.CopiedFiles {
-		if err := c.Validate(); err != nil {
-			return nil, fmt.Errorf("manifest.json: %w", err)
-		}
+	if err := m.validatePaths(); err != nil {
+		return nil, fmt.Errorf("manifest.json: %w", err)
 	}
 	listed := map[string]bool{}
 	for _, f := range m.Files {

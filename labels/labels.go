@@ -8,6 +8,7 @@
 package labels
 
 import (
+	"errors"
 	"fmt"
 	"path"
 	"regexp"
@@ -31,6 +32,7 @@ const (
 	VolumeSize              = "checkpoint-volume-size"
 	Files                   = "checkpoint-files"
 	Diagnosis               = "checkpoint-diagnosis"
+	Rootfs                  = "checkpoint-rootfs"
 	CheckpointAdvancedOpts  = "checkpoint-advanced-options"
 	RestoreAdvancedOpts     = "restore-advanced-options"
 	EnvCheckpointFiles      = "MMC_CHECKPOINT_FILES"
@@ -40,7 +42,7 @@ const (
 
 // Keys lists every label name, in the order of the reference table.
 var Keys = []string{Mode, StorageVolume, Containers, StorageClass, VolumeSize, Files, Diagnosis,
-	CheckpointAdvancedOpts, RestoreAdvancedOpts}
+	CheckpointAdvancedOpts, RestoreAdvancedOpts, Rootfs}
 
 // DefaultExcludedContainers are left out when checkpoint-containers is not set: sidecars whose
 // state is not worth keeping and that often cannot be dumped.
@@ -77,6 +79,10 @@ type Config struct {
 	VolumeSize *resource.Quantity
 	// Diagnosis keeps CRIU logs and the images of failed dumps.
 	Diagnosis bool
+	// Rootfs carries every change of the containers' writable layers (created, modified and
+	// deleted paths) with their checkpoints, not only the files their processes hold (a Stasis
+	// extension of the label set).
+	Rootfs bool
 	// Containers are the containers to checkpoint, in pod order, with their effective options.
 	Containers []Container
 }
@@ -157,14 +163,19 @@ func Parse(prefix string, lbls, annotations map[string]string, spec *corev1.PodS
 		return &Error{Key: Key(prefix, name), Problem: fmt.Sprintf(format, a...)}
 	}
 
-	if v, ok := get(Mode); ok {
-		switch v {
+	// flag reads a "true"/"false" label; unset or empty is false.
+	flag := func(name string, to *bool) error {
+		switch v, _ := get(name); v {
 		case "true":
-			c.Enabled = true
+			*to = true
 		case "false", "":
 		default:
-			return nil, bad(Mode, "%q is not \"true\" or \"false\"", v)
+			return bad(name, "%q is not \"true\" or \"false\"", v)
 		}
+		return nil
+	}
+	if err := flag(Mode, &c.Enabled); err != nil {
+		return nil, err
 	}
 	if !c.Enabled {
 		return c, nil
@@ -192,14 +203,8 @@ func Parse(prefix string, lbls, annotations map[string]string, spec *corev1.PodS
 		}
 		c.VolumeSize = &q
 	}
-	if v, ok := get(Diagnosis); ok {
-		switch v {
-		case "true":
-			c.Diagnosis = true
-		case "false", "":
-		default:
-			return nil, bad(Diagnosis, "%q is not \"true\" or \"false\"", v)
-		}
+	if err := errors.Join(flag(Diagnosis, &c.Diagnosis), flag(Rootfs, &c.Rootfs)); err != nil {
+		return nil, err
 	}
 
 	var podFiles, podCkpt, podRestore []string

@@ -78,9 +78,9 @@ func TestParse(t *testing.T) {
 		{
 			name: "storage volume present", spec: two,
 			labels: map[string]string{p + Mode: "true", p + StorageVolume: "ckpt", p + StorageClass: "fast",
-				p + VolumeSize: "2Gi", p + Diagnosis: "true"},
+				p + VolumeSize: "2Gi", p + Diagnosis: "true", p + Rootfs: "true"},
 			want: &Config{Prefix: DefaultPrefix, Enabled: true, StorageVolume: "ckpt", StorageClass: "fast",
-				VolumeSize: ptr(resource.MustParse("2Gi")), Diagnosis: true,
+				VolumeSize: ptr(resource.MustParse("2Gi")), Diagnosis: true, Rootfs: true,
 				Containers: []Container{{Name: "app"}, {Name: "side"}}},
 		},
 		{
@@ -107,6 +107,11 @@ func TestParse(t *testing.T) {
 			name: "bad diagnosis", spec: two,
 			labels:  map[string]string{p + Mode: "true", p + Diagnosis: "1"},
 			wantErr: `memverge.ai/checkpoint-diagnosis: "1" is not "true" or "false"`,
+		},
+		{
+			name: "bad rootfs", spec: two,
+			labels:  map[string]string{p + Mode: "true", p + Rootfs: "yes"},
+			wantErr: `memverge.ai/checkpoint-rootfs: "yes" is not "true" or "false"`,
 		},
 		{
 			name: "files and options from annotations, env overrides per container",

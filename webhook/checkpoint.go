@@ -160,7 +160,7 @@ func (w *Webhook) checkpointPod(ctx, bctx context.Context, reason string, t targ
 	for _, c := range t.cfg.Containers {
 		req.Containers = append(req.Containers, agentapi.ContainerSpec{
 			Name: c.Name, Dir: wiring.CheckpointDir(t.identity, c.Name),
-			Files: c.Files, CriuOptions: c.CheckpointOptions,
+			Files: c.Files, CriuOptions: c.CheckpointOptions, Rootfs: t.cfg.Rootfs,
 		})
 	}
 	st, err := w.d.Agents.Checkpoint(bctx, base, req)

@@ -419,3 +419,21 @@ func firstLines(s string, n int) string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// Scenario "writable layer": an app that keeps a log open in its container's filesystem (nothing
+// listed: the TCO plain-pod example with such an app) is restored with the log as it was, and,
+// with checkpoint-rootfs, a file it wrote and closed is back and an image file it removed stays
+// removed.
+func TestScenarioWritableLayer(t *testing.T) {
+	ns := newNamespace(t, "wl")
+	r := drainScenario(t, ns, harness.CounterSpec{
+		Name:   "counter",
+		Args:   []string{"--to=40", "--hold=/tmp/counter.log", "--file=/tmp/state", "--remove=/etc/group"},
+		Labels: map[string]string{"memverge.ai/checkpoint-rootfs": "true"},
+	}, 40)
+	for _, l := range append(r.Before.Lines, r.After.Lines...) {
+		require.Equal(t, "ok", l.Fields["held"], "line %d: the held log must hold every number so far", l.N)
+		require.Equal(t, "ok", l.Fields["file"], "line %d: the closed file must hold the app's token", l.N)
+		require.Equal(t, "gone", l.Fields["removed"], "line %d: the removed image file must stay removed", l.N)
+	}
+}

@@ -1,12 +1,15 @@
 // Command counter is the test app: it appends 1, 2, 3, … to a file (kept open, as apps keep their
 // logs open) and to stdout, one number per tick. A restored counter continues its sequence; a
-// cold-started one begins again at 1. With -touch-mib it first fills that much memory (bench).
+// cold-started one begins again at 1. With -touch-mib it first fills that much memory (bench);
+// with -chdir it creates that directory and works in it; with -map it also writes each number
+// into a shared mapping of that file (as POSIX shared memory in /dev/shm is used).
 package main
 
 import (
 	"flag"
 	"fmt"
 	"os"
+	"syscall"
 	"time"
 )
 
@@ -15,6 +18,8 @@ var ballast []byte
 func main() {
 	touch := flag.Int("touch-mib", 0, "MiB of memory to fill before counting")
 	tick := flag.Duration("tick", 50*time.Millisecond, "time between numbers")
+	chdir := flag.String("chdir", "", "directory to create (mode 0750) and work in")
+	mapped := flag.String("map", "", "file to map shared and write each number into")
 	flag.Parse()
 	if flag.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: counter [-touch-mib N] [-tick D] FILE")
@@ -24,14 +29,40 @@ func main() {
 	for i := range ballast {
 		ballast[i] = byte(i*7 + i>>12)
 	}
-	f, err := os.OpenFile(flag.Arg(0), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
+	if *chdir != "" {
+		check(os.MkdirAll(*chdir, 0o750))
+		check(os.Chdir(*chdir))
 	}
+	var shared []byte
+	if *mapped != "" {
+		shared = mapFile(*mapped)
+	}
+	f, err := os.OpenFile(flag.Arg(0), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	check(err)
 	for i := 1; ; i++ {
 		fmt.Fprintf(f, "%d\n", i)
 		fmt.Printf("%d\n", i)
+		if shared != nil {
+			copy(shared, fmt.Sprintf("%-20d", i))
+		}
 		time.Sleep(*tick)
+	}
+}
+
+// mapFile maps a new 4 KiB file shared; the file is closed, only the mapping holds it.
+func mapFile(p string) []byte {
+	m, err := os.OpenFile(p, os.O_CREATE|os.O_RDWR, 0o600)
+	check(err)
+	check(m.Truncate(4096))
+	b, err := syscall.Mmap(int(m.Fd()), 0, 4096, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
+	check(err)
+	check(m.Close())
+	return b
+}
+
+func check(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
 	}
 }

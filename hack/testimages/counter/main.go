@@ -7,6 +7,9 @@
 //	mem=ok|bad     with --touch-mib: the touched memory still holds the pattern written at start
 //	file=ok|...    with --file: the file written at start (in the writable layer) still holds the
 //	               token this process keeps in memory
+//	held=ok|...    with --hold: the file it keeps open and appends every number to (a log in the
+//	               writable layer) holds exactly the numbers printed so far
+//	removed=gone|back  with --remove: the image file it removed at start is still gone
 //
 // The first line of a fresh start is "start pid=<pid> token=<token>"; a restored process never
 // prints it again.
@@ -53,6 +56,8 @@ func main() {
 	to := flag.Int("to", 0, "exit 0 after printing this number (0: count forever)")
 	touchMiB := flag.Int("touch-mib", 0, "allocate and touch this many MiB at start, and check them on every line")
 	file := flag.String("file", "", "write a random token to this file at start, and check it on every line")
+	hold := flag.String("hold", "", "keep this file open and append every number to it, and check it on every line")
+	remove := flag.String("remove", "", "remove this file of the image at start, and check it stays removed")
 	flag.Parse()
 
 	// A namespace's PID 1 ignores SIGTERM without a handler: exit like an ordinary process would.
@@ -86,6 +91,18 @@ func main() {
 			fail("write %s: %v", *file, err)
 		}
 	}
+	var held *os.File
+	if *hold != "" {
+		var err error
+		if held, err = os.OpenFile(*hold, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644); err != nil {
+			fail("open %s: %v", *hold, err)
+		}
+	}
+	if *remove != "" {
+		if err := os.Remove(*remove); err != nil {
+			fail("remove %s: %v", *remove, err)
+		}
+	}
 
 	t := time.NewTicker(*interval)
 	defer t.Stop()
@@ -99,6 +116,13 @@ func main() {
 		}
 		if *file != "" {
 			fields = append(fields, "file="+checkFile(*file, token))
+		}
+		if held != nil {
+			fmt.Fprintf(held, "%d\n", n)
+			fields = append(fields, "held="+checkHeld(*hold, n))
+		}
+		if *remove != "" {
+			fields = append(fields, "removed="+checkRemoved(*remove))
 		}
 		fmt.Println(strings.Join(fields, " "))
 		if *to > 0 && n >= *to {
@@ -124,6 +148,32 @@ func checkMem(mem []byte) string {
 		}
 	}
 	return "ok"
+}
+
+// checkHeld reads back the held file: the numbers 0..n, one per line, nothing lost or repeated.
+func checkHeld(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if os.IsNotExist(err) {
+		return "missing"
+	}
+	if err != nil {
+		return "error"
+	}
+	var want strings.Builder
+	for i := 0; i <= n; i++ {
+		fmt.Fprintf(&want, "%d\n", i)
+	}
+	if string(b) != want.String() {
+		return "changed"
+	}
+	return "ok"
+}
+
+func checkRemoved(path string) string {
+	if _, err := os.Lstat(path); os.IsNotExist(err) {
+		return "gone"
+	}
+	return "back"
 }
 
 func checkFile(path, token string) string {
