@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/stasis-k8s/stasis/checkpoint"
 )
 
 // MatrixRow is one app of the compatibility matrix as measured by the last run.
@@ -46,26 +48,27 @@ func NewMatrixRow(app App, checked string, r *AppResult) MatrixRow {
 		if !m.Started.IsZero() && !m.Dumped.IsZero() {
 			row.DumpSeconds = m.Dumped.Sub(m.Started).Seconds()
 		}
-		var carried []string
-		for _, f := range m.CopiedFiles {
-			if !f.Missing {
-				carried = append(carried, f.Path)
-			}
-		}
-		seen := map[string]bool{}
-		var open []string
-		for _, f := range m.OpenFiles {
-			if !seen[f.Path] {
-				seen[f.Path] = true
-				open = append(open, f.Path)
-			}
-		}
-		row.Carried = strings.Join(carried, " ")
-		if len(open) > 0 {
-			row.Carried = strings.TrimSpace(row.Carried + " open: " + strings.Join(open, " "))
-		}
+		row.Carried = carried(m)
 	}
 	return row
+}
+
+// carried lists what travelled besides memory: the files the agent carried on its own (with
+// why), the checkpoint-files, and the paths checkpoint-rootfs records as deleted.
+func carried(m *checkpoint.Manifest) string {
+	var out []string
+	for _, f := range m.Carried {
+		out = append(out, fmt.Sprintf("`%s` (%s, %d B)", f.Path, f.Reason, f.Size))
+	}
+	for _, f := range m.CopiedFiles {
+		if !f.Missing {
+			out = append(out, fmt.Sprintf("`%s` (checkpoint-files)", f.Path))
+		}
+	}
+	if len(m.Deleted) > 0 {
+		out = append(out, fmt.Sprintf("%d deleted paths", len(m.Deleted)))
+	}
+	return strings.Join(out, ", ")
 }
 
 // WriteMatrix writes the rows as compatibility.json and compatibility.md into dir and returns
