@@ -71,6 +71,10 @@ type App struct {
 	// Prepare runs against the first pod once it is up: it writes the state that must survive the
 	// drain and returns what it read. Read reads the state from the replacement. Either may be nil.
 	Prepare, Read func(ctx context.Context, e *Env, pod *corev1.Pod) (map[string]string, error)
+	// During, when set, is a command run with kubectl exec in the first pod from just before the
+	// drain until the pod is gone (a client holding a connection open across the checkpoint); its
+	// output is StateBefore["during"].
+	During []string
 }
 
 // AppResult is what one drain of an app showed.
@@ -130,6 +134,16 @@ func (e *Env) RunApp(ctx context.Context, ns string, a App) (*AppResult, error) 
 			return r, fmt.Errorf("prepare %s: %w", a.Name, err)
 		}
 	}
+	var during *exec.Cmd
+	var duringOut strings.Builder
+	if len(a.During) > 0 {
+		during = e.execCmd(ctx, old, a.During...)
+		during.Stdout, during.Stderr = &duringOut, &duringOut
+		if err := during.Start(); err != nil {
+			return r, fmt.Errorf("start %v: %w", a.During, err)
+		}
+		time.Sleep(2 * time.Second) // connected and working before the drain
+	}
 	e.logf("app %s up on %s (state %v); draining the node", a.Name, old.Spec.NodeName, r.StateBefore)
 	t0 := time.Now()
 	r.DrainOutput, err = e.Run(ctx, "drain", old.Spec.NodeName, "--ignore-daemonsets", "--delete-emptydir-data",
@@ -142,6 +156,13 @@ func (e *Env) RunApp(ctx context.Context, ns string, a App) (*AppResult, error) 
 	drained := time.Now()
 	if r.Before, err = follow.Wait(time.Minute); err != nil {
 		return r, fmt.Errorf("log of the drained pod %s: %w", old.Name, err)
+	}
+	if during != nil {
+		_ = during.Wait() // ends with the old pod
+		if r.StateBefore == nil {
+			r.StateBefore = map[string]string{}
+		}
+		r.StateBefore["during"] = duringOut.String()
 	}
 	if r.NewPod, err = e.replacement(ctx, ns, a, old); err != nil {
 		r.Warnings = e.warnings(ctx, ns)
@@ -320,8 +341,7 @@ func (e *Env) checkpointVolumeDir(ctx context.Context, pod *corev1.Pod) (string,
 
 // Exec runs a command in the pod's first container with kubectl exec and returns its stdout.
 func (e *Env) Exec(ctx context.Context, pod *corev1.Pod, cmd ...string) (string, error) {
-	args := append([]string{"-n", pod.Namespace, "exec", pod.Name, "-c", pod.Spec.Containers[0].Name, "--"}, cmd...)
-	c := exec.CommandContext(ctx, e.Kubectl, append([]string{"--kubeconfig", e.Kubeconfig}, args...)...)
+	c := e.execCmd(ctx, pod, cmd...)
 	var stderr strings.Builder
 	c.Stderr = &stderr
 	out, err := c.Output()
@@ -329,6 +349,11 @@ func (e *Env) Exec(ctx context.Context, pod *corev1.Pod, cmd ...string) (string,
 		return string(out), fmt.Errorf("kubectl exec %s: %w: %s%s", strings.Join(cmd, " "), err, out, stderr.String())
 	}
 	return string(out), nil
+}
+
+func (e *Env) execCmd(ctx context.Context, pod *corev1.Pod, cmd ...string) *exec.Cmd {
+	args := append([]string{"--kubeconfig", e.Kubeconfig, "-n", pod.Namespace, "exec", pod.Name, "-c", pod.Spec.Containers[0].Name, "--"}, cmd...)
+	return exec.CommandContext(ctx, e.Kubectl, args...)
 }
 
 // ExecUntil retries Exec until it succeeds (a server still starting) or timeout passes.

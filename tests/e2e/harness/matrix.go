@@ -101,9 +101,12 @@ func MatrixMarkdown(rows []MatrixRow) string {
 		case !r.Passed:
 			result = "fails"
 		}
-		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", r.App, r.Version, result,
-			mib(r.CheckpointBytes, r.ImagesBytes), secs(r.DumpSeconds), secs(r.RestoreSeconds), secs(r.DrainSeconds),
-			secs(r.ReadyAfter), orDash(r.Carried), r.Checked)
+		cells := []string{r.App, r.Version, result, mib(r.CheckpointBytes, r.ImagesBytes), secs(r.DumpSeconds),
+			secs(r.RestoreSeconds), secs(r.DrainSeconds), secs(r.ReadyAfter), orDash(r.Carried), r.Checked}
+		for i, c := range cells {
+			cells[i] = strings.ReplaceAll(c, "|", "\\|") // a pipe inside a cell would split it
+		}
+		b.WriteString("| " + strings.Join(cells, " | ") + " |\n")
 	}
 	var fails []string
 	for _, r := range rows {
