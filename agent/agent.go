@@ -40,6 +40,8 @@ type Target struct {
 	Started time.Time
 	// Mounts are the container's volume mounts as the kubelet gave them to the runtime.
 	Mounts []Mount
+	// Attempt counts the container's in-place restarts in its pod (0: its first start).
+	Attempt uint32
 }
 
 // Mount is one volume mount of a container.
@@ -68,6 +70,14 @@ type Config struct {
 	MaxConcurrentDumps int
 	// FreezeTimeout: an app still frozen this long after its dump (its pod was not deleted) is thawed.
 	FreezeTimeout time.Duration
+	// Pods tells whether a pod's deletion has started (nil: only FreezeTimeout thaws). With it, an
+	// app whose pod is not being deleted ReleaseAfter (default 15s) after the webhook last asked
+	// about its checkpoint is thawed.
+	Pods         PodStates
+	ReleaseAfter time.Duration
+	// StateDir keeps, per node, the operations whose apps are frozen (a tmpfs of the host such as
+	// /run/stasis/state): a restarted agent adopts them. Empty: none kept.
+	StateDir string
 	// DumpTimeout bounds one container's dump.
 	DumpTimeout time.Duration
 	// CheckpointMount is where pods mount their checkpoint volume (wiring.CheckpointMount).
@@ -101,6 +111,9 @@ func (c *Config) defaults() error {
 	}
 	if c.FreezeTimeout <= 0 {
 		c.FreezeTimeout = 5 * time.Minute
+	}
+	if c.ReleaseAfter <= 0 {
+		c.ReleaseAfter = 15 * time.Second
 	}
 	if c.DumpTimeout <= 0 {
 		c.DumpTimeout = 15 * time.Minute
@@ -145,7 +158,8 @@ type operation struct {
 	mu     sync.Mutex
 	status agentapi.CheckpointStatus
 	frozen []frozenTree
-	timer  *time.Timer
+	timer  *time.Timer // the next look at a frozen operation (holdFrozen)
+	asked  time.Time   // when the webhook last asked about it
 }
 
 // New returns an agent whose operations live as long as ctx.
@@ -153,7 +167,11 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
-	return &Agent{cfg: cfg, ctx: ctx, slots: make(chan struct{}, cfg.MaxConcurrentDumps), ops: map[string]*operation{}, restores: map[string]*podRestore{}}, nil
+	a := &Agent{cfg: cfg, ctx: ctx, slots: make(chan struct{}, cfg.MaxConcurrentDumps), ops: map[string]*operation{}, restores: map[string]*podRestore{}}
+	if err := a.adoptFrozen(); err != nil {
+		return nil, fmt.Errorf("frozen apps of a previous agent (%s): %w", a.stateDir(), err)
+	}
+	return a, nil
 }
 
 // ValidateRequest checks a request and names the offending field.
@@ -193,6 +211,7 @@ func (a *Agent) Start(req agentapi.CheckpointRequest) (agentapi.CheckpointStatus
 	a.mu.Lock()
 	if op, ok := a.ops[req.Pod.UID]; ok {
 		a.mu.Unlock()
+		op.touch(a.cfg.Now())
 		return op.snapshot(), nil
 	}
 	ctx, cancel := context.WithCancel(a.ctx)
@@ -212,6 +231,7 @@ func (a *Agent) Wait(ctx context.Context, uid string) (agentapi.CheckpointStatus
 	if !ok {
 		return agentapi.CheckpointStatus{}, fmt.Errorf("no checkpoint operation for pod %s", uid)
 	}
+	defer func() { op.touch(a.cfg.Now()) }()
 	select {
 	case <-op.done:
 	case <-ctx.Done():
@@ -228,6 +248,7 @@ func (a *Agent) Status(uid string) (agentapi.CheckpointStatus, bool) {
 	if !ok {
 		return agentapi.CheckpointStatus{}, false
 	}
+	op.touch(a.cfg.Now())
 	return op.snapshot(), true
 }
 
@@ -323,20 +344,9 @@ func (a *Agent) run(ctx context.Context, op *operation, req agentapi.CheckpointR
 		close(op.done)
 		return
 	}
-	// The app stays frozen until its pod is deleted (the launcher then kills it). A pod that stays
-	// (PDB refusal, suspend rejected elsewhere) must not stay frozen.
-	op.mu.Lock()
-	op.timer = time.AfterFunc(a.cfg.FreezeTimeout, func() {
-		// Forget the operation too: the app runs on, so its checkpoint is stale and the next
-		// request for this pod must dump again instead of joining this one.
-		a.mu.Lock()
-		if a.ops[req.Pod.UID] == op {
-			delete(a.ops, req.Pod.UID)
-		}
-		a.mu.Unlock()
-		a.thaw(op, fmt.Sprintf("pod not deleted within --freeze-timeout %s", a.cfg.FreezeTimeout))
-	})
-	op.mu.Unlock()
+	// The app stays frozen until its pod is deleted (the launcher then kills it); a pod that stays
+	// must not stay frozen (release.go).
+	a.holdFrozen(op, req.Pod)
 	close(op.done) // before the deferred pruning: nothing waits for it
 }
 
@@ -374,6 +384,9 @@ func (a *Agent) thaw(op *operation, why string) {
 	}
 	pod := op.status.Pod
 	op.mu.Unlock()
+	if len(frozen) > 0 {
+		a.forgetFrozen(pod.UID)
+	}
 	for _, t := range frozen {
 		resumed, err := t.thaw()
 		ev := a.cfg.Log.Info()

@@ -275,8 +275,10 @@ func (d *dump) carryHeld(c *checkpoint.Carrier, pids []int, mounts map[uint64]mo
 }
 
 // deleted lists the image paths the container deleted, when its root is an overlay whose upper
-// directory the agent reaches (through the host's root, /proc/1/root: the agent runs with the
-// host's PID namespace). Elsewhere deletions are not tracked, and the log says so.
+// directory the agent reaches. The overlay's options name it in the mount namespace of the
+// runtime that mounted it, which is the namespace of the container's parent (the runtime's shim):
+// the agent, in the host's PID namespace, opens it through that process' root. Elsewhere
+// deletions are not tracked, and the log says so.
 func (d *dump) deleted(mounts map[uint64]mountPoint) []string {
 	var root mountPoint
 	for _, mp := range mounts {
@@ -289,7 +291,12 @@ func (d *dump) deleted(mounts map[uint64]mountPoint) []string {
 		d.log.Info().Str("fstype", root.fstype).Msg("checkpoint-rootfs: the root is not an overlay; deleted paths are not carried")
 		return nil
 	}
-	u, err := confine.OpenRoot("/proc/1/root" + upper)
+	shim, err := statusField(strconv.Itoa(d.t.PID), "PPid")
+	if err != nil {
+		d.log.Warn().Err(err).Msg("checkpoint-rootfs: the container runtime's process; deleted paths are not carried")
+		return nil
+	}
+	u, err := confine.OpenRoot("/proc/" + shim + "/root" + upper)
 	if err != nil {
 		d.log.Warn().Err(err).Msg("checkpoint-rootfs: the overlay's upper directory; deleted paths are not carried")
 		return nil

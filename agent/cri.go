@@ -89,7 +89,7 @@ func (c *CRI) Find(ctx context.Context, pod agentapi.PodRef, name string) (Targe
 	if err != nil {
 		return Target{}, err
 	}
-	t := Target{PID: pid, ImageRef: st.GetStatus().GetImageRef()}
+	t := Target{PID: pid, ImageRef: st.GetStatus().GetImageRef(), Attempt: ct.GetMetadata().GetAttempt()}
 	if img := st.GetStatus().GetImage(); img != nil {
 		t.Image = img.Image
 	}

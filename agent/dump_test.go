@@ -35,6 +35,7 @@ type rig struct {
 	agent    *Agent
 	finder   pidFinder
 	mounts   []Mount // the volume mounts the runtime reports for every container
+	attempt  uint32  // the restart count the runtime reports for restoring containers
 	socket   string
 
 	pods *fakeRuntimePods // the runtime's view of the restoring pods' containers (serveLocal)
@@ -79,7 +80,7 @@ func (f rigFinder) Find(ctx context.Context, pod agentapi.PodRef, c string) (Tar
 		select {
 		case ct := <-v.(chan *container):
 			v.(chan *container) <- ct
-			return Target{PID: ct.launcherPID(), Image: "counter:test", PodAnnotations: ann, Mounts: f.r.mounts}, nil
+			return Target{PID: ct.launcherPID(), Image: "counter:test", PodAnnotations: ann, Mounts: f.r.mounts, Attempt: f.r.attempt}, nil
 		case <-time.After(10 * time.Second):
 			return Target{}, fmt.Errorf("restoring container %q never started", c)
 		}

@@ -54,6 +54,13 @@ var ErrNotCaller = errors.New("only the container's PID 1 may ask to restore it"
 
 // restore does the work; any error means a cold start.
 func (a *Agent) restore(ctx context.Context, log zerolog.Logger, t Target, req agentapi.RestoreRequest) (int, string, error) {
+	if t.Attempt > 0 {
+		// The pod was created to continue the checkpoint once. A container restarted in place (a
+		// crash, an OOM kill, a failed liveness probe) has run on since: restoring the old state
+		// again would repeat its work and put old files over newer ones, and a checkpoint that
+		// crashes would crash-loop.
+		return 0, "", fmt.Errorf("container %q restarted in place (restart %d): the checkpoint %s was for its first start and is consumed; starting afresh", req.Container, t.Attempt, req.CheckpointID)
+	}
 	ref, identity, err := restoreRef(t.PodAnnotations)
 	if err != nil {
 		return 0, "", err

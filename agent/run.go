@@ -34,6 +34,8 @@ type RunConfig struct {
 	CriuPath                                   string
 	MaxConcurrentDumps, KeepCheckpoints        int
 	FreezeTimeout, DumpTimeout, RestoreTimeout time.Duration
+	ReleaseAfter                               time.Duration
+	StateDir                                   string
 	SocketDir, Kubeconfig                      string
 	ManifestKeyFile, RestoreDir                string
 	LogLevel                                   string
@@ -52,6 +54,8 @@ func (c *RunConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.CriuPath, "criu-path", "/usr/local/lib/stasis/criu/criu", "the CRIU bundle of the agent image (its wrapper `criu`): the only CRIU the agent runs")
 	fs.IntVar(&c.MaxConcurrentDumps, "max-concurrent-dumps", 2, "dumps running at once on this node")
 	fs.DurationVar(&c.FreezeTimeout, "freeze-timeout", 5*time.Minute, "thaw a dumped app whose pod is not deleted within this time")
+	fs.StringVar(&c.StateDir, "state-dir", filepath.Join(wiring.HostAgentDir, "state"), "host directory (a tmpfs: /run) where the agent records the apps it keeps frozen, so that a restarted agent takes them over")
+	fs.DurationVar(&c.ReleaseAfter, "release-after", 15*time.Second, "thaw a dumped app whose pod is not being deleted this long after the webhook last asked about its checkpoint (an eviction refused by a PodDisruptionBudget)")
 	fs.DurationVar(&c.DumpTimeout, "dump-timeout", 15*time.Minute, "abandon one container's dump after this time")
 	fs.DurationVar(&c.RestoreTimeout, "restore-timeout", 5*time.Minute, "start a container afresh when its restore takes longer")
 	fs.IntVar(&c.KeepCheckpoints, "keep-checkpoints", 2, "complete checkpoints kept per container (newest first)")
@@ -125,12 +129,17 @@ func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersio
 	if events == nil {
 		log.Info().Msg("no Kubernetes client: Events are logged only")
 	}
+	var pods PodStates
+	if k, ok := events.(*kubeEvents); ok && k != nil {
+		pods = k
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a, err := New(ctx, Config{
 		NodeName: rc.NodeName, Criu: criu, CriuVersion: criuVersion, ManifestKey: key, RestoreDir: rc.RestoreDir,
 		MaxConcurrentDumps: rc.MaxConcurrentDumps, FreezeTimeout: rc.FreezeTimeout, DumpTimeout: rc.DumpTimeout,
 		RestoreTimeout: rc.RestoreTimeout, KeepCheckpoints: rc.KeepCheckpoints,
+		ReleaseAfter: rc.ReleaseAfter, Pods: pods, StateDir: rc.StateDir,
 		Finder: runtime, Events: events, Metrics: NewMetrics(reg), Log: log,
 	})
 	return a, reg, err

@@ -3,14 +3,18 @@ package launcher
 import (
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/criurun"
 )
 
 func TestCombineEntrypoint(t *testing.T) {
@@ -66,4 +70,29 @@ func TestReservePIDs(t *testing.T) {
 	require.NoError(t, cmd.Run())
 	t.Logf("reserving %d PIDs took %s; next PID %d", ReservedPIDs, took, cmd.Process.Pid)
 	assert.Greater(t, cmd.Process.Pid, ReservedPIDs)
+}
+
+// The launcher's watchdog resumes an app left stopped (an agent gone for good after a dump) once
+// the limit has passed, unless the pod is being deleted (SIGTERM seen).
+func TestFreezeWatchdog(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "ticks")
+	pid, err := startApp([]string{"sh", "-c", `while :; do echo x >> "$0"; sleep 0.05; done`, out})
+	require.NoError(t, err)
+	s := &supervisor{log: zerolog.Nop(), sigs: make(chan os.Signal, 1), watchdog: time.Second}
+	done := make(chan int, 1)
+	go func() { done <- s.supervise(pid) }()
+	t.Cleanup(func() { _ = criurun.SignalTree(pid, syscall.SIGKILL); <-done })
+
+	size := func() int64 {
+		if fi, err := os.Stat(out); err == nil {
+			return fi.Size()
+		}
+		return 0
+	}
+	require.Eventually(t, func() bool { return size() > 0 }, 5*time.Second, 10*time.Millisecond, "the app runs")
+	require.NoError(t, criurun.SignalTree(pid, syscall.SIGSTOP)) // as a dump leaves it
+	require.Eventually(t, func() bool { return Stopped(pid) }, 5*time.Second, 10*time.Millisecond)
+	stoppedAt := size()
+	require.Eventually(t, func() bool { return !Stopped(pid) && size() > stoppedAt }, 10*time.Second, 50*time.Millisecond,
+		"the watchdog resumes the app and it runs on")
 }

@@ -65,7 +65,7 @@ func Run(ctx context.Context, args []string) error {
 	sigs := make(chan os.Signal, 64)
 	signal.Notify(sigs)
 	env := readEnv()
-	s := &supervisor{log: log, sigs: sigs}
+	s := &supervisor{log: log, sigs: sigs, watchdog: env.watchdog}
 
 	if env.restoreID != "" {
 		res := askRestore(ctx, log, env)
@@ -104,6 +104,7 @@ type launchEnv struct {
 	options   string
 	socket    string
 	timeout   time.Duration
+	watchdog  time.Duration
 }
 
 func readEnv() launchEnv {
@@ -119,9 +120,13 @@ func readEnv() launchEnv {
 		options:   os.Getenv(wiring.EnvRestoreOptions),
 		socket:    envOr(EnvAgentSocket, wiring.AgentSocket),
 		timeout:   5 * time.Minute,
+		watchdog:  wiring.DefaultFreezeWatchdog,
 	}
 	if d, err := time.ParseDuration(os.Getenv(EnvRestoreTimeout)); err == nil && d > 0 {
 		e.timeout = d
+	}
+	if d, err := time.ParseDuration(os.Getenv(wiring.EnvFreezeWatchdog)); err == nil && d > 0 {
+		e.watchdog = d
 	}
 	return e
 }
@@ -207,6 +212,9 @@ func startApp(cmd []string) (int, error) {
 type supervisor struct {
 	log  zerolog.Logger
 	sigs chan os.Signal
+	// watchdog: an app stopped this long without a SIGTERM is resumed (the second line behind the
+	// agent's thaw: an agent gone for good must not leave the app frozen forever).
+	watchdog time.Duration
 }
 
 // supervise returns the exit code of the app (pid, our child): its exit status, or 128+n when
@@ -216,7 +224,10 @@ type supervisor struct {
 func (s *supervisor) supervise(pid int) int {
 	exited := make(chan int, 1)
 	go func() { exited <- reapUntil(pid) }()
-	frozenKill := false
+	frozenKill, terminating := false, false
+	w := watchdog{every: min(s.watchdog/4, 5*time.Second)}
+	tick := time.NewTicker(max(w.every, 10*time.Millisecond))
+	defer tick.Stop()
 	for {
 		select {
 		case code := <-exited:
@@ -225,10 +236,19 @@ func (s *supervisor) supervise(pid int) int {
 				return 128 + int(syscall.SIGTERM)
 			}
 			return code
+		case <-tick.C:
+			if !terminating && w.stoppedFor(Stopped(pid)) >= s.watchdog {
+				s.log.Warn().Int("pid", pid).Dur("stopped", s.watchdog).Msg("the app stayed frozen without its pod being deleted and without the agent thawing it: resuming it")
+				_ = criurun.SignalTree(pid, syscall.SIGCONT)
+				w = watchdog{every: w.every}
+			}
 		case sig := <-s.sigs:
 			n, ok := sig.(syscall.Signal)
 			if !ok || n == syscall.SIGCHLD || n == syscall.SIGURG {
 				continue // SIGURG is the Go runtime's preemption signal
+			}
+			if n == syscall.SIGTERM {
+				terminating = true // the pod is being deleted: never resume a frozen app now
 			}
 			if n == syscall.SIGTERM && Stopped(pid) {
 				s.log.Info().Int("pid", pid).Msg("SIGTERM while the app is frozen after its checkpoint: killing it")
@@ -239,6 +259,23 @@ func (s *supervisor) supervise(pid int) int {
 			_ = syscall.Kill(pid, n)
 		}
 	}
+}
+
+// watchdog measures how long the app has been seen stopped, tick after tick.
+type watchdog struct {
+	every time.Duration
+	since time.Time // first tick the app was seen stopped (zero: running)
+}
+
+func (w *watchdog) stoppedFor(stopped bool) time.Duration {
+	if !stopped {
+		w.since = time.Time{}
+		return 0
+	}
+	if w.since.IsZero() {
+		w.since = time.Now()
+	}
+	return time.Since(w.since) + w.every // it may have stopped just after the previous tick
 }
 
 // reapUntil reaps children until pid exits and returns its exit code.

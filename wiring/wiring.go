@@ -11,6 +11,7 @@ import (
 	"path"
 	"regexp"
 	"strings"
+	"time"
 )
 
 // Paths and names inside a wired pod.
@@ -59,7 +60,14 @@ const (
 	EnvRestoreOptions = "STASIS_RESTORE_OPTIONS"
 	// EnvIdentity is the checkpoint identity (also the pod annotation AnnotationIdentity).
 	EnvIdentity = "STASIS_IDENTITY"
+	// EnvFreezeWatchdog is how long the launcher lets its app stay frozen without a SIGTERM
+	// before it resumes it itself (Go duration).
+	EnvFreezeWatchdog = "STASIS_FREEZE_WATCHDOG"
 )
+
+// DefaultFreezeWatchdog is the launcher's limit on a frozen app when EnvFreezeWatchdog does not
+// say: longer than the agent's --freeze-timeout (5m), which thaws first when it can.
+const DefaultFreezeWatchdog = 15 * time.Minute
 
 // Annotations Stasis writes (its own prefix, independent of the user-facing label prefix).
 const (

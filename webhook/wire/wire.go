@@ -14,6 +14,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 
@@ -104,6 +105,7 @@ func Pod(pod *corev1.Pod, in Input) {
 		setEnv(c, corev1.EnvVar{Name: wiring.EnvImage, Value: c.Image})
 		setEnv(c, corev1.EnvVar{Name: wiring.EnvCheckpointDir, Value: wiring.CheckpointDir(in.Identity, c.Name)})
 		setEnv(c, corev1.EnvVar{Name: wiring.EnvIdentity, Value: in.Identity})
+		setEnv(c, corev1.EnvVar{Name: wiring.EnvFreezeWatchdog, Value: freezeWatchdog(pod).String()})
 		if id := restoreID(in.Restore, c.Name); id != "" {
 			setEnv(c, corev1.EnvVar{Name: wiring.EnvRestoreID, Value: id})
 			if len(cc.RestoreOptions) > 0 {
@@ -115,6 +117,16 @@ func Pod(pod *corev1.Pod, in Input) {
 		ensureMount(c, ckptMount)
 		// Read-only: connecting to the socket works, replacing it or filling the host's /run does not.
 	}
+}
+
+// freezeWatchdog is the launcher's own limit on a frozen app: beyond the agent's thaw, and beyond
+// the pod's grace period, so that the app of a pod whose preStop hook runs is not resumed.
+func freezeWatchdog(pod *corev1.Pod) time.Duration {
+	grace := int64(corev1.DefaultTerminationGracePeriodSeconds)
+	if g := pod.Spec.TerminationGracePeriodSeconds; g != nil {
+		grace = *g
+	}
+	return wiring.DefaultFreezeWatchdog + time.Duration(grace)*time.Second
 }
 
 func restoreID(r *Restore, container string) string {
