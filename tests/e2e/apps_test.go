@@ -30,7 +30,11 @@ import (
 type appCase struct {
 	app     harness.App
 	checked string // what check asserts, for the matrix
-	check   func(t *testing.T, r *harness.AppResult)
+	// knownLimit, when set, is text of a failure Stasis does not handle yet (an Event's CRIU line):
+	// an entry failing with it is recorded as a known limit in the matrix and does not fail the
+	// test; one failing otherwise does. When the limit is gone the test says so.
+	knownLimit string
+	check      func(t *testing.T, r *harness.AppResult)
 }
 
 // appPod is a pod template as a user writes it: one container, the checkpoint-mode label and
@@ -99,7 +103,8 @@ var appCases = []appCase{
 		app: harness.App{Name: "redis-client", Version: "Redis 7.0, a client connected during the drain",
 			Template: appPod([]string{"redis-server", "--save", "", "--appendonly", "no"}),
 			Prepare:  redisWrite, Read: redisRead, During: []string{"redis-cli", "-r", "-1", "-i", "0.2", "INCR", "ticks"}},
-		checked: "as redis, with a client holding a connection while the checkpoint is taken",
+		checked:    "as redis, with a client holding a connection while the checkpoint is taken",
+		knownLimit: "Connected TCP socket",
 		check: func(t *testing.T, r *harness.AppResult) {
 			assert.Contains(t, r.StateBefore["during"], "5", "the client was connected and counting")
 			assert.Equal(t, r.StateBefore["run_id"], r.StateAfter["run_id"], "a restarted redis draws a new run_id")
@@ -112,7 +117,8 @@ var appCases = []appCase{
 			Claims:   map[string]string{"pgdata": "1Gi"},
 			Template: appPod(postgresCommand, postgresSpec),
 			Prepare:  pgWrite, Read: pgRead},
-		checked: "same postmaster start time (no restart, no crash recovery), 1000 committed rows, accepts new connections and writes",
+		checked:    "same postmaster start time (no restart, no crash recovery), 1000 committed rows, accepts new connections and writes",
+		knownLimit: "SysVIPC shmem map",
 		check: func(t *testing.T, r *harness.AppResult) {
 			assert.Equal(t, r.StateBefore["started"], r.StateAfter["started"], "a restarted postmaster has a new start time")
 			assert.Equal(t, "1000", r.StateAfter["rows"], "rows committed before the drain")
@@ -235,8 +241,20 @@ func runAppCase(t *testing.T, c appCase) (row harness.MatrixRow) {
 		t.Logf("state before %v, after %v", r.StateBefore, r.StateAfter)
 	}
 	if err != nil {
+		if why := failure(err, r); c.knownLimit != "" && strings.Contains(why, c.knownLimit) {
+			t.Logf("%s: known limit, not a failure of this test: %s", a.Name, why)
+			row.KnownLimit, row.Failure = true, why
+			return row
+		}
 		t.Errorf("%s: %v\nwarnings: %q", a.Name, err, r.Warnings)
 		return row
+	}
+	if c.knownLimit != "" {
+		defer func() {
+			if !t.Failed() {
+				t.Logf("%s: the known limit %q no longer shows: remove it from the entry", a.Name, c.knownLimit)
+			}
+		}()
 	}
 	assert.NotEqual(t, r.OldPod.Spec.NodeName, r.NewPod.Spec.NodeName, "the replacement must run on the other node")
 	assert.True(t, r.Restored(), "the replacement must be restored, got %q; warnings %q", r.RestoreEvent, r.Warnings)
@@ -250,9 +268,19 @@ func failure(err error, r *harness.AppResult) string {
 	// The Events say it as the user sees it; the error only when there is none.
 	var parts []string
 	if r != nil {
+		said := map[string]bool{} // the webhook and the agent both record a failed checkpoint
 		for _, w := range r.Warnings {
-			if strings.Contains(w, "CheckpointFailed") || strings.Contains(w, "RestoreFailed") {
-				parts = append(parts, condense(w))
+			if !strings.Contains(w, "CheckpointFailed") && !strings.Contains(w, "RestoreFailed") {
+				continue
+			}
+			w = condense(w)
+			key := w
+			if i := strings.Index(w, "criu reported failure"); i >= 0 {
+				key = w[i:]
+			}
+			if !said[key] {
+				said[key] = true
+				parts = append(parts, w)
 			}
 		}
 	}
