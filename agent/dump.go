@@ -58,12 +58,12 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	}
 	criuTime, err := d.runCriu(ctx, op, base)
 	if err != nil {
-		return fail(err, nil)
+		return fail(d.noRoomHint(err), nil)
 	}
 	frozen := newFrozenTree(d.app)
 	m, err := d.commit(time.Now())
 	if err != nil {
-		return fail(err, &frozen)
+		return fail(d.noRoomHint(err), &frozen)
 	}
 	res.Phase, res.CheckpointID, res.Bytes = agentapi.PhaseSucceeded, id, m.Size
 	res.Message = fmt.Sprintf("dump %.2fs, total %.2fs, %d bytes of images", criuTime.Seconds(), time.Since(d.start).Seconds(), m.ImagesSize)
@@ -95,10 +95,12 @@ func (d *dump) open(ctx context.Context, id string) error {
 	if d.dir, err = confine.MkdirAll(d.root, d.c.Dir, 0o700); err != nil {
 		return fmt.Errorf("checkpoint directory %s in the container: %w", d.c.Dir, err)
 	}
+	d.makeRoom()
 	if d.w, err = checkpoint.BeginAt(d.dir, id); err != nil {
 		return fmt.Errorf("checkpoint directory %s in the container: %w", d.c.Dir, err)
 	}
 	d.w.Key = d.a.cfg.ManifestKey
+	d.w.Within(ctx) // the dump's deadline bounds copying, hashing and syncing too
 	return nil
 }
 

@@ -72,7 +72,7 @@ type Carrier struct {
 
 // Carrier returns a carrier for this checkpoint; lim caps everything it carries together.
 func (w *Writer) Carrier(lim CopyLimits) *Carrier {
-	return &Carrier{w: w, c: &copier{lim: lim, chown: os.Geteuid() == 0, pseudoCheck: true}}
+	return &Carrier{w: w, c: &copier{ctx: w.context(), lim: lim, chown: os.Geteuid() == 0, pseudoCheck: true}}
 }
 
 // Carry copies src, a descriptor of the very file the tree holds (opened through

@@ -1,9 +1,11 @@
 package checkpoint
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -81,4 +83,30 @@ func TestPutBackCarried(t *testing.T) {
 	require.ErrorContains(t, PutBackCarriedAt(d, bad, r), "under /sys are refused")
 	_, err = os.Stat(filepath.Join(root, "tmp/hs/8"))
 	assert.True(t, os.IsNotExist(err), "nothing written for a manifest with a bad path")
+}
+
+// A checkpoint whose deadline has passed is not finished: copying, hashing and syncing stop, and
+// nothing complete is left.
+func TestWriterWithinDeadline(t *testing.T) {
+	dir := t.TempDir()
+	w, err := Begin(dir, NewID(time.Now()))
+	require.NoError(t, err)
+	defer w.Close()
+	require.NoError(t, os.WriteFile(filepath.Join(w.Path(), ImagesDir, "pages-1.img"), make([]byte, 4<<20), 0o600))
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	w.Within(ctx)
+	src := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(src, "f"), []byte("data"), 0o644))
+	_, err = CopyIn(src, []string{"/f"}, t.TempDir()) // the trusted-path helper has no deadline
+	require.NoError(t, err)
+	r, err := confine.OpenRoot(src)
+	require.NoError(t, err)
+	defer r.Close()
+	_, err = w.CopyIn(r, []string{"/f"}, DefaultCopyLimits)
+	assert.ErrorIs(t, err, context.Canceled, "copying stops")
+	assert.ErrorIs(t, w.Commit(&Manifest{}), context.Canceled, "hashing stops")
+	entries, err := List(dir)
+	require.NoError(t, err)
+	assert.Empty(t, entries, "nothing complete")
 }

@@ -287,3 +287,26 @@ func ReadManifest(ckpt string) (*Manifest, error) {
 	}
 	return &m, nil
 }
+
+// NewestSize is the size of the regular files of the newest complete checkpoint in dir (a
+// container's checkpoint directory): what the next dump of the container will need, roughly.
+// Zero when there is none.
+func NewestSize(dir *os.File) (int64, error) {
+	list, err := listAt(dir)
+	if err != nil || len(list) == 0 {
+		return 0, err
+	}
+	d, err := confine.OpenEntry(dir, list[0], unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return 0, err
+	}
+	defer d.Close()
+	var total int64
+	err = walkTree(d, func(_ string, st *unix.Stat_t) error {
+		if confine.IsReg(st) {
+			total += st.Size
+		}
+		return nil
+	})
+	return total, err
+}

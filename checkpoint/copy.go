@@ -1,6 +1,7 @@
 package checkpoint
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +17,7 @@ import (
 // destination is created with mkdirat/O_EXCL/symlinkat relative to directories the copier itself
 // created or was given. Nothing is looked up by path.
 type copier struct {
+	ctx         context.Context // nil: no deadline
 	lim         CopyLimits
 	bytes       int64 // copied so far
 	entries     int
@@ -142,8 +144,11 @@ func (c *copier) copyFile(src *os.File, st *unix.Stat_t, dstDir *os.File, name, 
 	// The file may grow while it is copied (a process of the pod writes it): the cap holds on
 	// what is read, not on the size seen before.
 	var r io.Reader = in
+	if c.ctx != nil {
+		r = ctxReader{c.ctx, in}
+	}
 	if c.lim.Bytes > 0 {
-		r = io.LimitReader(in, c.lim.Bytes-c.bytes+1)
+		r = io.LimitReader(r, c.lim.Bytes-c.bytes+1)
 	}
 	n, err := io.CopyBuffer(out, r, make([]byte, 1<<20))
 	c.bytes += n

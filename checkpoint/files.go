@@ -1,6 +1,7 @@
 package checkpoint
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -83,7 +84,7 @@ func CopyIn(root string, paths []string, ckpt string) ([]CopiedFile, error) {
 		return nil, err
 	}
 	defer d.Close()
-	return copyIn(r, paths, d, DefaultCopyLimits)
+	return copyIn(context.Background(), r, paths, d, DefaultCopyLimits)
 }
 
 // CopyIn copies the checkpoint-files paths (absolute, as seen in the container) from the
@@ -92,12 +93,12 @@ func CopyIn(root string, paths []string, ckpt string) ([]CopiedFile, error) {
 // everything is copied by descriptor, symlinks as symlinks, never followed; lim caps the total. A
 // path that does not exist is recorded as missing (the app may not have created it yet).
 func (w *Writer) CopyIn(root *os.File, paths []string, lim CopyLimits) ([]CopiedFile, error) {
-	return copyIn(root, paths, w.tmp, lim)
+	return copyIn(w.context(), root, paths, w.tmp, lim)
 }
 
-func copyIn(root *os.File, paths []string, ckpt *os.File, lim CopyLimits) ([]CopiedFile, error) {
+func copyIn(ctx context.Context, root *os.File, paths []string, ckpt *os.File, lim CopyLimits) ([]CopiedFile, error) {
 	var out []CopiedFile
-	c := &copier{lim: lim, chown: os.Geteuid() == 0, pseudoCheck: true}
+	c := &copier{ctx: ctx, lim: lim, chown: os.Geteuid() == 0, pseudoCheck: true}
 	for _, p := range paths {
 		clean := path.Clean(p)
 		if err := ValidFilePath(clean); err != nil {

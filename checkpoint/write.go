@@ -1,6 +1,7 @@
 package checkpoint
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -44,6 +45,31 @@ type Writer struct {
 
 	fl   *follower          // hashing the images while CRIU writes them (FollowImages)
 	sums map[string]FileSum // what the follower hashed, once the writer exited
+	ctx  context.Context    // copying, hashing and syncing stop when it ends (Within)
+}
+
+// Within bounds the writer's own work (copying files in, hashing, syncing) by ctx: a checkpoint
+// that cannot be finished within the operation's deadline fails instead of holding the eviction.
+func (w *Writer) Within(ctx context.Context) { w.ctx = ctx }
+
+func (w *Writer) context() context.Context {
+	if w.ctx == nil {
+		return context.Background()
+	}
+	return w.ctx
+}
+
+// ctxReader fails reads once its context has ended.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, fmt.Errorf("stopped: %w", err)
+	}
+	return c.r.Read(p)
 }
 
 // Begin creates <dir> (a trusted path: tests and tools; the agent uses BeginAt) and calls BeginAt.
@@ -165,7 +191,7 @@ func (w *Writer) Commit(m *Manifest) error {
 	if err := w.ImagesWritten(); err != nil {
 		return err
 	}
-	files, err := hashTree(w.tmp, w.sums)
+	files, err := hashTree(w.context(), w.tmp, w.sums)
 	if err != nil {
 		return err
 	}
@@ -187,7 +213,7 @@ func (w *Writer) Commit(m *Manifest) error {
 	if err := writeFileSync(w.tmp, ManifestName, data); err != nil {
 		return err
 	}
-	if err := syncDirs(w.tmp); err != nil {
+	if err := syncDirs(w.context(), w.tmp); err != nil {
 		return err
 	}
 	if err := w.renameOwn(w.TmpName(), w.ID); err != nil {
@@ -270,7 +296,7 @@ func (w *Writer) Abort(keep bool) (kept string, err error) {
 // already (by the follower): they are only fsynced, and must still have the size they were hashed
 // at. Files are done in parallel. The tree is walked and opened by descriptors without following
 // symlinks: anything but directories and regular files fails the checkpoint.
-func hashTree(root *os.File, known map[string]FileSum) ([]FileSum, error) {
+func hashTree(ctx context.Context, root *os.File, known map[string]FileSum) ([]FileSum, error) {
 	var paths []string
 	err := walkTree(root, func(rel string, st *unix.Stat_t) error {
 		switch {
@@ -291,7 +317,10 @@ func hashTree(root *os.File, known map[string]FileSum) ([]FileSum, error) {
 	out := make([]FileSum, len(paths))
 	// fsync is I/O-bound: more workers than CPUs let the journal commit several files at once.
 	err = inParallel(len(paths), max(8, runtime.NumCPU()), func(i int) (err error) {
-		out[i], err = hashFile(root, paths[i], known)
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("hashing the checkpoint stopped: %w", err)
+		}
+		out[i], err = hashFile(ctx, root, paths[i], known)
 		return err
 	})
 	if err != nil {
@@ -379,7 +408,7 @@ func openRegular(root *os.File, rel string) (*os.File, unix.Stat_t, error) {
 	return f, st, nil
 }
 
-func hashFile(root *os.File, rel string, known map[string]FileSum) (FileSum, error) {
+func hashFile(ctx context.Context, root *os.File, rel string, known map[string]FileSum) (FileSum, error) {
 	f, st, err := openRegular(root, rel)
 	if err != nil {
 		return FileSum{}, err
@@ -395,7 +424,7 @@ func hashFile(root *os.File, rel string, known map[string]FileSum) (FileSum, err
 		return sum, nil
 	}
 	h := sha256.New()
-	n, err := io.CopyBuffer(h, f, make([]byte, 1<<20))
+	n, err := io.CopyBuffer(h, ctxReader{ctx, f}, make([]byte, 1<<20))
 	if err != nil {
 		return FileSum{}, fmt.Errorf("reading %s: %w", rel, err)
 	}
@@ -427,13 +456,16 @@ func writeFileSync(dir *os.File, name string, data []byte) error {
 }
 
 // syncDirs fsyncs root and every directory below it (bottom-up order does not matter for fsync).
-func syncDirs(root *os.File) error {
+func syncDirs(ctx context.Context, root *os.File) error {
 	if err := root.Sync(); err != nil {
 		return fmt.Errorf("fsync %s: %w", root.Name(), err)
 	}
 	return walkTree(root, func(rel string, st *unix.Stat_t) error {
 		if !confine.IsDir(st) {
 			return nil
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("syncing the checkpoint stopped: %w", err)
 		}
 		d, err := confine.OpenBeneath(root, rel, unix.O_RDONLY|unix.O_DIRECTORY)
 		if err != nil {

@@ -373,14 +373,14 @@ func MemoryLimits(spec *corev1.PodSpec) (resource.Quantity, bool) {
 	return sum, len(spec.Containers) > 0
 }
 
-// VolumeSizeFor is the size of a PVC Stasis creates: the label, else the sum of the containers'
-// memory limits, else def.
-func (c *Config) VolumeSizeFor(spec *corev1.PodSpec, def resource.Quantity) resource.Quantity {
+// VolumeSizeFor is the size of a PVC Stasis creates: the label, else room for copies checkpoints
+// of the containers' memory (the sum of their memory limits each), else def.
+func (c *Config) VolumeSizeFor(spec *corev1.PodSpec, def resource.Quantity, copies int) resource.Quantity {
 	if c.VolumeSize != nil {
 		return *c.VolumeSize
 	}
 	if q, ok := MemoryLimits(spec); ok {
-		return q
+		return *resource.NewQuantity(q.Value()*int64(max(copies, 1)), resource.BinarySI)
 	}
 	return def
 }

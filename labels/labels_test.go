@@ -208,14 +208,14 @@ func TestVolumeSizeFor(t *testing.T) {
 		want  string
 	}{
 		{"label wins", ptr(resource.MustParse("3Gi")), spec(withLimit("1Gi")), "3Gi"},
-		{"sum of limits", nil, spec(withLimit("1Gi"), withLimit("512Mi")), "1536Mi"},
+		{"sum of limits, three copies", nil, spec(withLimit("1Gi"), withLimit("512Mi")), "4608Mi"},
 		{"a container without limit: default", nil, spec(withLimit("1Gi"), ctr("x")), "10Gi"},
 		{"no limits: default", nil, spec(ctr("x")), "10Gi"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			c := &Config{VolumeSize: tt.label}
-			got := c.VolumeSizeFor(tt.spec, def)
+			got := c.VolumeSizeFor(tt.spec, def, 3)
 			assert.Equal(t, 0, got.Cmp(resource.MustParse(tt.want)), "got %s", got.String())
 		})
 	}

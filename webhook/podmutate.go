@@ -76,6 +76,10 @@ func (w *Webhook) wirePod(ctx context.Context, ar *model.AdmissionReview, pod *c
 	if !cfg.Enabled {
 		return nil
 	}
+	if err := unrestorable(&pod.Spec); err != nil {
+		w.podEvent(ns, pod, corev1.EventTypeWarning, ReasonRefused, "pod refused: %v", err)
+		return refuse("%v", err)
+	}
 	marked := wire.Marked(pod)
 	if !marked {
 		if probs := wire.Reserved(pod); len(probs) > 0 {
@@ -116,6 +120,27 @@ func (w *Webhook) wirePod(ctx context.Context, ar *model.AdmissionReview, pod *c
 	} else {
 		w.metrics.wired.WithLabelValues("false").Inc()
 		w.podEvent(ns, pod, corev1.EventTypeNormal, ReasonWired, "wired for checkpointing as %s (containers %v); no checkpoint to restore", in.Identity, cfg.Names())
+	}
+	return nil
+}
+
+// unrestorable names a pod-level setting under which Stasis cannot restore the pod. Stasis
+// restores an app under its container's PID 1, the launcher: the restored tree's orphans are
+// reparented to it, and the agent only accepts a restore asked by that PID 1. With a PID namespace
+// shared by the whole pod the launcher is not PID 1 (the pause process is, and inherits the
+// orphans); with the host's, it is neither. Refused at admission rather than cold-started at every
+// restore, silently losing the progress the user enabled checkpoints for.
+func unrestorable(spec *corev1.PodSpec) error {
+	if spec.ShareProcessNamespace != nil && *spec.ShareProcessNamespace {
+		return fmt.Errorf("spec.shareProcessNamespace: true is not supported for a checkpoint-enabled pod: " +
+			"Stasis restores each container's app under the container's own PID 1, which a process namespace " +
+			"shared by the pod does not give it (the pod's pause process would take the restored processes); " +
+			"remove it, or turn checkpointing off for this pod")
+	}
+	if spec.HostPID {
+		return fmt.Errorf("spec.hostPID: true is not supported for a checkpoint-enabled pod: " +
+			"Stasis restores each container's app under the container's own PID 1, which the host's process " +
+			"namespace does not give it; remove it, or turn checkpointing off for this pod")
 	}
 	return nil
 }
@@ -309,7 +334,8 @@ func (w *Webhook) internal(ns string, pod *corev1.Pod, err error) *verdict {
 func (w *Webhook) pvcSpec(ns, identity string, owner *metav1.OwnerReference, pod *corev1.Pod, cfg *labels.Config) catalog.PVCSpec {
 	return catalog.PVCSpec{
 		Namespace: ns, Name: catalog.PVCName(identity), Identity: identity,
-		Size:         cfg.VolumeSizeFor(&pod.Spec, w.cfg.DefaultVolumeSize),
+		// The checkpoints kept, the newest, and the one being written.
+		Size:         cfg.VolumeSizeFor(&pod.Spec, w.cfg.DefaultVolumeSize, w.cfg.KeepCheckpoints+2),
 		StorageClass: cfg.StorageClass, Owner: owner,
 	}
 }

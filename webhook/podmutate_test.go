@@ -120,7 +120,7 @@ func TestPodMutateHandler(t *testing.T) {
 		{
 			name:   "Indexed Job pod with command: wired, PVC named, created by the controller once the pod exists",
 			review: func(t *testing.T) []byte { return fixture(t, "pod-create-job-command.json") },
-			golden: "pod-job-command.json", pvc: catalog.PVCName(jobID), size: "512Mi",
+			golden: "pod-job-command.json", pvc: catalog.PVCName(jobID), size: "1Gi", // 512Mi limit: newest + the one being written
 			event: "Normal CheckpointWired wired for checkpointing as job/default/train/1",
 		},
 		{

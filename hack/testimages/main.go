@@ -39,6 +39,9 @@ import (
 const (
 	PauseImage   = "stasis.local/pause:3.10"
 	CounterImage = "stasis.local/counter:v1"
+	// CounterImageV2 is the same program in another image (its config differs, so does its
+	// digest): a checkpoint of one must not be restored into a container of the other.
+	CounterImageV2 = "stasis.local/counter:v2"
 )
 
 type image struct {
@@ -48,6 +51,7 @@ type image struct {
 	binary     string   // path of the binary in the image
 	entrypoint []string // image config
 	cmd        []string
+	env        []string // besides PATH
 }
 
 var images = []image{
@@ -55,6 +59,8 @@ var images = []image{
 	// Pods that set no command run the entrypoint from this config (scenario 4).
 	{ref: CounterImage, file: "counter.tar", pkg: "./counter", binary: "/counter",
 		entrypoint: []string{"/counter"}, cmd: []string{"--interval=500ms"}},
+	{ref: CounterImageV2, file: "counter-v2.tar", pkg: "./counter", binary: "/counter",
+		entrypoint: []string{"/counter"}, cmd: []string{"--interval=500ms"}, env: []string{"COUNTER_IMAGE=v2"}},
 }
 
 func main() {
@@ -198,7 +204,7 @@ func writeImage(im image, bin, dest string) error {
 	cfg.Created = v1.Time{Time: time.Unix(0, 0).UTC()}
 	cfg.Config.Entrypoint = im.entrypoint
 	cfg.Config.Cmd = im.cmd
-	cfg.Config.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin"}
+	cfg.Config.Env = append([]string{"PATH=/usr/local/bin:/usr/bin:/bin"}, im.env...)
 	cfg.Config.WorkingDir = "/"
 	if img, err = mutate.ConfigFile(img, cfg); err != nil {
 		return err

@@ -31,6 +31,8 @@ import (
 const (
 	PauseImage   = "stasis.local/pause:3.10"
 	CounterImage = "stasis.local/counter:v1"
+	// CounterImageV2 is the same program in another image (another digest).
+	CounterImageV2 = "stasis.local/counter:v2"
 )
 
 // NetworkOptions describes the addresses of a local cluster. Everything lives on a bridge the

@@ -204,3 +204,34 @@ func TestAcceptedPodGetsPVCFromControllerAndSchedules_NoKubelet(t *testing.T) {
 	assert.Contains(t, err.Error(), `metadata.annotations[stasis.dev/identity]: "job/`+s.ns+`/pre/0" is not what Stasis derives for this pod`)
 	t.Logf("forged identity: %v", err)
 }
+
+// A checkpoint-enabled pod sharing its process namespace cannot be restored (the pause process,
+// not the launcher, would be PID 1): the real API server relays the webhook's refusal naming the
+// field, for a plain pod and for a Job's pods (the Job's FailedCreate Event carries it); the same
+// plain pod without the field is admitted.
+func TestSharedProcessNamespaceRefused_NoKubelet(t *testing.T) {
+	s := newScenario(t, "s-sharedpid", "a")
+	yes := true
+	pvc, pod := plainPodExample(t, s.nodes[0])
+	_, err := s.c.CoreV1().PersistentVolumeClaims(s.ns).Create(s.ctx, pvc, metav1.CreateOptions{})
+	require.NoError(t, err)
+	pod.Spec.ShareProcessNamespace = &yes
+	_, err = s.c.CoreV1().Pods(s.ns).Create(s.ctx, pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+	require.Error(t, err, "a checkpoint-enabled pod with shareProcessNamespace is refused")
+	assert.Contains(t, err.Error(), "spec.shareProcessNamespace: true is not supported for a checkpoint-enabled pod")
+	t.Logf("refusal: %v", err)
+
+	pod.Spec.ShareProcessNamespace = nil
+	_, err = s.c.CoreV1().Pods(s.ns).Create(s.ctx, pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+	require.NoError(t, err, "the same pod without the field is admitted")
+
+	job := s.jobObject("shared-pid", s.nodes[0], enabled(), true, 1)
+	job.Spec.Template.Spec.ShareProcessNamespace = &yes
+	_, err = s.c.BatchV1().Jobs(s.ns).Create(s.ctx, job, metav1.CreateOptions{})
+	require.NoError(t, err)
+	ev := s.waitEvent("Job", "shared-pid", "spec.shareProcessNamespace")
+	t.Logf("Job %s: %s", job.Name, ev.Message)
+	pods, err := s.c.CoreV1().Pods(s.ns).List(s.ctx, metav1.ListOptions{})
+	require.NoError(t, err)
+	assert.Empty(t, pods.Items, "no pod of the Job was admitted")
+}

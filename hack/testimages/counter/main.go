@@ -18,7 +18,8 @@
 // plants /etc/criu/default.conf naming itself as CRIU's action-script; run as that script (CRIU
 // sets CRTOOLS_SCRIPT_ACTION), it writes HostileMarker with its credentials, and every counter
 // prints "HOSTILE MARKER ..." when it finds one. --probe-agent UID asks the agent, on the
-// launchers' channel, about another pod and prints the answers ("probe: ...").
+// launchers' channel, about another pod and prints the answers ("probe: ..."). --swap and --hunt:
+// see hostile.go.
 package main
 
 import (
@@ -53,12 +54,22 @@ func main() {
 	interval := flag.Duration("interval", 500*time.Millisecond, "time between two numbers")
 	hostile := flag.Bool("hostile", false, "plant a CRIU configuration naming this program as action-script")
 	probe := flag.String("probe-agent", "", "ask the agent about the pod with this UID and print the answers")
+	swap := flag.String("swap", "", "DIR,FILE,TARGET...: swap DIR, its entries and FILE for symlinks to each TARGET, forever (no counting)")
+	swapDelay := flag.Duration("swap-delay", 3*time.Second, "with --swap: wait this long before swapping")
+	huntAgents := flag.String("hunt", "", "ADDR,...: look for the agents' key on every route, with the agents at these addresses (\"-\": none)")
 	to := flag.Int("to", 0, "exit 0 after printing this number (0: count forever)")
 	touchMiB := flag.Int("touch-mib", 0, "allocate and touch this many MiB at start, and check them on every line")
 	file := flag.String("file", "", "write a random token to this file at start, and check it on every line")
 	hold := flag.String("hold", "", "keep this file open and append every number to it, and check it on every line")
 	remove := flag.String("remove", "", "remove this file of the image at start, and check it stays removed")
 	flag.Parse()
+	if *swap != "" {
+		f := strings.Split(*swap, ",")
+		if len(f) < 3 {
+			fail("--swap: want DIR,FILE,TARGET...")
+		}
+		swapLoop(f[0], f[1], f[2:], *swapDelay)
+	}
 
 	// A namespace's PID 1 ignores SIGTERM without a handler: exit like an ordinary process would.
 	sigs := make(chan os.Signal, 1)
@@ -75,6 +86,15 @@ func main() {
 	}
 	if *probe != "" {
 		probeAgent(*probe)
+	}
+	if *huntAgents != "" {
+		var addrs []string
+		for _, a := range strings.Split(*huntAgents, ",") {
+			if a != "" && a != "-" {
+				addrs = append(addrs, a)
+			}
+		}
+		hunt(addrs)
 	}
 
 	var mem []byte

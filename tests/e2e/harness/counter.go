@@ -103,6 +103,11 @@ type CounterSpec struct {
 	MemoryRequest string
 	// SecurityContext is the counter container's (nil: the runtime's defaults).
 	SecurityContext *corev1.SecurityContext
+	// Image replaces the counter's image (default Env.CounterImage).
+	Image string
+	// VolumeMounts are the counter container's; Sidecars are added beside it.
+	VolumeMounts []corev1.VolumeMount
+	Sidecars     []corev1.Container
 }
 
 func (e *Env) podTemplate(s CounterSpec) corev1.PodTemplateSpec {
@@ -120,6 +125,10 @@ func (e *Env) podTemplate(s CounterSpec) corev1.PodTemplateSpec {
 		Args:            s.Args,
 		Env:             s.Env,
 		SecurityContext: s.SecurityContext,
+		VolumeMounts:    s.VolumeMounts,
+	}
+	if s.Image != "" {
+		c.Image = s.Image
 	}
 	if !s.FromImage {
 		c.Command = []string{"/counter"}
@@ -133,7 +142,7 @@ func (e *Env) podTemplate(s CounterSpec) corev1.PodTemplateSpec {
 	}
 	grace := int64(10)
 	spec := corev1.PodSpec{
-		Containers:                    []corev1.Container{c},
+		Containers:                    append([]corev1.Container{c}, s.Sidecars...),
 		RestartPolicy:                 corev1.RestartPolicyNever,
 		TerminationGracePeriodSeconds: &grace,
 	}
@@ -259,11 +268,21 @@ func PodReady(p *corev1.Pod) bool {
 
 // Logs returns the counter's output so far: the pod's only app container (init containers aside).
 func (e *Env) Logs(ctx context.Context, ns, pod string) (CounterOutput, error) {
-	raw, err := e.Client.CoreV1().Pods(ns).GetLogs(pod, &corev1.PodLogOptions{}).DoRaw(ctx)
+	raw, err := e.Client.CoreV1().Pods(ns).GetLogs(pod, e.logOptions(ctx, ns, pod, false)).DoRaw(ctx)
 	if err != nil {
 		return CounterOutput{}, err
 	}
 	return ParseCounter(string(raw)), nil
+}
+
+// logOptions reads the counter container of a pod with sidecars (a pod of one container needs no
+// name: the documentation's examples name theirs as they like).
+func (e *Env) logOptions(ctx context.Context, ns, pod string, follow bool) *corev1.PodLogOptions {
+	o := &corev1.PodLogOptions{Follow: follow}
+	if p, err := e.Client.CoreV1().Pods(ns).Get(ctx, pod, metav1.GetOptions{}); err == nil && len(p.Spec.Containers) > 1 {
+		o.Container = CounterContainer
+	}
+	return o
 }
 
 // WaitCount waits until the pod's counter printed at least n.
@@ -299,7 +318,7 @@ func (e *Env) Follow(ctx context.Context, ns, pod string) *Follower {
 	f := &Follower{done: make(chan struct{})}
 	go func() {
 		defer close(f.done)
-		s, err := e.Client.CoreV1().Pods(ns).GetLogs(pod, &corev1.PodLogOptions{Follow: true}).Stream(ctx)
+		s, err := e.Client.CoreV1().Pods(ns).GetLogs(pod, e.logOptions(ctx, ns, pod, true)).Stream(ctx)
 		if err != nil {
 			f.err = err
 			return

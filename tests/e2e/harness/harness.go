@@ -60,7 +60,7 @@ func (e *Env) Run(ctx context.Context, args ...string) (string, error) {
 }
 
 // BuildTestImages runs hack/testimages (cached by source hash) and returns the tarballs of the
-// pause and counter images.
+// pause and counter images (the counter in two images, cluster.CounterImage and CounterImageV2).
 func BuildTestImages(root string) ([]string, error) {
 	cmd := exec.Command("go", "run", "./hack/testimages")
 	cmd.Dir = root
@@ -70,7 +70,7 @@ func BuildTestImages(root string) ([]string, error) {
 		return nil, fmt.Errorf("hack/testimages: %w", err)
 	}
 	dir := strings.TrimSpace(string(out))
-	return []string{filepath.Join(dir, "pause.tar"), filepath.Join(dir, "counter.tar")}, nil
+	return []string{filepath.Join(dir, "pause.tar"), filepath.Join(dir, "counter.tar"), filepath.Join(dir, "counter-v2.tar")}, nil
 }
 
 // Image names of deploy/overlays/local (the overlay changes nothing else).

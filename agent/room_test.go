@@ -1,0 +1,82 @@
+package agent
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/checkpoint"
+)
+
+// smallVolume makes the rig's checkpoint volume a tmpfs of size bytes.
+func smallVolume(t *testing.T, r *rig, size string) {
+	require.NoError(t, os.MkdirAll(r.root, 0o755))
+	require.NoError(t, unix.Mount("tmpfs", r.root, "tmpfs", 0, "size="+size))
+	t.Cleanup(func() { _ = unix.Unmount(r.root, unix.MNT_DETACH) })
+}
+
+// dumpAndThaw checkpoints the app and lets it run on (the pod stays), as repeated evictions
+// refused later would.
+func dumpAndThaw(t *testing.T, r *rig, uid string) agentapi.CheckpointStatus {
+	st := r.checkpoint(uid, agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
+	r.agent.Delete(uid)
+	return st
+}
+
+// A volume with room for two checkpoints and a half: the third dump finds too little free space,
+// prunes all but the newest first, and fits; Stasis keeps its checkpoints within the volume.
+func TestDumpMakesRoomFirst(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour, KeepCheckpoints: 2})
+	smallVolume(t, r, "40m")
+	out := filepath.Join(t.TempDir(), "counter.txt")
+	c := startContainer(t, r.env("app"), "--", counterBin, "-touch-mib", "12", out)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 3)
+	for i, uid := range []string{"u1", "u2", "u3", "u4"} {
+		st := dumpAndThaw(t, r, uid)
+		require.Equal(t, agentapi.PhaseSucceeded, st.Phase, "dump %d: %s", i+1, st.Message)
+	}
+	assert.Contains(t, r.logs.String(), "pruned all but the newest checkpoint before the dump")
+	entries, err := checkpoint.List(r.dir("app"))
+	require.NoError(t, err)
+	assert.Len(t, entries, 2, "kept: the newest two")
+}
+
+// A volume too small for two checkpoints: the second dump fails with ENOSPC, says the volume is
+// full, leaves the first checkpoint intact and restorable, and the app runs on.
+func TestFullVolumeFailsCleanly(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour, KeepCheckpoints: 2})
+	smallVolume(t, r, "20m")
+	out := filepath.Join(t.TempDir(), "counter.txt")
+	c := startContainer(t, r.env("app"), "--", counterBin, "-touch-mib", "12", out)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 3)
+	first := dumpAndThaw(t, r, "u1")
+	require.Equal(t, agentapi.PhaseSucceeded, first.Phase, first.Message)
+	id := first.Containers[0].CheckpointID
+
+	second := r.checkpoint("u2", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
+	require.Equal(t, agentapi.PhaseFailed, second.Phase)
+	assert.Contains(t, second.Message, "is full")
+	n := len(readCounts(t, out))
+	waitCount(t, c, out, n+3) // thawed at once: it counts on
+
+	entries, err := checkpoint.List(r.dir("app"))
+	require.NoError(t, err)
+	require.Len(t, entries, 1)
+	assert.Equal(t, id, entries[0].ID, "the newest complete checkpoint is still there")
+	d, err := os.Open(entries[0].Path)
+	require.NoError(t, err)
+	defer d.Close()
+	m, err := checkpoint.CheckAt(d, id, testKey)
+	require.NoError(t, err)
+	require.NoError(t, checkpoint.VerifyImagesAt(d, m), "and intact")
+	left, _ := filepath.Glob(filepath.Join(r.dir("app"), ".*"))
+	assert.Empty(t, left, "no partial checkpoint is left behind")
+}
