@@ -6,6 +6,9 @@
 //
 // The tarballs are cached under $STASIS_CACHE/testimages/<hash of this folder's sources>/; the
 // command prints that folder. Usage: go run ./hack/testimages [-out DIR]
+//
+// With -apps it builds the application images of the e2e matrix instead (debian.go: a root
+// filesystem from Debian packages) and prints their tarball.
 package main
 
 import (
@@ -62,7 +65,20 @@ var images = []image{
 
 func main() {
 	out := flag.String("out", "", "output folder (default: $STASIS_CACHE/testimages/<source hash>)")
+	apps := flag.Bool("apps", false, "build the application images of the e2e matrix from Debian packages instead, print their tarball")
 	flag.Parse()
+	if *apps {
+		src, err := sourceDir()
+		if err == nil {
+			var tarball string
+			if tarball, err = buildApps(src, cacheDir()); err == nil {
+				fmt.Println(tarball)
+				return
+			}
+		}
+		fmt.Fprintln(os.Stderr, "testimages:", err)
+		os.Exit(1)
+	}
 	if err := run(*out); err != nil {
 		fmt.Fprintln(os.Stderr, "testimages:", err)
 		os.Exit(1)
@@ -79,11 +95,7 @@ func run(out string) error {
 		if err != nil {
 			return err
 		}
-		cache := os.Getenv("STASIS_CACHE")
-		if cache == "" {
-			cache = filepath.Join(os.Getenv("HOME"), ".cache", "stasis")
-		}
-		out = filepath.Join(cache, "testimages", sum[:16])
+		out = filepath.Join(cacheDir(), "testimages", sum[:16])
 	}
 	if complete(out) {
 		fmt.Println(out)
@@ -119,6 +131,13 @@ func run(out string) error {
 	}
 	fmt.Println(out)
 	return nil
+}
+
+func cacheDir() string {
+	if c := os.Getenv("STASIS_CACHE"); c != "" {
+		return c
+	}
+	return filepath.Join(os.Getenv("HOME"), ".cache", "stasis")
 }
 
 func complete(dir string) bool {

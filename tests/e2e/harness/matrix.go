@@ -1,0 +1,167 @@
+package harness
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/stasis-k8s/stasis/checkpoint"
+)
+
+// MatrixRow is one app of the compatibility matrix as measured by the last run.
+type MatrixRow struct {
+	App     string `json:"app"`
+	Version string `json:"version"`
+	Passed  bool   `json:"passed"`
+	// KnownLimit: failed with a known limit of Stasis (Failure says which); the test passes.
+	KnownLimit bool `json:"knownLimit,omitempty"`
+	// Restored: the replacement was restored from the checkpoint (false: cold start or no drain).
+	Restored bool `json:"restored"`
+	// Figures of the checkpoint (manifest) and the restore (the agent's Restored Event).
+	CheckpointBytes int64   `json:"checkpointBytes"`
+	ImagesBytes     int64   `json:"imagesBytes"`
+	DumpSeconds     float64 `json:"dumpSeconds"`
+	RestoreSeconds  float64 `json:"restoreSeconds"`
+	DrainSeconds    float64 `json:"drainSeconds"`
+	ReadyAfter      float64 `json:"readyAfterDrainSeconds"`
+	// Carried is what travelled besides memory (checkpoint files, open files of the tree).
+	Carried string `json:"carried"`
+	// Checked is what the test asserted on the app's own state; Failure what went wrong, with
+	// the Event or error text.
+	Checked string `json:"checked"`
+	Failure string `json:"failure,omitempty"`
+}
+
+// NewMatrixRow fills a row's figures from a drain's result.
+func NewMatrixRow(app App, checked string, r *AppResult) MatrixRow {
+	row := MatrixRow{App: app.Name, Version: app.Version, Checked: checked, RestoreSeconds: -1, DumpSeconds: -1}
+	if r == nil {
+		return row
+	}
+	row.Restored = r.Restored()
+	row.RestoreSeconds = r.RestoreSeconds()
+	row.DrainSeconds = r.DrainTook.Seconds()
+	row.ReadyAfter = r.NewPodReadyAfter.Seconds()
+	if m := r.Manifest; m != nil {
+		row.CheckpointBytes, row.ImagesBytes = m.Size, m.ImagesSize
+		if !m.Started.IsZero() && !m.Dumped.IsZero() {
+			row.DumpSeconds = m.Dumped.Sub(m.Started).Seconds()
+		}
+		row.Carried = carried(m)
+	}
+	return row
+}
+
+// carried lists what travelled besides memory: the files the agent carried on its own (with
+// why), the checkpoint-files, and the paths checkpoint-rootfs records as deleted.
+func carried(m *checkpoint.Manifest) string {
+	var out []string
+	for _, f := range m.Carried {
+		out = append(out, fmt.Sprintf("`%s` (%s, %d B)", f.Path, f.Reason, f.Size))
+	}
+	for _, f := range m.CopiedFiles {
+		if !f.Missing {
+			out = append(out, fmt.Sprintf("`%s` (checkpoint-files)", f.Path))
+		}
+	}
+	if len(m.Deleted) > 0 {
+		out = append(out, fmt.Sprintf("%d deleted paths", len(m.Deleted)))
+	}
+	return strings.Join(out, ", ")
+}
+
+// WriteMatrix writes the rows as compatibility.json and compatibility.md into dir and returns
+// the markdown table.
+func WriteMatrix(dir string, rows []MatrixRow) (string, error) {
+	b, err := json.MarshalIndent(struct {
+		Generated time.Time   `json:"generated"`
+		Rows      []MatrixRow `json:"rows"`
+	}{time.Now().UTC(), rows}, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "compatibility.json"), b, 0o644); err != nil {
+		return "", err
+	}
+	md := MatrixMarkdown(rows)
+	return md, os.WriteFile(filepath.Join(dir, "compatibility.md"), []byte(md), 0o644)
+}
+
+// MatrixMarkdown renders the rows as a markdown table followed by the failures in full.
+func MatrixMarkdown(rows []MatrixRow) string {
+	var b strings.Builder
+	b.WriteString("| app | version | result | checkpoint | dump | restore | drain | replacement Ready | carried besides memory | checked |\n")
+	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+	for _, r := range rows {
+		result := "passes"
+		switch {
+		case r.KnownLimit:
+			result = "known limit"
+		case !r.Passed && r.Restored:
+			result = "restored, check failed"
+		case !r.Passed:
+			result = "fails"
+		}
+		cells := []string{r.App, r.Version, result, mib(r.CheckpointBytes, r.ImagesBytes), secs(r.DumpSeconds),
+			secs(r.RestoreSeconds), secs(r.DrainSeconds), secs(r.ReadyAfter), orDash(r.Carried), r.Checked}
+		for i, c := range cells {
+			cells[i] = strings.ReplaceAll(c, "|", "\\|") // a pipe inside a cell would split it
+		}
+		b.WriteString("| " + strings.Join(cells, " | ") + " |\n")
+	}
+	var fails []string
+	for _, r := range rows {
+		if r.Failure != "" {
+			fails = append(fails, fmt.Sprintf("- **%s**: %s", r.App, strings.ReplaceAll(r.Failure, "\n", " ")))
+		}
+	}
+	if len(fails) > 0 {
+		b.WriteString("\nWhat failed (or met a known limit), as the run saw it:\n\n" + strings.Join(fails, "\n") + "\n")
+	}
+	return b.String()
+}
+
+func mib(total, images int64) string {
+	if total <= 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.1f MiB (images %.1f)", float64(total)/(1<<20), float64(images)/(1<<20))
+}
+
+func secs(s float64) string {
+	if s <= 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f s", s)
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "–"
+	}
+	return s
+}
+
+// Markers around the generated table in docs/compatibility.md.
+const (
+	MatrixBegin = "<!-- matrix:begin (generated by tests/e2e TestApps; do not edit) -->"
+	MatrixEnd   = "<!-- matrix:end -->"
+)
+
+// UpdateDoc replaces what stands between the markers in file with md.
+func UpdateDoc(file, md string) error {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return err
+	}
+	s := string(b)
+	i, j := strings.Index(s, MatrixBegin), strings.Index(s, MatrixEnd)
+	if i < 0 || j < i {
+		return fmt.Errorf("%s: markers %q … %q not found", file, MatrixBegin, MatrixEnd)
+	}
+	s = s[:i+len(MatrixBegin)] + "\n" + md + s[j:]
+	return os.WriteFile(file, []byte(s), 0o644)
+}
