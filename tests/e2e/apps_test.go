@@ -104,7 +104,6 @@ var appCases = []appCase{
 			Template: appPod([]string{"redis-server", "--save", "", "--appendonly", "no"}),
 			Prepare:  redisWrite, Read: redisRead, During: []string{"redis-cli", "-r", "-1", "-i", "0.2", "INCR", "ticks"}},
 		checked:    "as redis, with a client holding a connection while the checkpoint is taken",
-		knownLimit: "Connected TCP socket",
 		check: func(t *testing.T, r *harness.AppResult) {
 			assert.Contains(t, r.StateBefore["during"], "5", "the client was connected and counting")
 			assert.Equal(t, r.StateBefore["run_id"], r.StateAfter["run_id"], "a restarted redis draws a new run_id")
@@ -118,7 +117,6 @@ var appCases = []appCase{
 			Template: appPod(postgresCommand, postgresSpec),
 			Prepare:  pgWrite, Read: pgRead},
 		checked:    "same postmaster start time (no restart, no crash recovery), 1000 committed rows, accepts new connections and writes",
-		knownLimit: "SysVIPC shmem map",
 		check: func(t *testing.T, r *harness.AppResult) {
 			assert.Equal(t, r.StateBefore["started"], r.StateAfter["started"], "a restarted postmaster has a new start time")
 			assert.Equal(t, "1000", r.StateAfter["rows"], "rows committed before the drain")
