@@ -1,0 +1,104 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/stasis-k8s/stasis/tests/e2e/harness"
+)
+
+// Fault suite (issue 14): an app frozen by its checkpoint must run again when its pod stays.
+
+// evictRefusedAfterDump evicts the pod with a UID precondition that cannot match: the webhook
+// holds the eviction until the checkpoint is complete (429s, retried as kubectl does) and allows
+// it; the API server then refuses it (409), as it refuses one a PodDisruptionBudget forbids after
+// the webhooks. The pod stays, its app frozen. Returns when the API server has refused.
+func evictRefusedAfterDump(t *testing.T, ns, pod string) time.Time {
+	ctx := context.Background()
+	wrong := types.UID("00000000-0000-0000-0000-000000000000")
+	ev := &policyv1.Eviction{ObjectMeta: metav1.ObjectMeta{Name: pod, Namespace: ns},
+		DeleteOptions: &metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &wrong}}}
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		err := env.Client.PolicyV1().Evictions(ns).Evict(ctx, ev)
+		if apierrors.IsConflict(err) {
+			return time.Now()
+		}
+		require.True(t, apierrors.IsTooManyRequests(err) && time.Now().Before(deadline), "eviction: want 429 then 409, got %v", err)
+		time.Sleep(time.Second)
+	}
+}
+
+// runsAgain waits until the counter prints a number after last, and returns how long that took.
+func runsAgain(t *testing.T, ns, pod string, last int, since time.Time) time.Duration {
+	out, err := env.WaitCount(context.Background(), ns, pod, last+2, 2*time.Minute)
+	require.NoError(t, err, "the app never ran again after its checkpoint")
+	assert.Equal(t, 1, out.FreshStarts, "the same process runs on (no restart)")
+	return time.Since(since)
+}
+
+func startCounterPod(t *testing.T, ns string) (*corev1.Pod, harness.CounterOutput) {
+	ctx := context.Background()
+	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, Args: []string{"--interval=300ms"}})
+	require.NoError(t, err)
+	pod, err := env.WaitJobPod(ctx, ns, "counter", 2*time.Minute)
+	require.NoError(t, err)
+	out, err := env.WaitCount(ctx, ns, pod.Name, 5, time.Minute)
+	require.NoError(t, err)
+	return pod, out
+}
+
+// The API server refuses the eviction after the webhook allowed it: the agent sees that the pod is
+// not being deleted once the webhook stops asking, and thaws the app within seconds (not after
+// --freeze-timeout), with an Event that says why.
+func TestFaultEvictionRefusedAfterDumpThaws(t *testing.T) {
+	ns := newNamespace(t, "f1")
+	pod, _ := startCounterPod(t, ns)
+	refused := evictRefusedAfterDump(t, ns, pod.Name)
+	frozen, err := env.Logs(context.Background(), ns, pod.Name)
+	require.NoError(t, err)
+	took := runsAgain(t, ns, pod.Name, frozen.Last(), refused)
+	t.Logf("the app ran again %.1fs after the API server refused the eviction (--release-after 15s)", took.Seconds())
+	assert.Less(t, took, 60*time.Second, "released long before --freeze-timeout (5m)")
+	ev := waitEvent(t, ns, pod.Name, "resumed the app frozen by its checkpoint")
+	assert.Contains(t, ev, "was not deleted within")
+}
+
+// The agent is killed (a DaemonSet rollout, an OOM kill) while the app is frozen and no deletion
+// follows: the new agent adopts the operation from the node's record and thaws the app.
+func TestFaultAgentKilledWhileFrozen(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t, "f2")
+	pod, _ := startCounterPod(t, ns)
+	refused := evictRefusedAfterDump(t, ns, pod.Name)
+	frozen, err := env.Logs(ctx, ns, pod.Name)
+	require.NoError(t, err)
+
+	agents, err := env.Client.CoreV1().Pods(harness.StasisNamespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=stasis-agent"})
+	require.NoError(t, err)
+	var killed string
+	zero := int64(0)
+	for _, a := range agents.Items {
+		if a.Spec.NodeName == pod.Spec.NodeName {
+			killed = a.Name
+			require.NoError(t, env.Client.CoreV1().Pods(harness.StasisNamespace).Delete(ctx, a.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}))
+		}
+	}
+	require.NotEmpty(t, killed, "no agent on node %s", pod.Spec.NodeName)
+	took := runsAgain(t, ns, pod.Name, frozen.Last(), refused)
+	t.Logf("agent %s killed while the app was frozen; the app ran again %.1fs after the refused eviction", killed, took.Seconds())
+	ev := waitEvent(t, ns, pod.Name, "resumed the app frozen by its checkpoint")
+	assert.True(t, strings.Contains(ev, "was not deleted within") || strings.Contains(ev, "freeze-timeout"), ev)
+}
