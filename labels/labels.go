@@ -156,114 +156,151 @@ func Parse(prefix string, lbls, annotations map[string]string, spec *corev1.PodS
 	if prefix == "" {
 		prefix = DefaultPrefix
 	}
+	r := reader{prefix: prefix, lbls: lbls, annotations: annotations}
 	c := &Config{Prefix: prefix}
-	get := func(name string) (string, bool) {
-		v, ok := Lookup(lbls, annotations, Key(prefix, name))
-		return strings.TrimSpace(v), ok
-	}
-	bad := func(name, format string, a ...any) error {
-		return &Error{Key: Key(prefix, name), Problem: fmt.Sprintf(format, a...)}
-	}
-
-	// flag reads a "true"/"false" label; unset or empty is false.
-	flag := func(name string, to *bool) error {
-		switch v, _ := get(name); v {
-		case "true":
-			*to = true
-		case "false", "":
-		default:
-			return bad(name, "%q is not \"true\" or \"false\"", v)
-		}
-		return nil
-	}
-	if err := flag(Mode, &c.Enabled); err != nil {
+	if err := r.flag(Mode, &c.Enabled); err != nil {
 		return nil, err
 	}
 	if !c.Enabled {
 		return c, nil
 	}
-
-	if v, ok := get(StorageVolume); ok && v != "" {
-		if !slices.ContainsFunc(spec.Volumes, func(vol corev1.Volume) bool { return vol.Name == v }) {
-			return nil, bad(StorageVolume, "volume %q is not in the pod's volumes", v)
-		}
-		c.StorageVolume = v
-	}
-	if v, ok := get(StorageClass); ok && v != "" {
-		if errs := validation.IsDNS1123Subdomain(v); len(errs) > 0 {
-			return nil, bad(StorageClass, "%q is not a storage class name: %s", v, strings.Join(errs, "; "))
-		}
-		c.StorageClass = v
-	}
-	if v, ok := get(VolumeSize); ok && v != "" {
-		q, err := resource.ParseQuantity(v)
-		if err != nil {
-			return nil, bad(VolumeSize, "%q is not a size (use e.g. 2Gi or 500Mi)", v)
-		}
-		if q.Sign() <= 0 {
-			return nil, bad(VolumeSize, "%q must be larger than zero", v)
-		}
-		c.VolumeSize = &q
-	}
-	if err := errors.Join(flag(Diagnosis, &c.Diagnosis), flag(Rootfs, &c.Rootfs)); err != nil {
+	if err := r.storage(c, spec); err != nil {
 		return nil, err
 	}
-
-	var podFiles, podCkpt, podRestore []string
-	var err error
-	if v, ok := get(Files); ok {
-		if podFiles, err = parseFiles(v); err != nil {
-			return nil, bad(Files, "%v", err)
-		}
+	if err := errors.Join(r.flag(Diagnosis, &c.Diagnosis), r.flag(Rootfs, &c.Rootfs)); err != nil {
+		return nil, err
 	}
-	if v, ok := get(CheckpointAdvancedOpts); ok {
-		if podCkpt, err = parseOptions(v, CheckpointOptions); err != nil {
-			return nil, bad(CheckpointAdvancedOpts, "%v", err)
-		}
-	}
-	if v, ok := get(RestoreAdvancedOpts); ok {
-		if podRestore, err = parseOptions(v, RestoreOptions); err != nil {
-			return nil, bad(RestoreAdvancedOpts, "%v", err)
-		}
-	}
-
-	selected, err := selectContainers(spec, get)
+	pod, err := r.podDefaults()
 	if err != nil {
-		return nil, bad(Containers, "%v", err)
+		return nil, err
+	}
+	selected, err := selectContainers(spec, r.get)
+	if err != nil {
+		return nil, r.bad(Containers, "%v", err)
 	}
 	for _, ct := range spec.Containers {
 		if !slices.Contains(selected, ct.Name) {
 			continue
 		}
-		cc := Container{Name: ct.Name, Files: podFiles, CheckpointOptions: podCkpt, RestoreOptions: podRestore}
-		envBad := func(env, format string, a ...any) error {
-			return &Error{Key: fmt.Sprintf("container %q env %s", ct.Name, env), Problem: fmt.Sprintf(format, a...)}
-		}
-		for _, e := range ct.Env {
-			var target *[]string
-			var parse func(string) ([]string, error)
-			switch e.Name {
-			case EnvCheckpointFiles:
-				target, parse = &cc.Files, parseFiles
-			case EnvCheckpointAdvOptions:
-				target, parse = &cc.CheckpointOptions, func(s string) ([]string, error) { return parseOptions(s, CheckpointOptions) }
-			case EnvRestoreAdvOptions:
-				target, parse = &cc.RestoreOptions, func(s string) ([]string, error) { return parseOptions(s, RestoreOptions) }
-			default:
-				continue
-			}
-			if e.ValueFrom != nil {
-				return nil, envBad(e.Name, "must have a literal value (valueFrom cannot be read at admission)")
-			}
-			vals, err := parse(e.Value)
-			if err != nil {
-				return nil, envBad(e.Name, "%v", err)
-			}
-			*target = vals
+		cc, err := containerConfig(ct, pod)
+		if err != nil {
+			return nil, err
 		}
 		c.Containers = append(c.Containers, cc)
 	}
 	return c, nil
+}
+
+// reader reads one pod's keys (label or annotation, see Lookup) under a prefix.
+type reader struct {
+	prefix            string
+	lbls, annotations map[string]string
+}
+
+func (r reader) get(name string) (string, bool) {
+	v, ok := Lookup(r.lbls, r.annotations, Key(r.prefix, name))
+	return strings.TrimSpace(v), ok
+}
+
+func (r reader) bad(name, format string, a ...any) error {
+	return &Error{Key: Key(r.prefix, name), Problem: fmt.Sprintf(format, a...)}
+}
+
+// flag reads a "true"/"false" key; unset or empty is false.
+func (r reader) flag(name string, to *bool) error {
+	switch v, _ := r.get(name); v {
+	case "true":
+		*to = true
+	case "false", "":
+	default:
+		return r.bad(name, "%q is not \"true\" or \"false\"", v)
+	}
+	return nil
+}
+
+// storage reads where checkpoints are kept: the pod's volume, or the class and size of the PVC
+// Stasis creates.
+func (r reader) storage(c *Config, spec *corev1.PodSpec) error {
+	if v, ok := r.get(StorageVolume); ok && v != "" {
+		if !slices.ContainsFunc(spec.Volumes, func(vol corev1.Volume) bool { return vol.Name == v }) {
+			return r.bad(StorageVolume, "volume %q is not in the pod's volumes", v)
+		}
+		c.StorageVolume = v
+	}
+	if v, ok := r.get(StorageClass); ok && v != "" {
+		if errs := validation.IsDNS1123Subdomain(v); len(errs) > 0 {
+			return r.bad(StorageClass, "%q is not a storage class name: %s", v, strings.Join(errs, "; "))
+		}
+		c.StorageClass = v
+	}
+	if v, ok := r.get(VolumeSize); ok && v != "" {
+		q, err := resource.ParseQuantity(v)
+		if err != nil {
+			return r.bad(VolumeSize, "%q is not a size (use e.g. 2Gi or 500Mi)", v)
+		}
+		if q.Sign() <= 0 {
+			return r.bad(VolumeSize, "%q must be larger than zero", v)
+		}
+		c.VolumeSize = &q
+	}
+	return nil
+}
+
+// podDefaults reads the pod-level files and CRIU options, which each container's MMC_* env may
+// override.
+func (r reader) podDefaults() (Container, error) {
+	var c Container
+	for _, k := range []struct {
+		name  string
+		to    *[]string
+		parse func(string) ([]string, error)
+	}{
+		{Files, &c.Files, parseFiles},
+		{CheckpointAdvancedOpts, &c.CheckpointOptions, func(v string) ([]string, error) { return parseOptions(v, CheckpointOptions) }},
+		{RestoreAdvancedOpts, &c.RestoreOptions, func(v string) ([]string, error) { return parseOptions(v, RestoreOptions) }},
+	} {
+		v, ok := r.get(k.name)
+		if !ok {
+			continue
+		}
+		vals, err := k.parse(v)
+		if err != nil {
+			return c, r.bad(k.name, "%v", err)
+		}
+		*k.to = vals
+	}
+	return c, nil
+}
+
+// containerConfig applies a container's MMC_* env over the pod-level defaults.
+func containerConfig(ct corev1.Container, pod Container) (Container, error) {
+	cc := Container{Name: ct.Name, Files: pod.Files, CheckpointOptions: pod.CheckpointOptions, RestoreOptions: pod.RestoreOptions}
+	for _, e := range ct.Env {
+		var target *[]string
+		var parse func(string) ([]string, error)
+		switch e.Name {
+		case EnvCheckpointFiles:
+			target, parse = &cc.Files, parseFiles
+		case EnvCheckpointAdvOptions:
+			target, parse = &cc.CheckpointOptions, func(s string) ([]string, error) { return parseOptions(s, CheckpointOptions) }
+		case EnvRestoreAdvOptions:
+			target, parse = &cc.RestoreOptions, func(s string) ([]string, error) { return parseOptions(s, RestoreOptions) }
+		default:
+			continue
+		}
+		bad := &Error{Key: fmt.Sprintf("container %q env %s", ct.Name, e.Name)}
+		if e.ValueFrom != nil {
+			bad.Problem = "must have a literal value (valueFrom cannot be read at admission)"
+			return cc, bad
+		}
+		vals, err := parse(e.Value)
+		if err != nil {
+			bad.Problem = err.Error()
+			return cc, bad
+		}
+		*target = vals
+	}
+	return cc, nil
 }
 
 // containerSep splits checkpoint-containers. Container names are DNS labels, so '_' and '.' (which
