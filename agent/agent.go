@@ -83,8 +83,10 @@ type Config struct {
 	// CheckpointMount is where pods mount their checkpoint volume (wiring.CheckpointMount).
 	CheckpointMount string
 	// RestoreTimeout bounds one container's restore; then it starts afresh.
-	RestoreTimeout  time.Duration
-	KeepCheckpoints int
+	RestoreTimeout time.Duration
+	// KeepOlder is how many complete checkpoints are kept per container besides the newest (the
+	// webhook's --keep-checkpoints, which a request's Keep carries, means the same); default 1.
+	KeepOlder int
 	// CopyLimits bound what checkpoint-files may copy out of a container (default
 	// checkpoint.DefaultCopyLimits).
 	CopyLimits checkpoint.CopyLimits
@@ -124,8 +126,8 @@ func (c *Config) defaults() error {
 	if c.RestoreTimeout <= 0 {
 		c.RestoreTimeout = 5 * time.Minute
 	}
-	if c.KeepCheckpoints <= 0 {
-		c.KeepCheckpoints = 2
+	if c.KeepOlder <= 0 {
+		c.KeepOlder = 1
 	}
 	if c.CopyLimits == (checkpoint.CopyLimits{}) {
 		c.CopyLimits = checkpoint.DefaultCopyLimits

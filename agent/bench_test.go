@@ -28,7 +28,7 @@ import (
 func BenchmarkDump1GiB(b *testing.B) {
 	// Keep every checkpoint: the agent prunes in the background after a result, which would slow
 	// the raw dump that follows it.
-	r := newRig(b, Config{FreezeTimeout: time.Hour, KeepCheckpoints: 100})
+	r := newRig(b, Config{FreezeTimeout: time.Hour, KeepOlder: 100})
 	r.serveLocal()
 	criu, a, finder, dir := r.criu, r.agent, r.finder, r.dir("app")
 	ctx, cancel := context.WithCancel(context.Background())

@@ -300,12 +300,12 @@ func (d *dump) close() {
 // waiting on the new checkpoint has no reason to wait for that. dir is a descriptor held since
 // the commit: the container (and with it /proc/<pid>/root) may be gone by now.
 func (a *Agent) prune(log zerolog.Logger, req agentapi.CheckpointRequest, dir *os.File) {
-	keep := a.cfg.KeepCheckpoints
+	older := a.cfg.KeepOlder
 	if req.Keep > 0 {
-		keep = req.Keep + 1 // the webhook counts the checkpoints kept besides the new one
+		older = req.Keep
 	}
 	// A checkpoint directory without marker younger than a dump may still be written.
-	if err := checkpoint.PruneAt(dir, keep, a.cfg.Now().Add(-a.cfg.DumpTimeout)); err != nil {
+	if err := checkpoint.PruneAt(dir, older+1, a.cfg.Now().Add(-a.cfg.DumpTimeout)); err != nil {
 		log.Warn().Err(err).Msg("pruning old checkpoints")
 	}
 }

@@ -413,10 +413,10 @@ func counterValue(t *testing.T, c prometheus.Counter) float64 {
 	return m.GetCounter().GetValue()
 }
 
-// Old checkpoints are pruned after the new one is reported: keep N, leftovers of interrupted dumps
+// Old checkpoints are pruned after the new one is reported: the newest and KeepOlder more are kept, leftovers of interrupted dumps
 // removed, a younger directory without marker (a dump that may be in progress) kept.
 func TestOldCheckpointsPrunedAfterSuccess(t *testing.T) {
-	r := newRig(t, Config{KeepCheckpoints: 1, DumpTimeout: time.Minute})
+	r := newRig(t, Config{KeepOlder: 1, DumpTimeout: time.Minute})
 	out := filepath.Join(t.TempDir(), "counter.txt")
 	c := startContainer(t, r.env("app"), "--", counterBin, out)
 	r.finder["app"] = c.launcherPID()
@@ -432,11 +432,14 @@ func TestOldCheckpointsPrunedAfterSuccess(t *testing.T) {
 	require.True(t, r.agent.Delete("uid-p1")) // thaw: the pod stayed
 	second := r.checkpoint("uid-p2", spec)
 	require.Equal(t, agentapi.PhaseSucceeded, second.Phase, second.Message)
+	require.True(t, r.agent.Delete("uid-p2"))
+	third := r.checkpoint("uid-p3", spec)
+	require.Equal(t, agentapi.PhaseSucceeded, third.Phase, third.Message)
 
 	require.Eventually(t, func() bool {
 		l, err := checkpoint.List(r.dir("app"))
-		return err == nil && len(l) == 1 && l[0].ID == second.Containers[0].CheckpointID
-	}, 10*time.Second, 20*time.Millisecond, "only the newest checkpoint is kept")
+		return err == nil && len(l) == 2 && l[0].ID == third.Containers[0].CheckpointID && l[1].ID == second.Containers[0].CheckpointID
+	}, 10*time.Second, 20*time.Millisecond, "the newest checkpoint and one older are kept")
 	assert.NoDirExists(t, filepath.Join(r.dir("app"), first.Containers[0].CheckpointID))
 	require.Eventually(t, func() bool { _, err := os.Stat(stale.Path()); return os.IsNotExist(err) }, 10*time.Second, 20*time.Millisecond)
 	assert.DirExists(t, inProgress.Path())

@@ -32,7 +32,7 @@ func dumpAndThaw(t *testing.T, r *rig, uid string) agentapi.CheckpointStatus {
 // A volume with room for two checkpoints and a half: the third dump finds too little free space,
 // prunes all but the newest first, and fits; Stasis keeps its checkpoints within the volume.
 func TestDumpMakesRoomFirst(t *testing.T) {
-	r := newRig(t, Config{FreezeTimeout: time.Hour, KeepCheckpoints: 2})
+	r := newRig(t, Config{FreezeTimeout: time.Hour, KeepOlder: 1})
 	smallVolume(t, r, "40m")
 	r.startCounter("-touch-mib", "12")
 	for i, uid := range []string{"u1", "u2", "u3", "u4"} {
@@ -48,7 +48,7 @@ func TestDumpMakesRoomFirst(t *testing.T) {
 // A volume too small for two checkpoints: the second dump fails with ENOSPC, says the volume is
 // full, leaves the first checkpoint intact and restorable, and the app runs on.
 func TestFullVolumeFailsCleanly(t *testing.T) {
-	r := newRig(t, Config{FreezeTimeout: time.Hour, KeepCheckpoints: 2})
+	r := newRig(t, Config{FreezeTimeout: time.Hour, KeepOlder: 1})
 	smallVolume(t, r, "20m")
 	c, out := r.startCounter("-touch-mib", "12")
 	first := dumpAndThaw(t, r, "u1")

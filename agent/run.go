@@ -32,7 +32,7 @@ type RunConfig struct {
 	CertFile, KeyFile, ClientCAFile            string
 	NodeName, CRIEndpoint                      string
 	CriuPath                                   string
-	MaxConcurrentDumps, KeepCheckpoints        int
+	MaxConcurrentDumps, KeepOlder              int
 	FreezeTimeout, DumpTimeout, RestoreTimeout time.Duration
 	ReleaseAfter                               time.Duration
 	StateDir                                   string
@@ -58,7 +58,7 @@ func (c *RunConfig) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.ReleaseAfter, "release-after", 15*time.Second, "thaw a dumped app whose pod is not being deleted this long after the webhook last asked about its checkpoint (an eviction refused by a PodDisruptionBudget)")
 	fs.DurationVar(&c.DumpTimeout, "dump-timeout", 15*time.Minute, "abandon one container's dump after this time")
 	fs.DurationVar(&c.RestoreTimeout, "restore-timeout", 5*time.Minute, "start a container afresh when its restore takes longer")
-	fs.IntVar(&c.KeepCheckpoints, "keep-checkpoints", 2, "complete checkpoints kept per container (newest first)")
+	fs.IntVar(&c.KeepOlder, "keep-checkpoints", 1, "older complete checkpoints kept per container besides the newest (a request's keep wins)")
 	fs.StringVar(&c.HealthListen, "health-listen", ":8081", "plain HTTP address for /healthz, /readyz and /metrics")
 	fs.StringVar(&c.SocketDir, "socket-dir", wiring.HostAgentDir, "directory of the launchers' local socket "+wiring.AgentSocketName)
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig for recording Events (default: in-cluster when a token is mounted, else no Events)")
@@ -138,7 +138,7 @@ func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersio
 	a, err := New(ctx, Config{
 		NodeName: rc.NodeName, Criu: criu, CriuVersion: criuVersion, ManifestKey: key, RestoreDir: rc.RestoreDir,
 		MaxConcurrentDumps: rc.MaxConcurrentDumps, FreezeTimeout: rc.FreezeTimeout, DumpTimeout: rc.DumpTimeout,
-		RestoreTimeout: rc.RestoreTimeout, KeepCheckpoints: rc.KeepCheckpoints,
+		RestoreTimeout: rc.RestoreTimeout, KeepOlder: rc.KeepOlder,
 		ReleaseAfter: rc.ReleaseAfter, Pods: pods, StateDir: rc.StateDir,
 		Finder: runtime, Events: events, Metrics: NewMetrics(reg), Log: log,
 	})
