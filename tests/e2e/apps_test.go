@@ -103,7 +103,7 @@ var appCases = []appCase{
 		app: harness.App{Name: "redis-client", Version: "Redis 7.0, a client connected during the drain",
 			Template: appPod([]string{"redis-server", "--save", "", "--appendonly", "no"}),
 			Prepare:  redisWrite, Read: redisRead, During: []string{"redis-cli", "-r", "-1", "-i", "0.2", "INCR", "ticks"}},
-		checked:    "as redis, with a client holding a connection while the checkpoint is taken",
+		checked: "as redis, with a client holding a connection while the checkpoint is taken",
 		check: func(t *testing.T, r *harness.AppResult) {
 			assert.Contains(t, r.StateBefore["during"], "5", "the client was connected and counting")
 			assert.Equal(t, r.StateBefore["run_id"], r.StateAfter["run_id"], "a restarted redis draws a new run_id")
@@ -116,7 +116,7 @@ var appCases = []appCase{
 			Claims:   map[string]string{"pgdata": "1Gi"},
 			Template: appPod(postgresCommand, postgresSpec),
 			Prepare:  pgWrite, Read: pgRead},
-		checked:    "same postmaster start time (no restart, no crash recovery), 1000 committed rows, accepts new connections and writes",
+		checked: "same postmaster start time (no restart, no crash recovery), 1000 committed rows, accepts new connections and writes",
 		check: func(t *testing.T, r *harness.AppResult) {
 			assert.Equal(t, r.StateBefore["started"], r.StateAfter["started"], "a restarted postmaster has a new start time")
 			assert.Equal(t, "1000", r.StateAfter["rows"], "rows committed before the drain")
