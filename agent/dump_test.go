@@ -133,7 +133,20 @@ func (r *rig) restorePod(id string, containers map[string][]string) map[string]*
 	require.NoError(r.t, err)
 	r.mu.Lock()
 	r.restore[wiring.AnnotationRestore] = string(ref)
+	r.mu.Unlock()
+	return r.startPod(id, containers)
+}
+
+// startPod plays the kubelet for a new pod (a new UID) of the rig's identity: each container is
+// known to the runtime and started in its pod's cgroup with the launcher's environment, and the
+// restore environment when id is set. A pod without a restore annotation is a fresh one.
+func (r *rig) startPod(id string, containers map[string][]string) map[string]*container {
+	r.t.Helper()
+	r.mu.Lock()
 	r.restore[wiring.AnnotationIdentity] = r.identity
+	if id == "" {
+		delete(r.restore, wiring.AnnotationRestore)
+	}
 	r.mu.Unlock()
 	h := randomHex(r.t, 32)
 	uid := h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:32]
@@ -149,7 +162,10 @@ func (r *rig) restorePod(id string, containers map[string][]string) map[string]*
 		if r.pods != nil {
 			r.pods.add(pod, ctr, name, pid)
 		}
-		env := append(r.envFor(name, uid), wiring.EnvRestoreID+"="+id)
+		env := r.envFor(name, uid)
+		if id != "" {
+			env = append(env, wiring.EnvRestoreID+"="+id)
+		}
 		out[name] = startContainerWith(r.t, podCgroup(r.t, uid, ctr), r.setpriv, env, append([]string{"--"}, cmd...)...)
 		ch <- out[name]
 	}

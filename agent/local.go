@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -121,6 +122,7 @@ func (l *Local) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+agentapi.LocalPathEntrypoint, l.guard(l.entrypoint))
 	mux.HandleFunc("POST "+agentapi.LocalPathRestore, l.guard(l.restore))
+	mux.HandleFunc("POST "+agentapi.LocalPathCheckpoint, l.guard(l.checkpoint))
 	return mux
 }
 
@@ -270,6 +272,22 @@ func (l *Local) restore(w http.ResponseWriter, r *http.Request, id identity) {
 		return
 	}
 	writeJSON(w, http.StatusOK, res)
+}
+
+// checkpoint checkpoints the caller's own pod on its termination (Agent.CheckpointOnTermination
+// checks the caller is its container's PID 1). It may take as long as the dump does.
+func (l *Local) checkpoint(w http.ResponseWriter, r *http.Request, id identity) {
+	if _, err := io.Copy(io.Discard, r.Body); err != nil {
+		writeError(w, http.StatusBadRequest, "request body: "+err.Error())
+		return
+	}
+	_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(l.a.cfg.DumpTimeout + time.Minute))
+	st, err := l.a.CheckpointOnTermination(r.Context(), id.PID, id.Pod, id.Container.Name)
+	if err != nil {
+		l.refuse(w, id.Caller, http.StatusForbidden, "not-pid-1", err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
 }
 
 // localListener identifies each connection as it is accepted and enforces the per-pod

@@ -39,11 +39,18 @@ func (a *Agent) Restore(ctx context.Context, callerPID int, req agentapi.Restore
 	}
 	log := a.cfg.Log.With().Str("pod", req.Pod.Namespace+"/"+req.Pod.Name).Str("container", req.Container).Logger()
 	res := agentapi.RestoreResponse{CheckpointID: req.CheckpointID}
-	pid, msg, err := a.restore(ctx, log, t, req)
-	if err != nil {
+	pid, id, msg, err := a.restore(ctx, log, t, req)
+	switch {
+	case errors.Is(err, errNoCheckpoint) && req.CheckpointID == "":
+		// A first start: nothing to continue, nothing to report.
+		a.cfg.Metrics.RestoreResults.WithLabelValues("none").Inc()
 		res.Message = err.Error()
-	} else {
-		res.Restored, res.PID, res.Message = true, pid, msg
+		return res, nil
+	case err != nil:
+		res.Message = err.Error()
+	default:
+		res.Restored, res.PID, res.Message, res.CheckpointID = true, pid, msg, id
+		req.CheckpointID = id
 	}
 	a.recordRestore(ctx, log, req, res)
 	return res, nil
@@ -53,50 +60,50 @@ func (a *Agent) Restore(ctx context.Context, callerPID int, req agentapi.Restore
 var ErrNotCaller = errors.New("only the container's PID 1 may ask to restore it")
 
 // restore does the work; any error means a cold start.
-func (a *Agent) restore(ctx context.Context, log zerolog.Logger, t Target, req agentapi.RestoreRequest) (int, string, error) {
+func (a *Agent) restore(ctx context.Context, log zerolog.Logger, t Target, req agentapi.RestoreRequest) (pid int, id, msg string, err error) {
 	if t.Attempt > 0 {
 		// The pod was created to continue the checkpoint once. A container restarted in place (a
 		// crash, an OOM kill, a failed liveness probe) has run on since: restoring the old state
 		// again would repeat its work and put old files over newer ones, and a checkpoint that
 		// crashes would crash-loop.
-		return 0, "", fmt.Errorf("container %q restarted in place (restart %d): the checkpoint %s was for its first start and is consumed; starting afresh", req.Container, t.Attempt, req.CheckpointID)
-	}
-	ref, identity, err := restoreRef(t.PodAnnotations)
-	if err != nil {
-		return 0, "", err
-	}
-	if ref.ID != req.CheckpointID {
-		return 0, "", fmt.Errorf("the launcher asks for checkpoint %q, the pod was created to restore %q", req.CheckpointID, ref.ID)
+		return 0, "", "", fmt.Errorf("container %q restarted in place (restart %d): the checkpoint %s was for its first start and is consumed; starting afresh", req.Container, t.Attempt, req.CheckpointID)
 	}
 	if err := labels.CheckOptions(req.Options, labels.RestoreOptions); err != nil {
-		return 0, "", err
+		return 0, "", "", err
 	}
 	root, err := confine.OpenRoot(fmt.Sprintf("/proc/%d/root", t.PID))
 	if err != nil {
-		return 0, "", fmt.Errorf("container root: %w", err)
+		return 0, "", "", fmt.Errorf("container root: %w", err)
 	}
 	defer root.Close()
+	ref, identity, err := a.restoreTarget(root, t.PodAnnotations, req)
+	if err != nil {
+		return 0, "", "", err
+	}
+	if ref.ID != req.CheckpointID {
+		log.Info().Str("recorded", req.CheckpointID).Str("newest", ref.ID).Msg("restoring the newest checkpoint of the identity (taken on termination, not recorded)")
+	}
 	plan, err := a.podPlans(req.Pod.UID, func() map[string]*restorePlan {
 		return preparePod(root, path.Join(a.cfg.CheckpointMount, wiring.IdentityDir(identity)), ref, a.cfg.ManifestKey)
 	}).get(req.Container)
 	if err != nil {
-		return 0, "", err
+		return 0, "", "", err
 	}
 	if err := bound(plan.m, req, identity, t.ImageRef); err != nil {
-		return 0, "", err
+		return 0, "", "", err
 	}
 	timeout := a.cfg.RestoreTimeout
 	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	start := time.Now()
-	pid, err := a.restoreContainer(rctx, log, t, root, plan, req.Options)
+	pid, err = a.restoreContainer(rctx, log, t, root, plan, req.Options)
 	if err != nil && rctx.Err() != nil {
 		err = fmt.Errorf("restore did not finish within %s (--restore-timeout): %w", timeout, err)
 	}
 	if err != nil {
-		return 0, "", err
+		return 0, "", "", err
 	}
-	return pid, fmt.Sprintf("restored checkpoint %s (%d bytes of images) in %.2fs", ref.ID, plan.m.ImagesSize, time.Since(start).Seconds()), nil
+	return pid, ref.ID, fmt.Sprintf("restored checkpoint %s (%d bytes of images) in %.2fs", ref.ID, plan.m.ImagesSize, time.Since(start).Seconds()), nil
 }
 
 // bound checks that an authentic checkpoint belongs where it is restored: the same namespace,

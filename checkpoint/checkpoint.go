@@ -313,3 +313,7 @@ func NewestSize(dir *os.File) (int64, error) {
 	})
 	return total, err
 }
+
+// CompleteIDs lists the IDs of the complete checkpoints in dir (a container's checkpoint
+// directory), newest first.
+func CompleteIDs(dir *os.File) ([]string, error) { return listAt(dir) }

@@ -23,6 +23,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -41,6 +42,11 @@ const (
 	// EnvRestoreTimeout bounds the agent's restore (Go duration, default 5m); then a cold start.
 	EnvRestoreTimeout = "STASIS_RESTORE_TIMEOUT"
 )
+
+// discoverTries bounds how long a fresh start waits for the agent (one try a second) to learn
+// whether a checkpoint of its identity exists: the agent's channel appears in a new pod within
+// a fraction of a second; an agent that is down must not hold every new pod for long.
+const discoverTries = 5
 
 // ReservedPIDs is the PID range kept free for the launcher's threads and the agent's CRIU: a
 // restore gives every process its old PID, so none of the app's may be one of theirs.
@@ -65,10 +71,22 @@ func Run(ctx context.Context, args []string) error {
 	sigs := make(chan os.Signal, 64)
 	signal.Notify(sigs)
 	env := readEnv()
-	s := &supervisor{log: log, sigs: sigs, watchdog: env.watchdog}
+	s := &supervisor{log: log, sigs: sigs, watchdog: env.watchdog, grace: env.grace}
+	if env.pod.UID != "" { // wired by the webhook: the agent checkpoints the pod on SIGTERM
+		c := agentapi.NewLocalClient(env.socket, 0)
+		s.checkpoint = func(ctx context.Context) (agentapi.CheckpointStatus, error) {
+			return c.CheckpointOnTermination(ctx, agentapi.LocalBase)
+		}
+	}
 
-	if env.restoreID != "" {
-		res := askRestore(ctx, log, env)
+	// Created to restore a recorded checkpoint, or maybe one taken on termination that nothing
+	// recorded: the agent looks for the newest (a first start has none, and starts at once).
+	if env.restoreID != "" || env.pod.UID != "" {
+		tries := 30
+		if env.restoreID == "" {
+			tries = discoverTries
+		}
+		res := askRestore(ctx, log, env, tries)
 		if res.Restored {
 			log.Info().Int("pid", res.PID).Str("checkpoint", res.CheckpointID).Msg("restored; supervising the restored tree")
 			// The restored app's future children must stay above the reserved range too.
@@ -77,7 +95,11 @@ func Run(ctx context.Context, args []string) error {
 			}
 			os.Exit(s.supervise(res.PID))
 		}
-		log.Warn().Str("checkpoint", env.restoreID).Str("reason", res.Message).Msg("COLD START instead of restore")
+		if env.restoreID != "" {
+			log.Warn().Str("checkpoint", env.restoreID).Str("reason", res.Message).Msg("COLD START instead of restore")
+		} else {
+			log.Debug().Str("reason", res.Message).Msg("nothing to continue: fresh start")
+		}
 	}
 
 	cmd, err := resolveCommand(ctx, env, l)
@@ -105,6 +127,7 @@ type launchEnv struct {
 	socket    string
 	timeout   time.Duration
 	watchdog  time.Duration
+	grace     time.Duration
 }
 
 func readEnv() launchEnv {
@@ -121,6 +144,10 @@ func readEnv() launchEnv {
 		socket:    envOr(EnvAgentSocket, wiring.AgentSocket),
 		timeout:   5 * time.Minute,
 		watchdog:  wiring.DefaultFreezeWatchdog,
+		grace:     30 * time.Second, // the Kubernetes default terminationGracePeriodSeconds
+	}
+	if n, err := strconv.Atoi(os.Getenv(wiring.EnvGracePeriod)); err == nil && n >= 0 {
+		e.grace = time.Duration(n) * time.Second
 	}
 	if d, err := time.ParseDuration(os.Getenv(EnvRestoreTimeout)); err == nil && d > 0 {
 		e.timeout = d
@@ -140,7 +167,7 @@ func envOr(k, def string) string {
 
 // askRestore asks the agent to restore this container and waits for the answer. An agent that is
 // not there yet (a DaemonSet rollout) is retried for a while; then, and on any refusal, a cold start.
-func askRestore(ctx context.Context, log zerolog.Logger, env launchEnv) agentapi.RestoreResponse {
+func askRestore(ctx context.Context, log zerolog.Logger, env launchEnv, tries int) agentapi.RestoreResponse {
 	req := agentapi.RestoreRequest{Pod: env.pod, Container: env.container, CheckpointID: env.restoreID}
 	if env.options != "" {
 		if err := json.Unmarshal([]byte(env.options), &req.Options); err != nil {
@@ -149,7 +176,12 @@ func askRestore(ctx context.Context, log zerolog.Logger, env launchEnv) agentapi
 	}
 	c := agentapi.NewLocalClient(env.socket, env.timeout+30*time.Second)
 	var err error
-	for i := 0; i < 30; i++ {
+	if !strings.HasPrefix(env.socket, "@") {
+		if _, serr := os.Stat(env.socket); serr != nil && env.restoreID == "" {
+			return agentapi.RestoreResponse{Message: "no agent socket at " + env.socket}
+		}
+	}
+	for i := 0; i < tries; i++ {
 		var res agentapi.RestoreResponse
 		if res, err = c.Restore(ctx, agentapi.LocalBase, req); err == nil {
 			return res
@@ -215,6 +247,10 @@ type supervisor struct {
 	// watchdog: an app stopped this long without a SIGTERM is resumed (the second line behind the
 	// agent's thaw: an agent gone for good must not leave the app frozen forever).
 	watchdog time.Duration
+	// checkpoint asks the agent to checkpoint the pod on SIGTERM (nil: no agent, no checkpoint),
+	// within grace, the pod's terminationGracePeriodSeconds.
+	checkpoint func(ctx context.Context) (agentapi.CheckpointStatus, error)
+	grace      time.Duration
 }
 
 // supervise returns the exit code of the app (pid, our child): its exit status, or 128+n when
@@ -225,9 +261,15 @@ func (s *supervisor) supervise(pid int) int {
 	exited := make(chan int, 1)
 	go func() { exited <- reapUntil(pid) }()
 	frozenKill, terminating := false, false
+	var checkpointed chan bool // the checkpoint asked on SIGTERM, while it runs
 	w := watchdog{every: min(s.watchdog/4, 5*time.Second)}
 	tick := time.NewTicker(max(w.every, 10*time.Millisecond))
 	defer tick.Stop()
+	kill := func(why string) {
+		s.log.Info().Int("pid", pid).Msg(why + ": killing it")
+		frozenKill = true
+		_ = criurun.SignalTree(pid, syscall.SIGKILL)
+	}
 	for {
 		select {
 		case code := <-exited:
@@ -242,23 +284,68 @@ func (s *supervisor) supervise(pid int) int {
 				_ = criurun.SignalTree(pid, syscall.SIGCONT)
 				w = watchdog{every: w.every}
 			}
+		case ok := <-checkpointed:
+			checkpointed = nil
+			if ok && Stopped(pid) {
+				kill("checkpointed on termination, the app is frozen")
+				continue
+			}
+			_ = syscall.Kill(pid, syscall.SIGTERM) // no checkpoint: the app ends the way it would without Stasis
 		case sig := <-s.sigs:
 			n, ok := sig.(syscall.Signal)
 			if !ok || n == syscall.SIGCHLD || n == syscall.SIGURG {
 				continue // SIGURG is the Go runtime's preemption signal
 			}
+			first := n == syscall.SIGTERM && !terminating
 			if n == syscall.SIGTERM {
 				terminating = true // the pod is being deleted: never resume a frozen app now
 			}
-			if n == syscall.SIGTERM && Stopped(pid) {
-				s.log.Info().Int("pid", pid).Msg("SIGTERM while the app is frozen after its checkpoint: killing it")
-				frozenKill = true
-				_ = criurun.SignalTree(pid, syscall.SIGKILL)
-				continue
+			switch {
+			case n == syscall.SIGTERM && Stopped(pid):
+				kill("SIGTERM while the app is frozen after its checkpoint")
+			case first && s.checkpoint != nil:
+				checkpointed = s.checkpointOnTermination()
+			case n == syscall.SIGTERM && checkpointed != nil:
+				// Held until the checkpoint is done.
+			default:
+				_ = syscall.Kill(pid, n)
 			}
-			_ = syscall.Kill(pid, n)
 		}
 	}
+}
+
+// checkpointOnTermination asks the agent for a checkpoint of the pod within the grace period the
+// kubelet gives (less a margin to end the app), and reports whether it completed.
+func (s *supervisor) checkpointOnTermination() chan bool {
+	done := make(chan bool, 1)
+	budget := max(s.grace-terminationMargin, time.Second)
+	s.log.Info().Dur("budget", budget).Msg("SIGTERM: checkpointing the pod before the app ends")
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), budget)
+		defer cancel()
+		st, err := s.checkpoint(ctx)
+		switch {
+		case err != nil:
+			s.log.Warn().Err(err).Msg("no checkpoint on termination: passing SIGTERM to the app")
+		case st.Phase != agentapi.PhaseSucceeded:
+			s.log.Warn().Str("phase", string(st.Phase)).Str("reason", st.Message).Msg("no checkpoint on termination: passing SIGTERM to the app")
+		default:
+			s.log.Info().Str("checkpoint", checkpointID(st)).Msg("checkpointed on termination")
+		}
+		done <- err == nil && st.Phase == agentapi.PhaseSucceeded
+	}()
+	return done
+}
+
+// terminationMargin is what the launcher keeps of the grace period to end the app after the
+// checkpoint (or to let it end by itself when there is none).
+const terminationMargin = 3 * time.Second
+
+func checkpointID(st agentapi.CheckpointStatus) string {
+	if len(st.Containers) > 0 {
+		return st.Containers[0].CheckpointID
+	}
+	return ""
 }
 
 // watchdog measures how long the app has been seen stopped, tick after tick.

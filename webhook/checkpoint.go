@@ -15,6 +15,7 @@ import (
 	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/labels"
 	"github.com/stasis-k8s/stasis/webhook/catalog"
+	"github.com/stasis-k8s/stasis/webhook/wire"
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
@@ -151,18 +152,9 @@ func (w *Webhook) checkpointPod(ctx, bctx context.Context, reason string, t targ
 		out.err = err
 		return out
 	}
-	req := agentapi.CheckpointRequest{
-		Pod:       agentapi.PodRef{Namespace: t.pod.Namespace, Name: t.pod.Name, UID: string(t.pod.UID)},
-		Reason:    reason,
-		Diagnosis: t.cfg.Diagnosis,
-		Keep:      w.cfg.KeepCheckpoints,
-	}
-	for _, c := range t.cfg.Containers {
-		req.Containers = append(req.Containers, agentapi.ContainerSpec{
-			Name: c.Name, Dir: wiring.CheckpointDir(t.identity, c.Name),
-			Files: c.Files, CriuOptions: c.CheckpointOptions, Rootfs: t.cfg.Rootfs,
-		})
-	}
+	req := wire.CheckpointRequest(wire.WrappedOnly(t.cfg, t.pod), t.identity, w.cfg.KeepCheckpoints)
+	req.Pod = agentapi.PodRef{Namespace: t.pod.Namespace, Name: t.pod.Name, UID: string(t.pod.UID)}
+	req.Reason = reason
 	st, err := w.d.Agents.Checkpoint(bctx, base, req)
 	for err == nil && !st.Phase.Done() {
 		timer := time.NewTimer(w.cfg.PollInterval)

@@ -172,7 +172,7 @@ func (w *Webhook) refuseOwn(ns string, pod *corev1.Pod, marked bool, probs []str
 // storage decides where the pod's checkpoints live (wire.Input without the restore) and returns
 // the record to restore, if any.
 func (w *Webhook) storage(ctx context.Context, ar *model.AdmissionReview, ns string, pod *corev1.Pod, cfg *labels.Config, id identity, marked bool) (wire.Input, *catalog.Record, *verdict) {
-	in := wire.Input{Config: cfg, ToolsImage: w.cfg.ToolsImage, Identity: id.Key}
+	in := wire.Input{Config: cfg, ToolsImage: w.cfg.ToolsImage, Identity: id.Key, Keep: w.cfg.KeepCheckpoints}
 	shared := ""
 	switch {
 	case cfg.StorageVolume != "":

@@ -63,6 +63,9 @@ const (
 	// EnvFreezeWatchdog is how long the launcher lets its app stay frozen without a SIGTERM
 	// before it resumes it itself (Go duration).
 	EnvFreezeWatchdog = "STASIS_FREEZE_WATCHDOG"
+	// EnvGracePeriod is the pod's terminationGracePeriodSeconds: how long the launcher may spend
+	// on a checkpoint after SIGTERM before the kubelet kills the container.
+	EnvGracePeriod = "STASIS_GRACE_PERIOD"
 )
 
 // DefaultFreezeWatchdog is the launcher's limit on a frozen app when EnvFreezeWatchdog does not
@@ -76,6 +79,10 @@ const (
 	AnnotationIdentity = Prefix + "identity"
 	// AnnotationRestore describes the checkpoint a pod restores from: JSON RestoreRef.
 	AnnotationRestore = Prefix + "restore"
+	// AnnotationCheckpoint is what the agent dumps when the pod ends without an admission review
+	// (SIGTERM reaching the launcher): JSON agentapi.CheckpointRequest without pod and reason,
+	// written by the webhook at creation (users cannot set stasis.dev/* annotations).
+	AnnotationCheckpoint = Prefix + "checkpoint"
 	// AnnotationWired marks a pod the webhook has already wired (reinvocation safety).
 	AnnotationWired = Prefix + "wired"
 )

@@ -143,6 +143,9 @@ func Reserved(pod *corev1.Pod) []string {
 // what Stasis would write anyway.
 func Foreign(pod, want *corev1.Pod) []string {
 	have, wanted := inventory(pod), map[string]item{}
+	// The checkpoint spec follows the containers a reinvocation wires (another webhook's sidecar
+	// added since): Pod writes it anew from what Stasis derives, whatever the pod holds.
+	rederived := "a/" + wiring.AnnotationCheckpoint
 	for _, it := range inventory(want) {
 		wanted[it.key] = it
 	}
@@ -152,6 +155,7 @@ func Foreign(pod, want *corev1.Pod) []string {
 		seen[it.key] = true
 		w, ok := wanted[it.key]
 		switch {
+		case it.key == rederived:
 		case !ok:
 			out = append(out, it.field+": "+it.what+", and Stasis sets no such field on this pod")
 		case equality.Semantic.DeepEqual(it.value, w.value):

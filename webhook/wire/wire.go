@@ -13,11 +13,13 @@ import (
 	"encoding/json"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 
+	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/labels"
 	"github.com/stasis-k8s/stasis/wiring"
 )
@@ -36,6 +38,8 @@ type Input struct {
 	Restore *Restore
 	// Extra annotations to set (e.g. the NonIndexed Job claim).
 	Annotations map[string]string
+	// Keep is the webhook's --keep-checkpoints, passed to agents.
+	Keep int
 }
 
 // Restore names a complete checkpoint.
@@ -52,6 +56,10 @@ func Pod(pod *corev1.Pod, in Input) {
 	}
 	pod.Annotations[wiring.AnnotationIdentity] = in.Identity
 	pod.Annotations[wiring.AnnotationWired] = "true"
+	// What the agent dumps when the pod ends without an admission review (SIGTERM): the same
+	// request an eviction sends.
+	spec, _ := json.Marshal(CheckpointRequest(in.Config, in.Identity, in.Keep))
+	pod.Annotations[wiring.AnnotationCheckpoint] = string(spec)
 	safeToEvict(pod)
 	for k, v := range in.Annotations {
 		pod.Annotations[k] = v
@@ -106,6 +114,7 @@ func Pod(pod *corev1.Pod, in Input) {
 		setEnv(c, corev1.EnvVar{Name: wiring.EnvCheckpointDir, Value: wiring.CheckpointDir(in.Identity, c.Name)})
 		setEnv(c, corev1.EnvVar{Name: wiring.EnvIdentity, Value: in.Identity})
 		setEnv(c, corev1.EnvVar{Name: wiring.EnvFreezeWatchdog, Value: freezeWatchdog(pod).String()})
+		setEnv(c, corev1.EnvVar{Name: wiring.EnvGracePeriod, Value: strconv.FormatInt(gracePeriod(pod), 10)})
 		noMultipathTCP(c)
 		if id := restoreID(in.Restore, c.Name); id != "" {
 			setEnv(c, corev1.EnvVar{Name: wiring.EnvRestoreID, Value: id})
@@ -123,11 +132,52 @@ func Pod(pod *corev1.Pod, in Input) {
 // freezeWatchdog is the launcher's own limit on a frozen app: beyond the agent's thaw, and beyond
 // the pod's grace period, so that the app of a pod whose preStop hook runs is not resumed.
 func freezeWatchdog(pod *corev1.Pod) time.Duration {
-	grace := int64(corev1.DefaultTerminationGracePeriodSeconds)
+	return wiring.DefaultFreezeWatchdog + time.Duration(gracePeriod(pod))*time.Second
+}
+
+// gracePeriod is the pod's terminationGracePeriodSeconds, defaulted as the API server does.
+func gracePeriod(pod *corev1.Pod) int64 {
 	if g := pod.Spec.TerminationGracePeriodSeconds; g != nil {
-		grace = *g
+		return *g
 	}
-	return wiring.DefaultFreezeWatchdog + time.Duration(grace)*time.Second
+	return corev1.DefaultTerminationGracePeriodSeconds
+}
+
+// WrappedOnly narrows cfg (derived from the pod as it is now) to the containers Stasis wrapped
+// when it wired the pod, as its checkpoint annotation lists them: a sidecar another mutating
+// webhook added afterwards runs no launcher and cannot be dumped. Everything else stays derived
+// (the annotation is mutable after creation; narrowing is all a forged one could do).
+func WrappedOnly(cfg *labels.Config, pod *corev1.Pod) *labels.Config {
+	v, ok := pod.Annotations[wiring.AnnotationCheckpoint]
+	var spec agentapi.CheckpointRequest
+	if !ok || json.Unmarshal([]byte(v), &spec) != nil {
+		return cfg
+	}
+	wrapped := map[string]bool{}
+	for _, c := range spec.Containers {
+		wrapped[c.Name] = true
+	}
+	out := *cfg
+	out.Containers = nil
+	for _, c := range cfg.Containers {
+		if wrapped[c.Name] {
+			out.Containers = append(out.Containers, c)
+		}
+	}
+	return &out
+}
+
+// CheckpointRequest is what an agent dumps of a pod: its checkpointed containers with their
+// directories, files and options (the pod reference and the reason are the caller's).
+func CheckpointRequest(cfg *labels.Config, identity string, keep int) agentapi.CheckpointRequest {
+	req := agentapi.CheckpointRequest{Diagnosis: cfg.Diagnosis, Keep: keep}
+	for _, c := range cfg.Containers {
+		req.Containers = append(req.Containers, agentapi.ContainerSpec{
+			Name: c.Name, Dir: wiring.CheckpointDir(identity, c.Name),
+			Files: c.Files, CriuOptions: c.CheckpointOptions, Rootfs: cfg.Rootfs,
+		})
+	}
+	return req
 }
 
 func restoreID(r *Restore, container string) string {

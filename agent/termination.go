@@ -1,0 +1,149 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/checkpoint"
+	"github.com/stasis-k8s/stasis/internal/confine"
+	"github.com/stasis-k8s/stasis/wiring"
+)
+
+// Every graceful ending of a pod reaches its launchers as SIGTERM: a deletion (kubectl delete,
+// preemption, scale-down), a kubelet pressure eviction, a graceful node shutdown, and the
+// evictions and suspends the webhook saw (their apps are frozen already). A launcher whose app
+// still runs asks the agent to checkpoint the pod before it lets the app end; the agent dumps
+// what the webhook wrote into the pod at creation (wiring.AnnotationCheckpoint). Nothing records
+// such a checkpoint on the API: the next pod of the identity finds it on the volume (discover).
+
+// ReasonTermination is the Reason of a checkpoint taken on SIGTERM.
+const ReasonTermination = "termination"
+
+// CheckpointOnTermination checkpoints the caller's pod (or joins the operation in flight for it:
+// every container's launcher asks) and waits for the result within ctx. Only the container's
+// PID 1 may ask.
+func (a *Agent) CheckpointOnTermination(ctx context.Context, callerPID int, pod agentapi.PodRef, container string) (agentapi.CheckpointStatus, error) {
+	t, err := a.cfg.Finder.Find(ctx, pod, container)
+	if err != nil {
+		return agentapi.CheckpointStatus{}, fmt.Errorf("%w: %v", ErrNotCaller, err)
+	}
+	if t.PID != callerPID {
+		return agentapi.CheckpointStatus{}, fmt.Errorf("%w: process %d is not PID 1 of container %q of pod %s", ErrNotCaller, callerPID, container, pod.UID)
+	}
+	req, err := terminationRequest(t.PodAnnotations, pod)
+	if err != nil {
+		return agentapi.CheckpointStatus{Pod: pod, Phase: agentapi.PhaseFailed, Message: err.Error()}, nil
+	}
+	if _, err := a.Start(req); err != nil {
+		return agentapi.CheckpointStatus{Pod: pod, Phase: agentapi.PhaseFailed, Message: err.Error()}, nil
+	}
+	st, err := a.Wait(ctx, pod.UID)
+	if err != nil && ctx.Err() != nil {
+		return st, nil // the launcher's time is up; the dump goes on, and completes or not
+	}
+	return st, err
+}
+
+// terminationRequest is the pod's checkpoint as the webhook described it.
+func terminationRequest(ann map[string]string, pod agentapi.PodRef) (agentapi.CheckpointRequest, error) {
+	req, err := checkpointSpec(ann)
+	if err != nil {
+		return req, err
+	}
+	req.Pod, req.Reason = pod, ReasonTermination
+	return req, ValidateRequest(req)
+}
+
+// checkpointSpec reads wiring.AnnotationCheckpoint as the runtime's pod sandbox holds it (the
+// value the webhook wrote at creation; later edits of the pod's annotations do not reach it).
+func checkpointSpec(ann map[string]string) (agentapi.CheckpointRequest, error) {
+	var req agentapi.CheckpointRequest
+	v, ok := ann[wiring.AnnotationCheckpoint]
+	if !ok {
+		return req, fmt.Errorf("the pod has no %s annotation (wired by an older Stasis): nothing to checkpoint on termination", wiring.AnnotationCheckpoint)
+	}
+	if err := json.Unmarshal([]byte(v), &req); err != nil {
+		return req, fmt.Errorf("annotation %s: %w", wiring.AnnotationCheckpoint, err)
+	}
+	return req, nil
+}
+
+// errNoCheckpoint: the pod's identity has no complete checkpoint to continue (a first start).
+var errNoCheckpoint = errors.New("no checkpoint of this identity")
+
+// restoreTarget decides which checkpoint a starting container continues, for the whole pod: the
+// newest complete checkpoint that every restoring container has on the volume. The webhook's
+// record (the restore annotation) names the newest one it knows; one taken on termination, which
+// no admission review saw, may be newer, and a pod created without a record may still have one.
+func (a *Agent) restoreTarget(root *os.File, ann map[string]string, req agentapi.RestoreRequest) (wiring.RestoreRef, string, error) {
+	identity := ann[wiring.AnnotationIdentity]
+	if identity == "" {
+		return wiring.RestoreRef{}, "", fmt.Errorf("the pod has no %s annotation", wiring.AnnotationIdentity)
+	}
+	var ref wiring.RestoreRef
+	if _, ok := ann[wiring.AnnotationRestore]; ok {
+		var err error
+		if ref, _, err = restoreRef(ann); err != nil {
+			return ref, "", err
+		}
+		if ref.ID != req.CheckpointID {
+			return ref, "", fmt.Errorf("the launcher asks for checkpoint %q, the pod was created to restore %q", req.CheckpointID, ref.ID)
+		}
+	} else {
+		spec, err := checkpointSpec(ann)
+		if err != nil {
+			return ref, "", err
+		}
+		for _, c := range spec.Containers {
+			ref.Containers = append(ref.Containers, c.Name)
+		}
+	}
+	newest, err := newestCommon(root, path.Join(a.cfg.CheckpointMount, wiring.IdentityDir(identity)), ref.Containers)
+	if err != nil {
+		return ref, "", err
+	}
+	if newest > ref.ID { // IDs sort by time
+		ref.ID = newest
+	}
+	if ref.ID == "" {
+		return ref, "", errNoCheckpoint
+	}
+	return ref, identity, nil
+}
+
+// newestCommon is the newest checkpoint ID complete in every container's directory below
+// identityDir ("" when there is none), read inside the container's root.
+func newestCommon(root *os.File, identityDir string, containers []string) (string, error) {
+	count := map[string]int{}
+	for _, c := range containers {
+		d, err := confine.Open(root, path.Join(identityDir, c), unix.O_RDONLY|unix.O_DIRECTORY)
+		if errors.Is(err, unix.ENOENT) {
+			return "", nil
+		}
+		if err != nil {
+			return "", err
+		}
+		ids, err := checkpoint.CompleteIDs(d)
+		d.Close()
+		if err != nil {
+			return "", err
+		}
+		for _, id := range ids {
+			count[id]++
+		}
+	}
+	newest := ""
+	for id, n := range count {
+		if n == len(containers) && id > newest {
+			newest = id
+		}
+	}
+	return newest, nil
+}
