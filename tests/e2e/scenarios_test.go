@@ -152,6 +152,25 @@ func TestScenario3PlainPodExample(t *testing.T) {
 	after, err := env.WaitCount(ctx, ns, pod, 0, time.Minute)
 	require.NoError(t, err)
 	continues(t, before, after)
+
+	// Then the user deletes the pod (no eviction: no webhook sees it) and applies the manifest
+	// again, as the operator's plain-pod guide says: checkpointed on SIGTERM, continued.
+	follow = env.Follow(ctx, ns, pod)
+	_, err = env.WaitCount(ctx, ns, pod, after.Last()+3, time.Minute)
+	require.NoError(t, err)
+	t0 := time.Now()
+	out, err := env.Run(ctx, "-n", ns, "delete", "pod", pod)
+	require.NoError(t, err, out)
+	t.Logf("kubectl delete pod (checkpoint on SIGTERM included) took %s", time.Since(t0).Round(10*time.Millisecond))
+	deleted, err := follow.Wait(time.Minute)
+	require.NoError(t, err)
+	_, err = env.Run(ctx, "-n", ns, "apply", "-f", file)
+	require.NoError(t, err)
+	_, err = env.WaitPodReady(ctx, ns, pod, 3*time.Minute)
+	require.NoError(t, err)
+	again, err := env.WaitCount(ctx, ns, pod, 0, time.Minute)
+	require.NoError(t, err)
+	continues(t, deleted, again)
 }
 
 // Scenario 4: a container without `command` (the image's entrypoint runs) is checkpointed and
