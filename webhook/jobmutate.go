@@ -24,6 +24,17 @@ var IgnoreDisruptionRule = batchv1.PodFailurePolicyRule{
 	},
 }
 
+// IgnoreTerminatedRule is the second rule: a pod that ended with 143, the launcher's exit once
+// it has ended an app checkpointed on SIGTERM (or an app ended by SIGTERM), was terminated from
+// outside — kubectl delete, preemption, scale-down — none of which sets DisruptionTarget on a
+// plain delete. Its replacement continues from the checkpoint; it is no failure of the work.
+var IgnoreTerminatedRule = batchv1.PodFailurePolicyRule{
+	Action: batchv1.PodFailurePolicyActionIgnore,
+	OnExitCodes: &batchv1.PodFailurePolicyOnExitCodesRequirement{
+		Operator: batchv1.PodFailurePolicyOnExitCodesOpIn, Values: []int32{128 + 15},
+	},
+}
+
 // mutateJob is CREATE jobs whose template is checkpoint-enabled (matchConditions).
 func (w *Webhook) mutateJob(ctx context.Context, ar *model.AdmissionReview, obj metav1.Object) (*mutating.MutatorResult, error) {
 	job, ok := obj.(*batchv1.Job)
@@ -45,7 +56,7 @@ func (w *Webhook) mutateJob(ctx context.Context, ar *model.AdmissionReview, obj 
 	return &mutating.MutatorResult{MutatedObject: job}, nil
 }
 
-// AddIgnoreDisruption adds IgnoreDisruptionRule first in the Job's podFailurePolicy (rules are
+// AddIgnoreDisruption adds IgnoreDisruptionRule and IgnoreTerminatedRule first in the Job's podFailurePolicy (rules are
 // evaluated in order, the first match wins). It returns what it did, or why it did nothing.
 func AddIgnoreDisruption(prefix string, job *batchv1.Job) (msg string, changed bool) {
 	tmpl := job.Spec.Template.ObjectMeta
@@ -66,8 +77,8 @@ func AddIgnoreDisruption(prefix string, job *batchv1.Job) (msg string, changed b
 		failed := batchv1.Failed
 		job.Spec.PodReplacementPolicy = &failed
 	}
-	job.Spec.PodFailurePolicy.Rules = append([]batchv1.PodFailurePolicyRule{IgnoreDisruptionRule}, job.Spec.PodFailurePolicy.Rules...)
-	return "added podFailurePolicy rule Ignore on DisruptionTarget: checkpointed pods that are evicted do not count against backoffLimit", true
+	job.Spec.PodFailurePolicy.Rules = append([]batchv1.PodFailurePolicyRule{IgnoreDisruptionRule, IgnoreTerminatedRule}, job.Spec.PodFailurePolicy.Rules...)
+	return "added podFailurePolicy rules Ignore on DisruptionTarget and on exit code 143: checkpointed pods that are evicted or deleted do not count against backoffLimit", true
 }
 
 func isIgnoreDisruption(r batchv1.PodFailurePolicyRule) bool {

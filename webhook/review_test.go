@@ -111,12 +111,13 @@ func TestJobMutateHandler(t *testing.T) {
 	require.NoError(t, json.Unmarshal(resp.Patch, &ops))
 	var want []map[string]any
 	require.NoError(t, json.Unmarshal([]byte(`[{"op":"add","path":"/spec/podReplacementPolicy","value":"Failed"},`+
-		`{"op":"add","path":"/spec/podFailurePolicy","value":{"rules":[{"action":"Ignore","onPodConditions":[{"type":"DisruptionTarget","status":"True"}]}]}}]`), &want))
+		`{"op":"add","path":"/spec/podFailurePolicy","value":{"rules":[{"action":"Ignore","onPodConditions":[{"type":"DisruptionTarget","status":"True"}]},`+
+		`{"action":"Ignore","onExitCodes":{"operator":"In","values":[143]}}]}}]`), &want))
 	assert.ElementsMatch(t, want, ops)
 	var job batchv1.Job
 	require.NoError(t, json.Unmarshal(patched, &job))
 	require.NotNil(t, job.Spec.PodFailurePolicy)
-	assert.Equal(t, []batchv1.PodFailurePolicyRule{IgnoreDisruptionRule}, job.Spec.PodFailurePolicy.Rules)
+	assert.Equal(t, []batchv1.PodFailurePolicyRule{IgnoreDisruptionRule, IgnoreTerminatedRule}, job.Spec.PodFailurePolicy.Rules)
 	assert.True(t, containsEvent(e.drainEvents(), "Normal PodFailurePolicyAdded"))
 }
 
@@ -139,9 +140,9 @@ func TestAddIgnoreDisruption(t *testing.T) {
 		wantRules []batchv1.PodFailurePolicyRule
 	}{
 		{"not checkpointed", job(nil, corev1.RestartPolicyNever, nil), false, "", nil},
-		{"added", job(on, corev1.RestartPolicyNever, nil), true, "added podFailurePolicy rule", []batchv1.PodFailurePolicyRule{IgnoreDisruptionRule}},
+		{"added", job(on, corev1.RestartPolicyNever, nil), true, "added podFailurePolicy rules", []batchv1.PodFailurePolicyRule{IgnoreDisruptionRule, IgnoreTerminatedRule}},
 		{"prepended to the user's rules", job(on, corev1.RestartPolicyNever, &batchv1.PodFailurePolicy{Rules: []batchv1.PodFailurePolicyRule{exitRule}}), true, "added",
-			[]batchv1.PodFailurePolicyRule{IgnoreDisruptionRule, exitRule}},
+			[]batchv1.PodFailurePolicyRule{IgnoreDisruptionRule, IgnoreTerminatedRule, exitRule}},
 		{"already there", job(on, corev1.RestartPolicyNever, &batchv1.PodFailurePolicy{Rules: []batchv1.PodFailurePolicyRule{IgnoreDisruptionRule}}), false, "",
 			[]batchv1.PodFailurePolicyRule{IgnoreDisruptionRule}},
 		{"restartPolicy OnFailure: not possible", job(on, corev1.RestartPolicyOnFailure, nil), false, "podFailurePolicy not added: it needs restartPolicy Never", nil},
