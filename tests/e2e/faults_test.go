@@ -109,7 +109,9 @@ func TestFaultAgentKilledWhileFrozen(t *testing.T) {
 func TestJobPodDeletedContinues(t *testing.T) {
 	ctx := context.Background()
 	ns := newNamespace(t, "del")
-	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, Args: []string{"--interval=300ms", "--to=60"}})
+	// Indexed: its pod's identity is its index. (A NonIndexed Job's replacement gets the deleted
+	// pod's slot only once the slot's claim expires, --claim-grace after the pod's creation.)
+	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, Indexed: true, Args: []string{"--interval=300ms", "--to=60"}})
 	require.NoError(t, err)
 	pod, err := env.WaitJobPod(ctx, ns, "counter", 2*time.Minute)
 	require.NoError(t, err)

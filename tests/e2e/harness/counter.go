@@ -101,6 +101,8 @@ type CounterSpec struct {
 	NodeName string
 	// MemoryRequest, when set, is the container's memory request and limit.
 	MemoryRequest string
+	// Indexed makes the Job an Indexed one (one completion): its pod's identity is its index.
+	Indexed bool
 	// SecurityContext is the counter container's (nil: the runtime's defaults).
 	SecurityContext *corev1.SecurityContext
 	// Image replaces the counter's image (default Env.CounterImage).
@@ -162,6 +164,10 @@ func (e *Env) CreateCounterJob(ctx context.Context, ns string, s CounterSpec) (*
 			BackoffLimit: &zero,
 			Template:     e.podTemplate(s),
 		},
+	}
+	if s.Indexed {
+		mode, one := batchv1.IndexedCompletion, int32(1)
+		job.Spec.CompletionMode, job.Spec.Completions = &mode, &one
 	}
 	return e.Client.BatchV1().Jobs(ns).Create(ctx, job, metav1.CreateOptions{})
 }
