@@ -110,7 +110,7 @@ func TestJobPodDeletedContinues(t *testing.T) {
 	ctx := context.Background()
 	ns := newNamespace(t, "del")
 	// Indexed: its pod's identity is its index. (A NonIndexed Job's replacement gets the deleted
-	// pod's slot only once the slot's claim expires, --claim-grace after the pod's creation.)
+	// pod's slot only once the slot's claim expires, a minute after the pod's creation.)
 	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, Indexed: true, Args: []string{"--interval=300ms", "--to=60"}})
 	require.NoError(t, err)
 	pod, err := env.WaitJobPod(ctx, ns, "counter", 2*time.Minute)
