@@ -161,7 +161,9 @@ type operation struct {
 	status agentapi.CheckpointStatus
 	frozen []frozenTree
 	timer  *time.Timer // the next look at a frozen operation (holdFrozen)
-	asked  time.Time   // when the webhook last asked about it
+	// periodic: a checkpoint that leaves the app running (periodic.go); set at creation.
+	periodic bool
+	asked    time.Time // when the webhook last asked about it
 }
 
 // New returns an agent whose operations live as long as ctx.
@@ -211,19 +213,27 @@ func (a *Agent) Start(req agentapi.CheckpointRequest) (agentapi.CheckpointStatus
 		return agentapi.CheckpointStatus{}, err
 	}
 	a.mu.Lock()
-	if op, ok := a.ops[req.Pod.UID]; ok {
+	prev, ok := a.ops[req.Pod.UID]
+	if ok && (!prev.periodic || req.LeaveRunning) {
 		a.mu.Unlock()
 		// Not a question that holds a frozen app (no touch): an eviction retried after the API
 		// server refused it (a PDB) joins the finished operation and is allowed at once, again
 		// and again; the app must be released all the same.
-		return op.snapshot(), nil
+		return prev.snapshot(), nil
 	}
+	// A periodic checkpoint in flight leaves the app running: an eviction or a termination must
+	// not join it (the app would run on past its checkpoint), it dumps after it.
 	ctx, cancel := context.WithCancel(a.ctx)
-	op := &operation{cancel: cancel, done: make(chan struct{})}
+	op := &operation{cancel: cancel, done: make(chan struct{}), periodic: req.LeaveRunning}
 	op.status = agentapi.CheckpointStatus{Pod: req.Pod, Node: a.cfg.NodeName, Phase: agentapi.PhasePending, StartedAt: a.cfg.Now().UTC(), Message: "waiting for a dump slot"}
 	a.ops[req.Pod.UID] = op
 	a.mu.Unlock()
-	go a.run(ctx, op, req)
+	go func() {
+		if prev != nil {
+			<-prev.done
+		}
+		a.run(ctx, op, req)
+	}()
 	return op.snapshot(), nil
 }
 
@@ -343,8 +353,11 @@ func (a *Agent) run(ctx context.Context, op *operation, req agentapi.CheckpointR
 		msg = "checkpoint failed: " + op.snapshot().Containers[len(op.snapshot().Containers)-1].Message
 	}
 	a.finish(op, req, ok, msg)
-	if !ok {
-		a.thaw(op, "checkpoint failed")
+	if req.LeaveRunning {
+		a.forget(op, req.Pod.UID) // the app runs on: the next request dumps again
+	}
+	if !ok || req.LeaveRunning {
+		a.thaw(op, "checkpoint failed") // nothing was left frozen by a periodic one
 		close(op.done)
 		return
 	}

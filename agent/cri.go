@@ -275,3 +275,23 @@ func (c *CRI) sandboxPID(ctx context.Context, id string) (int, error) {
 	}
 	return verbosePID(st.Info, "CRI PodSandboxStatus "+id)
 }
+
+// WiredPods lists the node's ready wired pods with their sandbox annotations (periodic
+// checkpoints).
+func (c *CRI) WiredPods(ctx context.Context) ([]WiredPod, error) {
+	resp, err := c.runtime.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{Filter: &runtimeapi.PodSandboxFilter{
+		State: &runtimeapi.PodSandboxStateValue{State: runtimeapi.PodSandboxState_SANDBOX_READY},
+	}})
+	if err != nil {
+		return nil, fmt.Errorf("CRI ListPodSandbox: %w", err)
+	}
+	var out []WiredPod
+	for _, s := range resp.Items {
+		if s.Annotations[wiring.AnnotationWired] != "true" {
+			continue
+		}
+		md := s.GetMetadata()
+		out = append(out, WiredPod{Pod: agentapi.PodRef{Namespace: md.GetNamespace(), Name: md.GetName(), UID: md.GetUid()}, Annotations: s.Annotations})
+	}
+	return out, nil
+}

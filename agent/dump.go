@@ -61,14 +61,19 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	if err != nil {
 		return fail(d.noRoomHint(err), nil)
 	}
-	frozen := newFrozenTree(d.app)
+	a.cfg.Metrics.FreezeSeconds.Observe(criuTime.Seconds())
+	var frozen *frozenTree // nil: left running (a periodic checkpoint)
+	if !req.LeaveRunning {
+		t := newFrozenTree(d.app)
+		frozen = &t
+	}
 	// Checked on the stopped tree: exactly the sockets CRIU dumped (sockets.go).
 	if err := checkSockets(d.app, d.t.PID); err != nil {
-		return fail(err, &frozen)
+		return fail(err, frozen)
 	}
 	m, err := d.commit(time.Now())
 	if err != nil {
-		return fail(d.noRoomHint(err), &frozen)
+		return fail(d.noRoomHint(err), frozen)
 	}
 	res.Phase, res.CheckpointID, res.Bytes = agentapi.PhaseSucceeded, id, m.Size
 	res.Message = fmt.Sprintf("dump %.2fs, total %.2fs, %d bytes of images", criuTime.Seconds(), time.Since(d.start).Seconds(), m.ImagesSize)
@@ -77,10 +82,14 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	}
 	a.cfg.Metrics.DumpDuration.Observe(time.Since(d.start).Seconds())
 	a.cfg.Metrics.DumpBytes.Add(float64(m.Size))
-	d.log.Info().Str("checkpoint", path.Join(c.Dir, id)).Int64("bytes", m.Size).Dur("criu", criuTime).Dur("total", time.Since(d.start)).Msg("checkpoint complete; app left frozen")
+	left := "app left frozen"
+	if req.LeaveRunning {
+		left = "app running on"
+	}
+	d.log.Info().Str("checkpoint", path.Join(c.Dir, id)).Int64("bytes", m.Size).Dur("criu", criuTime).Dur("total", time.Since(d.start)).Msg("checkpoint complete; " + left)
 	dir := d.dir
 	d.dir = nil // the caller prunes through it, and closes it
-	return res, &frozen, dir
+	return res, frozen, dir
 }
 
 // open finds the container and the app, and begins the checkpoint below c.Dir. Every path in the
@@ -153,13 +162,14 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 	d.w.FollowImages(checkpoint.DumpLogName)
 	begin := time.Now()
 	err = criurun.Dump(ctx, criurun.DumpOptions{
-		Bundle:    d.a.cfg.Criu,
-		Join:      criurun.Join{PID: d.t.PID, StartTime: st, As: as, DumpIPC: ipc.any()},
-		Pid:       pidInCtr,
-		ImagesDir: d.w.Images(),
-		LogFile:   checkpoint.DumpLogName,
-		LogLevel:  logLevel,
-		Config:    cfg,
+		Bundle:       d.a.cfg.Criu,
+		Join:         criurun.Join{PID: d.t.PID, StartTime: st, As: as, DumpIPC: ipc.any()},
+		Pid:          pidInCtr,
+		ImagesDir:    d.w.Images(),
+		LogFile:      checkpoint.DumpLogName,
+		LogLevel:     logLevel,
+		LeaveRunning: d.req.LeaveRunning,
+		Config:       cfg,
 	})
 	if err != nil {
 		// CRIU's log, read through a descriptor: never a file a pod swapped in by symlink.

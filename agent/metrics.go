@@ -10,6 +10,7 @@ type Metrics struct {
 	DumpDuration   prometheus.Histogram
 	DumpBytes      prometheus.Counter
 	DumpFailures   prometheus.Counter
+	FreezeSeconds  prometheus.Histogram
 	Thaws          prometheus.Counter
 	RestoreResults *prometheus.CounterVec
 	LocalRefusals  *prometheus.CounterVec
@@ -31,6 +32,11 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 			Name: "stasis_agent_dump_bytes_total",
 			Help: "Bytes of complete checkpoints written.",
 		}),
+		FreezeSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "stasis_agent_freeze_seconds",
+			Help:    "Time an app is paused by CRIU for one container's dump (what a periodic checkpoint costs the app).",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2, 14),
+		}),
 		DumpFailures: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "stasis_agent_dump_failures_total",
 			Help: "Container dumps that failed.",
@@ -48,6 +54,6 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 			Help: "Requests and connections on the launchers' local socket refused, by reason (not-a-pod, unknown-pod, wrong-container, other-pod, other-container, busy, too-many-connections, no-runtime).",
 		}, []string{"reason"}),
 	}
-	reg.MustRegister(m.DumpDuration, m.DumpBytes, m.DumpFailures, m.Thaws, m.RestoreResults, m.LocalRefusals)
+	reg.MustRegister(m.DumpDuration, m.DumpBytes, m.DumpFailures, m.FreezeSeconds, m.Thaws, m.RestoreResults, m.LocalRefusals)
 	return m
 }

@@ -111,10 +111,15 @@ func anyAlive(trees []frozenTree) bool {
 // release forgets the operation and thaws its apps: they run on, so the checkpoint is stale and
 // the next request for this pod must dump again instead of joining this operation.
 func (a *Agent) release(op *operation, pod agentapi.PodRef, why string) {
+	a.forget(op, pod.UID)
+	a.thaw(op, why)
+}
+
+// forget removes the operation for uid, if it is still op.
+func (a *Agent) forget(op *operation, uid string) {
 	a.mu.Lock()
-	if a.ops[pod.UID] == op {
-		delete(a.ops, pod.UID)
+	if a.ops[uid] == op {
+		delete(a.ops, uid)
 	}
 	a.mu.Unlock()
-	a.thaw(op, why)
 }

@@ -117,8 +117,12 @@ func Run(ctx context.Context, args []string) error {
 	// The launchers' channel inside every wired pod's network namespace (wiring.AgentSocket).
 	pods := &PodSockets{Local: local, Lister: runtime, Log: log}
 	go func() { _ = pods.Run(ctx) }()
+	go a.RunPeriodic(ctx, runtime, periodicTick)
 	return serveAll(ctx, servers)
 }
+
+// periodicTick is how often the agent looks for due periodic checkpoints.
+const periodicTick = 5 * time.Second
 
 // newAgent builds the agent with its Event recorder and metrics registry.
 func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersion int, key checkpoint.Key, runtime *CRI, log zerolog.Logger) (*Agent, *prometheus.Registry, error) {

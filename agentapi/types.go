@@ -60,6 +60,11 @@ type CheckpointRequest struct {
 	// Keep is how many complete checkpoints per container to keep besides the new one
 	// (webhook --keep-checkpoints); 0 leaves the agent's own default.
 	Keep int `json:"keep,omitempty"`
+	// Interval, in the pod's checkpoint annotation only, asks the agent for periodic checkpoints
+	// (checkpoint-interval, a Go duration): the app is left running after each.
+	Interval string `json:"interval,omitempty"`
+	// LeaveRunning dumps without stopping the app afterwards (the agent's periodic checkpoints).
+	LeaveRunning bool `json:"leaveRunning,omitempty"`
 }
 
 // ContainerSpec is one container to checkpoint.

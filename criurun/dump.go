@@ -40,6 +40,9 @@ type DumpOptions struct {
 	Config string
 	// TimeoutSeconds bounds how long CRIU waits for the tree to freeze (0: CRIU's default).
 	TimeoutSeconds uint32
+	// LeaveRunning resumes the tree after the dump (periodic checkpoints) instead of leaving it
+	// stopped.
+	LeaveRunning bool
 }
 
 // Dump checkpoints the tree rooted at o.Pid and leaves it stopped: the app must not run on after
@@ -54,7 +57,8 @@ func Dump(ctx context.Context, o DumpOptions) error {
 		ImagesDir:    proto.String(call.PassPath(o.ImagesDir)),
 		LogFile:      proto.String(o.LogFile),
 		LogLevel:     proto.Int32(o.LogLevel),
-		LeaveStopped: proto.Bool(true),
+		LeaveStopped: proto.Bool(!o.LeaveRunning),
+		LeaveRunning: proto.Bool(o.LeaveRunning),
 	}
 	networkOptions(opts)
 	if o.Config != "" {

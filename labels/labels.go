@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -33,6 +34,7 @@ const (
 	Files                   = "checkpoint-files"
 	Diagnosis               = "checkpoint-diagnosis"
 	Rootfs                  = "checkpoint-rootfs"
+	Interval                = "checkpoint-interval"
 	CheckpointAdvancedOpts  = "checkpoint-advanced-options"
 	RestoreAdvancedOpts     = "restore-advanced-options"
 	EnvCheckpointFiles      = "MMC_CHECKPOINT_FILES"
@@ -42,7 +44,7 @@ const (
 
 // Keys lists every label name, in the order of the reference table.
 var Keys = []string{Mode, StorageVolume, Containers, StorageClass, VolumeSize, Files, Diagnosis,
-	CheckpointAdvancedOpts, RestoreAdvancedOpts, Rootfs}
+	CheckpointAdvancedOpts, RestoreAdvancedOpts, Rootfs, Interval}
 
 // DefaultExcludedContainers are left out when checkpoint-containers is not set: sidecars whose
 // state is not worth keeping and that often cannot be dumped.
@@ -85,9 +87,15 @@ type Config struct {
 	// deleted paths) with their checkpoints, not only the files their processes hold (a Stasis
 	// extension of the label set).
 	Rootfs bool
+	// Interval asks for periodic checkpoints with the app left running (a Stasis extension): what
+	// a crash or a lost node costs is the work since the last one. Zero: none.
+	Interval time.Duration
 	// Containers are the containers to checkpoint, in pod order, with their effective options.
 	Containers []Container
 }
+
+// MinInterval is the shortest checkpoint-interval: each periodic dump pauses the app.
+const MinInterval = 10 * time.Second
 
 // Container is one checkpointed container with the labels and its MMC_* overrides applied.
 type Container struct {
@@ -167,7 +175,7 @@ func Parse(prefix string, lbls, annotations map[string]string, spec *corev1.PodS
 	if err := r.storage(c, spec); err != nil {
 		return nil, err
 	}
-	if err := errors.Join(r.flag(Diagnosis, &c.Diagnosis), r.flag(Rootfs, &c.Rootfs)); err != nil {
+	if err := errors.Join(r.flag(Diagnosis, &c.Diagnosis), r.flag(Rootfs, &c.Rootfs), r.interval(c)); err != nil {
 		return nil, err
 	}
 	pod, err := r.podDefaults()
@@ -215,6 +223,23 @@ func (r reader) flag(name string, to *bool) error {
 	default:
 		return r.bad(name, "%q is not \"true\" or \"false\"", v)
 	}
+	return nil
+}
+
+// interval reads checkpoint-interval ("15m", "90s").
+func (r reader) interval(c *Config) error {
+	v, ok := r.get(Interval)
+	if !ok || v == "" {
+		return nil
+	}
+	d, err := time.ParseDuration(v)
+	switch {
+	case err != nil:
+		return r.bad(Interval, "%q is not a duration (use e.g. 15m or 90s)", v)
+	case d < MinInterval:
+		return r.bad(Interval, "%q is shorter than %s (each periodic checkpoint pauses the app)", v, MinInterval)
+	}
+	c.Interval = d
 	return nil
 }
 

@@ -2,6 +2,7 @@ package labels
 
 import (
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -107,6 +108,21 @@ func TestParse(t *testing.T) {
 			name: "bad diagnosis", spec: two,
 			labels:  map[string]string{p + Mode: "true", p + Diagnosis: "1"},
 			wantErr: `memverge.ai/checkpoint-diagnosis: "1" is not "true" or "false"`,
+		},
+		{
+			name: "interval", spec: two,
+			labels: map[string]string{p + Mode: "true", p + Interval: "15m"},
+			want:   &Config{Prefix: DefaultPrefix, Enabled: true, Interval: 15 * time.Minute, Containers: []Container{{Name: "app"}, {Name: "side"}}},
+		},
+		{
+			name: "interval too short", spec: two,
+			labels:  map[string]string{p + Mode: "true", p + Interval: "2s"},
+			wantErr: `memverge.ai/checkpoint-interval: "2s" is shorter than 10s`,
+		},
+		{
+			name: "interval not a duration", spec: two,
+			labels:  map[string]string{p + Mode: "true", p + Interval: "hourly"},
+			wantErr: `memverge.ai/checkpoint-interval: "hourly" is not a duration`,
 		},
 		{
 			name: "bad rootfs", spec: two,

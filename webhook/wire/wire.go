@@ -171,6 +171,9 @@ func WrappedOnly(cfg *labels.Config, pod *corev1.Pod) *labels.Config {
 // directories, files and options (the pod reference and the reason are the caller's).
 func CheckpointRequest(cfg *labels.Config, identity string, keep int) agentapi.CheckpointRequest {
 	req := agentapi.CheckpointRequest{Diagnosis: cfg.Diagnosis, Keep: keep}
+	if cfg.Interval > 0 {
+		req.Interval = cfg.Interval.String()
+	}
 	for _, c := range cfg.Containers {
 		req.Containers = append(req.Containers, agentapi.ContainerSpec{
 			Name: c.Name, Dir: wiring.CheckpointDir(identity, c.Name),
