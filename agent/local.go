@@ -123,6 +123,7 @@ func (l *Local) Handler() http.Handler {
 	mux.HandleFunc("GET "+agentapi.LocalPathEntrypoint, l.guard(l.entrypoint))
 	mux.HandleFunc("POST "+agentapi.LocalPathRestore, l.guard(l.restore))
 	mux.HandleFunc("POST "+agentapi.LocalPathCheckpoint, l.guard(l.checkpoint))
+	mux.HandleFunc("POST "+agentapi.LocalPathConsumed, l.guard(l.consumed))
 	return mux
 }
 
@@ -288,6 +289,19 @@ func (l *Local) checkpoint(w http.ResponseWriter, r *http.Request, id identity) 
 		return
 	}
 	writeJSON(w, http.StatusOK, st)
+}
+
+// consumed removes the caller's container's checkpoints (Agent.Consume checks it is PID 1).
+func (l *Local) consumed(w http.ResponseWriter, r *http.Request, id identity) {
+	if _, err := l.a.Consume(r.Context(), id.PID, id.Pod, id.Container.Name); err != nil {
+		if errors.Is(err, ErrNotCaller) {
+			l.refuse(w, id.Caller, http.StatusForbidden, "not-pid-1", err.Error())
+			return
+		}
+		writeError(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }
 
 // localListener identifies each connection as it is accepted and enforces the per-pod

@@ -147,3 +147,44 @@ func newestCommon(root *os.File, identityDir string, containers []string) (strin
 	}
 	return newest, nil
 }
+
+// Consume removes the caller's container's checkpoints once its app has exited 0 by itself: the
+// work is done, and a later pod of the identity must start fresh rather than redo or resume it.
+// Only the container's PID 1 may ask.
+func (a *Agent) Consume(ctx context.Context, callerPID int, pod agentapi.PodRef, container string) (int, error) {
+	t, err := a.cfg.Finder.Find(ctx, pod, container)
+	if err != nil {
+		return 0, fmt.Errorf("%w: %v", ErrNotCaller, err)
+	}
+	if t.PID != callerPID {
+		return 0, fmt.Errorf("%w: process %d is not PID 1 of container %q of pod %s", ErrNotCaller, callerPID, container, pod.UID)
+	}
+	spec, err := checkpointSpec(t.PodAnnotations)
+	if err != nil {
+		return 0, nil // nothing Stasis checkpoints
+	}
+	root, err := confine.OpenRoot(fmt.Sprintf("/proc/%d/root", t.PID))
+	if err != nil {
+		return 0, fmt.Errorf("container root: %w", err)
+	}
+	defer root.Close()
+	for _, c := range spec.Containers {
+		if c.Name != container {
+			continue
+		}
+		d, err := confine.Open(root, c.Dir, unix.O_RDONLY|unix.O_DIRECTORY)
+		if errors.Is(err, unix.ENOENT) {
+			return 0, nil
+		}
+		if err != nil {
+			return 0, err
+		}
+		defer d.Close()
+		n, err := checkpoint.RemoveCompleteAt(d)
+		if n > 0 {
+			a.cfg.Log.Info().Str("pod", pod.Namespace+"/"+pod.Name).Str("container", container).Int("checkpoints", n).Msg("the app exited 0: its checkpoints are consumed")
+		}
+		return n, err
+	}
+	return 0, nil
+}

@@ -19,3 +19,12 @@ func (c *Client) CheckpointOnTermination(ctx context.Context, base string) (Chec
 	err := c.do(ctx, http.MethodPost, base+LocalPathCheckpoint, struct{}{}, &st)
 	return st, err
 }
+
+// LocalPathConsumed: POST (empty body) → 204 once the caller's container's checkpoints are
+// removed. The launcher asks when its app exited 0 by itself: finished work is not continued.
+const LocalPathConsumed = "/v1/consumed"
+
+// Consumed tells the agent that the caller's app finished its work.
+func (c *Client) Consumed(ctx context.Context, base string) error {
+	return c.do(ctx, http.MethodPost, base+LocalPathConsumed, struct{}{}, nil)
+}

@@ -317,3 +317,18 @@ func NewestSize(dir *os.File) (int64, error) {
 // CompleteIDs lists the IDs of the complete checkpoints in dir (a container's checkpoint
 // directory), newest first.
 func CompleteIDs(dir *os.File) ([]string, error) { return listAt(dir) }
+
+// RemoveCompleteAt removes every complete checkpoint in dir (a container's checkpoint directory):
+// the work they hold is done (the app exited 0), and no later pod may continue from it.
+func RemoveCompleteAt(dir *os.File) (int, error) {
+	ids, err := listAt(dir)
+	if err != nil {
+		return 0, err
+	}
+	for _, id := range ids {
+		if err := removeEntry(dir, id); err != nil {
+			return 0, err
+		}
+	}
+	return len(ids), nil
+}

@@ -77,6 +77,7 @@ func Run(ctx context.Context, args []string) error {
 		s.checkpoint = func(ctx context.Context) (agentapi.CheckpointStatus, error) {
 			return c.CheckpointOnTermination(ctx, agentapi.LocalBase)
 		}
+		s.consumed = func(ctx context.Context) error { return c.Consumed(ctx, agentapi.LocalBase) }
 	}
 
 	// Created to restore a recorded checkpoint, or maybe one taken on termination that nothing
@@ -93,7 +94,7 @@ func Run(ctx context.Context, args []string) error {
 			if err := reservePIDs(); err != nil {
 				log.Warn().Err(err).Msg("reserving PIDs after the restore")
 			}
-			os.Exit(s.supervise(res.PID))
+			os.Exit(s.ended(s.supervise(res.PID)))
 		}
 		if env.restoreID != "" {
 			log.Warn().Str("checkpoint", env.restoreID).Str("reason", res.Message).Msg("COLD START instead of restore")
@@ -114,7 +115,7 @@ func Run(ctx context.Context, args []string) error {
 		return fmt.Errorf("launcher: starting %q: %w", cmd, err)
 	}
 	log.Debug().Strs("command", cmd).Int("pid", pid).Msg("started")
-	os.Exit(s.supervise(pid))
+	os.Exit(s.ended(s.supervise(pid)))
 	return nil
 }
 
@@ -251,6 +252,22 @@ type supervisor struct {
 	// within grace, the pod's terminationGracePeriodSeconds.
 	checkpoint func(ctx context.Context) (agentapi.CheckpointStatus, error)
 	grace      time.Duration
+	// consumed tells the agent the app finished its work (exit 0): its checkpoints go.
+	consumed func(ctx context.Context) error
+}
+
+// ended reports a successful end to the agent (finished work is never continued by a later pod
+// of the identity) and returns the exit code.
+func (s *supervisor) ended(code int) int {
+	if code != 0 || s.consumed == nil {
+		return code
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.consumed(ctx); err != nil {
+		s.log.Warn().Err(err).Msg("the app exited 0, but its checkpoints could not be marked consumed")
+	}
+	return code
 }
 
 // supervise returns the exit code of the app (pid, our child): its exit status, or 128+n when

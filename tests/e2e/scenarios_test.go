@@ -53,6 +53,9 @@ func drainScenario(t *testing.T, ns string, spec harness.CounterSpec, to int) *h
 	require.NoError(t, err)
 	assert.True(t, final.Done, "the restored app must run to its end")
 	assert.Equal(t, to, final.Last())
+	// Finished work is never continued: the app exited 0, its checkpoints are consumed.
+	_, err = env.LatestManifest(ctx, r.NewPod)
+	assert.ErrorContains(t, err, "no complete checkpoint", "the checkpoints of a completed pod are removed")
 	return r
 }
 
