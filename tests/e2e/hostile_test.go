@@ -85,13 +85,7 @@ func TestScenario11ForeignNamespaceCheckpoint(t *testing.T) {
 	assert.Contains(t, why, fmt.Sprintf("was taken in namespace %q, not %q", nsA, nsB))
 
 	assert.Equal(t, sumsA, treeState(t, dirA), "A's checkpoint volume must be untouched")
-	_, err = env.SetSuspend(ctx, nsA, "counter", false)
-	require.NoError(t, err)
-	resumed, err := env.WaitJobPod(ctx, nsA, "counter", 3*time.Minute, a)
-	require.NoError(t, err)
-	afterA, err := env.WaitCount(ctx, nsA, resumed.Name, 0, time.Minute)
-	require.NoError(t, err)
-	continues(t, beforeA, afterA)
+	resumeContinues(t, nsA, "counter", beforeA, a)
 }
 
 // Scenario 11b: the same namespace and identity, another image: a plain pod is evicted

@@ -148,12 +148,16 @@ func TestScenario3PlainPodExample(t *testing.T) {
 	require.NoError(t, err)
 
 	// The user recreates the pod with the same name.
-	_, err = env.Run(ctx, "-n", ns, "apply", "-f", file)
-	require.NoError(t, err)
-	_, err = env.WaitPodReady(ctx, ns, pod, 3*time.Minute)
-	require.NoError(t, err)
-	after, err := env.WaitCount(ctx, ns, pod, 0, time.Minute)
-	require.NoError(t, err)
+	reapply := func() harness.CounterOutput {
+		_, err := env.Run(ctx, "-n", ns, "apply", "-f", file)
+		require.NoError(t, err)
+		_, err = env.WaitPodReady(ctx, ns, pod, 3*time.Minute)
+		require.NoError(t, err)
+		out, err := env.WaitCount(ctx, ns, pod, 0, time.Minute)
+		require.NoError(t, err)
+		return out
+	}
+	after := reapply()
 	continues(t, before, after)
 
 	// Then the user deletes the pod (no eviction: no webhook sees it) and applies the manifest
@@ -167,13 +171,7 @@ func TestScenario3PlainPodExample(t *testing.T) {
 	t.Logf("kubectl delete pod (checkpoint on SIGTERM included) took %s", time.Since(t0).Round(10*time.Millisecond))
 	deleted, err := follow.Wait(time.Minute)
 	require.NoError(t, err)
-	_, err = env.Run(ctx, "-n", ns, "apply", "-f", file)
-	require.NoError(t, err)
-	_, err = env.WaitPodReady(ctx, ns, pod, 3*time.Minute)
-	require.NoError(t, err)
-	again, err := env.WaitCount(ctx, ns, pod, 0, time.Minute)
-	require.NoError(t, err)
-	continues(t, deleted, again)
+	continues(t, deleted, reapply())
 }
 
 // Scenario 4: a container without `command` (the image's entrypoint runs) is checkpointed and
@@ -366,9 +364,17 @@ func suspendResumeContinues(t *testing.T, ns, name string, r *harness.DrainResul
 	require.NoError(t, env.WaitNoActivePods(ctx, ns, name, 2*time.Minute))
 	before, err := follow.Wait(time.Minute)
 	require.NoError(t, err)
-	_, err = env.SetSuspend(ctx, ns, name, false)
+	resumeContinues(t, ns, name, before, r.OldPod, r.NewPod)
+}
+
+// resumeContinues resumes a suspended Job and checks that its new pod (not one of old) continues
+// where before stopped.
+func resumeContinues(t *testing.T, ns, job string, before harness.CounterOutput, old ...*corev1.Pod) {
+	t.Helper()
+	ctx := context.Background()
+	_, err := env.SetSuspend(ctx, ns, job, false)
 	require.NoError(t, err)
-	resumed, err := env.WaitJobPod(ctx, ns, name, 3*time.Minute, r.OldPod, r.NewPod)
+	resumed, err := env.WaitJobPod(ctx, ns, job, 3*time.Minute, old...)
 	require.NoError(t, err)
 	after, err := env.WaitCount(ctx, ns, resumed.Name, 0, time.Minute)
 	require.NoError(t, err)
