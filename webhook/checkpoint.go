@@ -237,7 +237,7 @@ func (w *Webhook) record(ctx context.Context, t target, st agentapi.CheckpointSt
 	if err != nil {
 		return err
 	}
-	return w.store.Save(ctx, t.pod.Namespace, pvc, rec)
+	return w.evict.store.Save(ctx, t.pod.Namespace, pvc, rec)
 }
 
 // checkpointPVC is the claim name of the pod's checkpoint volume.
