@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -238,6 +239,35 @@ func (h histogram) maxBound() string {
 }
 
 func (h histogram) count() int { return int(h[math.Inf(1)]) }
+
+// cpuSeconds is the CPU time so far of the webhook process, the API server and this test process
+// (the flood's client and the fake agent): where the machine's 2 cores went during a flood.
+func cpuSeconds(ctx context.Context) (webhook, apiserver, client float64, err error) {
+	text, err := env.webhook.metrics()
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	raw, err := env.cluster.Client().CoreV1().RESTClient().Get().AbsPath("/metrics").DoRaw(ctx)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	client = float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
+	return sumSeconds(text, "process_cpu_seconds_total"), sumSeconds(string(raw), "process_cpu_seconds_total"), client, nil
+}
+
+func sumSeconds(text, name string) float64 {
+	sc := bufio.NewScanner(strings.NewReader(text))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		if m := sampleRE.FindStringSubmatch(sc.Text()); m != nil && m[1] == name {
+			v, _ := strconv.ParseFloat(m[4], 64)
+			return v
+		}
+	}
+	return 0
+}
 
 // webhookShed is the webhook's count of pod reviews answered 429 without a decision (shed or
 // deadline). client-go retries those by itself (Retry-After), so the flood's client sees them only
