@@ -129,8 +129,9 @@ func (w *Webhook) checkpointAll(ctx context.Context, webhookID, reason string, s
 		if subject != nil {
 			w.d.Events.Eventf(subject, corev1.EventTypeNormal, ReasonCheckpointRunning, "%s", msg)
 		}
-		// Retry-After for client-go callers; kubectl drain waits its own 5 s.
-		return retryLater(w.cfg.RetryAfter, "%s", msg)
+		// No Retry-After: client-go would retry by itself (ten times) and kubectl drain would
+		// neither show the progress nor wait its own 5 s between attempts.
+		return deny(http.StatusTooManyRequests, metav1.StatusReasonTooManyRequests, "%s", msg)
 	default:
 		w.metrics.checkpointWait.WithLabelValues(webhookID, "done").Observe(took)
 		for _, o := range outs {

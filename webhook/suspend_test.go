@@ -80,7 +80,7 @@ func TestJobSuspendHandler(t *testing.T) {
 			pods: []*corev1.Pod{jobPod(0), jobPod(1)}, budget: 50e6,
 			scripts: map[string]fakeagent.Script{"train-0-abcde": {Bytes: 1024}, "train-1-abcde": {Polls: -1, Bytes: 3 << 20}},
 			want: v1Response(jsUID, `"allowed":false,"status":{"metadata":{},"status":"Failure","reason":"TooManyRequests","code":429,`+
-				`"message":"checkpoint of 2 pods of Job default/train in progress (1 of 2 done): 3.0 MiB written, retry","details":{"retryAfterSeconds":1}}`),
+				`"message":"checkpoint of 2 pods of Job default/train in progress (1 of 2 done): 3.0 MiB written, retry"}`),
 			posts: []string{"uid-train-0", "uid-train-1"}, records: []int{0},
 		},
 		{

@@ -78,17 +78,17 @@ func TestBenchWebhook(t *testing.T) {
 		require.NoError(t, err)
 		api, wh := apiAfter.minus(apiBefore), whAfter.minus(whBefore)
 
-		line := fmt.Sprintf("rate %4d/s (achieved %.0f/s, %d sent, %s): apiserver admission pods.stasis.dev n=%d p50 %.1fms p99 %.1fms max %s | "+
+		line := fmt.Sprintf("rate %4d/s (sent at %.0f/s, %d in %s, last answer after %s): apiserver admission pods.stasis.dev n=%d p50 %.1fms p99 %.1fms max %s | "+
 			"webhook review n=%d p50 %.2fms p99 %.2fms max %s, shed/deadline 429 %d | client p50 %s p99 %s max %s | ok %d, errors %d (webhook failures %d, other %v), 429 seen by client %d, API throttled %d | "+
 			"eviction: no flood %s, during %s (%.2fx, err %v), after %s (%.2fx, err %v) | "+
 			"CPU during the flood (cores): webhook %.2f (%.0f µs/review), kube-apiserver %.2f, test process (flood client, fake agent) %.2f",
-			rate, st.achievedRate, st.sent, dur, api.count(), api.quantile(.5)*1000, api.quantile(.99)*1000, api.maxBound(),
+			rate, st.achievedRate, st.sent, dur, st.doneIn.Round(100*time.Millisecond), api.count(), api.quantile(.5)*1000, api.quantile(.99)*1000, api.maxBound(),
 			wh.count(), wh.quantile(.5)*1000, wh.quantile(.99)*1000, wh.maxBound(), shedAfter-shedBefore,
 			quantile(st.latencies, .5).Round(100*time.Microsecond), quantile(st.latencies, .99).Round(100*time.Microsecond), quantile(st.latencies, 1).Round(100*time.Microsecond),
 			st.ok, st.errors(), st.webhookFailures, st.other, st.shed, st.apiThrottled,
 			tBase.Round(time.Millisecond), tDuring.Round(time.Millisecond), tDuring.Seconds()/tBase.Seconds(), errDuring,
 			tAfter.Round(time.Millisecond), tAfter.Seconds()/tBase.Seconds(), errAfter,
-			(whCPU1-whCPU0)/dur.Seconds(), (whCPU1-whCPU0)/float64(max(wh.count(), 1))*1e6, (apiCPU1-apiCPU0)/dur.Seconds(), (clientCPU1-clientCPU0)/dur.Seconds())
+			(whCPU1-whCPU0)/st.doneIn.Seconds(), (whCPU1-whCPU0)/float64(max(wh.count(), 1))*1e6, (apiCPU1-apiCPU0)/st.doneIn.Seconds(), (clientCPU1-clientCPU0)/st.doneIn.Seconds())
 		t.Log(line)
 		lines = append(lines, line)
 		time.Sleep(3 * time.Second) // let the control plane settle between rates

@@ -34,7 +34,8 @@ type floodStats struct {
 	apiThrottled    int            // 429 from the API server's own priority and fairness
 	other           map[string]int // anything else, by message prefix
 	latencies       []time.Duration
-	achievedRate    float64
+	achievedRate    float64       // sending rate
+	doneIn          time.Duration // until the last answer
 }
 
 func (f floodStats) errors() int {
@@ -53,8 +54,10 @@ func floodClient() (kubernetes.Interface, error) {
 	return kubernetes.NewForConfig(cfg)
 }
 
-// flood creates pods made by mk at rate per second for d (open loop: a slow answer does not slow
-// the sending, up to workers requests in flight), and returns what the client saw.
+// flood creates pods made by mk at rate per second for d, open loop: every creation is sent at its
+// scheduled time on its own goroutine whatever the answers before it, and its latency counts from
+// that time (a client that cannot keep up shows as latency, not as a lower rate). It returns what
+// the client saw.
 func flood(ctx context.Context, c kubernetes.Interface, ns string, rate int, d time.Duration, dryRun bool, mk func(i int) *corev1.Pod) floodStats {
 	n := int(float64(rate) * d.Seconds())
 	type result struct {
@@ -62,36 +65,28 @@ func flood(ctx context.Context, c kubernetes.Interface, ns string, rate int, d t
 		err  error
 	}
 	results := make(chan result, n)
-	jobs := make(chan int, n)
-	var wg sync.WaitGroup
-	workers := min(max(rate/2, 16), 256)
 	opts := metav1.CreateOptions{}
 	if dryRun {
 		opts.DryRun = []string{metav1.DryRunAll}
 	}
-	for range workers {
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for i := 0; i < n && ctx.Err() == nil; i++ {
+		at := t0.Add(time.Duration(float64(i) / float64(rate) * float64(time.Second)))
+		if wait := time.Until(at); wait > 0 {
+			time.Sleep(wait)
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for i := range jobs {
-				t0 := time.Now()
-				_, err := c.CoreV1().Pods(ns).Create(ctx, mk(i), opts)
-				results <- result{time.Since(t0), err}
-			}
+			_, err := c.CoreV1().Pods(ns).Create(ctx, mk(i), opts)
+			results <- result{time.Since(at), err}
 		}()
 	}
-	t0 := time.Now()
-	for i := 0; i < n && ctx.Err() == nil; i++ {
-		if wait := time.Until(t0.Add(time.Duration(float64(i) / float64(rate) * float64(time.Second)))); wait > 0 {
-			time.Sleep(wait)
-		}
-		jobs <- i
-	}
 	sentIn := time.Since(t0)
-	close(jobs)
 	wg.Wait()
 	close(results)
-	st := floodStats{other: map[string]int{}, achievedRate: float64(n) / sentIn.Seconds()}
+	st := floodStats{other: map[string]int{}, achievedRate: float64(n) / sentIn.Seconds(), doneIn: time.Since(t0)}
 	for r := range results {
 		st.sent++
 		st.latencies = append(st.latencies, r.took)

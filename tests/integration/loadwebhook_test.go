@@ -97,8 +97,11 @@ func TestReviewPastDeadlineAnswers429NotTimeout_NoKubelet(t *testing.T) {
 	assert.Regexp(t, `in progress: .* written, retry|review not decided within its deadline \(100ms\); retry`, err.Error())
 	assert.NotContains(t, err.Error(), "failed calling webhook", "answered by the webhook, not timed out by the API server")
 	assert.Less(t, took, time.Second, "answered before the configuration's timeout of 1 s")
-	if d, ok := apierrors.SuggestsClientDelay(err); assert.True(t, ok, "Retry-After reaches the client") {
-		assert.Equal(t, 1, d)
+	if strings.Contains(err.Error(), "deadline") {
+		// client-go retries such an answer by itself (s.evict would have, ten times).
+		if d, ok := apierrors.SuggestsClientDelay(err); assert.True(t, ok, "Retry-After reaches the client") {
+			assert.Equal(t, 1, d)
+		}
 	}
 
 	// Back to 30 s: the dump started by the first attempt is still the one every retry joins.
