@@ -9,7 +9,7 @@ LDFLAGS := -s -w -X github.com/stasis-k8s/stasis/internal/version.Version=$(VERS
 # Tests that need CRIU find it here (a wrapper around trixie's CRIU 4.x, unpacked privately).
 CRIU_WRAPPER = $(STASIS_CACHE)/criu/criu
 
-.PHONY: all build deps criu k8s cert-manager lint unit integration images e2e test bench demo down clean
+.PHONY: all build deps criu k8s cert-manager lint unit integration images e2e test bench bench-webhook demo down clean
 
 all: build
 
@@ -71,6 +71,14 @@ test: lint unit integration e2e
 # Dump/restore of 1 GiB of touched memory: agent path vs raw criu, same process, same run.
 bench: criu build
 	STASIS_CRIU=$(CRIU_WRAPPER) $(GO) test -count=1 -run '^$$' -bench . -benchtime 3x ./agent/...
+
+# Admission at scale (issue 13): floods of checkpoint-enabled pod creations (server-side dry run)
+# at 50, 200 and 1000/s for 20 s each through the integration tier's real API server and webhook
+# binary, with evictions during and after each flood. STASIS_BENCH_RATES / STASIS_BENCH_SECONDS
+# change the rates and the duration.
+bench-webhook: k8s build
+	STASIS_BENCH_WEBHOOK=1 $(GO) test -tags integration -count=1 -timeout 30m -run '^TestBenchWebhook$$' -v ./tests/integration/ 2>&1 | \
+	  tee /tmp/stasis-bench-webhook.log | grep -E '^(== bench-webhook|rate |--- |ok|FAIL|PASS)'
 
 clean:
 	rm -rf bin

@@ -1,11 +1,8 @@
 package webhook
 
 import (
-	"bytes"
-	"context"
 	"testing"
 
-	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
@@ -65,13 +62,4 @@ func TestHumanBytes(t *testing.T) {
 	for n, want := range map[int64]string{0: "0 B", 1023: "1023 B", 1024: "1.0 KiB", 1288490189: "1.2 GiB", 3 << 20: "3.0 MiB", 5 << 40: "5.0 TiB"} {
 		assert.Equal(t, want, humanBytes(n))
 	}
-}
-
-func TestKubewebhookLogger(t *testing.T) {
-	var buf bytes.Buffer
-	l := NewKubewebhookLogger(zerolog.New(&buf))
-	ctx := l.SetValuesOnCtx(context.Background(), map[string]any{"request-id": "r1"})
-	ctx = l.SetValuesOnCtx(ctx, map[string]any{"op": "create"})
-	l.WithCtxValues(ctx).WithValues(map[string]any{"webhook-id": "pod"}).Warningf("handled %d", 3)
-	assert.JSONEq(t, `{"level":"warn","request-id":"r1","op":"create","webhook-id":"pod","message":"handled 3"}`, buf.String())
 }

@@ -130,6 +130,8 @@ func (w *Webhook) checkpointAll(ctx context.Context, webhookID, reason string, s
 		if subject != nil {
 			w.d.Events.Eventf(subject, corev1.EventTypeNormal, ReasonCheckpointRunning, "%s", msg)
 		}
+		// No Retry-After: client-go would retry by itself (ten times) and kubectl drain would
+		// neither show the progress nor wait its own 5 s between attempts.
 		return deny(http.StatusTooManyRequests, metav1.StatusReasonTooManyRequests, "%s", msg)
 	default:
 		w.metrics.checkpointWait.WithLabelValues(webhookID, "done").Observe(took)
@@ -229,7 +231,7 @@ func (w *Webhook) record(ctx context.Context, t target, st agentapi.CheckpointSt
 	if err != nil {
 		return err
 	}
-	return w.store.Save(ctx, t.pod.Namespace, pvc, rec)
+	return w.evict.store.Save(ctx, t.pod.Namespace, pvc, rec)
 }
 
 // checkpointPVC is the claim name of the pod's checkpoint volume.

@@ -34,7 +34,7 @@ import (
 )
 
 type testEnv struct {
-	t      *testing.T
+	t      testing.TB
 	client *fake.Clientset
 	pods   cache.Indexer
 	pdbs   cache.Indexer
@@ -48,7 +48,7 @@ type testEnv struct {
 
 type envOption func(*Config, *Deps)
 
-func newEnv(t *testing.T, cfg Config, objs []runtime.Object, opts ...envOption) *testEnv {
+func newEnv(t testing.TB, cfg Config, objs []runtime.Object, opts ...envOption) *testEnv {
 	t.Helper()
 	e := &testEnv{t: t, client: fake.NewClientset(objs...), agent: fakeagent.New("node-1"),
 		rec: record.NewFakeRecorder(1000), reg: prometheus.NewRegistry()}
@@ -88,7 +88,7 @@ func (e *testEnv) addPods(pods ...*corev1.Pod) {
 	}
 }
 
-func fixture(t *testing.T, name string) []byte {
+func fixture(t testing.TB, name string) []byte {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join("testdata", name))
 	require.NoError(t, err)

@@ -6,7 +6,6 @@ import (
 	"slices"
 
 	"github.com/slok/kubewebhook/v2/pkg/model"
-	"github.com/slok/kubewebhook/v2/pkg/webhook/validating"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -20,11 +19,8 @@ import (
 // validateEviction is CREATE pods/eviction (policy/v1 and policy/v1beta1 Evictions decode into
 // the same struct). The request carries the Eviction, not the pod: the pod comes from the
 // informer cache.
-func (w *Webhook) validateEviction(ctx context.Context, ar *model.AdmissionReview, obj metav1.Object) (*validating.ValidatorResult, error) {
-	ev, _ := obj.(*policyv1.Eviction)
-	v := w.evictionVerdict(ctx, ar, ev)
-	setVerdict(ctx, v)
-	return &validating.ValidatorResult{Valid: v.Allowed, Message: v.Message, Warnings: v.Warnings}, nil
+func (w *Webhook) validateEviction(ctx context.Context, rv *review) verdict {
+	return w.evictionVerdict(ctx, &rv.AdmissionReview, rv.obj.(*policyv1.Eviction))
 }
 
 // DryRunEviction: `kubectl drain --dry-run=server` sends request.dryRun=false and puts the dry

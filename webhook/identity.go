@@ -51,13 +51,13 @@ func unsupported(format string, a ...any) error {
 // The same function decides the identity at creation and re-derives it at eviction and suspend
 // (checkpointIdentity): nothing a pod says about its own identity is trusted.
 func (w *Webhook) resolveIdentity(ctx context.Context, ns string, pod *corev1.Pod) (identity, error) {
-	return w.deriveIdentity(ctx, ns, pod, true)
+	return w.deriveIdentity(ctx, w.pod, ns, pod, true)
 }
 
 // deriveIdentity is resolveIdentity; admission (creating) also refuses owners whose pods have no
 // stable identity (replica counts). A running pod keeps the identity it was created with even if
 // its Deployment is being scaled.
-func (w *Webhook) deriveIdentity(ctx context.Context, ns string, pod *corev1.Pod, creating bool) (identity, error) {
+func (w *Webhook) deriveIdentity(ctx context.Context, l lane, ns string, pod *corev1.Pod, creating bool) (identity, error) {
 	ref := metav1.GetControllerOf(pod)
 	if ref == nil {
 		if pod.Name == "" {
@@ -85,7 +85,7 @@ func (w *Webhook) deriveIdentity(ctx context.Context, ns string, pod *corev1.Pod
 		return identity{Key: fmt.Sprintf("sts/%s/%s", ns, pod.Name), Owner: &owner,
 			What: fmt.Sprintf("StatefulSet %s/%s pod %s", ns, ref.Name, pod.Name)}, nil
 	case ref.Kind == "ReplicaSet" && isGroup(ref.APIVersion, "apps"):
-		rs, err := w.d.Client.AppsV1().ReplicaSets(ns).Get(ctx, ref.Name, metav1.GetOptions{})
+		rs, err := l.replicaSet(ctx, ns, ref.Name)
 		if err != nil {
 			return identity{}, fmt.Errorf("reading ReplicaSet %s/%s: %w", ns, ref.Name, err)
 		}
@@ -93,7 +93,7 @@ func (w *Webhook) deriveIdentity(ctx context.Context, ns string, pod *corev1.Pod
 			return identity{}, unsupported("ReplicaSet %s/%s has %d replicas: its pods have no stable identity", ns, ref.Name, r)
 		}
 		if dref := metav1.GetControllerOf(rs); dref != nil && dref.Kind == "Deployment" {
-			d, err := w.d.Client.AppsV1().Deployments(ns).Get(ctx, dref.Name, metav1.GetOptions{})
+			d, err := l.deployment(ctx, ns, dref.Name)
 			if err != nil {
 				return identity{}, fmt.Errorf("reading Deployment %s/%s: %w", ns, dref.Name, err)
 			}
@@ -119,7 +119,7 @@ func (w *Webhook) deriveIdentity(ctx context.Context, ns string, pod *corev1.Pod
 // slot of the pod's Job, and the catalog's claim on it must carry the pod's token.
 func (w *Webhook) checkpointIdentity(ctx context.Context, pod *corev1.Pod, cfg *labels.Config) (string, error) {
 	spec := wire.SpecIdentity(pod, cfg)
-	id, err := w.deriveIdentity(ctx, pod.Namespace, pod, false)
+	id, err := w.deriveIdentity(ctx, w.evict, pod.Namespace, pod, false)
 	if err != nil {
 		return "", fmt.Errorf("deriving the checkpoint identity of pod %s/%s: %w", pod.Namespace, pod.Name, err)
 	}
@@ -143,17 +143,23 @@ func (w *Webhook) checkpointIdentity(ctx context.Context, pod *corev1.Pod, cfg *
 	return spec, nil
 }
 
-// verifyClaim checks that the catalog's claim on slot (on PVC ns/pvc) carries token.
+// verifyClaim checks that the catalog's claim on slot (on PVC ns/pvc) carries token: from the
+// cache, and live (once) when the cache disagrees, since the claim may have been written by the
+// PVC controller a moment ago.
 func (w *Webhook) verifyClaim(ctx context.Context, ns, pvc, slot, token string) error {
-	p, err := w.d.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, pvc, metav1.GetOptions{})
-	if err != nil {
-		return fmt.Errorf("reading the claim on %s from PVC %s/%s: %w", slot, ns, pvc, err)
+	var err error
+	for _, live := range []bool{false, true} {
+		var p *corev1.PersistentVolumeClaim
+		if p, err = w.evict.store.PVC(ctx, ns, pvc, live); err != nil {
+			err = fmt.Errorf("reading the claim on %s from PVC %s/%s: %w", slot, ns, pvc, err)
+			continue
+		}
+		if c, ok := catalog.ClaimOf(p, slot); ok && token != "" && c.Token == token {
+			return nil
+		}
+		err = fmt.Errorf("%s: the catalog's claim on %s (PVC %s/%s) is not this pod's", catalog.AnnotationClaim, slot, ns, pvc)
 	}
-	c, ok := catalog.ClaimOf(p, slot)
-	if !ok || token == "" || c.Token != token {
-		return fmt.Errorf("%s: the catalog's claim on %s (PVC %s/%s) is not this pod's", catalog.AnnotationClaim, slot, ns, pvc)
-	}
-	return nil
+	return err
 }
 
 func replicas(r *int32) int32 {

@@ -5,7 +5,6 @@ import (
 	"slices"
 
 	"github.com/slok/kubewebhook/v2/pkg/model"
-	"github.com/slok/kubewebhook/v2/pkg/webhook/mutating"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -36,24 +35,17 @@ var IgnoreTerminatedRule = batchv1.PodFailurePolicyRule{
 }
 
 // mutateJob is CREATE jobs whose template is checkpoint-enabled (matchConditions).
-func (w *Webhook) mutateJob(ctx context.Context, ar *model.AdmissionReview, obj metav1.Object) (*mutating.MutatorResult, error) {
-	job, ok := obj.(*batchv1.Job)
-	if !ok {
-		return &mutating.MutatorResult{}, nil
-	}
+func (w *Webhook) mutateJob(_ context.Context, rv *review) verdict {
+	job := rv.obj.(*batchv1.Job)
 	msg, changed := AddIgnoreDisruption(w.cfg.LabelPrefix, job)
 	if msg != "" {
-		w.jobEvent(ar, job, changed, msg)
+		w.jobEvent(&rv.AdmissionReview, job, changed, msg)
 	}
-	if !changed {
-		v := verdict{Allowed: true, Unchanged: true}
-		if msg != "" {
-			v.Warnings = []string{"stasis: " + msg}
-		}
-		setVerdict(ctx, v)
-		return &mutating.MutatorResult{}, nil
+	v := verdict{Allowed: true, Unchanged: !changed}
+	if !changed && msg != "" {
+		v.Warnings = []string{"stasis: " + msg}
 	}
-	return &mutating.MutatorResult{MutatedObject: job}, nil
+	return v
 }
 
 // AddIgnoreDisruption adds IgnoreDisruptionRule and IgnoreTerminatedRule first in the Job's podFailurePolicy (rules are

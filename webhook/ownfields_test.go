@@ -134,7 +134,7 @@ func TestPodMutateRefusesStasisFields(t *testing.T) {
 			name: "copy of a wired pod made before a checkpoint was recorded",
 			pod: func(t *testing.T, e *testEnv) *corev1.Pod {
 				p := e.wired(t, fixture(t, "pod-create-plain-nocommand.json"))
-				require.NoError(t, e.wh.store.Save(context.Background(), "default", "checkpointing-volume", catalog.Record{
+				require.NoError(t, e.wh.ctrl.store.Save(context.Background(), "default", "checkpointing-volume", catalog.Record{
 					Identity: "pod/default/my-checkpointed-pod", ID: "ckpt-3", Node: "node-1", Time: recTime, Containers: map[string]string{"my-container": "ckpt-3"}}))
 				return p
 			},
@@ -210,7 +210,7 @@ func TestPodMutateReinvocationKeepsClaim(t *testing.T) {
 
 	// An existing slot (claimed at admission by an annotation): verified against that claim.
 	require.NoError(t, e.client.Tracker().Add(catalog.NewPVC(catalog.PVCSpec{Namespace: "default", Name: catalog.PVCName(slot0), Identity: slot0})))
-	require.NoError(t, e.wh.store.EnsureClaim(context.Background(), "default", catalog.PVCName(slot0), slot0, p.Annotations[catalog.AnnotationClaim]))
+	require.NoError(t, e.wh.ctrl.store.EnsureClaim(context.Background(), "default", catalog.PVCName(slot0), slot0, p.Annotations[catalog.AnnotationClaim]))
 	resp, again = e.admit(PathMutatePod, podReview(t, p, false))
 	require.True(t, resp.Allowed, "%+v", resp.Result)
 	assert.Nil(t, again)

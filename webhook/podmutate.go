@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/slok/kubewebhook/v2/pkg/model"
-	"github.com/slok/kubewebhook/v2/pkg/webhook/mutating"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -27,21 +26,13 @@ import (
 // mutatePod is CREATE pods (objectSelector: the mode label). It validates the labels, decides the
 // identity and the storage, and wires the pod; with a complete checkpoint for the identity it also
 // adds the restore. A refusal is a denial naming the label and the problem.
-func (w *Webhook) mutatePod(ctx context.Context, ar *model.AdmissionReview, obj metav1.Object) (*mutating.MutatorResult, error) {
-	pod, ok := obj.(*corev1.Pod)
-	if !ok {
-		return &mutating.MutatorResult{}, nil
-	}
+func (w *Webhook) mutatePod(ctx context.Context, rv *review) verdict {
+	pod := rv.obj.(*corev1.Pod)
 	before := pod.DeepCopy()
-	if v := w.wirePod(ctx, ar, pod); v != nil {
-		setVerdict(ctx, *v)
-		return &mutating.MutatorResult{}, nil
+	if v := w.wirePod(ctx, &rv.AdmissionReview, pod); v != nil {
+		return *v
 	}
-	if equality.Semantic.DeepEqual(before, pod) {
-		setVerdict(ctx, verdict{Allowed: true, Unchanged: true})
-		return &mutating.MutatorResult{}, nil
-	}
-	return &mutating.MutatorResult{MutatedObject: pod}, nil
+	return verdict{Allowed: true, Unchanged: equality.Semantic.DeepEqual(before, pod)}
 }
 
 func refuse(format string, a ...any) *verdict {
@@ -199,7 +190,7 @@ func (w *Webhook) storage(ctx context.Context, ar *model.AdmissionReview, ns str
 		return in, res.Record, nil
 	}
 	if shared != "" {
-		rec, err := w.store.Lookup(ctx, ns, shared, id.Key)
+		rec, err := w.pod.store.Lookup(ctx, ns, shared, id.Key)
 		if err != nil {
 			return in, nil, w.internal(ns, pod, err)
 		}
@@ -209,7 +200,7 @@ func (w *Webhook) storage(ctx context.Context, ar *model.AdmissionReview, ns str
 	// stays Pending until then). Creating it here would leave it behind when a later admission
 	// step (Pod Security, quota, another webhook) rejects the pod.
 	in.PVCName = catalog.PVCName(id.Key)
-	pvc, err := w.d.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, in.PVCName, metav1.GetOptions{})
+	pvc, err := w.pod.store.PVC(ctx, ns, in.PVCName, false)
 	switch {
 	case apierrors.IsNotFound(err):
 		return in, nil, nil
@@ -236,7 +227,7 @@ func (w *Webhook) storage(ctx context.Context, ar *model.AdmissionReview, ns str
 // its PVC and claim come from the PVC controller once the pod exists.
 func (w *Webhook) slot(ctx context.Context, ar *model.AdmissionReview, ns string, pod *corev1.Pod, cfg *labels.Config, id identity, shared string, marked bool) (catalog.ClaimResult, *verdict) {
 	if !marked {
-		res, err := w.store.Claim(ctx, w.claimRequest(ns, id, shared, ar.DryRun))
+		res, err := w.pod.store.Claim(ctx, w.claimRequest(ns, id, shared, ar.DryRun))
 		if err != nil {
 			return res, w.internal(ns, pod, err)
 		}
@@ -252,20 +243,17 @@ func (w *Webhook) slot(ctx context.Context, ar *model.AdmissionReview, ns string
 	}
 	var err error
 	if ar.DryRun { // a dry run claimed nothing: there is no claim to verify
-		res.Record, err = w.store.Lookup(ctx, ns, res.PVC, slot)
+		res.Record, err = w.pod.store.Lookup(ctx, ns, res.PVC, slot)
 		if err != nil {
 			return res, w.internal(ns, pod, err)
 		}
 		return res, nil
 	}
-	p, err := w.d.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, res.PVC, metav1.GetOptions{})
-	if err != nil && !apierrors.IsNotFound(err) {
-		return res, w.internal(ns, pod, fmt.Errorf("reading checkpoint PVC %s/%s: %w", ns, res.PVC, err))
-	}
+	p, problem, err := w.slotClaim(ctx, ns, res.PVC, id.ClaimBase, slot, token)
 	if err != nil {
-		p = nil
+		return res, w.internal(ns, pod, err)
 	}
-	if problem := claimProblem(p, id.ClaimBase, slot, token); problem != "" {
+	if problem != "" {
 		return res, w.refuseOwn(ns, pod, true, []string{fmt.Sprintf("metadata.annotations[%s]: %s", catalog.AnnotationClaim, problem)})
 	}
 	if live, _ := (claimHolders{w: w}).Holder(ns, token); live {
@@ -276,6 +264,28 @@ func (w *Webhook) slot(ctx context.Context, ar *model.AdmissionReview, ns string
 		res.Record, _ = catalog.RecordOf(p, slot)
 	}
 	return res, nil
+}
+
+// slotClaim reads the slot's PVC (nil when it does not exist yet) and checks the pod's claim on
+// it: from the cache, and once live when the cache disagrees (our first invocation wrote the claim
+// a moment ago; the reinvocation may come before the cache has it).
+func (w *Webhook) slotClaim(ctx context.Context, ns, pvc, base, slot, token string) (*corev1.PersistentVolumeClaim, string, error) {
+	var p *corev1.PersistentVolumeClaim
+	problem := ""
+	for _, live := range []bool{false, true} {
+		var err error
+		p, err = w.pod.store.PVC(ctx, ns, pvc, live)
+		if err != nil && !apierrors.IsNotFound(err) {
+			return nil, "", fmt.Errorf("reading checkpoint PVC %s/%s: %w", ns, pvc, err)
+		}
+		if err != nil {
+			p = nil
+		}
+		if problem = claimProblem(p, base, slot, token); problem == "" {
+			return p, "", nil
+		}
+	}
+	return p, problem, nil
 }
 
 // claimProblem checks a marked pod's slot against the catalog (p is the slot's PVC, nil when it

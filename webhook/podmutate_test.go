@@ -348,7 +348,7 @@ func TestPodMutateNonIndexedClaims(t *testing.T) {
 		require.True(t, ok)
 		assert.Equal(t, p.Annotations[catalog.AnnotationClaim], c.Token, "the PVC carries the pod's claim")
 	}
-	require.NoError(t, e.wh.store.Save(context.Background(), "default", catalog.PVCName(a), catalog.Record{
+	require.NoError(t, e.wh.ctrl.store.Save(context.Background(), "default", catalog.PVCName(a), catalog.Record{
 		Identity: a, ID: "ckpt-9", Node: "node-1", Time: recTime, Containers: map[string]string{"worker": "ckpt-9"}}))
 	evicted := pods[0].DeepCopy()
 	evicted.DeletionTimestamp = &metav1.Time{Time: recTime}

@@ -124,7 +124,7 @@ func (c *PVCController) Sync(ctx context.Context, key string) error {
 	if err != nil {
 		return err
 	}
-	created, err := c.w.store.EnsurePVC(ctx, spec)
+	created, err := c.w.ctrl.store.EnsurePVC(ctx, spec)
 	if err != nil {
 		return err
 	}
@@ -142,7 +142,7 @@ func (c *PVCController) syncSharedClaim(ctx context.Context, pod *corev1.Pod, cf
 	if token == "" || (pod.Status.Phase != "" && pod.Status.Phase != corev1.PodPending) {
 		return nil
 	}
-	id, err := c.w.deriveIdentity(ctx, pod.Namespace, pod, false)
+	id, err := c.w.deriveIdentity(ctx, c.w.ctrl, pod.Namespace, pod, false)
 	if err != nil || id.ClaimBase == "" {
 		return nil
 	}
@@ -151,7 +151,7 @@ func (c *PVCController) syncSharedClaim(ctx context.Context, pod *corev1.Pod, cf
 	if !strings.HasPrefix(slot, id.ClaimBase+"/") || perr != nil {
 		return nil
 	}
-	err = c.w.store.EnsureClaim(ctx, pod.Namespace, pvc, slot, token)
+	err = c.w.ctrl.store.EnsureClaim(ctx, pod.Namespace, pvc, slot, token)
 	if errors.Is(err, catalog.ErrClaimedByOther) {
 		c.w.d.Events.Eventf(pod, corev1.EventTypeWarning, ReasonRefused, "checkpoint slot not claimed: %v", err)
 		return nil
@@ -173,7 +173,7 @@ func stasisClaim(pod *corev1.Pod) string {
 // the one in the pod's spec (as at eviction), and the claim name must be the one Stasis gives that
 // identity — a pod that got past admission some other way gets no PVC it could not have had.
 func (w *Webhook) pvcFor(ctx context.Context, pod *corev1.Pod, cfg *labels.Config, claimName string) (catalog.PVCSpec, string, error) {
-	id, err := w.deriveIdentity(ctx, pod.Namespace, pod, false)
+	id, err := w.deriveIdentity(ctx, w.ctrl, pod.Namespace, pod, false)
 	var ue *unsupportedError
 	if errors.As(err, &ue) {
 		return catalog.PVCSpec{}, "", &mismatchError{err}

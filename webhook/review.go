@@ -1,7 +1,6 @@
 package webhook
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,22 +9,20 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/rs/zerolog"
 	"github.com/slok/kubewebhook/v2/pkg/model"
-	kwhwebhook "github.com/slok/kubewebhook/v2/pkg/webhook"
+	"gomodules.xyz/jsonpatch/v2"
 	admissionv1 "k8s.io/api/admission/v1"
 	admissionv1beta1 "k8s.io/api/admission/v1beta1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 )
 
-// Why Stasis writes the AdmissionReview response itself: kubewebhook's HTTP handler answers every
-// validating denial with status code 400, but a held eviction must reach kubectl as 429
-// TooManyRequests (the only denial `kubectl drain` retries). So every path goes through
-// reviewHandler: it guards the request (method, content type, size, well-formed review and
-// object), runs the kubewebhook webhook (measured, so kubewebhook's metrics stay), and builds the
-// response from the webhook's result plus the verdict our validators and mutators leave in the
-// context (code, reason, denial).
+// Why Stasis writes the AdmissionReview response itself: a held eviction must reach kubectl as
+// 429 TooManyRequests (the only denial `kubectl drain` retries), and an overloaded pod path must
+// answer 429 with a Retry-After before the API server's timeout. So every path goes through
+// reviewHandler (handler.go): it guards the request (method, content type, size), decodes the
+// review and its object once, runs the path's decision under the review's deadline and within the
+// path's bulkhead, and writes the verdict the decision returned.
 
 // verdict is a decision with the code and reason the API server passes on to its client.
 type verdict struct {
@@ -34,9 +31,11 @@ type verdict struct {
 	Reason   metav1.StatusReason
 	Message  string
 	Warnings []string
-	// Unchanged: a mutator changed nothing; the answer carries no patch (kubewebhook's diff of
-	// the re-marshalled object may hold no-op noise such as an added empty status).
+	// Unchanged: a mutator changed nothing; the answer carries no patch.
 	Unchanged bool
+	// RetryAfter (seconds) goes into status.details.retryAfterSeconds of a 429, which the API
+	// server turns into the Retry-After header its client (client-go, controllers) honours.
+	RetryAfter int32
 }
 
 func allow(msg string, warnings ...string) verdict {
@@ -47,20 +46,13 @@ func deny(code int32, reason metav1.StatusReason, format string, a ...any) verdi
 	return verdict{Code: code, Reason: reason, Message: fmt.Sprintf(format, a...)}
 }
 
-type verdictKey struct{}
-
-// verdictSlot carries the verdict from a validator or mutator out of kubewebhook's Review.
-type verdictSlot struct{ v *verdict }
-
-func withVerdictSlot(ctx context.Context) (context.Context, *verdictSlot) {
-	s := &verdictSlot{}
-	return context.WithValue(ctx, verdictKey{}, s), s
-}
-
-func setVerdict(ctx context.Context, v verdict) {
-	if s, ok := ctx.Value(verdictKey{}).(*verdictSlot); ok {
-		s.v = &v
-	}
+// retryLater is the answer of a review that cannot be decided now (overload, deadline, caches not
+// synced): 429, which controllers and kubectl retry, never a timeout the API server turns into a
+// failure of the webhook.
+func retryLater(after time.Duration, format string, a ...any) verdict {
+	v := deny(http.StatusTooManyRequests, metav1.StatusReasonTooManyRequests, format, a...)
+	v.RetryAfter = int32(max(1, after.Round(time.Second)/time.Second))
+	return v
 }
 
 // requestError is a request refused before any decision: an HTTP 4xx with a clear message.
@@ -75,200 +67,145 @@ func badRequest(format string, a ...any) error {
 	return &requestError{code: http.StatusBadRequest, msg: fmt.Sprintf(format, a...)}
 }
 
-// DecodeReview parses an AdmissionReview (admission.k8s.io/v1 or v1beta1). Every malformed input
-// gives an error naming the problem; it never panics (FuzzDecodeReview).
+// DecodeReview parses an AdmissionReview (admission.k8s.io/v1 or v1beta1: their JSON is the same
+// shape, so one decoding serves both). Every malformed input gives an error naming the problem;
+// it never panics (FuzzDecodeReview).
 func DecodeReview(body []byte) (model.AdmissionReview, error) {
 	if len(body) == 0 {
 		return model.AdmissionReview{}, badRequest("empty body: expected an AdmissionReview")
 	}
-	var tm metav1.TypeMeta
-	if err := json.Unmarshal(body, &tm); err != nil {
+	var r admissionv1.AdmissionReview
+	err := json.Unmarshal(body, &r)
+	var syntax *json.SyntaxError
+	if err != nil && (r.Kind == "" || errors.As(err, &syntax)) {
 		return model.AdmissionReview{}, badRequest("body is not an AdmissionReview JSON object: %v", err)
 	}
-	if tm.Kind != "AdmissionReview" {
-		return model.AdmissionReview{}, badRequest("kind %q is not AdmissionReview", tm.Kind)
+	if r.Kind != "AdmissionReview" {
+		return model.AdmissionReview{}, badRequest("kind %q is not AdmissionReview", r.Kind)
 	}
-	switch tm.APIVersion {
+	version := model.AdmissionReviewVersionV1
+	switch r.APIVersion {
 	case admissionv1.SchemeGroupVersion.String():
-		var r admissionv1.AdmissionReview
-		if err := json.Unmarshal(body, &r); err != nil {
-			return model.AdmissionReview{}, badRequest("AdmissionReview %s: %v", tm.APIVersion, err)
-		}
-		if r.Request == nil {
-			return model.AdmissionReview{}, badRequest("AdmissionReview has no request")
-		}
-		if r.Request.UID == "" {
-			return model.AdmissionReview{}, badRequest("AdmissionReview request.uid is empty")
-		}
-		return model.NewAdmissionReviewV1(&r), nil
 	case admissionv1beta1.SchemeGroupVersion.String():
-		var r admissionv1beta1.AdmissionReview
-		if err := json.Unmarshal(body, &r); err != nil {
-			return model.AdmissionReview{}, badRequest("AdmissionReview %s: %v", tm.APIVersion, err)
-		}
-		if r.Request == nil {
-			return model.AdmissionReview{}, badRequest("AdmissionReview has no request")
-		}
-		if r.Request.UID == "" {
-			return model.AdmissionReview{}, badRequest("AdmissionReview request.uid is empty")
-		}
-		return model.NewAdmissionReviewV1Beta1(&r), nil
+		version = model.AdmissionReviewVersionV1beta1
 	default:
-		return model.AdmissionReview{}, badRequest("apiVersion %q is not admission.k8s.io/v1 or admission.k8s.io/v1beta1", tm.APIVersion)
+		return model.AdmissionReview{}, badRequest("apiVersion %q is not admission.k8s.io/v1 or admission.k8s.io/v1beta1", r.APIVersion)
 	}
-}
-
-// reviewHandler serves one admission path.
-type reviewHandler struct {
-	id string
-	// object checks the request's object before the webhook sees it (nil: no check).
-	object  func(ar *model.AdmissionReview) error
-	webhook kwhwebhook.Webhook
-	maxBody int64
-	log     zerolog.Logger
-	metrics *Metrics
-}
-
-func (h *reviewHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	t0 := time.Now()
-	ar, err := h.read(w, r)
 	if err != nil {
-		code := http.StatusBadRequest
-		var re *requestError
-		if errors.As(err, &re) {
-			code = re.code
-		}
-		h.log.Warn().Str("path", r.URL.Path).Int("code", code).Err(err).Msg("refused admission request")
-		h.metrics.badRequests.WithLabelValues(h.id).Inc()
-		http.Error(w, err.Error(), code)
-		return
+		return model.AdmissionReview{}, badRequest("AdmissionReview %s: %v", r.APIVersion, err)
 	}
-	ctx, slot := withVerdictSlot(r.Context())
-	resp, err := h.webhook.Review(ctx, ar)
-	var v verdict
-	var patch []byte
-	switch {
-	case err != nil:
-		// Our validators and mutators do not fail; this is kubewebhook refusing the object.
-		v = deny(http.StatusBadRequest, metav1.StatusReasonBadRequest, "%s: %v", h.id, err)
-	case slot.v != nil:
-		v = *slot.v
-		if m, ok := resp.(*model.MutatingAdmissionResponse); ok && v.Allowed && !v.Unchanged {
-			patch = m.JSONPatchPatch
-			v.Warnings = append(v.Warnings, m.Warnings...)
-		}
-	default:
-		switch m := resp.(type) {
-		case *model.MutatingAdmissionResponse:
-			v, patch = allow("", m.Warnings...), m.JSONPatchPatch
-		case *model.ValidatingAdmissionResponse:
-			v = verdict{Allowed: m.Allowed, Message: m.Message, Warnings: m.Warnings}
-			if !m.Allowed {
-				v.Code, v.Reason = http.StatusForbidden, metav1.StatusReasonForbidden
-			}
-		}
+	if r.Request == nil {
+		return model.AdmissionReview{}, badRequest("AdmissionReview has no request")
 	}
-	if string(patch) == "[]" || string(patch) == "null" {
-		patch = nil // nothing changed: answer without a patch
+	if r.Request.UID == "" {
+		return model.AdmissionReview{}, badRequest("AdmissionReview request.uid is empty")
 	}
-	if !v.Allowed && v.Code == 0 {
-		v.Code, v.Reason = http.StatusForbidden, metav1.StatusReasonForbidden
-	}
-	body, err := encodeResponse(ar, v, patch)
-	if err != nil {
-		http.Error(w, "encoding the admission response: "+err.Error(), http.StatusInternalServerError)
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	_, _ = w.Write(body)
-	ev := h.log.Info()
-	if !v.Allowed {
-		ev = h.log.Warn()
-	}
-	ev.Str("webhook", h.id).Str("uid", ar.ID).Str("ns", ar.Namespace).Str("name", ar.Name).
-		Bool("dryRun", ar.DryRun).Bool("allowed", v.Allowed).Int32("code", v.Code).
-		Str("detail", v.Message).Int("patchBytes", len(patch)).Dur("took", time.Since(t0)).Msg("admission review")
-}
-
-func (h *reviewHandler) read(w http.ResponseWriter, r *http.Request) (model.AdmissionReview, error) {
-	if r.Method != http.MethodPost {
-		return model.AdmissionReview{}, &requestError{code: http.StatusMethodNotAllowed, msg: "method " + r.Method + " not allowed: POST an AdmissionReview"}
-	}
-	if ct := r.Header.Get("Content-Type"); ct != "" {
-		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
-			return model.AdmissionReview{}, &requestError{code: http.StatusUnsupportedMediaType, msg: fmt.Sprintf("content type %q is not application/json", ct)}
-		}
-	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.maxBody))
-	if err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return model.AdmissionReview{}, &requestError{code: http.StatusRequestEntityTooLarge, msg: fmt.Sprintf("admission request larger than %d bytes", h.maxBody)}
-		}
-		return model.AdmissionReview{}, badRequest("reading the request body: %v", err)
-	}
-	ar, err := DecodeReview(body)
-	if err != nil {
-		return ar, err
-	}
-	if h.object != nil {
-		if err := h.object(&ar); err != nil {
-			return ar, err
-		}
-	}
+	ar := model.NewAdmissionReviewV1(&r)
+	ar.Version = version
 	return ar, nil
 }
 
-// objectOf returns a check that the review's object (and old object, when given) decodes into T.
-func objectOf[T any](what string, needOld bool) func(ar *model.AdmissionReview) error {
-	return func(ar *model.AdmissionReview) error {
-		if len(ar.NewObjectRaw) == 0 {
+// review is one decoded request: the AdmissionReview and its object (and old object), each
+// decoded once, into the path's type.
+type review struct {
+	model.AdmissionReview
+	obj, old any
+}
+
+// decodeObject returns a decoder of the review's object (and old object, when needed) into T.
+func decodeObject[T any](what string, needOld bool) func(rv *review) error {
+	return func(rv *review) error {
+		if len(rv.NewObjectRaw) == 0 {
 			return badRequest("AdmissionReview request.object is empty: expected a %s", what)
 		}
-		var obj T
-		if err := json.Unmarshal(ar.NewObjectRaw, &obj); err != nil {
+		obj := new(T)
+		if err := json.Unmarshal(rv.NewObjectRaw, obj); err != nil {
 			return badRequest("request.object is not a %s: %v", what, err)
 		}
+		rv.obj = obj
 		if needOld {
-			if len(ar.OldObjectRaw) == 0 {
+			if len(rv.OldObjectRaw) == 0 {
 				return badRequest("AdmissionReview request.oldObject is empty: expected a %s", what)
 			}
-			var old T
-			if err := json.Unmarshal(ar.OldObjectRaw, &old); err != nil {
+			old := new(T)
+			if err := json.Unmarshal(rv.OldObjectRaw, old); err != nil {
 				return badRequest("request.oldObject is not a %s: %v", what, err)
 			}
+			rv.old = old
 		}
 		return nil
 	}
+}
+
+// mutationPatch is the JSON patch from the request's object to the mutated one.
+func mutationPatch(raw []byte, mutated any) ([]byte, error) {
+	after, err := json.Marshal(mutated)
+	if err != nil {
+		return nil, err
+	}
+	ops, err := jsonpatch.CreatePatch(raw, after)
+	if err != nil || len(ops) == 0 {
+		return nil, err
+	}
+	return json.Marshal(ops)
 }
 
 func encodeResponse(ar model.AdmissionReview, v verdict, patch []byte) ([]byte, error) {
 	var result *metav1.Status
 	if !v.Allowed {
 		result = &metav1.Status{Status: metav1.StatusFailure, Code: v.Code, Reason: v.Reason, Message: v.Message}
+		if v.RetryAfter > 0 {
+			result.Details = &metav1.StatusDetails{RetryAfterSeconds: v.RetryAfter}
+		}
 	} else if v.Message != "" {
 		result = &metav1.Status{Status: metav1.StatusSuccess, Message: v.Message}
 	}
-	switch ar.OriginalAdmissionReview.(type) {
-	case *admissionv1beta1.AdmissionReview:
-		resp := &admissionv1beta1.AdmissionResponse{UID: types.UID(ar.ID), Allowed: v.Allowed, Result: result, Warnings: v.Warnings}
-		if len(patch) > 0 {
-			pt := admissionv1beta1.PatchTypeJSONPatch
-			resp.Patch, resp.PatchType = patch, &pt
-		}
-		return json.Marshal(admissionv1beta1.AdmissionReview{
-			TypeMeta: metav1.TypeMeta{APIVersion: admissionv1beta1.SchemeGroupVersion.String(), Kind: "AdmissionReview"},
-			Response: resp,
-		})
-	default:
-		resp := &admissionv1.AdmissionResponse{UID: types.UID(ar.ID), Allowed: v.Allowed, Result: result, Warnings: v.Warnings}
-		if len(patch) > 0 {
-			pt := admissionv1.PatchTypeJSONPatch
-			resp.Patch, resp.PatchType = patch, &pt
-		}
-		return json.Marshal(admissionv1.AdmissionReview{
-			TypeMeta: metav1.TypeMeta{APIVersion: admissionv1.SchemeGroupVersion.String(), Kind: "AdmissionReview"},
-			Response: resp,
-		})
+	// v1 and v1beta1 responses have the same JSON shape; only apiVersion differs.
+	apiVersion := admissionv1.SchemeGroupVersion.String()
+	if ar.Version == model.AdmissionReviewVersionV1beta1 {
+		apiVersion = admissionv1beta1.SchemeGroupVersion.String()
 	}
+	resp := &admissionv1.AdmissionResponse{UID: types.UID(ar.ID), Allowed: v.Allowed, Result: result, Warnings: v.Warnings}
+	if len(patch) > 0 {
+		pt := admissionv1.PatchTypeJSONPatch
+		resp.Patch, resp.PatchType = patch, &pt
+	}
+	return json.Marshal(admissionv1.AdmissionReview{
+		TypeMeta: metav1.TypeMeta{APIVersion: apiVersion, Kind: "AdmissionReview"},
+		Response: resp,
+	})
+}
+
+// readBody guards the HTTP request and reads its body.
+func readBody(w http.ResponseWriter, r *http.Request, maxBody int64) ([]byte, error) {
+	if r.Method != http.MethodPost {
+		return nil, &requestError{code: http.StatusMethodNotAllowed, msg: "method " + r.Method + " not allowed: POST an AdmissionReview"}
+	}
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
+			return nil, &requestError{code: http.StatusUnsupportedMediaType, msg: fmt.Sprintf("content type %q is not application/json", ct)}
+		}
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, &requestError{code: http.StatusRequestEntityTooLarge, msg: fmt.Sprintf("admission request larger than %d bytes", maxBody)}
+		}
+		return nil, badRequest("reading the request body: %v", err)
+	}
+	return body, nil
+}
+
+// reviewDeadline is how long a review may take: the API server's own timeout for this call (it
+// sends ?timeout=, the configuration's timeoutSeconds) or, without one, the configured timeout of
+// the path; minus a margin for the answer's way back. Never below a tenth of the timeout.
+func reviewDeadline(r *http.Request, configured, margin time.Duration) time.Duration {
+	timeout := configured
+	if q := r.URL.Query().Get("timeout"); q != "" {
+		if d, err := time.ParseDuration(q); err == nil && d > 0 && d < timeout {
+			timeout = d
+		}
+	}
+	return max(timeout-margin, timeout/10)
 }

@@ -96,7 +96,7 @@ func FuzzDecodeReview(f *testing.F) {
 			t.Fatalf("accepted review without request or uid: %q", body)
 		}
 		// What the handler then does with the object must not panic either.
-		_ = objectOf[corev1.Pod]("v1 Pod", true)(&ar)
+		_ = decodeObject[corev1.Pod]("v1 Pod", true)(&review{AdmissionReview: ar})
 		_, _ = encodeResponse(ar, deny(429, "TooManyRequests", "x"), nil)
 	})
 }

@@ -108,7 +108,7 @@ func TestServe(t *testing.T) {
 	assert.Equal(t, http.StatusBadRequest, resp.StatusCode)
 	code, metrics := get("/metrics")
 	assert.Equal(t, 200, code)
-	assert.Contains(t, metrics, "kubewebhook_validating_webhook_review_duration_seconds", "kubewebhook's measured webhook")
+	assert.Contains(t, metrics, `stasis_webhook_review_duration_seconds_count{allowed="true",code="200",namespace="default",outcome="decided",webhook="eviction"} 1`)
 	assert.Contains(t, metrics, `stasis_webhook_bad_requests_total{webhook="pod"} 1`)
 
 	// cert-manager rotates the certificate: the server picks it up without a restart.

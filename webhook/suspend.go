@@ -2,11 +2,9 @@ package webhook
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 
 	"github.com/slok/kubewebhook/v2/pkg/model"
-	"github.com/slok/kubewebhook/v2/pkg/webhook/validating"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -18,13 +16,8 @@ import (
 // validateJobSuspend is UPDATE jobs. The configuration's matchConditions already limit calls to
 // spec.suspend turning true on Jobs with a checkpoint-enabled template; the same test is repeated
 // here so that a configuration without them stays correct.
-func (w *Webhook) validateJobSuspend(ctx context.Context, ar *model.AdmissionReview, obj metav1.Object) (*validating.ValidatorResult, error) {
-	job, _ := obj.(*batchv1.Job)
-	var old batchv1.Job
-	_ = json.Unmarshal(ar.OldObjectRaw, &old) // checked by the handler before Review
-	v := w.suspendVerdict(ctx, ar, &old, job)
-	setVerdict(ctx, v)
-	return &validating.ValidatorResult{Valid: v.Allowed, Message: v.Message, Warnings: v.Warnings}, nil
+func (w *Webhook) validateJobSuspend(ctx context.Context, rv *review) verdict {
+	return w.suspendVerdict(ctx, &rv.AdmissionReview, rv.old.(*batchv1.Job), rv.obj.(*batchv1.Job))
 }
 
 // SuspendTransition reports whether an update suspends a running Job.

@@ -16,23 +16,18 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
-	kwhprometheus "github.com/slok/kubewebhook/v2/pkg/metrics/prometheus"
-	"github.com/slok/kubewebhook/v2/pkg/model"
-	kwhwebhook "github.com/slok/kubewebhook/v2/pkg/webhook"
-	"github.com/slok/kubewebhook/v2/pkg/webhook/mutating"
-	"github.com/slok/kubewebhook/v2/pkg/webhook/validating"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/client-go/kubernetes"
+	appsv1listers "k8s.io/client-go/listers/apps/v1"
 	corev1listers "k8s.io/client-go/listers/core/v1"
 	policyv1listers "k8s.io/client-go/listers/policy/v1"
 	"k8s.io/client-go/tools/record"
 
 	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/labels"
-	"github.com/stasis-k8s/stasis/webhook/catalog"
 )
 
 // Failure policies for a failed checkpoint.
@@ -53,7 +48,7 @@ const (
 type Config struct {
 	LabelPrefix string
 	// WaitBudget is how long a request waits for a checkpoint before answering 429; it must stay
-	// below the configuration's timeoutSeconds (30).
+	// below the eviction deadline (EvictionTimeout minus DeadlineMargin).
 	WaitBudget time.Duration
 	// PollInterval between status requests to an agent.
 	PollInterval  time.Duration
@@ -67,17 +62,31 @@ type Config struct {
 	ClaimGrace time.Duration
 	// MaxBodyBytes bounds an admission request.
 	MaxBodyBytes int64
+
+	// The configurations' timeoutSeconds per path (deploy/base/webhook-configurations.yaml); the
+	// API server's ?timeout= wins when it is shorter. A review answers DeadlineMargin before it.
+	PodTimeout, EvictionTimeout, JobTimeout time.Duration
+	DeadlineMargin                          time.Duration
+	// MaxPodReviews bounds pod-creation reviews in flight; MaxEvictionReviews eviction and
+	// suspend reviews (they wait for dumps, so they hold a slot for seconds). Beyond: 429 at once.
+	MaxPodReviews, MaxEvictionReviews int
+	// RetryAfter is what a shed or timed-out review asks the client to wait.
+	RetryAfter time.Duration
 }
 
 func (c *Config) defaults() error {
 	if c.LabelPrefix == "" {
 		c.LabelPrefix = labels.DefaultPrefix
 	}
+	if err := c.reviewDefaults(); err != nil {
+		return err
+	}
 	if c.WaitBudget == 0 {
 		c.WaitBudget = 20 * time.Second
 	}
-	if c.WaitBudget < 0 || c.WaitBudget >= 30*time.Second {
-		return fmt.Errorf("--wait-budget %s must be positive and below the webhook timeoutSeconds of 30s", c.WaitBudget)
+	if limit := c.EvictionTimeout - c.DeadlineMargin; c.WaitBudget < 0 || c.WaitBudget >= limit {
+		return fmt.Errorf("--wait-budget %s must be positive and below the eviction deadline of %s (--eviction-timeout %s minus --deadline-margin %s)",
+			c.WaitBudget, limit, c.EvictionTimeout, c.DeadlineMargin)
 	}
 	if c.PollInterval == 0 {
 		c.PollInterval = 250 * time.Millisecond
@@ -105,6 +114,36 @@ func (c *Config) defaults() error {
 	return nil
 }
 
+// reviewDefaults fills and checks the deadline and bulkhead settings.
+func (c *Config) reviewDefaults() error {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	// The timeoutSeconds of deploy/base/webhook-configurations.yaml.
+	def(&c.PodTimeout, 15*time.Second)
+	def(&c.EvictionTimeout, 30*time.Second)
+	def(&c.JobTimeout, 10*time.Second)
+	def(&c.DeadlineMargin, 2*time.Second)
+	def(&c.RetryAfter, time.Second)
+	if c.MaxPodReviews == 0 {
+		c.MaxPodReviews = 64
+	}
+	if c.MaxEvictionReviews == 0 {
+		c.MaxEvictionReviews = 512
+	}
+	for name, d := range map[string]time.Duration{"--pod-timeout": c.PodTimeout, "--eviction-timeout": c.EvictionTimeout, "--job-timeout": c.JobTimeout} {
+		if d <= c.DeadlineMargin || d > 30*time.Second {
+			return fmt.Errorf("%s %s must be above --deadline-margin %s and at most 30s (the API server's limit for timeoutSeconds)", name, d, c.DeadlineMargin)
+		}
+	}
+	if c.MaxPodReviews < 0 || c.MaxEvictionReviews < 0 || c.RetryAfter < 0 || c.DeadlineMargin < 0 {
+		return errors.New("--max-pod-reviews, --max-eviction-reviews, --retry-after and --deadline-margin must not be negative")
+	}
+	return nil
+}
+
 // AgentClient is what the webhook needs from agentapi.Client.
 type AgentClient interface {
 	Checkpoint(ctx context.Context, base string, req agentapi.CheckpointRequest) (agentapi.CheckpointStatus, error)
@@ -119,14 +158,24 @@ type Locator interface {
 
 // Deps are the webhook's collaborators.
 type Deps struct {
-	Client kubernetes.Interface
+	// Client is for the background work (PVC controller); PodClient and EvictionClient, each with
+	// its own rate limiter, for the pod-creation and the eviction/suspend reviews (nil: Client).
+	Client, PodClient, EvictionClient kubernetes.Interface
 	// Pods lists checkpoint-enabled pods (the informer may be filtered on the mode label).
-	Pods   corev1listers.PodLister
-	PDBs   policyv1listers.PodDisruptionBudgetLister
+	Pods corev1listers.PodLister
+	PDBs policyv1listers.PodDisruptionBudgetLister
+	// PVCs, ReplicaSets and Deployments are informer caches: what reviews read instead of the API
+	// server. nil reads live (unit tests of the live path).
+	PVCs        corev1listers.PersistentVolumeClaimLister
+	ReplicaSets appsv1listers.ReplicaSetLister
+	Deployments appsv1listers.DeploymentLister
+	// Synced reports whether the caches are synced; until then every review is answered 429
+	// (an empty cache would allow the eviction of a checkpoint-enabled pod unchecked). nil: synced.
+	Synced func() bool
 	Agents AgentClient
 	Locate Locator
 	Events record.EventRecorder
-	// Registry receives kubewebhook's and Stasis' metrics.
+	// Registry receives Stasis' metrics.
 	Registry prometheus.Registerer
 	Log      zerolog.Logger
 	Now      func() time.Time
@@ -134,10 +183,11 @@ type Deps struct {
 
 // Webhook holds the decisions of all four paths.
 type Webhook struct {
-	cfg     Config
-	d       Deps
-	store   *catalog.Store
-	metrics *Metrics
+	cfg Config
+	d   Deps
+	// The bulkheads: pod-creation reviews, eviction/suspend reviews, background work.
+	pod, evict, ctrl lane
+	metrics          *Metrics
 }
 
 // New validates cfg and builds the webhook.
@@ -148,48 +198,61 @@ func New(cfg Config, d Deps) (*Webhook, error) {
 	if d.Client == nil || d.Pods == nil || d.PDBs == nil || d.Agents == nil || d.Locate == nil || d.Events == nil {
 		return nil, errors.New("webhook: client, pod and PDB listers, agent client, locator and event recorder are required")
 	}
+	if d.PodClient == nil {
+		d.PodClient = d.Client
+	}
+	if d.EvictionClient == nil {
+		d.EvictionClient = d.Client
+	}
 	if d.Registry == nil {
 		d.Registry = prometheus.NewRegistry()
 	}
 	if d.Now == nil {
 		d.Now = time.Now
 	}
-	return &Webhook{cfg: cfg, d: d, store: &catalog.Store{Client: d.Client, Now: d.Now}, metrics: NewMetrics(d.Registry)}, nil
+	return &Webhook{cfg: cfg, d: d, metrics: NewMetrics(d.Registry),
+		pod: newLane("pod", d.PodClient, d, d.Now), evict: newLane("eviction", d.EvictionClient, d, d.Now),
+		ctrl: newLane("background", d.Client, d, d.Now)}, nil
+}
+
+// forReview is the webhook as one review sees it: a dry run records no Event (it changes nothing,
+// and a flood of dry runs must not become a flood of Events).
+func (w *Webhook) forReview(dryRun bool) *Webhook {
+	if !dryRun {
+		return w
+	}
+	c := *w
+	c.d.Events = &record.FakeRecorder{} // without a channel it drops every Event
+	return &c
 }
 
 // Handler returns the mux with the four admission paths.
 func (w *Webhook) Handler() (http.Handler, error) {
-	rec, err := kwhprometheus.NewRecorder(kwhprometheus.RecorderConfig{Registry: w.d.Registry})
-	if err != nil {
-		return nil, err
+	podSlots, evictSlots := make(chan struct{}, w.cfg.MaxPodReviews), make(chan struct{}, w.cfg.MaxEvictionReviews)
+	paths := map[string]*path{
+		PathEviction: {id: "eviction", decode: decodeEviction, decide: (*Webhook).validateEviction,
+			timeout: w.cfg.EvictionTimeout, slots: evictSlots},
+		PathJobSuspend: {id: "job-suspend", decode: decodeObject[batchv1.Job]("batch/v1 Job", true), decide: (*Webhook).validateJobSuspend,
+			timeout: w.cfg.EvictionTimeout, slots: evictSlots},
+		PathMutatePod: {id: "pod", mutating: true, decode: decodeObject[corev1.Pod]("v1 Pod", false), decide: (*Webhook).mutatePod,
+			timeout: w.cfg.PodTimeout, slots: podSlots},
+		// Job creation is pure (no read, no write): it shares the pod path's bulkhead.
+		PathMutateJob: {id: "job", mutating: true, decode: decodeObject[batchv1.Job]("batch/v1 Job", false), decide: (*Webhook).mutateJob,
+			timeout: w.cfg.JobTimeout, slots: podSlots},
 	}
-	klog := NewKubewebhookLogger(w.d.Log)
 	mux := http.NewServeMux()
-	add := func(path, id string, object func(*model.AdmissionReview) error, wh kwhwebhook.Webhook, err error) error {
-		if err != nil {
-			return fmt.Errorf("%s: %w", id, err)
-		}
-		mux.Handle(path, &reviewHandler{
-			id: id, object: object, webhook: kwhwebhook.NewMeasuredWebhook(rec, wh),
-			maxBody: w.cfg.MaxBodyBytes, log: w.d.Log, metrics: w.metrics,
-		})
-		return nil
-	}
-	ev, err := validating.NewWebhook(validating.WebhookConfig{ID: "eviction", Obj: &policyv1.Eviction{}, Validator: validating.ValidatorFunc(w.validateEviction), Logger: klog})
-	if err := add(PathEviction, "eviction", objectOf[policyv1.Eviction]("policy Eviction", false), ev, err); err != nil {
-		return nil, err
-	}
-	js, err := validating.NewWebhook(validating.WebhookConfig{ID: "job-suspend", Obj: &batchv1.Job{}, Validator: validating.ValidatorFunc(w.validateJobSuspend), Logger: klog})
-	if err := add(PathJobSuspend, "job-suspend", objectOf[batchv1.Job]("batch/v1 Job", true), js, err); err != nil {
-		return nil, err
-	}
-	mp, err := mutating.NewWebhook(mutating.WebhookConfig{ID: "pod", Obj: &corev1.Pod{}, Mutator: mutating.MutatorFunc(w.mutatePod), Logger: klog})
-	if err := add(PathMutatePod, "pod", objectOf[corev1.Pod]("v1 Pod", false), mp, err); err != nil {
-		return nil, err
-	}
-	mj, err := mutating.NewWebhook(mutating.WebhookConfig{ID: "job", Obj: &batchv1.Job{}, Mutator: mutating.MutatorFunc(w.mutateJob), Logger: klog})
-	if err := add(PathMutateJob, "job", objectOf[batchv1.Job]("batch/v1 Job", false), mj, err); err != nil {
-		return nil, err
+	for route, p := range paths {
+		mux.Handle(route, &reviewHandler{w: w, p: p, log: w.d.Log, m: w.metrics, cfg: &w.cfg, sync: w.d.Synced})
 	}
 	return mux, nil
+}
+
+// decodeEviction decodes the Eviction; `kubectl drain --dry-run=server` puts its dry run in the
+// Eviction's deleteOptions (request.dryRun stays false): the review counts as a dry run.
+func decodeEviction(rv *review) error {
+	if err := decodeObject[policyv1.Eviction]("policy Eviction", false)(rv); err != nil {
+		return err
+	}
+	rv.DryRun = DryRunEviction(rv.DryRun, rv.obj.(*policyv1.Eviction))
+	return nil
 }

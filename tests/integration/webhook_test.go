@@ -202,16 +202,16 @@ func (w *webhookProcess) metrics() (string, error) {
 	return string(b), err
 }
 
-// reviews counts the admission reviews the webhook handled (kubewebhook's measured-webhook
-// histograms), optionally only those about one namespace ("" = all) and one webhook id ("" = all:
+// reviews counts the admission reviews the webhook handled (its review-duration histogram),
+// optionally only those about one namespace ("" = all) and one webhook id ("" = all:
 // eviction, job-suspend, pod, job). It restarts from 0 when the webhook restarts.
 func (w *webhookProcess) reviews(namespace, id string) (int, error) {
 	text, err := w.metrics()
 	if err != nil {
 		return 0, err
 	}
-	return sumSamples(text, `kubewebhook_(validating|mutating)_webhook_review_duration_seconds_count`, map[string]string{
-		"resource_namespace": namespace, "webhook_id": id,
+	return sumSamples(text, `stasis_webhook_review_duration_seconds_count`, map[string]string{
+		"namespace": namespace, "webhook": id,
 	}), nil
 }
 

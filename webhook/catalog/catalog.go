@@ -22,8 +22,10 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	corev1listers "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/util/retry"
 )
 
@@ -105,10 +107,50 @@ func ClaimOf(pvc *corev1.PersistentVolumeClaim, identity string) (*Claim, bool) 
 	return &c, true
 }
 
-// Store reads and writes records through the API server.
+// Store reads records from the informer cache of PVCs and writes them through the API server.
+//
+// Reads come from the cache so that admission costs no API request (a flood of pod creations
+// must not turn into a flood of GETs, nor wait for client-side rate-limit tokens). Writes carry
+// the resourceVersion read, so a stale cache can only cost a conflict, never a lost update: the
+// retry after a conflict reads live, once.
 type Store struct {
 	Client kubernetes.Interface
-	Now    func() time.Time
+	// PVCs is the informer cache of PVCs; nil reads every PVC live (tests of the live path).
+	PVCs corev1listers.PersistentVolumeClaimLister
+	Now  func() time.Time
+}
+
+// PVC returns the PVC ns/name from the cache, or from the API server when live (or when there is
+// no cache). A copy: callers may not change cached objects.
+func (s *Store) PVC(ctx context.Context, ns, name string, live bool) (*corev1.PersistentVolumeClaim, error) {
+	if live || s.PVCs == nil {
+		return s.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, name, metav1.GetOptions{})
+	}
+	p, err := s.PVCs.PersistentVolumeClaims(ns).Get(name)
+	if err != nil {
+		return nil, err
+	}
+	return p.DeepCopy(), nil
+}
+
+// managed lists Stasis' own PVCs in ns, from the cache unless live.
+func (s *Store) managed(ctx context.Context, ns string, live bool) ([]*corev1.PersistentVolumeClaim, error) {
+	if live || s.PVCs == nil {
+		l, err := s.Client.CoreV1().PersistentVolumeClaims(ns).List(ctx, metav1.ListOptions{LabelSelector: LabelManaged + "=true"})
+		if err != nil {
+			return nil, err
+		}
+		out := make([]*corev1.PersistentVolumeClaim, len(l.Items))
+		for i := range l.Items {
+			out[i] = &l.Items[i]
+		}
+		return out, nil
+	}
+	sel, err := labels.Parse(LabelManaged + "=true")
+	if err != nil {
+		return nil, err
+	}
+	return s.PVCs.PersistentVolumeClaims(ns).List(sel)
 }
 
 func (s *Store) now() time.Time {
@@ -120,7 +162,7 @@ func (s *Store) now() time.Time {
 
 // Lookup returns the record for identity on the PVC ns/pvc, nil when there is none.
 func (s *Store) Lookup(ctx context.Context, ns, pvc, identity string) (*Record, error) {
-	p, err := s.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, pvc, metav1.GetOptions{})
+	p, err := s.PVC(ctx, ns, pvc, false)
 	if apierrors.IsNotFound(err) {
 		return nil, nil
 	}
@@ -138,8 +180,10 @@ func (s *Store) Save(ctx context.Context, ns, pvc string, rec Record) error {
 	if err != nil {
 		return err
 	}
+	live := false // first from the cache; after a conflict the cache is behind: read live
 	err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		p, err := s.Client.CoreV1().PersistentVolumeClaims(ns).Get(ctx, pvc, metav1.GetOptions{})
+		p, err := s.PVC(ctx, ns, pvc, live)
+		live = true
 		if err != nil {
 			return err
 		}

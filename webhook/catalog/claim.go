@@ -76,7 +76,8 @@ type slot struct {
 func (s *Store) Claim(ctx context.Context, req ClaimRequest) (ClaimResult, error) {
 	token := NewToken()
 	for attempt := 0; attempt < 10; attempt++ {
-		slots, err := s.slots(ctx, req)
+		// The first look is at the cache; after a conflict it is behind: look live.
+		slots, err := s.slots(ctx, req, attempt > 0)
 		if err != nil {
 			return ClaimResult{}, err
 		}
@@ -128,12 +129,11 @@ func (r ClaimRequest) pvcOf(identity string) string {
 // slots lists the existing slots under req.Base, ordered by identity: on the shared PVC those
 // with a record (a slot without one is no better than a new slot); else Stasis' PVCs created for
 // a slot (label LabelManaged, annotation AnnotationIdentity).
-func (s *Store) slots(ctx context.Context, req ClaimRequest) ([]slot, error) {
-	pvcs := s.Client.CoreV1().PersistentVolumeClaims(req.Namespace)
+func (s *Store) slots(ctx context.Context, req ClaimRequest, live bool) ([]slot, error) {
 	prefix := req.Base + "/"
 	var out []slot
 	if req.SharedPVC != "" {
-		p, err := pvcs.Get(ctx, req.SharedPVC, metav1.GetOptions{})
+		p, err := s.PVC(ctx, req.Namespace, req.SharedPVC, live)
 		if err != nil {
 			return nil, fmt.Errorf("reading checkpoint PVC %s/%s: %w", req.Namespace, req.SharedPVC, err)
 		}
@@ -147,12 +147,11 @@ func (s *Store) slots(ctx context.Context, req ClaimRequest) ([]slot, error) {
 			}
 		}
 	} else {
-		l, err := pvcs.List(ctx, metav1.ListOptions{LabelSelector: LabelManaged + "=true"})
+		l, err := s.managed(ctx, req.Namespace, live)
 		if err != nil {
 			return nil, fmt.Errorf("listing checkpoint PVCs in %s: %w", req.Namespace, err)
 		}
-		for i := range l.Items {
-			p := &l.Items[i]
+		for _, p := range l {
 			id := p.Annotations[AnnotationIdentity]
 			if !strings.HasPrefix(id, prefix) || p.Name != PVCName(id) || p.DeletionTimestamp != nil {
 				continue
