@@ -190,5 +190,6 @@ func (h claimHolders) Holder(ns, token string) (live, seen bool) {
 			return true, true
 		}
 	}
-	return false, seen
+	// A pod the informer saw deleted is no pod in admission: its slot is free now.
+	return false, seen || h.w.gone.gone(token)
 }

@@ -154,6 +154,9 @@ func Run(ctx context.Context, args []string) error {
 	if _, err := c.pods.Informer().AddEventHandler(pvcs.Handler()); err != nil {
 		return err
 	}
+	if _, err := c.pods.Informer().AddEventHandler(wh.ClaimsHandler()); err != nil {
+		return err
+	}
 	go func() {
 		if cache.WaitForCacheSync(ctx.Done(), c.hasSynced...) {
 			log.Info().Msg("informer caches synced: ready")

@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"k8s.io/client-go/tools/cache"
 	"net/http"
 	"time"
 
@@ -188,7 +189,11 @@ type Webhook struct {
 	// The bulkheads: pod-creation reviews, eviction/suspend reviews, background work.
 	pod, evict, ctrl lane
 	metrics          *Metrics
+	gone             *goneClaims // claim tokens of pods seen deleted (claimgone.go)
 }
+
+// ClaimsHandler is the pod informer handler that frees a deleted pod's NonIndexed Job slot at once.
+func (w *Webhook) ClaimsHandler() cache.ResourceEventHandler { return w.gone.Handler() }
 
 // New validates cfg and builds the webhook.
 func New(cfg Config, d Deps) (*Webhook, error) {
@@ -212,7 +217,7 @@ func New(cfg Config, d Deps) (*Webhook, error) {
 	}
 	return &Webhook{cfg: cfg, d: d, metrics: NewMetrics(d.Registry),
 		pod: newLane("pod", d.PodClient, d, d.Now), evict: newLane("eviction", d.EvictionClient, d, d.Now),
-		ctrl: newLane("background", d.Client, d, d.Now)}, nil
+		ctrl: newLane("background", d.Client, d, d.Now), gone: &goneClaims{}}, nil
 }
 
 // forReview is the webhook as one review sees it: a dry run records no Event (it changes nothing,

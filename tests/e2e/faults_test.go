@@ -105,32 +105,35 @@ func TestFaultAgentKilledWhileFrozen(t *testing.T) {
 
 // Every ending (issue 15): a Job pod deleted with kubectl delete (no eviction, no webhook) is
 // checkpointed on SIGTERM; the Job's replacement, created without any record of that checkpoint,
-// continues from it, and the deleted pod does not count against backoffLimit (0 here).
+// continues from it, and the deleted pod does not count against backoffLimit (0 here). Indexed:
+// the identity is the index; NonIndexed: the replacement takes the deleted pod's slot.
 func TestJobPodDeletedContinues(t *testing.T) {
-	ctx := context.Background()
-	ns := newNamespace(t, "del")
-	// Indexed: its pod's identity is its index. (A NonIndexed Job's replacement gets the deleted
-	// pod's slot only once the slot's claim expires, a minute after the pod's creation.)
-	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, Indexed: true, Args: []string{"--interval=300ms", "--to=60"}})
-	require.NoError(t, err)
-	pod, err := env.WaitJobPod(ctx, ns, "counter", 2*time.Minute)
-	require.NoError(t, err)
-	follow := env.Follow(ctx, ns, pod.Name)
-	_, err = env.WaitCount(ctx, ns, pod.Name, 8, time.Minute)
-	require.NoError(t, err)
-	t0 := time.Now()
-	out, err := env.Run(ctx, "-n", ns, "delete", "pod", pod.Name)
-	require.NoError(t, err, out)
-	t.Logf("kubectl delete pod took %s (checkpoint on SIGTERM included)", time.Since(t0).Round(10*time.Millisecond))
-	before, err := follow.Wait(time.Minute)
-	require.NoError(t, err)
-	next, err := env.WaitJobPod(ctx, ns, "counter", 2*time.Minute, pod)
-	require.NoError(t, err)
-	after, err := env.WaitCount(ctx, ns, next.Name, 0, 2*time.Minute)
-	require.NoError(t, err)
-	continues(t, before, after)
-	job, err := env.WaitJobComplete(ctx, ns, "counter", 3*time.Minute)
-	require.NoError(t, err)
-	assert.True(t, harness.JobSucceeded(job), "Job must complete; status %+v", job.Status)
-	assert.Zero(t, job.Status.Failed, "the deleted pod must not count against backoffLimit")
+	for _, indexed := range []bool{true, false} {
+		t.Run(map[bool]string{true: "Indexed", false: "NonIndexed"}[indexed], func(t *testing.T) {
+			ctx := context.Background()
+			ns := newNamespace(t, "del")
+			_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, Indexed: indexed, Args: []string{"--interval=300ms", "--to=60"}})
+			require.NoError(t, err)
+			pod, err := env.WaitJobPod(ctx, ns, "counter", 2*time.Minute)
+			require.NoError(t, err)
+			follow := env.Follow(ctx, ns, pod.Name)
+			_, err = env.WaitCount(ctx, ns, pod.Name, 8, time.Minute)
+			require.NoError(t, err)
+			t0 := time.Now()
+			out, err := env.Run(ctx, "-n", ns, "delete", "pod", pod.Name)
+			require.NoError(t, err, out)
+			t.Logf("kubectl delete pod took %s (checkpoint on SIGTERM included)", time.Since(t0).Round(10*time.Millisecond))
+			before, err := follow.Wait(time.Minute)
+			require.NoError(t, err)
+			next, err := env.WaitJobPod(ctx, ns, "counter", 2*time.Minute, pod)
+			require.NoError(t, err)
+			after, err := env.WaitCount(ctx, ns, next.Name, 0, 2*time.Minute)
+			require.NoError(t, err)
+			continues(t, before, after)
+			job, err := env.WaitJobComplete(ctx, ns, "counter", 3*time.Minute)
+			require.NoError(t, err)
+			assert.True(t, harness.JobSucceeded(job), "Job must complete; status %+v", job.Status)
+			assert.Zero(t, job.Status.Failed, "the deleted pod must not count against backoffLimit")
+		})
+	}
 }
