@@ -234,18 +234,13 @@ func (c *CRI) Ping(ctx context.Context) error {
 // annotation stasis.dev/wired), each with its pause process (whose network namespace is the
 // pod's). A sandbox's PID is asked once.
 func (c *CRI) WiredSandboxes(ctx context.Context) ([]Sandbox, error) {
-	resp, err := c.runtime.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{Filter: &runtimeapi.PodSandboxFilter{
-		State: &runtimeapi.PodSandboxStateValue{State: runtimeapi.PodSandboxState_SANDBOX_READY},
-	}})
+	sbs, err := c.wiredSandboxes(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("CRI ListPodSandbox: %w", err)
+		return nil, err
 	}
 	var out []Sandbox
 	live := map[string]bool{}
-	for _, s := range resp.Items {
-		if s.Annotations[wiring.AnnotationWired] != "true" {
-			continue
-		}
+	for _, s := range sbs {
 		live[s.Id] = true
 		pid, ok := c.sandboxPIDs.Load(s.Id)
 		if !ok {
@@ -279,19 +274,32 @@ func (c *CRI) sandboxPID(ctx context.Context, id string) (int, error) {
 // WiredPods lists the node's ready wired pods with their sandbox annotations (periodic
 // checkpoints).
 func (c *CRI) WiredPods(ctx context.Context) ([]WiredPod, error) {
+	sbs, err := c.wiredSandboxes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []WiredPod
+	for _, s := range sbs {
+		md := s.GetMetadata()
+		out = append(out, WiredPod{Pod: agentapi.PodRef{Namespace: md.GetNamespace(), Name: md.GetName(), UID: md.GetUid()}, Annotations: s.Annotations})
+	}
+	return out, nil
+}
+
+// wiredSandboxes lists the ready sandboxes of the pods the webhook wired (annotation
+// stasis.dev/wired).
+func (c *CRI) wiredSandboxes(ctx context.Context) ([]*runtimeapi.PodSandbox, error) {
 	resp, err := c.runtime.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{Filter: &runtimeapi.PodSandboxFilter{
 		State: &runtimeapi.PodSandboxStateValue{State: runtimeapi.PodSandboxState_SANDBOX_READY},
 	}})
 	if err != nil {
 		return nil, fmt.Errorf("CRI ListPodSandbox: %w", err)
 	}
-	var out []WiredPod
+	var out []*runtimeapi.PodSandbox
 	for _, s := range resp.Items {
-		if s.Annotations[wiring.AnnotationWired] != "true" {
-			continue
+		if s.Annotations[wiring.AnnotationWired] == "true" {
+			out = append(out, s)
 		}
-		md := s.GetMetadata()
-		out = append(out, WiredPod{Pod: agentapi.PodRef{Namespace: md.GetNamespace(), Name: md.GetName(), UID: md.GetUid()}, Annotations: s.Annotations})
 	}
 	return out, nil
 }

@@ -20,7 +20,6 @@ import (
 	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/stasis-k8s/stasis/checkpoint"
-	"github.com/stasis-k8s/stasis/wiring"
 )
 
 // Images of the application matrix (hack/testimages -apps: a root filesystem from Debian packages).
@@ -287,7 +286,7 @@ func (e *Env) warnings(ctx context.Context, ns string) []string {
 // LatestManifest reads the newest complete checkpoint's manifest on the pod's checkpoint volume
 // (host-path volumes of the local cluster).
 func (e *Env) LatestManifest(ctx context.Context, pod *corev1.Pod) (*checkpoint.Manifest, error) {
-	dir, err := e.checkpointVolumeDir(ctx, pod)
+	dir, err := e.CheckpointDir(ctx, pod)
 	if err != nil {
 		return nil, err
 	}
@@ -313,30 +312,6 @@ func (e *Env) LatestManifest(ctx context.Context, pod *corev1.Pod) (*checkpoint.
 		err = fmt.Errorf("no complete checkpoint below %s", dir)
 	}
 	return best, err
-}
-
-func (e *Env) checkpointVolumeDir(ctx context.Context, pod *corev1.Pod) (string, error) {
-	if e.Local == nil {
-		return "", ErrNoLocal
-	}
-	for _, v := range pod.Spec.Volumes {
-		if v.PersistentVolumeClaim == nil || !(v.Name == wiring.CheckpointVolume || v.Name == pod.Labels["memverge.ai/checkpoint-storage-volume"]) {
-			continue
-		}
-		pvc, err := e.Client.CoreV1().PersistentVolumeClaims(pod.Namespace).Get(ctx, v.PersistentVolumeClaim.ClaimName, metav1.GetOptions{})
-		if err != nil {
-			return "", err
-		}
-		pv, err := e.Client.CoreV1().PersistentVolumes().Get(ctx, pvc.Spec.VolumeName, metav1.GetOptions{})
-		if err != nil {
-			return "", err
-		}
-		if pv.Spec.HostPath == nil {
-			return "", fmt.Errorf("volume %s is not a hostPath volume", pv.Name)
-		}
-		return pv.Spec.HostPath.Path, nil
-	}
-	return "", fmt.Errorf("pod %s has no checkpoint volume", pod.Name)
 }
 
 // Exec runs a command in the pod's first container with kubectl exec and returns its stdout.

@@ -14,6 +14,8 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
+
+	"github.com/stasis-k8s/stasis/wiring"
 )
 
 // retryAfter429 is how kubectl drain treats a 429 from the eviction webhook: wait 5 s, retry.
@@ -89,11 +91,13 @@ func (e *Env) WaitNoActivePods(ctx context.Context, ns, job string, timeout time
 	return nil
 }
 
-// CheckpointDir is the host path of a pod's checkpoint volume (local cluster).
+// CheckpointDir is the host path of a pod's checkpoint volume (local cluster): Stasis' own, or
+// the one its checkpoint-storage-volume label names, else its first host-path PVC.
 func (e *Env) CheckpointDir(ctx context.Context, pod *corev1.Pod) (string, error) {
 	if e.Local == nil {
 		return "", ErrNoLocal
 	}
+	var fallback string
 	for _, v := range pod.Spec.Volumes {
 		if v.PersistentVolumeClaim == nil {
 			continue
@@ -106,11 +110,20 @@ func (e *Env) CheckpointDir(ctx context.Context, pod *corev1.Pod) (string, error
 		if err != nil {
 			return "", err
 		}
-		if pv.Spec.HostPath != nil {
+		if pv.Spec.HostPath == nil {
+			continue
+		}
+		if v.Name == wiring.CheckpointVolume || v.Name == pod.Labels["memverge.ai/checkpoint-storage-volume"] {
 			return pv.Spec.HostPath.Path, nil
 		}
+		if fallback == "" {
+			fallback = pv.Spec.HostPath.Path
+		}
 	}
-	return "", fmt.Errorf("pod %s/%s has no host-path checkpoint volume", pod.Namespace, pod.Name)
+	if fallback == "" {
+		return "", fmt.Errorf("pod %s/%s has no host-path checkpoint volume", pod.Namespace, pod.Name)
+	}
+	return fallback, nil
 }
 
 // CorruptCheckpoint overwrites the middle of the largest CRIU image below dir (the memory pages)
