@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -182,5 +183,32 @@ func TestVolumeFileChangedAfterDump(t *testing.T) {
 	next, err := strconv.Atoi(after[len(dumped)+1])
 	require.NoError(t, err)
 	assert.Equal(t, len(dumped)+1, next, "the restored counter continues after the sidecar's line")
+	assert.Equal(t, 128+15, c2.stop())
+}
+
+// A file the app deleted while it keeps it open is not carried (there is no path to put it back
+// at): CRIU keeps its contents in the images (a ghost file) and the restored app writes on to it.
+func TestDeletedOpenFileTravelsAsGhost(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	r.serveLocal()
+	c, out := r.startCounter()
+	waitCount(t, c, out, 10)
+	require.NoError(t, os.Remove(out))
+	st := r.checkpoint("uid-1", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	id := st.Containers[0].CheckpointID
+	m, err := checkpoint.ReadManifest(filepath.Join(r.dir("app"), id))
+	require.NoError(t, err)
+	assert.Empty(t, m.Carried, "nothing to carry: the file has no path")
+	last := strings.Fields(c.out.String())
+	n, err := strconv.Atoi(last[len(last)-1])
+	require.NoError(t, err, "the counter's last line: %q", last[len(last)-1])
+	assert.Equal(t, 143, c.stop())
+
+	c2 := r.restoreContainer("app", id, counterBin, out)
+	c2.waitOutput("restored; supervising the restored tree")
+	c2.waitOutput(fmt.Sprintf("\n%d\n", n+3)) // it counts on from where it was
+	_, err = os.Stat(out)
+	assert.True(t, os.IsNotExist(err), "the deleted file stays deleted")
 	assert.Equal(t, 128+15, c2.stop())
 }
