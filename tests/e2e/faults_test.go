@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -136,4 +137,65 @@ func TestJobPodDeletedContinues(t *testing.T) {
 			assert.Zero(t, job.Status.Failed, "the deleted pod must not count against backoffLimit")
 		})
 	}
+}
+
+// A one-replica Deployment scaled to 0 and back to 1 (issue 15): the pod deleted by the scale-down
+// is checkpointed on SIGTERM, and the new pod continues.
+func TestDeploymentScaledDownAndUpContinues(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t, "scale")
+	_, err := env.CreateCounterDeployment(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, Args: []string{"--interval=300ms"}})
+	require.NoError(t, err)
+	pod, err := env.WaitPodWithLabel(ctx, ns, "app=counter", 2*time.Minute)
+	require.NoError(t, err)
+	follow := env.Follow(ctx, ns, pod.Name)
+	_, err = env.WaitCount(ctx, ns, pod.Name, 8, time.Minute)
+	require.NoError(t, err)
+	scale := func(n int) {
+		out, err := env.Run(ctx, "-n", ns, "scale", "deployment/counter", fmt.Sprintf("--replicas=%d", n))
+		require.NoError(t, err, out)
+	}
+	scale(0)
+	before, err := follow.Wait(time.Minute)
+	require.NoError(t, err)
+	require.NoError(t, env.WaitPodGone(ctx, ns, pod.Name, time.Minute))
+	scale(1)
+	next, err := env.WaitPodWithLabel(ctx, ns, "app=counter", 2*time.Minute, pod)
+	require.NoError(t, err)
+	after, err := env.WaitCount(ctx, ns, next.Name, 0, time.Minute)
+	require.NoError(t, err)
+	continues(t, before, after)
+}
+
+// A termination whose dump cannot finish within the pod's grace period (1 s, 3 GiB of memory):
+// the kubelet kills the container mid-dump, the partial checkpoint is never completed, and the
+// next pod continues from the previous complete one (issue 15).
+func TestDumpCutByGracePeriodKeepsThePreviousCheckpoint(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t, "grace")
+	// The kubelet's SIGKILL (137) counts against backoffLimit: allow it once.
+	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, Indexed: true, GraceSeconds: 1, BackoffLimit: 1,
+		Args: []string{"--interval=300ms", "--touch-mib=3072"}})
+	require.NoError(t, err)
+	pod, err := env.WaitJobPod(ctx, ns, "counter", 3*time.Minute)
+	require.NoError(t, err)
+	_, err = env.WaitCount(ctx, ns, pod.Name, 5, 2*time.Minute)
+	require.NoError(t, err)
+	// The previous checkpoint: an eviction (held by the webhook, no grace period involved).
+	_, err = env.Evict(ctx, ns, pod.Name)
+	require.NoError(t, err)
+	first, err := env.WaitJobPod(ctx, ns, "counter", 3*time.Minute, pod)
+	require.NoError(t, err)
+	restored, err := env.WaitCount(ctx, ns, first.Name, 5, 2*time.Minute)
+	require.NoError(t, err)
+	require.Zero(t, restored.FreshStarts, "restored from the eviction's checkpoint")
+
+	out, err := env.Run(ctx, "-n", ns, "delete", "pod", first.Name, "--wait=false")
+	require.NoError(t, err, out)
+	second, err := env.WaitJobPod(ctx, ns, "counter", 3*time.Minute, pod, first)
+	require.NoError(t, err)
+	again, err := env.WaitCount(ctx, ns, second.Name, 1, 2*time.Minute)
+	require.NoError(t, err)
+	assert.Zero(t, again.FreshStarts, "restored, not started afresh")
+	assert.Equal(t, restored.First(), again.First(), "from the eviction's checkpoint again: the cut dump was never completed")
 }

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -103,6 +104,10 @@ type CounterSpec struct {
 	MemoryRequest string
 	// Indexed makes the Job an Indexed one (one completion): its pod's identity is its index.
 	Indexed bool
+	// GraceSeconds is the pod's terminationGracePeriodSeconds (0: 10).
+	GraceSeconds int64
+	// BackoffLimit of the Job (0 by default: any failure counted fails the Job).
+	BackoffLimit int32
 	// SecurityContext is the counter container's (nil: the runtime's defaults).
 	SecurityContext *corev1.SecurityContext
 	// Image replaces the counter's image (default Env.CounterImage).
@@ -143,6 +148,9 @@ func (e *Env) podTemplate(s CounterSpec) corev1.PodTemplateSpec {
 		}
 	}
 	grace := int64(10)
+	if s.GraceSeconds > 0 {
+		grace = s.GraceSeconds
+	}
 	spec := corev1.PodSpec{
 		Containers:                    append([]corev1.Container{c}, s.Sidecars...),
 		RestartPolicy:                 corev1.RestartPolicyNever,
@@ -157,11 +165,11 @@ func (e *Env) podTemplate(s CounterSpec) corev1.PodTemplateSpec {
 // CreateCounterJob creates a Job of one counter pod with backoffLimit 0: any failure counted
 // against it fails the Job.
 func (e *Env) CreateCounterJob(ctx context.Context, ns string, s CounterSpec) (*batchv1.Job, error) {
-	zero := int32(0)
+	backoff := s.BackoffLimit
 	job := &batchv1.Job{
 		ObjectMeta: metav1.ObjectMeta{Name: s.Name},
 		Spec: batchv1.JobSpec{
-			BackoffLimit: &zero,
+			BackoffLimit: &backoff,
 			Template:     e.podTemplate(s),
 		},
 	}
@@ -180,12 +188,30 @@ func (e *Env) CreateCounterPod(ctx context.Context, ns string, s CounterSpec, vo
 	return e.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{})
 }
 
+// CreateCounterDeployment creates a one-replica Deployment of the counter (restartPolicy Always).
+func (e *Env) CreateCounterDeployment(ctx context.Context, ns string, s CounterSpec) (*appsv1.Deployment, error) {
+	t := e.podTemplate(s)
+	t.Spec.RestartPolicy = corev1.RestartPolicyAlways
+	one := int32(1)
+	d := &appsv1.Deployment{
+		ObjectMeta: metav1.ObjectMeta{Name: s.Name},
+		Spec: appsv1.DeploymentSpec{Replicas: &one, Template: t,
+			Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": s.Name}}},
+	}
+	return e.Client.AppsV1().Deployments(ns).Create(ctx, d, metav1.CreateOptions{})
+}
+
 // WaitJobPod waits for a Ready pod of the Job other than the pods in exclude (by UID).
 func (e *Env) WaitJobPod(ctx context.Context, ns, job string, timeout time.Duration, exclude ...*corev1.Pod) (*corev1.Pod, error) {
+	return e.WaitPodWithLabel(ctx, ns, "batch.kubernetes.io/job-name="+job, timeout, exclude...)
+}
+
+// WaitPodWithLabel waits for a Ready pod matching selector other than the pods in exclude.
+func (e *Env) WaitPodWithLabel(ctx context.Context, ns, selector string, timeout time.Duration, exclude ...*corev1.Pod) (*corev1.Pod, error) {
 	var found *corev1.Pod
 	var last string
 	err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, timeout, true, func(ctx context.Context) (bool, error) {
-		pods, err := e.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "batch.kubernetes.io/job-name=" + job})
+		pods, err := e.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
 		if err != nil {
 			last = err.Error()
 			return false, nil
@@ -208,7 +234,7 @@ func (e *Env) WaitJobPod(ctx context.Context, ns, job string, timeout time.Durat
 		return false, nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("no new Ready pod of Job %s/%s after %s: %s%s", ns, job, timeout, last, e.events(ctx, ns))
+		return nil, fmt.Errorf("no new Ready pod %s in %s after %s: %s%s", selector, ns, timeout, last, e.events(ctx, ns))
 	}
 	return found, nil
 }
