@@ -39,7 +39,7 @@ func (l PodLocator) URL(node string) (string, error) {
 			return "https://" + net.JoinHostPort(p.Status.PodIP, strconv.Itoa(l.Port)), nil
 		}
 	}
-	return "", fmt.Errorf("no ready Stasis agent on node %s (selector %s)", node, l.Selector)
+	return "", fmt.Errorf("%w: no ready Stasis agent on node %s (selector %s)", errAgentUnavailable, node, l.Selector)
 }
 
 func podReady(p *corev1.Pod) bool {

@@ -80,15 +80,35 @@ func (w *Webhook) checkpointAll(ctx context.Context, webhookID, reason string, s
 	wg.Wait()
 
 	var failed, running []podOutcome
+	var unavailable []string
 	var written int64
 	for _, o := range outs {
 		written += o.status.BytesWritten
+		uid := string(o.t.pod.UID)
+		if o.err != nil && transient(o.err) {
+			if d := w.unavail.seen(uid, w.d.Now()); d < w.cfg.AgentRetryFor {
+				unavailable = append(unavailable, unavailableMessage(o, d, w.cfg.AgentRetryFor))
+				continue
+			}
+		} else {
+			w.unavail.clear(uid)
+		}
 		switch {
 		case o.failed():
 			failed = append(failed, o)
 		case !o.succeeded():
 			running = append(running, o)
 		}
+	}
+	if len(failed) == 0 && len(unavailable) > 0 {
+		// Passing trouble: 429 like a dump in progress, retried by the evicting client.
+		w.metrics.tooMany.WithLabelValues(webhookID).Inc()
+		for _, o := range outs {
+			if o.err != nil && transient(o.err) {
+				w.d.Events.Eventf(o.t.pod, corev1.EventTypeWarning, ReasonCheckpointRunning, "%s held: %v; retrying", reason, o.err)
+			}
+		}
+		return deny(http.StatusTooManyRequests, metav1.StatusReasonTooManyRequests, "%s", strings.Join(unavailable, "; "))
 	}
 	took := w.d.Now().Sub(t0).Seconds()
 	switch {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -84,9 +85,10 @@ func TestEvictionHandler(t *testing.T) {
 		script   *fakeagent.Script
 		policy   string
 		noAgent  bool
-		want     string // exact response
-		wantPost bool   // the agent was asked
-		record   bool   // a record was written on ckpt-pvc
+		retryFor time.Duration // AgentRetryFor (0 here: -1, the policy at once)
+		want     string        // exact response
+		wantPost bool          // the agent was asked
+		record   bool          // a record was written on ckpt-pvc
 		event    string
 	}{
 		{
@@ -189,10 +191,17 @@ func TestEvictionHandler(t *testing.T) {
 			wantPost: true,
 		},
 		{
-			name: "no agent on the node, fail-closed", fixture: "eviction-v1.json", noAgent: true,
+			name: "no agent on the node (restarting): 429, retried", fixture: "eviction-v1.json", noAgent: true, retryFor: time.Minute,
+			pod: runningPod(),
+			want: v1Response(evUID, `"allowed":false,"status":{"metadata":{},"status":"Failure","reason":"TooManyRequests","code":429,`+
+				`"message":"agent for pod default/app unavailable for 0s (the failure policy applies after 1m0s): agent unavailable: no ready Stasis agent on node node-1 (selector app=stasis-agent); retry"}`),
+			event: "eviction held: agent unavailable",
+		},
+		{
+			name: "no agent on the node for longer than --agent-retry-for, fail-closed", fixture: "eviction-v1.json", noAgent: true,
 			pod: runningPod(),
 			want: v1Response(evUID, `"allowed":false,"status":{"metadata":{},"status":"Failure","reason":"Forbidden","code":403,`+
-				`"message":"checkpoint of pod default/app failed: no ready Stasis agent on node node-1 (selector app=stasis-agent) (failure policy fail-closed)"}`),
+				`"message":"checkpoint of pod default/app failed: agent unavailable: no ready Stasis agent on node node-1 (selector app=stasis-agent) (failure policy fail-closed)"}`),
 		},
 		{
 			name: "PDB allows no disruption: no dump, left to the API server", fixture: "eviction-v1.json",
@@ -224,7 +233,10 @@ func TestEvictionHandler(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg := Config{FailurePolicy: tt.policy, WaitBudget: 10e9}
+			cfg := Config{FailurePolicy: tt.policy, WaitBudget: 10e9, AgentRetryFor: -1}
+			if tt.retryFor > 0 {
+				cfg.AgentRetryFor = tt.retryFor
+			}
 			if tt.script != nil && tt.script.Polls < 0 {
 				cfg.WaitBudget = 50e6 // a dump that never ends: answer at the budget
 			}

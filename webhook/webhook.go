@@ -61,6 +61,9 @@ type Config struct {
 	KeepCheckpoints int
 	// ClaimGrace keeps a NonIndexed Job slot claimed while its pod is not yet visible.
 	ClaimGrace time.Duration
+	// AgentRetryFor is how long an unavailable agent (restarting, not ready, unreachable) is
+	// answered 429 for a pod before the failure policy applies (default 2m; negative: at once).
+	AgentRetryFor time.Duration
 	// MaxBodyBytes bounds an admission request.
 	MaxBodyBytes int64
 
@@ -107,6 +110,9 @@ func (c *Config) defaults() error {
 	}
 	if c.ClaimGrace == 0 {
 		c.ClaimGrace = time.Minute
+	}
+	if c.AgentRetryFor == 0 {
+		c.AgentRetryFor = 2 * time.Minute
 	}
 	if c.MaxBodyBytes == 0 {
 		// The API server's own limit for an object is 3 MiB; a review carries two of them.
@@ -189,7 +195,8 @@ type Webhook struct {
 	// The bulkheads: pod-creation reviews, eviction/suspend reviews, background work.
 	pod, evict, ctrl lane
 	metrics          *Metrics
-	gone             *goneClaims // claim tokens of pods seen deleted (claimgone.go)
+	gone             *goneClaims     // claim tokens of pods seen deleted (claimgone.go)
+	unavail          *unavailability // since when each pod's agent has been unavailable (transient.go)
 }
 
 // ClaimsHandler is the pod informer handler that frees a deleted pod's NonIndexed Job slot at once.
@@ -217,7 +224,7 @@ func New(cfg Config, d Deps) (*Webhook, error) {
 	}
 	return &Webhook{cfg: cfg, d: d, metrics: NewMetrics(d.Registry),
 		pod: newLane("pod", d.PodClient, d, d.Now), evict: newLane("eviction", d.EvictionClient, d, d.Now),
-		ctrl: newLane("background", d.Client, d, d.Now), gone: &goneClaims{}}, nil
+		ctrl: newLane("background", d.Client, d, d.Now), gone: &goneClaims{}, unavail: &unavailability{}}, nil
 }
 
 // forReview is the webhook as one review sees it: a dry run records no Event (it changes nothing,
