@@ -199,3 +199,42 @@ func TestDumpCutByGracePeriodKeepsThePreviousCheckpoint(t *testing.T) {
 	assert.Zero(t, again.FreshStarts, "restored, not started afresh")
 	assert.Equal(t, restored.First(), again.First(), "from the eviction's checkpoint again: the cut dump was never completed")
 }
+
+// The agent is killed in the middle of a dump during an eviction (issue 14): the evicting client
+// gets 429s while the node has no ready agent, and its retries are allowed once the new agent has
+// taken a complete checkpoint; the replacement continues from it.
+func TestFaultAgentKilledMidDump(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t, "middump")
+	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, Indexed: true,
+		Args: []string{"--interval=300ms", "--touch-mib=2048"}})
+	require.NoError(t, err)
+	pod, err := env.WaitJobPod(ctx, ns, "counter", 3*time.Minute)
+	require.NoError(t, err)
+	_, err = env.WaitCount(ctx, ns, pod.Name, 5, 2*time.Minute)
+	require.NoError(t, err)
+	follow := env.Follow(ctx, ns, pod.Name)
+
+	evicted := make(chan error, 1)
+	t0 := time.Now()
+	go func() { _, err := env.Evict(ctx, ns, pod.Name); evicted <- err }()
+	// Kill the node's agent once its dump is under way.
+	time.Sleep(700 * time.Millisecond)
+	agents, err := env.Client.CoreV1().Pods(harness.StasisNamespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=stasis-agent"})
+	require.NoError(t, err)
+	zero := int64(0)
+	for _, a := range agents.Items {
+		if a.Spec.NodeName == pod.Spec.NodeName {
+			require.NoError(t, env.Client.CoreV1().Pods(harness.StasisNamespace).Delete(ctx, a.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}))
+		}
+	}
+	require.NoError(t, <-evicted, "the eviction goes through once the new agent has a complete checkpoint")
+	t.Logf("eviction allowed %s after it began, the agent killed 0.7 s into the dump", time.Since(t0).Round(100*time.Millisecond))
+	before, err := follow.Wait(time.Minute)
+	require.NoError(t, err)
+	next, err := env.WaitJobPod(ctx, ns, "counter", 3*time.Minute, pod)
+	require.NoError(t, err)
+	after, err := env.WaitCount(ctx, ns, next.Name, 0, 2*time.Minute)
+	require.NoError(t, err)
+	continues(t, before, after)
+}
