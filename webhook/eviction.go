@@ -10,7 +10,6 @@ import (
 	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	klabels "k8s.io/apimachinery/pkg/labels"
 
 	"github.com/stasis-k8s/stasis/labels"
 	"github.com/stasis-k8s/stasis/webhook/wire"
@@ -70,12 +69,11 @@ func (w *Webhook) evictionVerdict(ctx context.Context, ar *model.AdmissionReview
 	if DryRunEviction(ar.DryRun, ev) {
 		return allow("dry run: no checkpoint taken")
 	}
-	if pdb := w.blockingPDB(pod); pdb != "" {
+	if why := w.refusedByBudget(ctx, pod); why != "" {
 		// The API server refuses this eviction itself (429): freezing the pod for a dump that
 		// cannot lead to an eviction would only stall it.
-		w.d.Events.Eventf(pod, corev1.EventTypeNormal, ReasonCheckpointSkipped,
-			"eviction not checkpointed: PodDisruptionBudget %s allows no disruption now", pdb)
-		return allow(fmt.Sprintf("PodDisruptionBudget %s allows no disruption; left to the API server", pdb))
+		w.d.Events.Eventf(pod, corev1.EventTypeNormal, ReasonCheckpointSkipped, "eviction not checkpointed: %s", why)
+		return allow(why + "; left to the API server")
 	}
 	return w.checkpointAll(ctx, "eviction", "eviction", nil, ns+"/"+name, []target{{pod: pod, cfg: cfg, identity: identity}})
 }
@@ -89,27 +87,6 @@ func (w *Webhook) failed(pod *corev1.Pod, what, msg string) verdict {
 	}
 	w.d.Events.Eventf(pod, corev1.EventTypeWarning, ReasonCheckpointFailed, "%s; %s refused (%s)", msg, what, FailClosed)
 	return deny(403, metav1.StatusReasonForbidden, "%s (failure policy %s)", msg, FailClosed)
-}
-
-// blockingPDB names a PodDisruptionBudget selecting the pod that allows no disruption.
-func (w *Webhook) blockingPDB(pod *corev1.Pod) string {
-	pdbs, err := w.d.PDBs.PodDisruptionBudgets(pod.Namespace).List(klabels.Everything())
-	if err != nil {
-		return ""
-	}
-	for _, pdb := range pdbs {
-		if pdb.Spec.Selector == nil {
-			continue
-		}
-		sel, err := metav1.LabelSelectorAsSelector(pdb.Spec.Selector)
-		if err != nil || !sel.Matches(klabels.Set(pod.Labels)) {
-			continue
-		}
-		if pdb.Status.DisruptionsAllowed <= 0 {
-			return pdb.Name
-		}
-	}
-	return ""
 }
 
 func podState(pod *corev1.Pod) string {

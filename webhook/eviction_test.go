@@ -35,7 +35,8 @@ func runningPod(mod ...func(*corev1.Pod)) *corev1.Pod {
 			Containers: []corev1.Container{{Name: "main", Image: "app:1"}, {Name: "istio-proxy", Image: "proxy"}},
 			Volumes:    []corev1.Volume{{Name: "ckpt", VolumeSource: corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "ckpt-pvc"}}}},
 		},
-		Status: corev1.PodStatus{Phase: corev1.PodRunning},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning,
+			Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},
 	}
 	wireSpec(p, "pod/default/app")
 	for _, m := range mod {
@@ -246,7 +247,11 @@ func TestEvictionHandler(t *testing.T) {
 					d.Locate = PodLocator{Pods: d.Pods.Pods("stasis-system"), Selector: mustSelector("app=stasis-agent"), Port: 9443}
 				})
 			}
-			e := newEnv(t, cfg, []runtime.Object{userPVC("ckpt-pvc")}, opts...)
+			objs := []runtime.Object{userPVC("ckpt-pvc")}
+			for _, p := range tt.pdbs {
+				objs = append(objs, p) // read fresh by the webhook when its cache shows a budget
+			}
+			e := newEnv(t, cfg, objs, opts...)
 			if tt.pod != nil {
 				e.addPods(tt.pod)
 			}
