@@ -260,7 +260,7 @@ func (d *dump) commit(dumped time.Time) (*checkpoint.Manifest, error) {
 		Pod: d.req.Pod, Identity: d.t.PodAnnotations[wiring.AnnotationIdentity], Container: d.c.Name,
 		Node: d.a.cfg.NodeName, Image: d.t.Image, ImageRef: d.t.ImageRef,
 		Reason: d.req.Reason, CriuVersion: d.a.cfg.CriuVersion, Started: d.start.UTC(), Dumped: dumped.UTC(),
-		IPCNamespace: d.ipcNS,
+		IPCNamespace: d.ipcNS, Owner: d.req.Owner,
 	}
 	err := processInfo(d.app, d.t.PID, m)
 	if err != nil {

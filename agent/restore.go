@@ -89,7 +89,11 @@ func (a *Agent) restore(ctx context.Context, log zerolog.Logger, t Target, req a
 	if err != nil {
 		return 0, "", "", err
 	}
-	if err := bound(plan.m, req, identity, t.ImageRef); err != nil {
+	owner := ""
+	if spec, err := checkpointSpec(t.PodAnnotations); err == nil {
+		owner = spec.Owner
+	}
+	if err := bound(plan.m, req, identity, t.ImageRef, owner); err != nil {
 		return 0, "", "", err
 	}
 	timeout := a.cfg.RestoreTimeout
@@ -107,9 +111,9 @@ func (a *Agent) restore(ctx context.Context, log zerolog.Logger, t Target, req a
 }
 
 // bound checks that an authentic checkpoint belongs where it is restored: the same namespace,
-// identity and container, and the same image (by the digest the runtime resolved, when both are
-// known). A pod cannot move another identity's checkpoint under its own name and have it restored.
-func bound(m *checkpoint.Manifest, req agentapi.RestoreRequest, identity, imageRef string) error {
+// identity and container, the same image (by the digest the runtime resolved, when both are
+// known) and the same controller incarnation (when both are known). A pod cannot move another identity's checkpoint under its own name and have it restored.
+func bound(m *checkpoint.Manifest, req agentapi.RestoreRequest, identity, imageRef, owner string) error {
 	switch {
 	case m.Pod.Namespace != req.Pod.Namespace:
 		return fmt.Errorf("checkpoint %s was taken in namespace %q, not %q", m.ID, m.Pod.Namespace, req.Pod.Namespace)
@@ -119,6 +123,8 @@ func bound(m *checkpoint.Manifest, req agentapi.RestoreRequest, identity, imageR
 		return fmt.Errorf("checkpoint %s is of container %q, not %q", m.ID, m.Container, req.Container)
 	case m.ImageRef != "" && imageRef != "" && m.ImageRef != imageRef:
 		return fmt.Errorf("checkpoint %s was taken of image %s; this container runs %s", m.ID, m.ImageRef, imageRef)
+	case m.Owner != "" && owner != "" && m.Owner != owner:
+		return fmt.Errorf("checkpoint %s was taken under controller %s; this pod belongs to %s (a Job re-created under the same name, a new rollout): starting afresh", m.ID, m.Owner, owner)
 	}
 	return nil
 }

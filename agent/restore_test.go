@@ -119,16 +119,19 @@ func TestPreparePod(t *testing.T) {
 // An authentic checkpoint restores only where it belongs: same namespace, identity, container and
 // image.
 func TestRestoreBinding(t *testing.T) {
-	m := &checkpoint.Manifest{ID: "c1", Pod: agentapi.PodRef{Namespace: "team-a"}, Identity: "job/team-a/train/0", Container: "app", ImageRef: "sha256:aaa"}
+	m := &checkpoint.Manifest{ID: "c1", Pod: agentapi.PodRef{Namespace: "team-a"}, Identity: "job/team-a/train/0", Container: "app", ImageRef: "sha256:aaa", Owner: "job-uid-1"}
 	req := agentapi.RestoreRequest{Pod: agentapi.PodRef{Namespace: "team-a"}, Container: "app"}
-	assert.NoError(t, bound(m, req, "job/team-a/train/0", "sha256:aaa"))
-	assert.NoError(t, bound(m, req, "job/team-a/train/0", ""), "image unknown to the runtime: not compared")
+	assert.NoError(t, bound(m, req, "job/team-a/train/0", "sha256:aaa", "job-uid-1"))
+	assert.NoError(t, bound(m, req, "job/team-a/train/0", "", "job-uid-1"), "image unknown to the runtime: not compared")
 	other := req
 	other.Pod.Namespace = "team-b"
-	assert.ErrorContains(t, bound(m, other, "job/team-a/train/0", "sha256:aaa"), `taken in namespace "team-a"`)
-	assert.ErrorContains(t, bound(m, req, "job/team-a/train/1", "sha256:aaa"), `belongs to identity "job/team-a/train/0"`)
+	assert.ErrorContains(t, bound(m, other, "job/team-a/train/0", "sha256:aaa", "job-uid-1"), `taken in namespace "team-a"`)
+	assert.ErrorContains(t, bound(m, req, "job/team-a/train/1", "sha256:aaa", "job-uid-1"), `belongs to identity "job/team-a/train/0"`)
 	side := req
 	side.Container = "side"
-	assert.ErrorContains(t, bound(m, side, "job/team-a/train/0", "sha256:aaa"), `of container "app"`)
-	assert.ErrorContains(t, bound(m, req, "job/team-a/train/0", "sha256:bbb"), "taken of image sha256:aaa")
+	assert.ErrorContains(t, bound(m, side, "job/team-a/train/0", "sha256:aaa", "job-uid-1"), `of container "app"`)
+	assert.ErrorContains(t, bound(m, req, "job/team-a/train/0", "sha256:bbb", "job-uid-1"), "taken of image sha256:aaa")
+	assert.ErrorContains(t, bound(m, req, "job/team-a/train/0", "sha256:aaa", "job-uid-2"), "taken under controller job-uid-1",
+		"a Job re-created under the same name is another incarnation")
+	assert.NoError(t, bound(m, req, "job/team-a/train/0", "sha256:aaa", ""), "a pod wired by an older Stasis: not compared")
 }

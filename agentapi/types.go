@@ -65,6 +65,10 @@ type CheckpointRequest struct {
 	Interval string `json:"interval,omitempty"`
 	// LeaveRunning dumps without stopping the app afterwards (the agent's periodic checkpoints).
 	LeaveRunning bool `json:"leaveRunning,omitempty"`
+	// Owner is the UID of the pod's controller (a Job, a StatefulSet, a Deployment's ReplicaSet):
+	// a checkpoint restores only into pods of the same one, never into a Job re-created under the
+	// same name or a new rollout. Empty for plain pods.
+	Owner string `json:"owner,omitempty"`
 }
 
 // ContainerSpec is one container to checkpoint.

@@ -61,6 +61,9 @@ type Manifest struct {
 	Image     string `json:"image,omitempty"`
 	// ImageRef is the image the runtime ran (digest), when known.
 	ImageRef string `json:"imageRef,omitempty"`
+	// Owner is the UID of the pod's controller (its incarnation: a Job re-created under the same
+	// name has another); empty for plain pods.
+	Owner string `json:"owner,omitempty"`
 	Reason   string `json:"reason,omitempty"`
 
 	// Process is the app as it was dumped (the first process under the launcher's nested init).

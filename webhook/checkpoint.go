@@ -174,7 +174,7 @@ func (w *Webhook) checkpointPod(ctx, bctx context.Context, reason string, t targ
 		out.err = err
 		return out
 	}
-	req := wire.CheckpointRequest(wire.WrappedOnly(t.cfg, t.pod), t.identity, w.cfg.KeepCheckpoints)
+	req := wire.CheckpointRequest(wire.WrappedOnly(t.cfg, t.pod), t.identity, w.cfg.KeepCheckpoints, t.pod)
 	req.Pod = agentapi.PodRef{Namespace: t.pod.Namespace, Name: t.pod.Name, UID: string(t.pod.UID)}
 	req.Reason = reason
 	st, err := w.d.Agents.Checkpoint(bctx, base, req)

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/labels"
@@ -58,7 +59,7 @@ func Pod(pod *corev1.Pod, in Input) {
 	pod.Annotations[wiring.AnnotationWired] = "true"
 	// What the agent dumps when the pod ends without an admission review (SIGTERM): the same
 	// request an eviction sends.
-	spec, _ := json.Marshal(CheckpointRequest(in.Config, in.Identity, in.Keep))
+	spec, _ := json.Marshal(CheckpointRequest(in.Config, in.Identity, in.Keep, pod))
 	pod.Annotations[wiring.AnnotationCheckpoint] = string(spec)
 	safeToEvict(pod)
 	for k, v := range in.Annotations {
@@ -168,9 +169,13 @@ func WrappedOnly(cfg *labels.Config, pod *corev1.Pod) *labels.Config {
 }
 
 // CheckpointRequest is what an agent dumps of a pod: its checkpointed containers with their
-// directories, files and options (the pod reference and the reason are the caller's).
-func CheckpointRequest(cfg *labels.Config, identity string, keep int) agentapi.CheckpointRequest {
+// directories, files and options, and the pod's controller (the pod reference and the reason are
+// the caller's).
+func CheckpointRequest(cfg *labels.Config, identity string, keep int, pod *corev1.Pod) agentapi.CheckpointRequest {
 	req := agentapi.CheckpointRequest{Diagnosis: cfg.Diagnosis, Keep: keep}
+	if ref := metav1.GetControllerOf(pod); ref != nil {
+		req.Owner = string(ref.UID)
+	}
 	if cfg.Interval > 0 {
 		req.Interval = cfg.Interval.String()
 	}
