@@ -63,8 +63,8 @@ type Manifest struct {
 	ImageRef string `json:"imageRef,omitempty"`
 	// Owner is the UID of the pod's controller (its incarnation: a Job re-created under the same
 	// name has another); empty for plain pods.
-	Owner string `json:"owner,omitempty"`
-	Reason   string `json:"reason,omitempty"`
+	Owner  string `json:"owner,omitempty"`
+	Reason string `json:"reason,omitempty"`
 
 	// Process is the app as it was dumped (the first process under the launcher's nested init).
 	Process Process `json:"process"`
