@@ -128,18 +128,6 @@ func TestPodMutateRefusesStasisFields(t *testing.T) {
 			},
 			want: []string{`spec.volumes[1].name: differs from what Stasis sets there for this pod`},
 		},
-		{
-			// Safe behaviour for a copy: the checkpoint recorded since would be silently ignored
-			// (a stale copy restores nothing) — refused, naming what is stale.
-			name: "copy of a wired pod made before a checkpoint was recorded",
-			pod: func(t *testing.T, e *testEnv) *corev1.Pod {
-				p := e.wired(t, fixture(t, "pod-create-plain-nocommand.json"))
-				require.NoError(t, e.wh.ctrl.store.Save(context.Background(), "default", "checkpointing-volume", catalog.Record{
-					Identity: "pod/default/my-checkpointed-pod", ID: "ckpt-3", Node: "node-1", Time: recTime, Containers: map[string]string{"my-container": "ckpt-3"}}))
-				return p
-			},
-			want: []string{"metadata.annotations[stasis.dev/restore]: missing"},
-		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -160,6 +148,23 @@ func TestPodMutateRefusesStasisFields(t *testing.T) {
 			assert.True(t, containsEvent(e.drainEvents(), "Warning CheckpointConfigRefused"))
 		})
 	}
+}
+
+// The restore decision is made anew at every invocation: a record that reached the webhook's
+// cache between the first invocation and the reinvocation (or since a copy of a wired pod was
+// made) is taken, not refused as a forgery; the agent checks whatever is restored.
+func TestPodMutateRestoreDecidedAnew(t *testing.T) {
+	e := newEnv(t, Config{}, []runtime.Object{userPVC("checkpointing-volume")})
+	p := e.wired(t, fixture(t, "pod-create-plain-nocommand.json"))
+	require.Empty(t, p.Annotations[wiring.AnnotationRestore])
+	require.NoError(t, e.wh.ctrl.store.Save(context.Background(), "default", "checkpointing-volume", catalog.Record{
+		Identity: "pod/default/my-checkpointed-pod", ID: "ckpt-3", Node: "node-1", Time: recTime, Containers: map[string]string{"my-container": "ckpt-3"}}))
+	resp, patched := e.admit(PathMutatePod, podReview(t, p, false))
+	require.True(t, resp.Allowed, "%+v", resp.Result)
+	var again corev1.Pod
+	require.NoError(t, json.Unmarshal(patched, &again))
+	assert.Contains(t, again.Annotations[wiring.AnnotationRestore], `"id":"ckpt-3"`)
+	assert.Contains(t, again.Spec.Containers[0].Env, corev1.EnvVar{Name: wiring.EnvRestoreID, Value: "ckpt-3"})
 }
 
 // Our own reinvocation (reinvocationPolicy IfNeeded: the API server calls the webhook again when a

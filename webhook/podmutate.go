@@ -47,9 +47,11 @@ func refuse(format string, a ...any) *verdict {
 // re-applied. An unmarked pod (no stasis.dev/* annotation) may set none of those fields. A marked
 // pod must be exactly what Stasis produces for it: that is our own reinvocation (the API server
 // calls us again after later webhooks; it must get the same pod back), a retried request, or a copy
-// of a wired pod that happens to be current. Any difference refuses the pod, naming the field. A
-// copied or forged pod is refused rather than silently re-wired because Stasis cannot tell its own
-// stale pieces (a wrapped command, a stale restore) from the user's, and because a mismatch is
+// of a wired pod that happens to be current. Any difference refuses the pod, naming the field,
+// except in what is decided anew at every invocation and written over whatever the pod holds (the
+// restore decision, which follows the catalog's cache, and the checkpoint spec; see
+// wire.Foreign). A copied or forged pod is refused rather than silently re-wired because Stasis
+// cannot tell its own stale pieces (a wrapped command) from the user's, and because a mismatch is
 // exactly what an attempt to take another identity or skip wiring looks like: it must fail loudly.
 //
 // Admission writes no object: a Stasis-created PVC is only named here and created by the PVC

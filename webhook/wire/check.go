@@ -143,9 +143,12 @@ func Reserved(pod *corev1.Pod) []string {
 // what Stasis would write anyway.
 func Foreign(pod, want *corev1.Pod) []string {
 	have, wanted := inventory(pod), map[string]item{}
-	// The checkpoint spec follows the containers a reinvocation wires (another webhook's sidecar
-	// added since): Pod writes it anew from what Stasis derives, whatever the pod holds.
-	rederived := "a/" + wiring.AnnotationCheckpoint
+	// Decided anew at each invocation, and written anew by Pod whatever the pod holds: the
+	// checkpoint spec follows the containers a reinvocation wires (another webhook's sidecar added
+	// since), and the restore decision follows the catalog, whose cache may have seen a record
+	// arrive between two invocations. Neither is trusted by the agent (it reads the checkpoint
+	// spec from the runtime, and checks any checkpoint it restores).
+	rederived := map[string]bool{"a/" + wiring.AnnotationCheckpoint: true, "a/" + wiring.AnnotationRestore: true}
 	for _, it := range inventory(want) {
 		wanted[it.key] = it
 	}
@@ -155,7 +158,7 @@ func Foreign(pod, want *corev1.Pod) []string {
 		seen[it.key] = true
 		w, ok := wanted[it.key]
 		switch {
-		case it.key == rederived:
+		case rederived[it.key]:
 		case !ok:
 			out = append(out, it.field+": "+it.what+", and Stasis sets no such field on this pod")
 		case equality.Semantic.DeepEqual(it.value, w.value):
@@ -166,7 +169,7 @@ func Foreign(pod, want *corev1.Pod) []string {
 		}
 	}
 	for _, it := range inventory(want) {
-		if !seen[it.key] && strings.HasPrefix(it.key, "a/") {
+		if !seen[it.key] && strings.HasPrefix(it.key, "a/") && !rederived[it.key] {
 			out = append(out, fmt.Sprintf("%s: missing (%s)", it.field, "Stasis sets it on this pod"))
 		}
 	}

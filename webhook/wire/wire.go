@@ -87,6 +87,7 @@ func Pod(pod *corev1.Pod, in Input) {
 
 	// The agent restores what the annotation names (it reads it from the runtime's pod sandbox):
 	// the checkpoint, and the containers that restore from it together.
+	delete(pod.Annotations, wiring.AnnotationRestore) // decided anew at every invocation
 	if restored := restoredContainers(in); len(restored) > 0 {
 		ref := in.Restore.Ref
 		ref.Containers = restored
@@ -117,6 +118,7 @@ func Pod(pod *corev1.Pod, in Input) {
 		setEnv(c, corev1.EnvVar{Name: wiring.EnvFreezeWatchdog, Value: freezeWatchdog(pod).String()})
 		setEnv(c, corev1.EnvVar{Name: wiring.EnvGracePeriod, Value: strconv.FormatInt(gracePeriod(pod), 10)})
 		noMultipathTCP(c)
+		c.Env = without(c.Env, func(e corev1.EnvVar) bool { return e.Name == wiring.EnvRestoreID || e.Name == wiring.EnvRestoreOptions })
 		if id := restoreID(in.Restore, c.Name); id != "" {
 			setEnv(c, corev1.EnvVar{Name: wiring.EnvRestoreID, Value: id})
 			if len(cc.RestoreOptions) > 0 {

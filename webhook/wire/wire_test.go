@@ -157,8 +157,8 @@ func TestForeign(t *testing.T) {
 		{"missing volume is added, not refused", func(p *corev1.Pod) { p.Spec.Volumes = p.Spec.Volumes[1:] }, nil},
 		{"identity", func(p *corev1.Pod) { p.Annotations[wiring.AnnotationIdentity] = "job/ns/j/9" },
 			[]string{`metadata.annotations[stasis.dev/identity]: "job/ns/j/9" is not what Stasis derives for this pod ("job/ns/j/0")`}},
-		{"extra annotation", func(p *corev1.Pod) { p.Annotations[wiring.AnnotationRestore] = "{}" },
-			[]string{"metadata.annotations[stasis.dev/restore]: stasis.dev/* annotations are Stasis' own, and Stasis sets no such field on this pod"}},
+		{"extra annotation", func(p *corev1.Pod) { p.Annotations[wiring.Prefix+"keep-forever"] = "true" },
+			[]string{"metadata.annotations[stasis.dev/keep-forever]: stasis.dev/* annotations are Stasis' own, and Stasis sets no such field on this pod"}},
 		{"annotation missing", func(p *corev1.Pod) { delete(p.Annotations, wiring.AnnotationWired) },
 			[]string{"metadata.annotations[stasis.dev/wired]: missing (Stasis sets it on this pod)"}},
 		{"extra mount under /stasis", func(p *corev1.Pod) {
