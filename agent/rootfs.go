@@ -72,7 +72,7 @@ func (w *rootfsWalk) walk(dir *os.File, at string, depth int) error {
 		if err != nil {
 			return err
 		}
-		err = w.entry(f, &e, p, depth)
+		err = w.entry(f, p, depth)
 		f.Close()
 		if err != nil {
 			return err
@@ -82,21 +82,27 @@ func (w *rootfsWalk) walk(dir *os.File, at string, depth int) error {
 }
 
 // entry handles one path: a directory on the root's mount is recorded if changed and walked; a
-// changed file or symlink is carried.
-func (w *rootfsWalk) entry(f *os.File, e *confine.Entry, p string, depth int) error {
+// changed file or symlink is carried. Type and ctime are the descriptor's own (fstat of what was
+// opened without following), not the listing's: a process of the pod may swap the entry between
+// the two, and a symlink must never be entered as a directory.
+func (w *rootfsWalk) entry(f *os.File, p string, depth int) error {
 	var stx unix.Statx_t
-	if err := unix.Statx(int(f.Fd()), "", unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW, unix.STATX_MNT_ID, &stx); err != nil {
+	if err := unix.Statx(int(f.Fd()), "", unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW, unix.STATX_BASIC_STATS|unix.STATX_MNT_ID, &stx); err != nil {
 		return fmt.Errorf("%s: %w", p, err)
 	}
 	if stx.Mnt_id != w.mnt {
 		return nil // a volume or the runtime's mount: not the writable layer
 	}
-	changed := !time.Unix(e.Ctim.Sec, e.Ctim.Nsec).Before(w.since)
-	if !e.IsDir() {
+	changed := !time.Unix(stx.Ctime.Sec, int64(stx.Ctime.Nsec)).Before(w.since)
+	switch stx.Mode & unix.S_IFMT {
+	case unix.S_IFDIR:
+	case unix.S_IFREG, unix.S_IFLNK:
 		if !changed {
 			return nil
 		}
 		return w.c.Carry(f, p, changedReason)
+	default:
+		return nil
 	}
 	if changed {
 		w.dirs[p] = true

@@ -71,7 +71,7 @@ func (u *unavailability) clear(uid string) {
 }
 
 // unavailableMessage is the 429's message for a pod whose agent is unavailable.
-func unavailableMessage(o podOutcome, for_, limit time.Duration) string {
+func unavailableMessage(o podOutcome, since, limit time.Duration) string {
 	return fmt.Sprintf("agent for pod %s/%s unavailable for %s (the failure policy applies after %s): %v; retry",
-		o.t.pod.Namespace, o.t.pod.Name, for_.Round(time.Second), limit, o.err)
+		o.t.pod.Namespace, o.t.pod.Name, since.Round(time.Second), limit, o.err)
 }
