@@ -78,7 +78,8 @@ func TestFreezeWatchdog(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "ticks")
 	pid, err := startApp([]string{"sh", "-c", `while :; do echo x >> "$0"; sleep 0.05; done`, out})
 	require.NoError(t, err)
-	s := &supervisor{log: zerolog.Nop(), sigs: make(chan os.Signal, 1), watchdog: time.Second}
+	// Long enough for the test to see the stop on a loaded machine before the watchdog ends it.
+	s := &supervisor{log: zerolog.Nop(), sigs: make(chan os.Signal, 1), watchdog: 3 * time.Second}
 	done := make(chan int, 1)
 	go func() { done <- s.supervise(pid) }()
 	t.Cleanup(func() { _ = criurun.SignalTree(pid, syscall.SIGKILL); <-done })
