@@ -79,7 +79,7 @@ func TestFreezeWatchdog(t *testing.T) {
 	pid, err := startApp([]string{"sh", "-c", `while :; do echo x >> "$0"; sleep 0.05; done`, out})
 	require.NoError(t, err)
 	// Long enough for the test to see the stop on a loaded machine before the watchdog ends it.
-	s := &supervisor{log: zerolog.Nop(), sigs: make(chan os.Signal, 1), watchdog: 3 * time.Second}
+	s := &supervisor{log: zerolog.Nop(), sigs: make(chan os.Signal, 1), watchdog: 8 * time.Second}
 	done := make(chan int, 1)
 	go func() { done <- s.supervise(pid) }()
 	t.Cleanup(func() { _ = criurun.SignalTree(pid, syscall.SIGKILL); <-done })
@@ -94,6 +94,6 @@ func TestFreezeWatchdog(t *testing.T) {
 	require.NoError(t, criurun.SignalTree(pid, syscall.SIGSTOP)) // as a dump leaves it
 	require.Eventually(t, func() bool { return Stopped(pid) }, 5*time.Second, 10*time.Millisecond)
 	stoppedAt := size()
-	require.Eventually(t, func() bool { return !Stopped(pid) && size() > stoppedAt }, 10*time.Second, 50*time.Millisecond,
+	require.Eventually(t, func() bool { return !Stopped(pid) && size() > stoppedAt }, 30*time.Second, 50*time.Millisecond,
 		"the watchdog resumes the app and it runs on")
 }
