@@ -15,7 +15,7 @@ import (
 	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/labels"
 	"github.com/stasis-k8s/stasis/webhook/catalog"
-	"github.com/stasis-k8s/stasis/webhook/wire"
+	"github.com/stasis-k8s/stasis/webhook/inject"
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
@@ -174,7 +174,7 @@ func (w *Webhook) checkpointPod(ctx, bctx context.Context, reason string, t targ
 		out.err = err
 		return out
 	}
-	req := wire.CheckpointRequest(wire.WrappedOnly(t.cfg, t.pod), t.identity, w.cfg.KeepCheckpoints, t.pod)
+	req := inject.CheckpointRequest(inject.WrappedOnly(t.cfg, t.pod), t.identity, w.cfg.KeepCheckpoints, t.pod)
 	req.Pod = agentapi.PodRef{Namespace: t.pod.Namespace, Name: t.pod.Name, UID: string(t.pod.UID)}
 	req.Reason = reason
 	st, err := w.d.Agents.Checkpoint(bctx, base, req)

@@ -12,7 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/stasis-k8s/stasis/labels"
-	"github.com/stasis-k8s/stasis/webhook/wire"
+	"github.com/stasis-k8s/stasis/webhook/inject"
 )
 
 // validateEviction is CREATE pods/eviction (policy/v1 and policy/v1beta1 Evictions decode into
@@ -57,7 +57,7 @@ func (w *Webhook) evictionVerdict(ctx context.Context, ar *model.AdmissionReview
 	}
 	// Wired or not is read from the spec (immutable, written by the pod webhook), never from the
 	// annotations anyone who may patch the pod can change.
-	if wire.SpecIdentity(pod, cfg) == "" {
+	if inject.SpecIdentity(pod, cfg) == "" {
 		w.d.Events.Eventf(pod, corev1.EventTypeWarning, ReasonCheckpointSkipped,
 			"evicted without checkpoint: the pod was not wired by Stasis at creation (created before the webhook was installed?)")
 		return allow("", "stasis: pod was not wired at creation; evicted without checkpoint")

@@ -10,7 +10,7 @@ import (
 
 	"github.com/stasis-k8s/stasis/labels"
 	"github.com/stasis-k8s/stasis/webhook/catalog"
-	"github.com/stasis-k8s/stasis/webhook/wire"
+	"github.com/stasis-k8s/stasis/webhook/inject"
 )
 
 // The Job controller marks each pod of an Indexed Job with its completion index (annotation
@@ -118,7 +118,7 @@ func (w *Webhook) deriveIdentity(ctx context.Context, l lane, ns string, pod *co
 // another identity. A NonIndexed Job slot is the result of a claim, not derivable: it must be a
 // slot of the pod's Job, and the catalog's claim on it must carry the pod's token.
 func (w *Webhook) checkpointIdentity(ctx context.Context, pod *corev1.Pod, cfg *labels.Config) (string, error) {
-	spec := wire.SpecIdentity(pod, cfg)
+	spec := inject.SpecIdentity(pod, cfg)
 	id, err := w.deriveIdentity(ctx, w.evict, pod.Namespace, pod, false)
 	if err != nil {
 		return "", fmt.Errorf("deriving the checkpoint identity of pod %s/%s: %w", pod.Namespace, pod.Name, err)

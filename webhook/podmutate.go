@@ -19,7 +19,7 @@ import (
 
 	"github.com/stasis-k8s/stasis/labels"
 	"github.com/stasis-k8s/stasis/webhook/catalog"
-	"github.com/stasis-k8s/stasis/webhook/wire"
+	"github.com/stasis-k8s/stasis/webhook/inject"
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
@@ -50,7 +50,7 @@ func refuse(format string, a ...any) *verdict {
 // of a wired pod that happens to be current. Any difference refuses the pod, naming the field,
 // except in what is decided anew at every invocation and written over whatever the pod holds (the
 // restore decision, which follows the catalog's cache, and the checkpoint spec; see
-// wire.Foreign). A copied or forged pod is refused rather than silently re-wired because Stasis
+// inject.Foreign). A copied or forged pod is refused rather than silently re-wired because Stasis
 // cannot tell its own stale pieces (a wrapped command) from the user's, and because a mismatch is
 // exactly what an attempt to take another identity or skip wiring looks like: it must fail loudly.
 //
@@ -73,9 +73,9 @@ func (w *Webhook) wirePod(ctx context.Context, ar *model.AdmissionReview, pod *c
 		w.podEvent(ns, pod, corev1.EventTypeWarning, ReasonRefused, "pod refused: %v", err)
 		return refuse("%v", err)
 	}
-	marked := wire.Marked(pod)
+	marked := inject.Marked(pod)
 	if !marked {
-		if probs := wire.Reserved(pod); len(probs) > 0 {
+		if probs := inject.Reserved(pod); len(probs) > 0 {
 			return w.refuseOwn(ns, pod, false, probs)
 		}
 	}
@@ -96,20 +96,20 @@ func (w *Webhook) wirePod(ctx context.Context, ar *model.AdmissionReview, pod *c
 	in.Restore = restoreOf(rec, cfg)
 	if marked {
 		want := pod.DeepCopy()
-		wire.Strip(want)
-		wire.Pod(want, in)
-		if probs := wire.Foreign(pod, want); len(probs) > 0 {
+		inject.Strip(want)
+		inject.Pod(want, in)
+		if probs := inject.Foreign(pod, want); len(probs) > 0 {
 			return w.refuseOwn(ns, pod, true, probs)
 		}
 	}
-	wire.Pod(pod, in)
+	inject.Pod(pod, in)
 	if marked {
 		return nil // wired, counted and reported by the first invocation
 	}
 	if in.Restore != nil {
 		w.metrics.wired.WithLabelValues("true").Inc()
 		w.podEvent(ns, pod, corev1.EventTypeNormal, ReasonRestoring, "restoring %s (containers %v) from checkpoint %s taken on node %s at %s (%s)",
-			in.Identity, wire.RestoredContainers(in.Restore), rec.ID, rec.Node, in.Restore.Ref.Time, humanBytes(rec.Size))
+			in.Identity, inject.RestoredContainers(in.Restore), rec.ID, rec.Node, in.Restore.Ref.Time, humanBytes(rec.Size))
 	} else {
 		w.metrics.wired.WithLabelValues("false").Inc()
 		w.podEvent(ns, pod, corev1.EventTypeNormal, ReasonWired, "wired for checkpointing as %s (containers %v); no checkpoint to restore", in.Identity, cfg.Names())
@@ -157,15 +157,15 @@ func (w *Webhook) refuseOwn(ns string, pod *corev1.Pod, marked bool, probs []str
 			strings.Join(keys, ", "))
 	}
 	msg := fmt.Sprintf("Stasis' own fields (%s* annotations, volumes and containers named %s*, mounts at or under %s) are set by Stasis only: %s; %s",
-		wiring.Prefix, wire.ReservedPrefix, wire.ReservedDir, strings.Join(list, "; "), hint)
+		wiring.Prefix, inject.ReservedPrefix, inject.ReservedDir, strings.Join(list, "; "), hint)
 	w.podEvent(ns, pod, corev1.EventTypeWarning, ReasonRefused, "pod refused: %s", msg)
 	return refuse("%s", msg)
 }
 
-// storage decides where the pod's checkpoints live (wire.Input without the restore) and returns
+// storage decides where the pod's checkpoints live (inject.Input without the restore) and returns
 // the record to restore, if any.
-func (w *Webhook) storage(ctx context.Context, ar *model.AdmissionReview, ns string, pod *corev1.Pod, cfg *labels.Config, id identity, marked bool) (wire.Input, *catalog.Record, *verdict) {
-	in := wire.Input{Config: cfg, ToolsImage: w.cfg.ToolsImage, Identity: id.Key, Keep: w.cfg.KeepCheckpoints}
+func (w *Webhook) storage(ctx context.Context, ar *model.AdmissionReview, ns string, pod *corev1.Pod, cfg *labels.Config, id identity, marked bool) (inject.Input, *catalog.Record, *verdict) {
+	in := inject.Input{Config: cfg, ToolsImage: w.cfg.ToolsImage, Identity: id.Key, Keep: w.cfg.KeepCheckpoints}
 	shared := ""
 	switch {
 	case cfg.StorageVolume != "":
@@ -318,11 +318,11 @@ func claimProblem(p *corev1.PersistentVolumeClaim, base, slot, token string) str
 
 // restoreOf turns a record into the restore of the pod's checkpointed containers; nil when the
 // record covers none of them.
-func restoreOf(rec *catalog.Record, cfg *labels.Config) *wire.Restore {
+func restoreOf(rec *catalog.Record, cfg *labels.Config) *inject.Restore {
 	if rec == nil {
 		return nil
 	}
-	r := &wire.Restore{
+	r := &inject.Restore{
 		Ref: wiring.RestoreRef{ID: rec.ID, Node: rec.Node, Time: rec.Time.UTC().Format(time.RFC3339), Size: rec.Size},
 		IDs: map[string]string{},
 	}

@@ -17,7 +17,7 @@ import (
 
 	"github.com/stasis-k8s/stasis/labels"
 	"github.com/stasis-k8s/stasis/webhook/catalog"
-	"github.com/stasis-k8s/stasis/webhook/wire"
+	"github.com/stasis-k8s/stasis/webhook/inject"
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
@@ -146,7 +146,7 @@ func (c *PVCController) syncSharedClaim(ctx context.Context, pod *corev1.Pod, cf
 	if err != nil || id.ClaimBase == "" {
 		return nil
 	}
-	slot := wire.SpecIdentity(pod, cfg)
+	slot := inject.SpecIdentity(pod, cfg)
 	pvc, perr := checkpointPVC(pod, cfg)
 	if !strings.HasPrefix(slot, id.ClaimBase+"/") || perr != nil {
 		return nil
@@ -184,7 +184,7 @@ func (w *Webhook) pvcFor(ctx context.Context, pod *corev1.Pod, cfg *labels.Confi
 	if id.Owner == nil {
 		return catalog.PVCSpec{}, "", mismatch("pod %s/%s has no controller to own a checkpoint PVC", pod.Namespace, pod.Name)
 	}
-	key, spec := id.Key, wire.SpecIdentity(pod, cfg)
+	key, spec := id.Key, inject.SpecIdentity(pod, cfg)
 	derived := id.Key
 	if id.ClaimBase != "" {
 		derived = "a slot of " + id.What

@@ -10,7 +10,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/stasis-k8s/stasis/labels"
-	"github.com/stasis-k8s/stasis/webhook/wire"
+	"github.com/stasis-k8s/stasis/webhook/inject"
 )
 
 // validateJobSuspend is UPDATE jobs. The configuration's matchConditions already limit calls to
@@ -77,7 +77,7 @@ func (w *Webhook) activePods(ctx context.Context, ns string, job *batchv1.Job) (
 			w.d.Events.Eventf(p, corev1.EventTypeWarning, ReasonCheckpointSkipped, "Job suspended without checkpointing this pod: %v", err)
 			continue
 		}
-		if wire.SpecIdentity(p, cfg) == "" {
+		if inject.SpecIdentity(p, cfg) == "" {
 			w.d.Events.Eventf(p, corev1.EventTypeWarning, ReasonCheckpointSkipped, "Job suspended without checkpointing this pod: it was not wired by Stasis at creation")
 			continue
 		}

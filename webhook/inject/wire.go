@@ -1,4 +1,4 @@
-// Package wire applies the pod-wiring contract (package wiring) to a pod spec: the tools
+// Package inject applies the pod-wiring contract (package wiring) to a pod spec: the tools
 // init-container, the launcher-wrapped commands, the checkpoint and agent volumes, the environment
 // and, when a checkpoint is restored, the restore init-container and annotation.
 //
@@ -7,7 +7,7 @@
 // was there in place, so wiring a wired pod again (a reinvoked webhook, a retried request) changes
 // nothing and a forged piece never survives. Foreign (check.go) tells the webhook which of a pod's
 // reserved fields Stasis did not write.
-package wire
+package inject
 
 import (
 	"encoding/json"
