@@ -35,6 +35,7 @@ import (
 
 	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/criurun"
+	"github.com/stasis-k8s/stasis/internal/serving"
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
@@ -557,7 +558,7 @@ func TestReadyz(t *testing.T) {
 	runtime, err := DialCRI("unix://" + criSock)
 	require.NoError(t, err)
 	defer runtime.Close()
-	h := readyHandler([]readyCheck{{"serving certificate", certReady}, {"container runtime", runtime.Ping}, {"local socket", sockReady}})
+	h := serving.Ready(serving.Check{Name: "serving certificate", Check: certReady}, serving.Check{Name: "container runtime", Check: runtime.Ping}, serving.Check{Name: "local socket", Check: sockReady})
 
 	w := httptest.NewRecorder()
 	h.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/readyz", nil))

@@ -10,19 +10,17 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 
 	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/checkpoint"
 	"github.com/stasis-k8s/stasis/criurun"
 	"github.com/stasis-k8s/stasis/internal/flagenv"
+	"github.com/stasis-k8s/stasis/internal/serving"
 	"github.com/stasis-k8s/stasis/wiring"
 )
 
@@ -108,17 +106,17 @@ func Run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	servers, local, err := rc.servers(a, runtime, tlsCfg, reg, readyCheck{"serving certificate", certReady}, readyCheck{"container runtime", runtime.Ping})
+	servers, local, err := rc.servers(a, runtime, tlsCfg, reg, serving.Check{Name: "serving certificate", Check: certReady}, serving.Check{Name: "container runtime", Check: runtime.Ping})
 	if err != nil {
 		return err
 	}
-	log.Info().Str("api", servers[0].ln.Addr().String()).Str("socket", servers[1].ln.Addr().String()).
-		Str("health", servers[2].ln.Addr().String()).Str("node", rc.NodeName).Msg("agent serving")
+	log.Info().Str("api", servers[0].Ln.Addr().String()).Str("socket", servers[1].Ln.Addr().String()).
+		Str("health", servers[2].Ln.Addr().String()).Str("node", rc.NodeName).Msg("agent serving")
 	// The launchers' channel inside every wired pod's network namespace (wiring.AgentSocket).
 	pods := &PodSockets{Local: local, Lister: runtime, Log: log}
 	go func() { _ = pods.Run(ctx) }()
 	go a.RunPeriodic(ctx, runtime, periodicTick)
-	return serveAll(ctx, servers)
+	return serving.Group{Servers: servers}.Run(ctx)
 }
 
 // periodicTick is how often the agent looks for due periodic checkpoints.
@@ -151,7 +149,7 @@ func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersio
 
 // servers opens the three listeners (mTLS API, local socket, health) and their servers, in
 // that order. Every server bounds how long a client may take to send and receive.
-func (rc RunConfig) servers(a *Agent, runtime *CRI, tlsCfg *tls.Config, reg *prometheus.Registry, checks ...readyCheck) ([]server, *Local, error) {
+func (rc RunConfig) servers(a *Agent, runtime *CRI, tlsCfg *tls.Config, reg *prometheus.Registry, checks ...serving.Check) ([]serving.Server, *Local, error) {
 	apiLn, err := net.Listen("tcp", rc.Listen)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--listen: %w", err)
@@ -173,89 +171,16 @@ func (rc RunConfig) servers(a *Agent, runtime *CRI, tlsCfg *tls.Config, reg *pro
 		localLn.Close()
 		return nil, nil, err
 	}
-	checks = append(checks, readyCheck{"local socket", sockReady})
+	checks = append(checks, serving.Check{Name: "local socket", Check: sockReady})
 	local := NewLocal(a, LocalConfig{Pods: runtime, Entrypoints: runtime})
-	return []server{
-		{"api", apiServer(a, tlsCfg), apiLn, true},
-		{"local", local.Server(), local.Listener(localLn), false},
-		{"health", healthServer(reg, checks), healthLn, false},
+	return []serving.Server{
+		{Name: "api", HTTP: apiServer(a, tlsCfg), Ln: apiLn, TLS: true},
+		{Name: "local", HTTP: local.Server(), Ln: local.Listener(localLn)},
+		{Name: "health", HTTP: serving.Health(reg, checks...), Ln: healthLn},
 	}, local, nil
 }
 
 func apiServer(a *Agent, tlsCfg *tls.Config) *http.Server {
 	return &http.Server{Handler: Handler(a), TLSConfig: tlsCfg, ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout: 30 * time.Second, WriteTimeout: 60 * time.Second, IdleTimeout: 120 * time.Second, MaxHeaderBytes: 64 << 10}
-}
-
-func healthServer(reg *prometheus.Registry, checks []readyCheck) *http.Server {
-	mux := http.NewServeMux()
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
-	mux.Handle("/readyz", readyHandler(checks))
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	return &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
-		WriteTimeout: 30 * time.Second, IdleTimeout: 60 * time.Second, MaxHeaderBytes: 16 << 10}
-}
-
-// readyCheck is one condition of /readyz.
-type readyCheck struct {
-	name  string
-	check func(context.Context) error
-}
-
-// readyHandler answers 200 when every check passes, else 503 naming each failing check.
-func readyHandler(checks []readyCheck) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
-		defer cancel()
-		var failed []string
-		for _, c := range checks {
-			if err := c.check(ctx); err != nil {
-				failed = append(failed, c.name+": "+err.Error())
-			}
-		}
-		if len(failed) > 0 {
-			http.Error(w, "not ready:\n"+strings.Join(failed, "\n"), http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = w.Write([]byte("ok\n"))
-	})
-}
-
-// server is one HTTP server of the agent and its listener.
-type server struct {
-	name string
-	srv  *http.Server
-	ln   net.Listener
-	tls  bool
-}
-
-// serveAll runs the servers until ctx ends or one fails, then shuts them all down (30 s grace).
-func serveAll(ctx context.Context, servers []server) error {
-	errc := make(chan error, len(servers))
-	var wg sync.WaitGroup
-	for _, s := range servers {
-		wg.Go(func() {
-			var err error
-			if s.tls {
-				err = s.srv.ServeTLS(s.ln, "", "")
-			} else {
-				err = s.srv.Serve(s.ln)
-			}
-			if err != nil && !errors.Is(err, http.ErrServerClosed) {
-				errc <- fmt.Errorf("%s server: %w", s.name, err)
-			}
-		})
-	}
-	var runErr error
-	select {
-	case <-ctx.Done():
-	case runErr = <-errc:
-	}
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	for _, s := range servers {
-		_ = s.srv.Shutdown(sctx)
-	}
-	wg.Wait()
-	return runErr
 }

@@ -49,7 +49,7 @@ func startAPI(t *testing.T, a *Agent, ca *testCA) string {
 	for n, b := range map[string][]byte{"tls.crt": crt, "tls.key": key, "ca.crt": ca.pem} {
 		require.NoError(t, os.WriteFile(filepath.Join(dir, n), b, 0o600))
 	}
-	tlsCfg, err := ServerTLSConfig(filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key"), filepath.Join(dir, "ca.crt"))
+	tlsCfg, _, err := serverTLS(filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key"), filepath.Join(dir, "ca.crt"))
 	require.NoError(t, err)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)

@@ -24,6 +24,8 @@ import (
 
 	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/labels"
+
+	"github.com/stasis-k8s/stasis/internal/serving"
 )
 
 // caches are the informers every review reads instead of the API server (issue 13: one GET per
@@ -124,12 +126,11 @@ func agentClient(ctx context.Context, endpoint, caFile, certFile, keyFile string
 		if certFile == "" || keyFile == "" {
 			return nil, errors.New("--agent-cert-file and --agent-key-file go together")
 		}
-		r, err := NewCertReloader(certFile, keyFile)
+		src, err := serving.NewCertSource(certFile, keyFile, "")
 		if err != nil {
-			return nil, fmt.Errorf("agent client certificate: %w", err)
+			return nil, fmt.Errorf("--agent-cert-file/--agent-key-file: %w", err)
 		}
-		go r.Watch(ctx, 30*time.Second, log)
-		tc.GetClientCertificate = r.GetClientCertificate
+		tc.GetClientCertificate = src.GetClientCertificate
 	}
 	return agentapi.NewClient(tc, 10*time.Second), nil
 }

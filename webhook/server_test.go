@@ -125,21 +125,3 @@ func TestServe(t *testing.T) {
 	cancel()
 	require.NoError(t, <-done, "graceful shutdown")
 }
-
-func TestCertReloaderKeepsCertOnBrokenFiles(t *testing.T) {
-	dir := t.TempDir()
-	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
-	selfSigned(t, certFile, keyFile, "a")
-	r, err := NewCertReloader(certFile, keyFile)
-	require.NoError(t, err)
-	before, _ := r.GetCertificate(nil)
-	require.NoError(t, os.WriteFile(keyFile, []byte("half-written"), 0o600))
-	changed, err := r.Reload()
-	assert.False(t, changed)
-	assert.ErrorContains(t, err, "loading TLS key pair")
-	after, _ := r.GetCertificate(nil)
-	assert.Same(t, before, after)
-
-	_, err = NewCertReloader(filepath.Join(dir, "missing.crt"), keyFile)
-	assert.ErrorContains(t, err, "reading TLS certificate")
-}
