@@ -237,6 +237,7 @@ func (w *Webhook) record(ctx context.Context, t target, st agentapi.CheckpointSt
 	for _, c := range st.Containers {
 		if c.Phase == agentapi.PhaseSucceeded && c.CheckpointID != "" {
 			rec.Containers[c.Name] = c.CheckpointID
+			rec.Generation = max(rec.Generation, c.Generation)
 			if rec.ID == "" {
 				rec.ID = c.CheckpointID
 			}

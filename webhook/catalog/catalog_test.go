@@ -51,6 +51,11 @@ func TestSave(t *testing.T) {
 		{name: "first record", save: rec("c1", now), want: "c1"},
 		{name: "newer replaces older", existing: ptr(rec("c1", now)), save: rec("c2", now.Add(time.Minute)), want: "c2"},
 		{name: "older never replaces newer", existing: ptr(rec("c2", now.Add(time.Minute))), save: rec("c1", now), want: "c2"},
+		{name: "a higher generation replaces, though its node's clock is behind", existing: ptr(gen(rec("c1", now), 1)),
+			save: gen(rec("c0", now.Add(-time.Hour)), 2), want: "c0"},
+		{name: "a lower generation never replaces, though its node's clock is ahead", existing: ptr(gen(rec("c2", now), 2)),
+			save: gen(rec("c3", now.Add(time.Hour)), 1), want: "c2"},
+		{name: "a generation replaces a record without one", existing: ptr(rec("c1", now.Add(time.Hour))), save: gen(rec("c2", now), 1), want: "c2"},
 		{name: "conflict is retried", save: rec("c1", now), conflicts: 2, want: "c1"},
 		{name: "persistent conflict fails", save: rec("c1", now), conflicts: 100, err: "recording checkpoint c1 of pod/ns/a on PVC ns/p"},
 	}
@@ -83,6 +88,8 @@ func TestSave(t *testing.T) {
 		})
 	}
 }
+
+func gen(r Record, g uint64) Record { r.Generation = g; return r }
 
 func withRecord(p *corev1.PersistentVolumeClaim, r Record) *corev1.PersistentVolumeClaim {
 	s := &Store{Client: fake.NewClientset(p)}
