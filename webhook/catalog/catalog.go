@@ -215,9 +215,14 @@ func (s *Store) Save(ctx context.Context, ns, pvc string, rec Record) error {
 // made since p was read is a conflict, as with an update, but the webhook needs only `patch` on
 // PVCs and can change nothing but what the patch names.
 func (s *Store) annotate(ctx context.Context, p *corev1.PersistentVolumeClaim, key, val string) error {
+	return s.annotateAll(ctx, p, map[string]*string{key: &val})
+}
+
+// annotateAll is annotate for several annotations at once; a nil value removes one.
+func (s *Store) annotateAll(ctx context.Context, p *corev1.PersistentVolumeClaim, set map[string]*string) error {
 	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{
 		"resourceVersion": p.ResourceVersion,
-		"annotations":     map[string]string{key: val},
+		"annotations":     set,
 	}})
 	if err != nil {
 		return err
