@@ -140,7 +140,7 @@ func Run(ctx context.Context, args []string) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	wh, err := New(cfg, Deps{
 		Client: clients[0], PodClient: clients[1], EvictionClient: clients[2],
-		Pods: c.pods.Lister(), PDBs: c.pdbs, PVCs: c.pvcs.Lister(), ReplicaSets: c.rs, Deployments: c.deploy, Synced: c.synced,
+		Pods: c.pods.Lister(), PDBs: c.pdbs, PVCs: c.pvcs.Lister(), ReplicaSets: c.rs, Deployments: c.deploy, Nodes: c.nodes, Synced: c.synced,
 		Agents: agents, Locate: c.locate, Registry: reg, Log: log,
 		Events: broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "stasis-webhook"}),
 	})
