@@ -29,6 +29,11 @@ type ServerConfig struct {
 	CertReload time.Duration
 	// ShutdownGrace bounds the graceful shutdown; the API server's timeout is 30 s.
 	ShutdownGrace time.Duration
+	// ShutdownDelay is how long a stopping server goes on serving (not ready) before it closes its
+	// listeners: the API server sends reviews to a replica until it sees the replica's endpoint
+	// removed, and a review sent to a closed listener fails the eviction (500), which makes
+	// kubectl drain give up. 0: close at once.
+	ShutdownDelay time.Duration
 
 	// Listeners already open (tests); nil means listen on Listen and HealthListen.
 	tlsListener, healthListener net.Listener
@@ -198,6 +203,14 @@ func Serve(ctx context.Context, cfg ServerConfig, admission http.Handler, gather
 	case <-ctx.Done():
 	}
 	stopping.Store(true)
+	if cfg.ShutdownDelay > 0 {
+		log.Info().Dur("delay", cfg.ShutdownDelay).Msg("stopping: serving on, not ready, until the endpoint is gone")
+		select {
+		case err := <-errc:
+			return err
+		case <-time.After(cfg.ShutdownDelay):
+		}
+	}
 	log.Info().Msg("shutting down: finishing reviews in flight")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownGrace)
 	defer cancel()
