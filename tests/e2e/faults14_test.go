@@ -240,23 +240,43 @@ func previousLogs(ctx context.Context, ns, pod, container string) (harness.Count
 	return harness.ParseCounter(string(b)), nil
 }
 
-// A second mutating webhook (a secrets agent's, say) injects a sidecar after Stasis wired the pod:
-// the API server reinvokes Stasis (reinvocationPolicy IfNeeded), which must not start dumping the
-// sidecar it did not wrap at creation. An eviction checkpoints the app alone; the replacement (the
-// sidecar injected again) continues the app, and its sidecar starts fresh.
+// A second mutating webhook (a secrets agent's, say) injects a sidecar after Stasis wired the pod;
+// the API server reinvokes Stasis (reinvocationPolicy IfNeeded). Two cases:
+//   - the labels do not select the sidecar (checkpoint-containers: counter): it is not wrapped and
+//     never dumped; after an eviction the app continues and the sidecar starts fresh;
+//   - the labels select it (the default: every container but known proxies): the reinvocation wraps
+//     it like the others, it is part of the creation-time set, and both continue.
+//
+// Either way the set dumped is the set wrapped at creation, and the app continues.
 func TestFaultSidecarFromSecondWebhook(t *testing.T) {
+	for _, selected := range []bool{false, true} {
+		t.Run(map[bool]string{false: "NotSelected", true: "SelectedByDefault"}[selected], func(t *testing.T) {
+			sidecarCase(t, selected)
+		})
+	}
+}
+
+func sidecarCase(t *testing.T, selected bool) {
 	ctx := context.Background()
 	ns := newNamespace(t, "sidecar")
 	startSidecarInjector(t, ns)
+	lbl := map[string]string{"e2e-sidecar": "inject"}
+	if !selected {
+		lbl["memverge.ai/checkpoint-containers"] = harness.CounterContainer
+	}
 	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, Indexed: true,
-		Labels: map[string]string{"e2e-sidecar": "inject"}, Args: []string{"--interval=300ms"}})
+		Labels: lbl, Args: []string{"--interval=300ms"}})
 	require.NoError(t, err)
 	pod, err := env.WaitJobPod(ctx, ns, "counter", 2*time.Minute)
 	require.NoError(t, err)
-	require.NotNil(t, containerOf(pod, injectedName), "the second webhook injected its sidecar")
-	assert.Equal(t, []string{injectedCommand}, containerOf(pod, injectedName).Command[:1], "the sidecar is not wrapped in Stasis' launcher")
-	assert.NotContains(t, pod.Annotations[wiring.AnnotationCheckpoint], injectedName, "not in the containers Stasis dumps")
+	side := containerOf(pod, injectedName)
+	require.NotNil(t, side, "the second webhook injected its sidecar")
+	t.Logf("injected sidecar command %q; stasis.dev/checkpoint %s", side.Command, pod.Annotations[wiring.AnnotationCheckpoint])
+	assert.Equal(t, selected, side.Command[0] != injectedCommand, "wrapped in Stasis' launcher only when selected")
+	assert.Equal(t, selected, strings.Contains(pod.Annotations[wiring.AnnotationCheckpoint], `"`+injectedName+`"`), "in the set Stasis dumps only when selected")
 	_, err = env.WaitCount(ctx, ns, pod.Name, 5, time.Minute)
+	require.NoError(t, err)
+	_, err = containerLogs(ctx, ns, pod.Name, injectedName, 3, time.Minute)
 	require.NoError(t, err)
 	follow := env.Follow(ctx, ns, pod.Name)
 	took, err := env.Evict(ctx, ns, pod.Name)
@@ -270,16 +290,22 @@ func TestFaultSidecarFromSecondWebhook(t *testing.T) {
 	after, err := env.WaitCount(ctx, ns, next.Name, 0, 2*time.Minute)
 	require.NoError(t, err)
 	continues(t, before, after)
-	side, err := containerLogs(ctx, ns, next.Name, injectedName, 2, time.Minute)
+	sideOut, err := containerLogs(ctx, ns, next.Name, injectedName, 2, time.Minute)
 	require.NoError(t, err)
-	assert.Equal(t, 1, side.FreshStarts, "the sidecar starts fresh: it was not dumped")
-	assert.Equal(t, 0, side.First())
 	dir, err := env.CheckpointDir(ctx, next)
 	require.NoError(t, err)
 	found, err := filepath.Glob(filepath.Join(dir, "*", injectedName))
 	require.NoError(t, err)
-	assert.Empty(t, found, "no checkpoint directory of the sidecar")
-	t.Logf("evicted in %s with the injected sidecar; replacement continued at %d, its sidecar started fresh", took.Round(100*time.Millisecond), after.First())
+	if selected {
+		assert.Zero(t, sideOut.FreshStarts, "the wrapped sidecar was dumped and continues")
+		assert.NotEmpty(t, found, "a checkpoint directory of the sidecar")
+	} else {
+		assert.Equal(t, 1, sideOut.FreshStarts, "the sidecar starts fresh: it was not dumped")
+		assert.Equal(t, 0, sideOut.First())
+		assert.Empty(t, found, "no checkpoint directory of the sidecar")
+	}
+	t.Logf("evicted in %s with the injected sidecar; replacement continued at %d; its sidecar printed %d first (fresh starts %d)",
+		took.Round(100*time.Millisecond), after.First(), sideOut.First(), sideOut.FreshStarts)
 }
 
 func containerOf(p *corev1.Pod, name string) *corev1.Container {
