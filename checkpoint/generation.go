@@ -3,6 +3,7 @@ package checkpoint
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"os"
 	"sort"
 	"time"
@@ -46,17 +47,43 @@ func GenerationAt(dir *os.File, id string) uint64 {
 		return 0
 	}
 	defer d.Close()
-	data, err := readSmall(d, ManifestName)
+	f, _, err := openRegular(d, ManifestName)
 	if err != nil {
 		return 0
 	}
-	var m struct {
-		Generation uint64 `json:"generation"`
-	}
-	if json.Unmarshal(data, &m) != nil {
+	defer f.Close()
+	return generationIn(io.LimitReader(f, generationWindow))
+}
+
+// generationWindow bounds what ordering reads of a manifest. The generation is written near the
+// top (before the process, the files and their sums), so a listing costs a few KiB per
+// checkpoint, also in a directory a pod filled with large forged manifests.
+const generationWindow = 64 << 10
+
+// generationIn reads the top-level "generation" of a manifest, stopping there.
+func generationIn(r io.Reader) uint64 {
+	dec := json.NewDecoder(r)
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
 		return 0
 	}
-	return m.Generation
+	for dec.More() {
+		key, err := dec.Token()
+		if err != nil {
+			return 0
+		}
+		if key == "generation" {
+			var g uint64
+			if dec.Decode(&g) != nil {
+				return 0
+			}
+			return g
+		}
+		var skip json.RawMessage
+		if dec.Decode(&skip) != nil {
+			return 0
+		}
+	}
+	return 0
 }
 
 // RanksAt returns the ranks of the complete checkpoints in dir, newest first.

@@ -2,8 +2,10 @@ package checkpoint
 
 import (
 	"encoding/json"
+	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -150,4 +152,19 @@ func stripGeneration(t *testing.T, ckpt string) {
 	b, err = json.Marshal(m)
 	require.NoError(t, err)
 	require.NoError(t, os.WriteFile(p, b, 0o600))
+}
+
+// The generation is read from the top of the manifest only: a manifest whose generation comes
+// after a huge field (forged) counts as 0, and nothing past the window is read.
+func TestGenerationIn(t *testing.T) {
+	assert.Equal(t, uint64(7), generationIn(strings.NewReader(`{"format":1,"id":"x","pod":{"name":"p"},"generation":7,"files":[]}`)))
+	assert.Equal(t, uint64(0), generationIn(strings.NewReader(`{"format":1}`)))
+	assert.Equal(t, uint64(0), generationIn(strings.NewReader(`[1]`)))
+	assert.Equal(t, uint64(0), generationIn(strings.NewReader(`{"generation":-1}`)))
+	huge := `{"reason":"` + strings.Repeat("a", 2*generationWindow) + `","generation":9}`
+	assert.Equal(t, uint64(0), generationIn(io.LimitReader(strings.NewReader(huge), generationWindow)))
+	m, err := json.Marshal(Manifest{ID: "x", Generation: 3, Files: make([]FileSum, 5000)})
+	require.NoError(t, err)
+	assert.Less(t, strings.Index(string(m), `"generation"`), 1024, "written before the big fields")
+	assert.Equal(t, uint64(3), generationIn(io.LimitReader(strings.NewReader(string(m)), generationWindow)))
 }
