@@ -5,6 +5,9 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -28,10 +31,25 @@ import (
 // kill after a restore, a sidecar injected by a second mutating webhook. Each asserts on the app's
 // own output and on the pod, and logs the answer the user saw and the time to recover.
 
-// A webhook replica is SIGKILLed (force-deleted) while `kubectl drain` retries the eviction of a
-// pod whose dump takes seconds: the drain still completes (its retries reach the other replica, and
-// the agent keys the dump by pod UID, so the retry joins it), and the replacement continues.
+// A webhook replica is stopped while it holds an eviction review of `kubectl drain` (the pod's
+// dump takes seconds; the replica with the review in flight is found from its metrics):
+//   - Graceful (a rollout, its node drained: SIGTERM): the review in flight is answered, the
+//     replica serves on for --shutdown-delay while the API server still sends it reviews, and the
+//     drain completes without an error;
+//   - Killed (SIGKILL, force-deleted): the review in flight is lost. The API server answers that
+//     eviction 500 ("failed calling webhook"), on which kubectl drain gives up; run again, the
+//     drain completes (the retry joins the dump the agent kept running, keyed by pod UID).
+//
+// Either way the replacement continues from the checkpoint.
 func TestFaultWebhookReplicaKilledMidDrain(t *testing.T) {
+	for _, kill := range []bool{false, true} {
+		t.Run(map[bool]string{false: "Graceful", true: "Killed"}[kill], func(t *testing.T) {
+			webhookStoppedMidDrain(t, kill)
+		})
+	}
+}
+
+func webhookStoppedMidDrain(t *testing.T, kill bool) {
 	ctx := context.Background()
 	ns := newNamespace(t, "whkill")
 	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "whkill", Checkpoint: true, Indexed: true,
@@ -44,30 +62,42 @@ func TestFaultWebhookReplicaKilledMidDrain(t *testing.T) {
 	follow := env.Follow(ctx, ns, pod.Name)
 	t.Cleanup(func() { _ = env.Uncordon(context.Background(), pod.Spec.NodeName) })
 	t.Cleanup(func() { waitWebhookAvailable(t) })
+	waitWebhookAvailable(t)
 
 	type result struct {
 		took time.Duration
 		out  string
 		err  error
 	}
-	drained := make(chan result, 1)
-	go func() {
-		took, out, err := env.Drain(ctx, pod.Spec.NodeName, "app=whkill", 4*time.Minute)
-		drained <- result{took, out, err}
-	}()
-	time.Sleep(2 * time.Second) // the first eviction is held: the 2 GiB dump is under way
-	webhooks, err := env.Client.CoreV1().Pods(harness.StasisNamespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=stasis-webhook"})
-	require.NoError(t, err)
-	require.Len(t, webhooks.Items, 2, "the webhook runs as two replicas")
-	killed := webhooks.Items[0].Name
-	zero := int64(0)
-	require.NoError(t, env.Client.CoreV1().Pods(harness.StasisNamespace).Delete(ctx, killed, metav1.DeleteOptions{GracePeriodSeconds: &zero}))
-	killedAt := time.Now()
+	drain := func() chan result {
+		c := make(chan result, 1)
+		go func() {
+			took, out, err := env.Drain(ctx, pod.Spec.NodeName, "app=whkill", 4*time.Minute)
+			c <- result{took, out, err}
+		}()
+		return c
+	}
+	t0 := time.Now()
+	drained := drain()
+	serving := replicaWithEviction(t, 30*time.Second)
+	var grace *int64
+	if kill {
+		grace = ptr(int64(0))
+	}
+	require.NoError(t, env.Client.CoreV1().Pods(harness.StasisNamespace).Delete(ctx, serving, metav1.DeleteOptions{GracePeriodSeconds: grace}))
+	stoppedAt := time.Now()
+	t.Logf("webhook replica %s (an eviction review in flight) deleted %s after the drain began (kill: %v)", serving, stoppedAt.Sub(t0).Round(100*time.Millisecond), kill)
 
 	r := <-drained
-	t.Logf("kubectl drain (webhook replica %s killed 2 s in) took %s:\n%s", killed, r.took.Round(100*time.Millisecond), r.out)
+	t.Logf("kubectl drain took %s, err %v:\n%s", r.took.Round(100*time.Millisecond), r.err, r.out)
+	if kill && r.err != nil {
+		assert.Contains(t, r.out, "failed calling webhook", "the lost review is a webhook call failure")
+		waitWebhookAvailable(t)
+		r = <-drain()
+		t.Logf("kubectl drain run again took %s:\n%s", r.took.Round(100*time.Millisecond), r.out)
+	}
 	require.NoError(t, r.err, "the drain completes")
-	assert.Contains(t, r.out, "evicted", r.out)
+	drainedAt := time.Now()
 	before, err := follow.Wait(time.Minute)
 	require.NoError(t, err)
 	next, err := env.WaitJobPod(ctx, ns, "whkill", 3*time.Minute, pod)
@@ -75,7 +105,39 @@ func TestFaultWebhookReplicaKilledMidDrain(t *testing.T) {
 	after, err := env.WaitCount(ctx, ns, next.Name, 0, 2*time.Minute)
 	require.NoError(t, err)
 	continues(t, before, after)
-	t.Logf("replacement %s continued at %d, %s after the replica was killed", next.Name, after.First(), time.Since(killedAt).Round(100*time.Millisecond))
+	t.Logf("drain done %s after the replica was stopped; replacement %s continued at %d, %s after the stop",
+		drainedAt.Sub(stoppedAt).Round(100*time.Millisecond), next.Name, after.First(), time.Since(stoppedAt).Round(100*time.Millisecond))
+}
+
+// replicaWithEviction finds the webhook replica with an eviction review in flight, from its own
+// metrics (stasis_webhook_reviews_in_flight, on the health port).
+func replicaWithEviction(t *testing.T, timeout time.Duration) string {
+	var found string
+	client := &http.Client{Timeout: time.Second}
+	err := wait.PollUntilContextTimeout(context.Background(), 50*time.Millisecond, timeout, true, func(ctx context.Context) (bool, error) {
+		pods, err := env.Client.CoreV1().Pods(harness.StasisNamespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=stasis-webhook"})
+		if err != nil {
+			return false, nil
+		}
+		for _, p := range pods.Items {
+			if p.Status.PodIP == "" || p.DeletionTimestamp != nil {
+				continue
+			}
+			resp, err := client.Get("http://" + net.JoinHostPort(p.Status.PodIP, "8080") + "/metrics")
+			if err != nil {
+				continue
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if strings.Contains(string(b), `stasis_webhook_reviews_in_flight{webhook="eviction"} 1`) {
+				found = p.Name
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	require.NoError(t, err, "no webhook replica with an eviction review in flight")
+	return found
 }
 
 // waitWebhookAvailable waits until both webhook replicas are ready again (later tests need them).
