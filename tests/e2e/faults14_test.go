@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -391,4 +392,81 @@ func containerLogs(ctx context.Context, ns, pod, container string, n int, timeou
 		return len(out.Lines) >= n, nil
 	})
 	return out, err
+}
+
+// The checkpoint volume is full (a 160 MiB tmpfs behind a static PV, filled from the node): the
+// eviction's dump fails cleanly with 403 and a CheckpointFailed Event naming the full volume, the
+// app runs on, the previous checkpoint stays complete, and the next pod restores it.
+func TestFaultCheckpointVolumeFull(t *testing.T) {
+	ctx := context.Background()
+	require.NotNil(t, env.Local, "needs the local cluster (it mounts a tmpfs in a node)")
+	ns := newNamespace(t, "full")
+	node := env.Local.Nodes[0].Name
+	claim, dir := staticVolume(t, ns)
+	inNode(t, node, "mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", dir)
+	t.Cleanup(func() { _, _ = inNodeOut(node, "umount", "-l", dir) })
+	spec := harness.CounterSpec{Name: "counter", NodeName: node, Args: []string{"--interval=300ms", "--touch-mib=48"}}
+
+	pod := plainCounter(t, ns, spec, claim)
+	_, err := env.WaitCount(ctx, ns, pod.Name, 5, 2*time.Minute)
+	require.NoError(t, err)
+	_, err = env.Evict(ctx, ns, pod.Name) // the previous checkpoint
+	require.NoError(t, err)
+	pod = plainCounter(t, ns, spec, claim)
+	restored, err := env.WaitCount(ctx, ns, pod.Name, 3, 2*time.Minute)
+	require.NoError(t, err)
+	require.Zero(t, restored.FreshStarts, "restored from the eviction's checkpoint")
+	before := inNode(t, node, "sh", "-c", "cd "+dir+" && find . -name COMPLETE | sort")
+	require.NotEmpty(t, strings.TrimSpace(before), "a complete checkpoint on the volume")
+
+	// Fill the volume up to 4 MiB: too little for the next dump (about 50 MiB).
+	inNode(t, node, "sh", "-c", "fallocate -l $(( $(df -B1 --output=avail "+dir+" | tail -1) - 4194304 )) "+dir+"/filler")
+	t0 := time.Now()
+	err = env.Client.PolicyV1().Evictions(ns).Evict(ctx, &policyv1.Eviction{ObjectMeta: metav1.ObjectMeta{Name: pod.Name, Namespace: ns}})
+	for err != nil && strings.Contains(err.Error(), "in progress") && time.Since(t0) < 2*time.Minute {
+		time.Sleep(2 * time.Second)
+		err = env.Client.PolicyV1().Evictions(ns).Evict(ctx, &policyv1.Eviction{ObjectMeta: metav1.ObjectMeta{Name: pod.Name, Namespace: ns}})
+	}
+	require.Error(t, err, "the eviction is refused (fail-closed)")
+	t.Logf("eviction with a full volume answered after %s: %v", time.Since(t0).Round(100*time.Millisecond), err)
+	assert.Contains(t, err.Error(), "full")
+	ev := waitEvent(t, ns, pod.Name, "full")
+	t.Logf("Event: %s", ev)
+	out, err := env.Logs(ctx, ns, pod.Name)
+	require.NoError(t, err)
+	again, err := env.WaitCount(ctx, ns, pod.Name, len(out.Lines)+3, time.Minute)
+	require.NoError(t, err)
+	assert.Zero(t, again.FreshStarts, "the app runs on after the failed dump")
+	thawed := time.Since(t0)
+	after := inNode(t, node, "sh", "-c", "cd "+dir+" && find . -name COMPLETE | sort")
+	assert.Equal(t, before, after, "the previous checkpoint is untouched, nothing partial is complete")
+	partial := inNode(t, node, "sh", "-c", "cd "+dir+" && find . -maxdepth 3 -name '.tmp-*'")
+	assert.Empty(t, strings.TrimSpace(partial), "nothing partial left")
+
+	// The pod is deleted (its termination dump fails the same way) and created again: it
+	// restores the previous checkpoint.
+	_, err = env.Run(ctx, "-n", ns, "delete", "pod", pod.Name)
+	require.NoError(t, err)
+	pod = plainCounter(t, ns, spec, claim)
+	last, err := env.WaitCount(ctx, ns, pod.Name, 3, 2*time.Minute)
+	require.NoError(t, err)
+	assert.Zero(t, last.FreshStarts, "restored, not started afresh")
+	assert.Equal(t, restored.First(), last.First(), "from the previous checkpoint, intact")
+	t.Logf("full volume: the app ran on %s after the refused eviction; the next pod restored the previous checkpoint at %d", thawed.Round(100*time.Millisecond), last.First())
+}
+
+// inNode runs a command in a local node's mount namespace (where its kubelet mounts volumes).
+func inNode(t *testing.T, node string, args ...string) string {
+	out, err := inNodeOut(node, args...)
+	require.NoError(t, err, "%v: %s", args, out)
+	return out
+}
+
+func inNodeOut(node string, args ...string) (string, error) {
+	b, err := os.ReadFile(filepath.Join(env.Dir, "nodes", node, "pids", "holder.pid"))
+	if err != nil {
+		return "", err
+	}
+	out, err := exec.Command("nsenter", append([]string{"-t", strings.TrimSpace(string(b)), "-m", "--"}, args...)...).CombinedOutput()
+	return string(out), err
 }
