@@ -76,6 +76,7 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 		return fail(d.noRoomHint(err), frozen)
 	}
 	res.Phase, res.CheckpointID, res.Bytes = agentapi.PhaseSucceeded, id, m.Size
+	res.Generation = m.Generation
 	res.Message = fmt.Sprintf("dump %.2fs, total %.2fs, %d bytes of images", criuTime.Seconds(), time.Since(d.start).Seconds(), m.ImagesSize)
 	if len(m.Carried) > 0 {
 		res.Message += fmt.Sprintf(", %d held file(s) carried from the container's filesystem", len(m.Carried))

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"sort"
 
 	"golang.org/x/sys/unix"
 
@@ -105,47 +106,72 @@ func (a *Agent) restoreTarget(root *os.File, ann map[string]string, req agentapi
 			ref.Containers = append(ref.Containers, c.Name)
 		}
 	}
-	newest, err := newestCommon(root, path.Join(a.cfg.CheckpointMount, wiring.IdentityDir(identity)), ref.Containers)
+	common, err := newestCommon(root, path.Join(a.cfg.CheckpointMount, wiring.IdentityDir(identity)), ref.Containers)
 	if err != nil {
 		return ref, "", err
 	}
-	if newest > ref.ID { // IDs sort by time
-		ref.ID = newest
-	}
+	ref.ID = pickNewer(ref.ID, common)
 	if ref.ID == "" {
 		return ref, "", errNoCheckpoint
 	}
 	return ref, identity, nil
 }
 
-// newestCommon is the newest checkpoint ID complete in every container's directory below
-// identityDir ("" when there is none), read inside the container's root.
-func newestCommon(root *os.File, identityDir string, containers []string) (string, error) {
+// pickNewer chooses between the webhook's record (recorded, "" when none) and the checkpoints
+// complete in every container on the volume (common, newest first). On the volume, the order is
+// by generation (checkpoint.Rank), never by the node clocks the IDs start with. A recorded ID
+// missing from the volume has no generation to compare: only then do the IDs' times decide.
+func pickNewer(recorded string, common []checkpoint.Rank) string {
+	if len(common) == 0 {
+		return recorded
+	}
+	if recorded == "" {
+		return common[0].ID
+	}
+	for _, r := range common {
+		if r.ID == recorded {
+			return common[0].ID // the recorded one is on the volume, common[0] ranks at least as high
+		}
+	}
+	if common[0].ID > recorded {
+		return common[0].ID
+	}
+	return recorded
+}
+
+// newestCommon ranks the checkpoints complete in every container's directory below identityDir,
+// newest first (none when there is none), read inside the container's root. A checkpoint's rank
+// is its highest generation among the containers: each container's generation grows with every
+// commit in its directory, so the highest grows with every dump of the pod.
+func newestCommon(root *os.File, identityDir string, containers []string) ([]checkpoint.Rank, error) {
 	count := map[string]int{}
+	gen := map[string]uint64{}
 	for _, c := range containers {
 		d, err := confine.Open(root, path.Join(identityDir, c), unix.O_RDONLY|unix.O_DIRECTORY)
 		if errors.Is(err, unix.ENOENT) {
-			return "", nil
+			return nil, nil
 		}
 		if err != nil {
-			return "", err
+			return nil, err
 		}
-		ids, err := checkpoint.CompleteIDs(d)
+		ranks, err := checkpoint.RanksAt(d)
 		d.Close()
 		if err != nil {
-			return "", err
+			return nil, err
 		}
-		for _, id := range ids {
-			count[id]++
+		for _, r := range ranks {
+			count[r.ID]++
+			gen[r.ID] = max(gen[r.ID], r.Generation)
 		}
 	}
-	newest := ""
+	var out []checkpoint.Rank
 	for id, n := range count {
-		if n == len(containers) && id > newest {
-			newest = id
+		if n == len(containers) {
+			out = append(out, checkpoint.Rank{Generation: gen[id], ID: id})
 		}
 	}
-	return newest, nil
+	sort.Slice(out, func(i, j int) bool { return out[i].Newer(out[j]) })
+	return out, nil
 }
 
 // Consume removes the caller's container's checkpoints once its app has exited 0 by itself: the

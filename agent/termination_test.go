@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -92,4 +93,61 @@ func TestNewerTerminationCheckpointWinsOverTheRecord(t *testing.T) {
 	delete(r.restore, wiring.AnnotationCheckpoint)
 	r.mu.Unlock()
 	assert.Equal(t, 143, next.stop())
+}
+
+// The same as above on a node whose clock was set back an hour after the eviction: the
+// termination checkpoint's ID says it is an hour older than the recorded one. The generation
+// (one more per commit on the volume) still makes it the newest, and the next pod continues from
+// it instead of going back to the eviction's state.
+func TestNewerCheckpointWinsWhenTheClockWasSetBack(t *testing.T) {
+	var offset atomic.Int64
+	r := newRig(t, Config{FreezeTimeout: time.Hour, Now: func() time.Time {
+		return time.Now().Add(time.Duration(offset.Load()))
+	}})
+	r.serveLocal()
+	c, out := r.startCounter()
+	evicted, _, _ := r.dumpFrozen("uid-e", out)
+	require.True(t, r.agent.Delete("uid-e"))
+	c.stop()
+
+	offset.Store(int64(-time.Hour))
+	r.withTerminationSpec("app")
+	recorded := evicted.Containers[0].CheckpointID
+	pod := r.restorePod(recorded, map[string][]string{"app": {counterBin, out}})["app"]
+	pod.waitOutput("restored; supervising the restored tree")
+	waitCount(t, pod, out, len(readCounts(t, out))+5)
+	assert.Equal(t, 143, pod.stop(), "checkpointed on termination")
+	pod.waitOutput("checkpointed on termination")
+	dumped := readCounts(t, out)
+	l, err := checkpoint.List(r.dir("app"))
+	require.NoError(t, err)
+	require.Len(t, l, 2)
+	require.Less(t, l[0].ID, recorded, "the termination checkpoint's ID sorts before the recorded one")
+	m, err := checkpoint.ReadManifest(l[0].Path)
+	require.NoError(t, err)
+	assert.Equal(t, ReasonTermination, m.Reason, "listed first: its generation is higher")
+	assert.Equal(t, uint64(2), m.Generation)
+
+	require.NoError(t, os.Remove(out))
+	next := r.restorePod(recorded, map[string][]string{"app": {counterBin, out}})["app"]
+	next.waitOutput("restored; supervising the restored tree")
+	again := waitCount(t, next, out, len(dumped)+3)
+	assert.True(t, isSequence(again), "continues from the termination checkpoint (%d), not the recorded one: %v", len(dumped), again)
+	assert.Contains(t, next.out.String(), `"checkpoint":"`+l[0].ID+`"`, "restored the termination checkpoint, never back to the eviction's")
+	r.mu.Lock()
+	delete(r.restore, wiring.AnnotationCheckpoint)
+	r.mu.Unlock()
+	assert.Equal(t, 143, next.stop())
+}
+
+func TestPickNewer(t *testing.T) {
+	common := []checkpoint.Rank{{Generation: 3, ID: "20260101T000000.000Z-aa"}, {Generation: 2, ID: "20260101T100000.000Z-bb"}}
+	assert.Equal(t, "20260101T000000.000Z-aa", pickNewer("20260101T100000.000Z-bb", common),
+		"the recorded one is on the volume: the generation decides, not the later clock")
+	assert.Equal(t, "20260101T000000.000Z-aa", pickNewer("", common), "no record: the newest on the volume")
+	assert.Equal(t, "20270101T000000.000Z-cc", pickNewer("20270101T000000.000Z-cc", common),
+		"a recorded ID missing from the volume has no generation: the time decides")
+	assert.Equal(t, "20260101T000000.000Z-aa", pickNewer("20250101T000000.000Z-dd", common))
+	assert.Equal(t, "x", pickNewer("x", nil))
+	assert.Equal(t, "", pickNewer("", nil))
 }

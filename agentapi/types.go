@@ -109,8 +109,11 @@ type ContainerResult struct {
 	// CheckpointID names the checkpoint directory below ContainerSpec.Dir; set once complete. All
 	// containers of one operation get the same ID (the pod restores from one restore ID).
 	CheckpointID string `json:"checkpointID,omitempty"`
-	Bytes        int64  `json:"bytes"`
-	Message      string `json:"message,omitempty"`
+	// Generation is the checkpoint's place among the container's checkpoints on the volume
+	// (checkpoint.Manifest.Generation): the webhook orders its records by it, not by clocks.
+	Generation uint64 `json:"generation,omitempty"`
+	Bytes      int64  `json:"bytes"`
+	Message    string `json:"message,omitempty"`
 }
 
 // CheckpointList is the answer to GET /v1/checkpoints.

@@ -65,6 +65,9 @@ type Manifest struct {
 	// name has another); empty for plain pods.
 	Owner  string `json:"owner,omitempty"`
 	Reason string `json:"reason,omitempty"`
+	// Generation orders the container's checkpoints on the volume (generation.go): assigned at
+	// commit, one more than the highest already complete. 0 in checkpoints older than it.
+	Generation uint64 `json:"generation,omitempty"`
 
 	// Process is the app as it was dumped (the first process under the launcher's nested init).
 	Process Process `json:"process"`
@@ -181,8 +184,8 @@ func List(dir string) ([]Entry, error) {
 	return out, nil
 }
 
-// listAt returns the IDs of the complete checkpoints in dir, newest first: directories (not
-// symlinks) with a valid ID holding a regular marker file.
+// listAt returns the IDs of the complete checkpoints in dir, newest first (by generation, then
+// ID: sortNewest): directories (not symlinks) with a valid ID holding a regular marker file.
 func listAt(dir *os.File) ([]string, error) {
 	des, err := confine.ReadDir(dir)
 	if err != nil {
@@ -194,7 +197,7 @@ func listAt(dir *os.File) ([]string, error) {
 			out = append(out, de.Name)
 		}
 	}
-	sort.Sort(sort.Reverse(sort.StringSlice(out)))
+	sortNewest(dir, out)
 	return out, nil
 }
 

@@ -183,7 +183,8 @@ func (w *Writer) ImagesWritten() error {
 }
 
 // Commit hashes and fsyncs every file, writes the manifest, renames the directory into place and
-// writes the marker last. m.Files, m.Size, m.ImagesSize, m.ID, m.Format and m.Created are filled.
+// writes the marker last. m.Files, m.Size, m.ImagesSize, m.ID, m.Format, m.Generation and m.Created
+// are filled.
 // The previous complete checkpoint is untouched: a crash at any point leaves either no new
 // checkpoint or a complete one. What is hashed, renamed and marked is the directory Begin created:
 // the rename is checked by inode before and after.
@@ -195,6 +196,9 @@ func (w *Writer) Commit(m *Manifest) error {
 	if err != nil {
 		return err
 	}
+	unlock := lockGenerations(w.context(), w.dir) // until the marker makes this generation count
+	defer unlock()
+	m.Generation = nextGeneration(w.dir)
 	m.Format = FormatVersion
 	m.ID = w.ID
 	m.Files = files

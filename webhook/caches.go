@@ -19,6 +19,7 @@ import (
 	informerscorev1 "k8s.io/client-go/informers/core/v1"
 	"k8s.io/client-go/kubernetes"
 	appsv1listers "k8s.io/client-go/listers/apps/v1"
+	corev1listers "k8s.io/client-go/listers/core/v1"
 	policyv1listers "k8s.io/client-go/listers/policy/v1"
 	"k8s.io/client-go/tools/cache"
 
@@ -37,6 +38,7 @@ type caches struct {
 	pdbs      policyv1listers.PodDisruptionBudgetLister
 	rs        appsv1listers.ReplicaSetLister
 	deploy    appsv1listers.DeploymentLister
+	nodes     corev1listers.NodeLister
 	locate    Locator
 	hasSynced []cache.InformerSynced
 }
@@ -63,9 +65,10 @@ func startCaches(ctx context.Context, client kubernetes.Interface, prefix string
 	all := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(trim))
 	c.pvcs = all.Core().V1().PersistentVolumeClaims()
 	pdbInf, rsInf, deployInf := all.Policy().V1().PodDisruptionBudgets(), all.Apps().V1().ReplicaSets(), all.Apps().V1().Deployments()
-	c.pdbs, c.rs, c.deploy = pdbInf.Lister(), rsInf.Lister(), deployInf.Lister()
+	nodeInf := all.Core().V1().Nodes()
+	c.pdbs, c.rs, c.deploy, c.nodes = pdbInf.Lister(), rsInf.Lister(), deployInf.Lister(), nodeInf.Lister()
 	c.hasSynced = []cache.InformerSynced{c.pods.Informer().HasSynced, c.pvcs.Informer().HasSynced,
-		pdbInf.Informer().HasSynced, rsInf.Informer().HasSynced, deployInf.Informer().HasSynced}
+		pdbInf.Informer().HasSynced, rsInf.Informer().HasSynced, deployInf.Informer().HasSynced, nodeInf.Informer().HasSynced}
 
 	if f.agentEndpoint != "" {
 		c.locate = StaticLocator(strings.TrimRight(f.agentEndpoint, "/"))
@@ -86,7 +89,7 @@ func startCaches(ctx context.Context, client kubernetes.Interface, prefix string
 	return c, nil
 }
 
-// trim keeps what the webhook reads of PVCs, ReplicaSets and Deployments.
+// trim keeps what the webhook reads of PVCs, ReplicaSets, Deployments and Nodes.
 func trim(obj any) (any, error) {
 	if m, ok := obj.(metav1.Object); ok {
 		m.SetManagedFields(nil)
@@ -100,6 +103,15 @@ func trim(obj any) (any, error) {
 		return &appsv1.ReplicaSet{TypeMeta: o.TypeMeta, ObjectMeta: o.ObjectMeta, Spec: appsv1.ReplicaSetSpec{Replicas: o.Spec.Replicas}}, nil
 	case *appsv1.Deployment:
 		return &appsv1.Deployment{TypeMeta: o.TypeMeta, ObjectMeta: o.ObjectMeta, Spec: appsv1.DeploymentSpec{Replicas: o.Spec.Replicas}}, nil
+	case *corev1.Node:
+		// The Ready condition alone (nodes.go): no images, addresses or other conditions.
+		n := &corev1.Node{TypeMeta: o.TypeMeta, ObjectMeta: metav1.ObjectMeta{Name: o.Name, UID: o.UID, ResourceVersion: o.ResourceVersion}}
+		for _, c := range o.Status.Conditions {
+			if c.Type == corev1.NodeReady {
+				n.Status.Conditions = []corev1.NodeCondition{c}
+			}
+		}
+		return n, nil
 	}
 	return obj, nil
 }

@@ -62,10 +62,48 @@ func (o podOutcome) failure() string {
 }
 
 // checkpointAll asks the agents to checkpoint every target in parallel, waits up to the budget
-// and turns the outcome into a verdict: all done → allow; one failed → the failure policy; else
-// 429 with progress. Events go to each pod and, when set, to subject (the suspended Job).
+// and turns the outcome into a verdict: all done → allow; one failed → the failure policy; an
+// agent unavailable (for less than AgentRetryFor) → 429 with the reason; else 429 with progress.
+// Events go to each pod and, when set, to subject (the suspended Job).
 func (w *Webhook) checkpointAll(ctx context.Context, webhookID, reason string, subject runtime.Object, subjectName string, targets []target) verdict {
 	t0 := w.d.Now()
+	outs := w.checkpointEach(ctx, reason, targets)
+	s := w.sortOutcomes(outs)
+	if len(s.failed) == 0 && len(s.unavailable) > 0 {
+		return w.holdForAgents(webhookID, reason, outs, s.unavailable)
+	}
+	r := round{webhookID: webhookID, reason: reason, subject: subject, subjectName: subjectName,
+		targets: targets, outs: outs, sorted: s, took: w.d.Now().Sub(t0).Seconds()}
+	switch {
+	case len(s.failed) > 0:
+		return w.failedVerdict(r)
+	case len(s.running) > 0:
+		return w.inProgressVerdict(r)
+	default:
+		return w.doneVerdict(r)
+	}
+}
+
+// round is one checkpointAll: what was asked and what came of it.
+type round struct {
+	webhookID, reason string
+	subject           runtime.Object
+	subjectName       string
+	targets           []target
+	outs              []podOutcome
+	sorted
+	took float64 // seconds
+}
+
+// sorted is the outcomes of a round by kind.
+type sorted struct {
+	failed, running []podOutcome
+	unavailable     []string // messages of pods whose agent is unavailable, still within AgentRetryFor
+	written         int64
+}
+
+// checkpointEach runs checkpointPod for every target at once, under one wait budget.
+func (w *Webhook) checkpointEach(ctx context.Context, reason string, targets []target) []podOutcome {
 	bctx, cancel := context.WithTimeout(ctx, w.cfg.WaitBudget)
 	defer cancel()
 	outs := make([]podOutcome, len(targets))
@@ -78,16 +116,19 @@ func (w *Webhook) checkpointAll(ctx context.Context, webhookID, reason string, s
 		}()
 	}
 	wg.Wait()
+	return outs
+}
 
-	var failed, running []podOutcome
-	var unavailable []string
-	var written int64
+// sortOutcomes sorts the outcomes. An unavailable agent counts as passing trouble for
+// AgentRetryFor per pod, then as a failure (the failure policy applies).
+func (w *Webhook) sortOutcomes(outs []podOutcome) sorted {
+	var s sorted
 	for _, o := range outs {
-		written += o.status.BytesWritten
+		s.written += o.status.BytesWritten
 		uid := string(o.t.pod.UID)
 		if o.err != nil && transient(o.err) {
 			if d := w.unavail.seen(uid, w.d.Now()); d < w.cfg.AgentRetryFor {
-				unavailable = append(unavailable, unavailableMessage(o, d, w.cfg.AgentRetryFor))
+				s.unavailable = append(s.unavailable, unavailableMessage(o, d, w.cfg.AgentRetryFor))
 				continue
 			}
 		} else {
@@ -95,74 +136,83 @@ func (w *Webhook) checkpointAll(ctx context.Context, webhookID, reason string, s
 		}
 		switch {
 		case o.failed():
-			failed = append(failed, o)
+			s.failed = append(s.failed, o)
 		case !o.succeeded():
-			running = append(running, o)
+			s.running = append(s.running, o)
 		}
 	}
-	if len(failed) == 0 && len(unavailable) > 0 {
-		// Passing trouble: 429 like a dump in progress, retried by the evicting client.
-		w.metrics.tooMany.WithLabelValues(webhookID).Inc()
-		for _, o := range outs {
-			if o.err != nil && transient(o.err) {
-				w.d.Events.Eventf(o.t.pod, corev1.EventTypeWarning, ReasonCheckpointRunning, "%s held: %v; retrying", reason, o.err)
-			}
+	return s
+}
+
+// holdForAgents answers passing trouble with 429, like a dump in progress: the evicting client
+// retries.
+func (w *Webhook) holdForAgents(webhookID, reason string, outs []podOutcome, unavailable []string) verdict {
+	w.metrics.tooMany.WithLabelValues(webhookID).Inc()
+	for _, o := range outs {
+		if o.err != nil && transient(o.err) {
+			w.d.Events.Eventf(o.t.pod, corev1.EventTypeWarning, ReasonCheckpointRunning, "%s held: %v; retrying", reason, o.err)
 		}
-		return deny(http.StatusTooManyRequests, metav1.StatusReasonTooManyRequests, "%s", strings.Join(unavailable, "; "))
 	}
-	took := w.d.Now().Sub(t0).Seconds()
-	switch {
-	case len(failed) > 0:
-		w.metrics.checkpointWait.WithLabelValues(webhookID, "failed").Observe(took)
-		w.metrics.failures.WithLabelValues(webhookID, w.cfg.FailurePolicy).Inc()
-		var msgs []string
-		for _, o := range failed {
-			m := fmt.Sprintf("checkpoint of pod %s/%s failed: %s", o.t.pod.Namespace, o.t.pod.Name, o.failure())
-			msgs = append(msgs, m)
-			if w.cfg.FailurePolicy == FailOpen {
-				w.d.Events.Eventf(o.t.pod, corev1.EventTypeWarning, ReasonCheckpointFailed, "%s; allowed (%s): progress since the last checkpoint will be lost", m, FailOpen)
-			} else {
-				w.d.Events.Eventf(o.t.pod, corev1.EventTypeWarning, ReasonCheckpointFailed, "%s; %s refused (%s)", m, reason, FailClosed)
-			}
-		}
-		msg := strings.Join(msgs, "; ")
-		if subject != nil {
-			w.d.Events.Eventf(subject, corev1.EventTypeWarning, ReasonCheckpointFailed, "%s refused: %s", reason, msg)
-		}
+	return deny(http.StatusTooManyRequests, metav1.StatusReasonTooManyRequests, "%s", strings.Join(unavailable, "; "))
+}
+
+// failedVerdict applies the failure policy to a round where a checkpoint failed.
+func (w *Webhook) failedVerdict(r round) verdict {
+	w.metrics.checkpointWait.WithLabelValues(r.webhookID, "failed").Observe(r.took)
+	w.metrics.failures.WithLabelValues(r.webhookID, w.cfg.FailurePolicy).Inc()
+	var msgs []string
+	for _, o := range r.failed {
+		m := fmt.Sprintf("checkpoint of pod %s/%s failed: %s", o.t.pod.Namespace, o.t.pod.Name, o.failure())
+		msgs = append(msgs, m)
 		if w.cfg.FailurePolicy == FailOpen {
-			return allow("", fmt.Sprintf("%s; allowed by failure policy %s: progress will be lost", msg, FailOpen))
-		}
-		return deny(http.StatusForbidden, metav1.StatusReasonForbidden, "%s (failure policy %s)", msg, FailClosed)
-	case len(running) > 0:
-		w.metrics.checkpointWait.WithLabelValues(webhookID, "in-progress").Observe(took)
-		w.metrics.tooMany.WithLabelValues(webhookID).Inc()
-		var msg string
-		if len(targets) == 1 {
-			p := targets[0].pod
-			msg = fmt.Sprintf("checkpoint of pod %s/%s in progress: %s written, retry", p.Namespace, p.Name, humanBytes(written))
+			w.d.Events.Eventf(o.t.pod, corev1.EventTypeWarning, ReasonCheckpointFailed, "%s; allowed (%s): progress since the last checkpoint will be lost", m, FailOpen)
 		} else {
-			msg = fmt.Sprintf("checkpoint of %d pods of %s in progress (%d of %d done): %s written, retry",
-				len(targets), subjectName, len(targets)-len(running), len(targets), humanBytes(written))
+			w.d.Events.Eventf(o.t.pod, corev1.EventTypeWarning, ReasonCheckpointFailed, "%s; %s refused (%s)", m, r.reason, FailClosed)
 		}
-		for _, o := range running {
-			w.d.Events.Eventf(o.t.pod, corev1.EventTypeNormal, ReasonCheckpointRunning, "checkpoint for %s in progress: %s written", reason, humanBytes(o.status.BytesWritten))
-		}
-		if subject != nil {
-			w.d.Events.Eventf(subject, corev1.EventTypeNormal, ReasonCheckpointRunning, "%s", msg)
-		}
-		// No Retry-After: client-go would retry by itself (ten times) and kubectl drain would
-		// neither show the progress nor wait its own 5 s between attempts.
-		return deny(http.StatusTooManyRequests, metav1.StatusReasonTooManyRequests, "%s", msg)
-	default:
-		w.metrics.checkpointWait.WithLabelValues(webhookID, "done").Observe(took)
-		for _, o := range outs {
-			w.d.Events.Eventf(o.t.pod, corev1.EventTypeNormal, ReasonCheckpointed, "checkpointed for %s on node %s: %s", reason, o.status.Node, humanBytes(o.status.BytesWritten))
-		}
-		if subject != nil {
-			w.d.Events.Eventf(subject, corev1.EventTypeNormal, ReasonCheckpointed, "checkpointed %d pods for %s: %s", len(targets), reason, humanBytes(written))
-		}
-		return allow("")
 	}
+	msg := strings.Join(msgs, "; ")
+	if r.subject != nil {
+		w.d.Events.Eventf(r.subject, corev1.EventTypeWarning, ReasonCheckpointFailed, "%s refused: %s", r.reason, msg)
+	}
+	if w.cfg.FailurePolicy == FailOpen {
+		return allow("", fmt.Sprintf("%s; allowed by failure policy %s: progress will be lost", msg, FailOpen))
+	}
+	return deny(http.StatusForbidden, metav1.StatusReasonForbidden, "%s (failure policy %s)", msg, FailClosed)
+}
+
+// inProgressVerdict answers 429 with the progress of the dumps still running.
+func (w *Webhook) inProgressVerdict(r round) verdict {
+	w.metrics.checkpointWait.WithLabelValues(r.webhookID, "in-progress").Observe(r.took)
+	w.metrics.tooMany.WithLabelValues(r.webhookID).Inc()
+	var msg string
+	if len(r.targets) == 1 {
+		p := r.targets[0].pod
+		msg = fmt.Sprintf("checkpoint of pod %s/%s in progress: %s written, retry", p.Namespace, p.Name, humanBytes(r.written))
+	} else {
+		msg = fmt.Sprintf("checkpoint of %d pods of %s in progress (%d of %d done): %s written, retry",
+			len(r.targets), r.subjectName, len(r.targets)-len(r.running), len(r.targets), humanBytes(r.written))
+	}
+	for _, o := range r.running {
+		w.d.Events.Eventf(o.t.pod, corev1.EventTypeNormal, ReasonCheckpointRunning, "checkpoint for %s in progress: %s written", r.reason, humanBytes(o.status.BytesWritten))
+	}
+	if r.subject != nil {
+		w.d.Events.Eventf(r.subject, corev1.EventTypeNormal, ReasonCheckpointRunning, "%s", msg)
+	}
+	// No Retry-After: client-go would retry by itself (ten times) and kubectl drain would
+	// neither show the progress nor wait its own 5 s between attempts.
+	return deny(http.StatusTooManyRequests, metav1.StatusReasonTooManyRequests, "%s", msg)
+}
+
+// doneVerdict allows: every pod is checkpointed and recorded.
+func (w *Webhook) doneVerdict(r round) verdict {
+	w.metrics.checkpointWait.WithLabelValues(r.webhookID, "done").Observe(r.took)
+	for _, o := range r.outs {
+		w.d.Events.Eventf(o.t.pod, corev1.EventTypeNormal, ReasonCheckpointed, "checkpointed for %s on node %s: %s", r.reason, o.status.Node, humanBytes(o.status.BytesWritten))
+	}
+	if r.subject != nil {
+		w.d.Events.Eventf(r.subject, corev1.EventTypeNormal, ReasonCheckpointed, "checkpointed %d pods for %s: %s", len(r.targets), r.reason, humanBytes(r.written))
+	}
+	return allow("")
 }
 
 // checkpointPod starts (or joins) the agent's operation and polls it until it is done or the
@@ -237,6 +287,7 @@ func (w *Webhook) record(ctx context.Context, t target, st agentapi.CheckpointSt
 	for _, c := range st.Containers {
 		if c.Phase == agentapi.PhaseSucceeded && c.CheckpointID != "" {
 			rec.Containers[c.Name] = c.CheckpointID
+			rec.Generation = max(rec.Generation, c.Generation)
 			if rec.ID == "" {
 				rec.ID = c.CheckpointID
 			}

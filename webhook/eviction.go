@@ -69,6 +69,11 @@ func (w *Webhook) evictionVerdict(ctx context.Context, ar *model.AdmissionReview
 	if DryRunEviction(ar.DryRun, ev) {
 		return allow("dry run: no checkpoint taken")
 	}
+	if why := w.nodeLost(ctx, pod); why != "" {
+		w.d.Events.Eventf(pod, corev1.EventTypeWarning, ReasonNodeNotReady,
+			"evicted without checkpoint: %s, the pod cannot be checkpointed; its replacement continues from its last complete checkpoint", why)
+		return allow("", fmt.Sprintf("stasis: %s: evicted without checkpoint; the replacement continues from the last complete checkpoint", why))
+	}
 	if why := w.refusedByBudget(ctx, pod); why != "" {
 		// The API server refuses this eviction itself (429): freezing the pod for a dump that
 		// cannot lead to an eviction would only stall it.

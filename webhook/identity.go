@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -173,23 +174,55 @@ func isGroup(apiVersion, group string) bool {
 	return len(apiVersion) > len(group) && apiVersion[:len(group)+1] == group+"/"
 }
 
-// claimHolders answers catalog.Holders from the pod informer.
-type claimHolders struct{ w *Webhook }
+// claimHolders answers catalog.Holders from the pod informer: one pass over a namespace's pods,
+// made when first asked, answers every slot of a claim (a pass per slot would cost slots × pods
+// for a Job of thousands of pods).
+type claimHolders struct {
+	w    *Webhook
+	mu   sync.Mutex
+	byNS map[string]map[string]catalog.Holder // namespace → token → holder
+}
 
-func (h claimHolders) Holder(ns, token string) (live, seen bool) {
+func newClaimHolders(w *Webhook) *claimHolders { return &claimHolders{w: w} }
+
+func (h *claimHolders) Holder(ns, token string) catalog.Holder {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	idx, ok := h.byNS[ns]
+	if !ok {
+		idx = h.index(ns)
+		if h.byNS == nil {
+			h.byNS = map[string]map[string]catalog.Holder{}
+		}
+		h.byNS[ns] = idx
+	}
+	got := idx[token]
+	// A pod the informer saw deleted is no pod in admission: its slot is free now.
+	got.Seen = got.Seen || h.w.gone.gone(token)
+	return got
+}
+
+// index maps every claim token in ns to what its pods say.
+func (h *claimHolders) index(ns string) map[string]catalog.Holder {
+	idx := map[string]catalog.Holder{}
 	pods, err := h.w.d.Pods.Pods(ns).List(everything())
 	if err != nil {
-		return false, false
+		return idx
 	}
 	for _, p := range pods {
-		if p.Annotations[catalog.AnnotationClaim] != token {
+		token := p.Annotations[catalog.AnnotationClaim]
+		if token == "" {
 			continue
 		}
-		seen = true
-		if p.DeletionTimestamp == nil && p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
-			return true, true
+		got := idx[token]
+		got.Seen = true
+		switch {
+		case p.Status.Phase == corev1.PodSucceeded:
+			got.Succeeded = true
+		case p.DeletionTimestamp == nil && p.Status.Phase != corev1.PodFailed:
+			got.Live = true
 		}
+		idx[token] = got
 	}
-	// A pod the informer saw deleted is no pod in admission: its slot is free now.
-	return false, seen || h.w.gone.gone(token)
+	return idx
 }

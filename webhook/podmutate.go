@@ -258,7 +258,7 @@ func (w *Webhook) slot(ctx context.Context, ar *model.AdmissionReview, ns string
 	if problem != "" {
 		return res, w.refuseOwn(ns, pod, true, []string{fmt.Sprintf("metadata.annotations[%s]: %s", catalog.AnnotationClaim, problem)})
 	}
-	if live, _ := (claimHolders{w: w}).Holder(ns, token); live {
+	if newClaimHolders(w).Holder(ns, token).Live {
 		// The pod being admitted does not exist yet: a live pod with this token is another one.
 		return res, w.refuseOwn(ns, pod, true, []string{fmt.Sprintf("metadata.annotations[%s]: slot %s is held by another running pod", catalog.AnnotationClaim, slot)})
 	}
@@ -355,7 +355,7 @@ func (w *Webhook) pvcSpec(ns, identity string, owner *metav1.OwnerReference, pod
 func (w *Webhook) claimRequest(ns string, id identity, shared string, dryRun bool) catalog.ClaimRequest {
 	return catalog.ClaimRequest{
 		Namespace: ns, Base: id.ClaimBase, SharedPVC: shared,
-		Holders: claimHolders{w: w}, Grace: w.cfg.ClaimGrace, DryRun: dryRun,
+		Holders: newClaimHolders(w), Grace: w.cfg.ClaimGrace, DryRun: dryRun,
 	}
 }
 

@@ -67,6 +67,7 @@ func parseFlags(args []string) (runFlags, Config, ServerConfig, error) {
 	fs.StringVar(&srv.HealthListen, "health-listen", ":8080", "plain HTTP address of /healthz, /readyz and /metrics")
 	fs.StringVar(&srv.CertFile, "tls-cert-file", "", "serving certificate (PEM); reloaded when it changes")
 	fs.StringVar(&srv.KeyFile, "tls-key-file", "", "key of the serving certificate (PEM)")
+	fs.DurationVar(&srv.ShutdownDelay, "shutdown-delay", 5*time.Second, "on SIGTERM, serve on (not ready) this long before closing the listeners, while the API server still sends reviews to this replica")
 	fs.StringVar(&cfg.LabelPrefix, "label-prefix", labels.DefaultPrefix, "prefix of the checkpoint labels (must match the webhook configuration's selectors)")
 	fs.DurationVar(&cfg.AgentRetryFor, "agent-retry-for", 2*time.Minute, "how long an eviction or suspend is answered 429 while the node's agent is unavailable (restarting, not ready, unreachable) before the failure policy applies")
 	fs.DurationVar(&cfg.WaitBudget, "wait-budget", 20*time.Second, "how long an eviction or suspend waits for a checkpoint before answering 429; below the eviction deadline")
@@ -140,7 +141,7 @@ func Run(ctx context.Context, args []string) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	wh, err := New(cfg, Deps{
 		Client: clients[0], PodClient: clients[1], EvictionClient: clients[2],
-		Pods: c.pods.Lister(), PDBs: c.pdbs, PVCs: c.pvcs.Lister(), ReplicaSets: c.rs, Deployments: c.deploy, Synced: c.synced,
+		Pods: c.pods.Lister(), PDBs: c.pdbs, PVCs: c.pvcs.Lister(), ReplicaSets: c.rs, Deployments: c.deploy, Nodes: c.nodes, Synced: c.synced,
 		Agents: agents, Locate: c.locate, Registry: reg, Log: log,
 		Events: broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "stasis-webhook"}),
 	})

@@ -26,6 +26,11 @@ type ServerConfig struct {
 	CertReload time.Duration
 	// ShutdownGrace bounds the graceful shutdown; the API server's timeout is 30 s.
 	ShutdownGrace time.Duration
+	// ShutdownDelay is how long a stopping server goes on serving (not ready) before it closes its
+	// listeners: the API server sends reviews to a replica until it sees the replica's endpoint
+	// removed, and a review sent to a closed listener fails the eviction (500), which makes
+	// kubectl drain give up. 0: close at once.
+	ShutdownDelay time.Duration
 
 	// Listeners already open (tests); nil means listen on Listen and HealthListen.
 	tlsListener, healthListener net.Listener
@@ -97,9 +102,10 @@ func Serve(ctx context.Context, cfg ServerConfig, admission http.Handler, gather
 	return serving.Group{
 		Servers: []serving.Server{{Name: "admission", HTTP: tlsSrv, Ln: tlsLn, TLS: true}, {Name: "health", HTTP: health, Ln: healthLn}},
 		Grace:   cfg.ShutdownGrace,
+		Delay:   cfg.ShutdownDelay,
 		Draining: func() {
 			draining.Store(true)
-			log.Info().Msg("shutting down: finishing reviews in flight")
+			log.Info().Dur("delay", cfg.ShutdownDelay).Msg("stopping: serving on, not ready, until the endpoint is gone; then finishing reviews in flight")
 		},
 	}.Run(ctx)
 }

@@ -125,3 +125,44 @@ func TestServe(t *testing.T) {
 	cancel()
 	require.NoError(t, <-done, "graceful shutdown")
 }
+
+// A stopping server serves on, not ready, for ShutdownDelay: a review the API server sends before
+// it sees the endpoint gone is still answered (a refused connection fails the eviction with 500,
+// and kubectl drain gives up).
+func TestServeOnDuringShutdownDelay(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	ca := selfSigned(t, certFile, keyFile, "only")
+	e := newEnv(t, Config{}, nil)
+	tlsLn, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	healthLn, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- Serve(ctx, ServerConfig{CertFile: certFile, KeyFile: keyFile, ShutdownDelay: time.Second,
+			tlsListener: tlsLn, healthListener: healthLn}, e.srv.Config.Handler, e.reg, func() bool { return true }, zerolog.Nop())
+	}()
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(ca)
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, DisableKeepAlives: true}}
+	post := func() error {
+		r, err := client.Post("https://"+tlsLn.Addr().String()+PathEviction, "application/json", bytes.NewReader(fixture(t, "eviction-v1.json")))
+		if err == nil {
+			r.Body.Close()
+		}
+		return err
+	}
+	require.Eventually(t, func() bool { return post() == nil }, 5*time.Second, 20*time.Millisecond)
+
+	cancel()
+	time.Sleep(100 * time.Millisecond)
+	assert.NoError(t, post(), "answered during the delay")
+	r, err := http.Get("http://" + healthLn.Addr().String() + "/readyz")
+	require.NoError(t, err)
+	r.Body.Close()
+	assert.Equal(t, http.StatusServiceUnavailable, r.StatusCode, "not ready while stopping")
+	require.NoError(t, <-done)
+	assert.Error(t, post(), "closed after the delay")
+}

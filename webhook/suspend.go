@@ -45,6 +45,7 @@ func (w *Webhook) suspendVerdict(ctx context.Context, ar *model.AdmissionReview,
 		w.d.Events.Eventf(job, corev1.EventTypeWarning, ReasonCheckpointFailed, "listing the Job's pods: %v", err)
 		return deny(500, metav1.StatusReasonInternalError, "listing the pods of Job %s/%s: %v", ns, job.Name, err)
 	}
+	targets = w.withoutLostNodes(ctx, targets)
 	if len(targets) == 0 {
 		return allow("no running checkpoint-enabled pod")
 	}

@@ -176,6 +176,9 @@ type Deps struct {
 	PVCs        corev1listers.PersistentVolumeClaimLister
 	ReplicaSets appsv1listers.ReplicaSetLister
 	Deployments appsv1listers.DeploymentLister
+	// Nodes is the Node informer cache: an eviction from a NotReady or gone node is allowed
+	// without a checkpoint (nodes.go). nil: every node counts as ready.
+	Nodes corev1listers.NodeLister
 	// Synced reports whether the caches are synced; until then every review is answered 429
 	// (an empty cache would allow the eviction of a checkpoint-enabled pod unchecked). nil: synced.
 	Synced func() bool

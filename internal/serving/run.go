@@ -24,11 +24,13 @@ type Server struct {
 }
 
 // Group runs servers together: Run starts all of them and, when ctx ends or one fails, calls
-// Draining (readiness goes false so no new requests are routed here) and shuts all of them down
+// Draining (readiness goes false so no new requests are routed here), serves on for Delay (clients
+// that have not yet seen the endpoint removed are still answered), and shuts all of them down
 // gracefully within Grace (default 30 s), finishing the requests in flight.
 type Group struct {
 	Servers  []Server
 	Grace    time.Duration
+	Delay    time.Duration
 	Draining func()
 }
 
@@ -56,6 +58,12 @@ func (g Group) Run(ctx context.Context) error {
 	}
 	if g.Draining != nil {
 		g.Draining()
+	}
+	if runErr == nil && g.Delay > 0 {
+		select {
+		case runErr = <-errc:
+		case <-time.After(g.Delay):
+		}
 	}
 	grace := g.Grace
 	if grace == 0 {

@@ -386,3 +386,84 @@ func (s *scenario) precreatePV(pvcName string) {
 		_ = s.c.CoreV1().PersistentVolumes().Delete(context.Background(), name, metav1.DeleteOptions{})
 	})
 }
+
+// A NonIndexed Job's pod that restored a slot's checkpoint then ran to completion (Succeeded):
+// its slot is free, and the next pod the Job controller creates for the remaining completion
+// must not restore that slot's last checkpoint, which would redo finished work. It starts fresh,
+// and the record is gone from the slot's PVC.
+func TestNonIndexedJobSlotOfASucceededPodStartsFresh_NoKubelet(t *testing.T) {
+	s := newScenario(t, "s3-succeeded", "a")
+	job := s.jobObject("pool", s.nodes[0], enabled(), false, 1)
+	two := int32(2)
+	job.Spec.Completions = &two
+	_, err := s.c.BatchV1().Jobs(s.ns).Create(s.ctx, job, metav1.CreateOptions{})
+	require.NoError(t, err)
+	s.eventually("a running, wired Job pod", func() (bool, error) {
+		ps := s.jobPods("pool")
+		return len(ps) == 1 && ps[0].Status.Phase == corev1.PodRunning && ps[0].Annotations[wiring.AnnotationWired] == "true", nil
+	})
+	s.eventually("suspend accepted", func() (bool, error) {
+		out, err := s.kubectl("-n", s.ns, "patch", "job", "pool", "-p", `{"spec":{"suspend":true}}`)
+		if err != nil && !strings.Contains(out, "in progress") {
+			return false, fmt.Errorf("suspend refused: %s", out)
+		}
+		return err == nil, nil
+	})
+	s.eventually("the suspended pod deleted", func() (bool, error) {
+		l, err := s.c.CoreV1().Pods(s.ns).List(s.ctx, metav1.ListOptions{})
+		return err == nil && len(l.Items) == 0, err
+	})
+	out, err := s.kubectl("-n", s.ns, "patch", "job", "pool", "-p", `{"spec":{"suspend":false}}`)
+	require.NoError(t, err, out)
+
+	var restored corev1.Pod
+	s.eventually("the resumed pod running", func() (bool, error) {
+		ps := s.jobPods("pool")
+		if len(ps) == 1 && ps[0].Status.Phase == corev1.PodRunning {
+			restored = ps[0]
+			return true, nil
+		}
+		return false, nil
+	})
+	slot := restored.Annotations[wiring.AnnotationIdentity]
+	require.Contains(t, restored.Annotations, wiring.AnnotationRestore, "the resumed pod restores its slot's checkpoint")
+	pvc, err := s.c.CoreV1().PersistentVolumeClaims(s.ns).Get(s.ctx, catalog.PVCName(slot), metav1.GetOptions{})
+	require.NoError(t, err)
+	_, recorded := catalog.RecordOf(pvc, slot)
+	require.True(t, recorded)
+
+	// The app finishes its work: exit 0, the pod Succeeded (what a kubelet reports).
+	now := metav1.Now()
+	restored.Status.Phase = corev1.PodSucceeded
+	for i := range restored.Status.ContainerStatuses {
+		cs := &restored.Status.ContainerStatuses[i]
+		cs.Ready = false
+		cs.State = corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{ExitCode: 0, Reason: "Completed", FinishedAt: now}}
+	}
+	for i := range restored.Status.Conditions {
+		if c := &restored.Status.Conditions[i]; c.Type == corev1.PodReady || c.Type == corev1.ContainersReady {
+			c.Status = corev1.ConditionFalse
+		}
+	}
+	_, err = s.c.CoreV1().Pods(s.ns).UpdateStatus(s.ctx, &restored, metav1.UpdateOptions{})
+	require.NoError(t, err)
+
+	var next corev1.Pod
+	s.eventually("the pod for the second completion running", func() (bool, error) {
+		for _, p := range s.jobPods("pool") {
+			if p.UID != restored.UID && p.Status.Phase == corev1.PodRunning {
+				next = p
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	assert.NotContains(t, next.Annotations, wiring.AnnotationRestore, "the finished slot's checkpoint is not restored")
+	if next.Annotations[wiring.AnnotationIdentity] == slot {
+		pvc, err = s.c.CoreV1().PersistentVolumeClaims(s.ns).Get(s.ctx, catalog.PVCName(slot), metav1.GetOptions{})
+		require.NoError(t, err)
+		_, recorded = catalog.RecordOf(pvc, slot)
+		assert.False(t, recorded, "the finished slot's record was dropped when it was claimed again")
+	}
+	assert.EqualValues(t, 1, s.job("pool").Status.Succeeded)
+}

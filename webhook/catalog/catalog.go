@@ -1,7 +1,7 @@
 // Package catalog is where the webhook learns that a checkpoint exists: records kept as annotations
 // on the checkpoint PVC, so that they survive webhook restarts and every replica sees the same
 // thing. A record is written only after the agent reported a complete checkpoint, with optimistic
-// concurrency (the PVC's resourceVersion), and an older record never replaces a newer one.
+// concurrency (the PVC's resourceVersion), and an older record never replaces a newer one (Record.Newer).
 //
 // One PVC can hold the records of several identities (a user volume shared by the pods of a Job),
 // so every annotation is keyed by a hash of the identity: checkpoint.stasis.dev/<hash> holds the
@@ -51,6 +51,19 @@ type Record struct {
 	Time       time.Time         `json:"time"`
 	Size       int64             `json:"size"`
 	PodUID     string            `json:"podUID,omitempty"`
+	// Generation is the highest of the containers' checkpoint generations (the agent's count of
+	// commits on the volume); 0 in records older than it.
+	Generation uint64 `json:"generation,omitempty"`
+}
+
+// Newer reports whether r is a newer checkpoint than o: by generation, which the agent counts on
+// the volume, then by time, which comes from a node's clock (records without a generation, or
+// two checkpoints that tie).
+func (r *Record) Newer(o *Record) bool {
+	if r.Generation != o.Generation {
+		return r.Generation > o.Generation
+	}
+	return r.Time.After(o.Time)
 }
 
 // Claim is a NonIndexed Job pod's hold on an identity.
@@ -187,7 +200,7 @@ func (s *Store) Save(ctx context.Context, ns, pvc string, rec Record) error {
 		if err != nil {
 			return err
 		}
-		if old, ok := RecordOf(p, rec.Identity); ok && (old.Time.After(rec.Time) || old.ID == rec.ID) {
+		if old, ok := RecordOf(p, rec.Identity); ok && (old.Newer(&rec) || old.ID == rec.ID) {
 			return nil
 		}
 		return s.annotate(ctx, p, RecordKey(rec.Identity), string(val))
@@ -202,9 +215,14 @@ func (s *Store) Save(ctx context.Context, ns, pvc string, rec Record) error {
 // made since p was read is a conflict, as with an update, but the webhook needs only `patch` on
 // PVCs and can change nothing but what the patch names.
 func (s *Store) annotate(ctx context.Context, p *corev1.PersistentVolumeClaim, key, val string) error {
+	return s.annotateAll(ctx, p, map[string]*string{key: &val})
+}
+
+// annotateAll is annotate for several annotations at once; a nil value removes one.
+func (s *Store) annotateAll(ctx context.Context, p *corev1.PersistentVolumeClaim, set map[string]*string) error {
 	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{
 		"resourceVersion": p.ResourceVersion,
-		"annotations":     map[string]string{key: val},
+		"annotations":     set,
 	}})
 	if err != nil {
 		return err

@@ -2,6 +2,7 @@ package catalog
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -51,6 +52,11 @@ func TestSave(t *testing.T) {
 		{name: "first record", save: rec("c1", now), want: "c1"},
 		{name: "newer replaces older", existing: ptr(rec("c1", now)), save: rec("c2", now.Add(time.Minute)), want: "c2"},
 		{name: "older never replaces newer", existing: ptr(rec("c2", now.Add(time.Minute))), save: rec("c1", now), want: "c2"},
+		{name: "a higher generation replaces, though its node's clock is behind", existing: ptr(gen(rec("c1", now), 1)),
+			save: gen(rec("c0", now.Add(-time.Hour)), 2), want: "c0"},
+		{name: "a lower generation never replaces, though its node's clock is ahead", existing: ptr(gen(rec("c2", now), 2)),
+			save: gen(rec("c3", now.Add(time.Hour)), 1), want: "c2"},
+		{name: "a generation replaces a record without one", existing: ptr(rec("c1", now.Add(time.Hour))), save: gen(rec("c2", now), 1), want: "c2"},
 		{name: "conflict is retried", save: rec("c1", now), conflicts: 2, want: "c1"},
 		{name: "persistent conflict fails", save: rec("c1", now), conflicts: 100, err: "recording checkpoint c1 of pod/ns/a on PVC ns/p"},
 	}
@@ -84,6 +90,8 @@ func TestSave(t *testing.T) {
 	}
 }
 
+func gen(r Record, g uint64) Record { r.Generation = g; return r }
+
 func withRecord(p *corev1.PersistentVolumeClaim, r Record) *corev1.PersistentVolumeClaim {
 	s := &Store{Client: fake.NewClientset(p)}
 	if err := s.Save(context.Background(), p.Namespace, p.Name, r); err != nil {
@@ -95,7 +103,10 @@ func withRecord(p *corev1.PersistentVolumeClaim, r Record) *corev1.PersistentVol
 
 type holders map[string][2]bool // token → live, seen
 
-func (h holders) Holder(_, token string) (bool, bool) { v := h[token]; return v[0], v[1] }
+func (h holders) Holder(_, token string) Holder {
+	v := h[token]
+	return Holder{Live: v[0], Seen: v[1]}
+}
 
 // slotPVC is a Stasis-created PVC of a slot, as the PVC controller creates it.
 func slotPVC(id string) *corev1.PersistentVolumeClaim {
@@ -158,6 +169,72 @@ func TestClaim(t *testing.T) {
 			assert.Equal(t, res.Token, cl.Token, "the claim is written on the slot's PVC")
 		})
 	}
+}
+
+type succeeded map[string]bool // token → its pod succeeded
+
+func (h succeeded) Holder(_, token string) Holder {
+	return Holder{Seen: true, Succeeded: h[token]}
+}
+
+// A slot whose holder succeeded did its work: the slot is free, but its last record is not
+// restored by the next pod (that would redo finished work), and the claim removes the record
+// from the PVC in the same write. A slot whose holder was evicted is still taken over with its
+// record, first.
+func TestClaimOfASucceededHoldersSlotStartsFresh(t *testing.T) {
+	a, b := "job/ns/j/slot/a", "job/ns/j/slot/b"
+	pa := withRecord(slotPVC(a), Record{Identity: a, ID: "done", Time: now, Containers: map[string]string{"c": "done"}})
+	pa.Annotations[ClaimKey(a)] = `{"token":"ta","time":"2026-11-29T09:00:00Z"}`
+	c := fake.NewClientset(pa)
+	s := &Store{Client: c, Now: func() time.Time { return now }}
+	req := ClaimRequest{Namespace: "ns", Base: "job/ns/j/slot", Holders: succeeded{"ta": true}, Grace: time.Minute}
+	res, err := s.Claim(context.Background(), req)
+	require.NoError(t, err)
+	assert.Equal(t, a, res.Identity, "the finished slot is free")
+	assert.Nil(t, res.Record, "its record is not restored")
+	p, err := c.CoreV1().PersistentVolumeClaims("ns").Get(context.Background(), PVCName(a), metav1.GetOptions{})
+	require.NoError(t, err)
+	_, has := RecordOf(p, a)
+	assert.False(t, has, "the record is gone from the PVC")
+	cl, ok := ClaimOf(p, a)
+	require.True(t, ok)
+	assert.Equal(t, res.Token, cl.Token)
+
+	// The same with an evicted holder (not succeeded) on slot b: b is taken with its record.
+	pb := withRecord(slotPVC(b), Record{Identity: b, ID: "ck", Time: now, Containers: map[string]string{"c": "ck"}})
+	pb.Annotations[ClaimKey(b)] = `{"token":"tb","time":"2026-11-29T09:00:00Z"}`
+	c = fake.NewClientset(pa, pb)
+	s = &Store{Client: c, Now: func() time.Time { return now }}
+	res, err = s.Claim(context.Background(), req)
+	require.NoError(t, err)
+	assert.Equal(t, b, res.Identity, "a checkpointed slot first")
+	require.NotNil(t, res.Record)
+	assert.Equal(t, "ck", res.Record.ID)
+}
+
+// A claim among many slots reads them with one list (live here: no cache), never a GET per
+// slot, and asks the holders once per slot.
+func TestClaimAmongManySlotsIsOneList(t *testing.T) {
+	var objs []runtime.Object
+	h := holders{}
+	for i := range 200 {
+		id := fmt.Sprintf("job/ns/j/slot/s%03d", i)
+		p := slotPVC(id)
+		tok := fmt.Sprintf("t%d", i)
+		p.Annotations[ClaimKey(id)] = `{"token":"` + tok + `","time":"2026-11-29T09:00:00Z"}`
+		h[tok] = [2]bool{i != 150, true} // all held but s150
+		objs = append(objs, p)
+	}
+	c := fake.NewClientset(objs...)
+	s := &Store{Client: c, Now: func() time.Time { return now }}
+	res, err := s.Claim(context.Background(), ClaimRequest{Namespace: "ns", Base: "job/ns/j/slot", Holders: h, Grace: time.Minute})
+	require.NoError(t, err)
+	assert.Equal(t, "job/ns/j/slot/s150", res.Identity)
+	verbs := map[string]int{}
+	for _, a := range c.Actions() {
+		verbs[a.GetVerb()]++
+	}
+	assert.Equal(t, map[string]int{"list": 1, "patch": 1}, verbs, "one list, one claim write")
 }
 
 // Slots on the user's shared PVC: those with a record are reused, the rest are new slots.

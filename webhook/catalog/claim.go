@@ -17,10 +17,21 @@ import (
 	"k8s.io/client-go/util/retry"
 )
 
-// Holders tells whether a claim token is held by a pod: live = a pod carrying the token exists and
-// is neither terminating nor finished; seen = a pod carrying it is known at all.
+// Holder is what the pods carrying a claim token say about its slot.
+type Holder struct {
+	// Live: a pod carrying the token exists and is neither terminating nor finished.
+	Live bool
+	// Seen: a pod carrying it is known at all (or was seen deleted).
+	Seen bool
+	// Succeeded: a pod carrying it ran to completion. The slot's work is done: the slot is free,
+	// and its last record must not be restored by the next pod (that would redo finished work).
+	Succeeded bool
+}
+
+// Holders tells who holds claim tokens. A Claim asks once per slot of the Job: an implementation
+// should answer from one pass over its pods, not one per question.
 type Holders interface {
-	Holder(namespace, token string) (live, seen bool)
+	Holder(namespace, token string) Holder
 }
 
 // ClaimRequest asks for an identity for a new pod of a NonIndexed Job. Its pods are
@@ -62,6 +73,7 @@ type slot struct {
 	identity string
 	pvc      *corev1.PersistentVolumeClaim
 	record   *Record
+	done     bool // its holder succeeded: its record is dropped when the slot is claimed
 }
 
 // Claim takes a slot for a pod being admitted, writing nothing that a rejected pod would leave
@@ -83,8 +95,14 @@ func (s *Store) Claim(ctx context.Context, req ClaimRequest) (ClaimResult, error
 		}
 		var withRecord, empty []slot
 		for _, sl := range slots {
-			if c, ok := ClaimOf(sl.pvc, sl.identity); ok && s.held(req, c, sl.record) {
-				continue
+			if c, ok := ClaimOf(sl.pvc, sl.identity); ok {
+				h := req.holder(c.Token)
+				if s.held(req, h, c, sl.record) {
+					continue
+				}
+				if h.Succeeded {
+					sl.record, sl.done = nil, true // finished work: the slot starts fresh
+				}
 			}
 			if sl.record != nil {
 				withRecord = append(withRecord, sl)
@@ -106,8 +124,7 @@ func (s *Store) Claim(ctx context.Context, req ClaimRequest) (ClaimResult, error
 		if req.DryRun {
 			return res, nil
 		}
-		claim, _ := json.Marshal(Claim{Token: token, Time: s.now().UTC()})
-		err = s.annotate(ctx, pick.pvc, ClaimKey(pick.identity), string(claim))
+		err = s.claimSlot(ctx, pick, token)
 		if apierrors.IsConflict(err) {
 			continue // someone claimed or recorded meanwhile: look again
 		}
@@ -117,6 +134,27 @@ func (s *Store) Claim(ctx context.Context, req ClaimRequest) (ClaimResult, error
 		return res, nil
 	}
 	return ClaimResult{}, fmt.Errorf("could not claim a checkpoint slot for %s: too many concurrent claims, retry", req.Base)
+}
+
+// claimSlot writes the claim on the slot's PVC. A slot whose holder succeeded loses its record in
+// the same write: no later reader (this pod's reinvocation, the agent, a restore) may take the
+// finished work's checkpoint for work left to do.
+func (s *Store) claimSlot(ctx context.Context, sl *slot, token string) error {
+	claim, _ := json.Marshal(Claim{Token: token, Time: s.now().UTC()})
+	set := map[string]*string{ClaimKey(sl.identity): ptrTo(string(claim))}
+	if sl.done {
+		set[RecordKey(sl.identity)] = nil
+	}
+	return s.annotateAll(ctx, sl.pvc, set)
+}
+
+func ptrTo(s string) *string { return &s }
+
+func (r ClaimRequest) holder(token string) Holder {
+	if r.Holders == nil {
+		return Holder{}
+	}
+	return r.Holders.Holder(r.Namespace, token)
 }
 
 func (r ClaimRequest) pvcOf(identity string) string {
@@ -164,10 +202,10 @@ func (s *Store) slots(ctx context.Context, req ClaimRequest, live bool) ([]slot,
 	return out, nil
 }
 
-func (s *Store) held(req ClaimRequest, c *Claim, rec *Record) bool {
+func (s *Store) held(req ClaimRequest, h Holder, c *Claim, rec *Record) bool {
 	if req.Holders != nil {
-		if live, seen := req.Holders.Holder(req.Namespace, c.Token); seen {
-			return live
+		if h.Seen {
+			return h.Live
 		}
 		// A checkpoint recorded after the claim proves that the claiming pod existed; it is not
 		// seen any more, so it is gone (a suspended Job resumed within the grace period must

@@ -62,6 +62,7 @@ func main() {
 	file := flag.String("file", "", "write a random token to this file at start, and check it on every line")
 	hold := flag.String("hold", "", "keep this file open and append every number to it, and check it on every line")
 	remove := flag.String("remove", "", "remove this file of the image at start, and check it stays removed")
+	oomAt := flag.String("oom-at", "", "N:MARKER: after printing N, unless MARKER exists, create it and allocate memory without bound (an OOM kill, once)")
 	flag.Parse()
 	if *swap != "" {
 		f := strings.Split(*swap, ",")
@@ -145,6 +146,9 @@ func main() {
 			fields = append(fields, "removed="+checkRemoved(*remove))
 		}
 		fmt.Println(strings.Join(fields, " "))
+		if *oomAt != "" {
+			maybeOOM(*oomAt, n)
+		}
 		if *to > 0 && n >= *to {
 			fmt.Println("done")
 			return
@@ -155,6 +159,30 @@ func main() {
 			os.Exit(143)
 		case <-t.C:
 		}
+	}
+}
+
+// maybeOOM allocates and touches memory until the kernel kills the process, once per MARKER: the
+// container restarted after the kill finds the marker and counts on.
+func maybeOOM(spec string, n int) {
+	at, marker, ok := strings.Cut(spec, ":")
+	if !ok || at != fmt.Sprint(n) {
+		return
+	}
+	if _, err := os.Stat(marker); err == nil {
+		return
+	}
+	if err := os.WriteFile(marker, []byte("oom\n"), 0o644); err != nil {
+		fail("--oom-at: %v", err)
+	}
+	fmt.Println("allocating without bound")
+	var hog [][]byte
+	for {
+		b := make([]byte, 16<<20)
+		for i := 0; i < len(b); i += pageSize {
+			b[i] = 1
+		}
+		hog = append(hog, b)
 	}
 }
 
