@@ -75,7 +75,7 @@ func parseFlags(args []string) (runFlags, Config, ServerConfig, error) {
 	fs.IntVar(&cfg.KeepCheckpoints, "keep-checkpoints", 1, "complete checkpoints kept per container besides the newest (passed to agents)")
 	fs.DurationVar(&cfg.PodTimeout, "pod-timeout", 15*time.Second, "timeoutSeconds of pods.stasis.dev in the webhook configuration (the API server's ?timeout= wins when shorter)")
 	fs.DurationVar(&cfg.EvictionTimeout, "eviction-timeout", 30*time.Second, "timeoutSeconds of evictions.stasis.dev and job-suspends.stasis.dev")
-	fs.DurationVar(&cfg.JobTimeout, "job-timeout", 10*time.Second, "timeoutSeconds of jobs.stasis.dev")
+	fs.DurationVar(&cfg.JobTimeout, "job-timeout", 10*time.Second, "timeoutSeconds of jobs.stasis.dev and deployments.stasis.dev")
 	fs.DurationVar(&cfg.DeadlineMargin, "deadline-margin", 2*time.Second, "a review is answered this long before its timeout (429, retry) if not decided by then")
 	fs.IntVar(&cfg.MaxPodReviews, "max-pod-reviews", 64, "pod- and Job-creation reviews in flight; beyond, 429 with Retry-After at once")
 	fs.IntVar(&cfg.MaxEvictionReviews, "max-eviction-reviews", 512, "eviction and Job-suspend reviews in flight (each may wait for a dump); beyond, 429 at once")

@@ -115,9 +115,12 @@ func TestDeploymentStrategyRecreateThroughKubectl_NoKubelet(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, appsv1.RecreateDeploymentStrategyType, d.Spec.Strategy.Type)
 
+	assert.Equal(t, 2, s.reviews("deployment"), "one review per write of the labelled Deployment")
+
 	plain := strings.NewReplacer("name: counter\n", "name: plain\n", `        memverge.ai/checkpoint-mode: "true"`+"\n", "").Replace(recreateDeployment)
 	out = s.applyManifest("plain", plain)
 	assert.NotContains(t, out, "Warning:")
+	assert.Equal(t, 2, s.reviews("deployment"), "an unlabelled Deployment never reaches the webhook (matchConditions)")
 	d, err = s.c.AppsV1().Deployments(s.ns).Get(s.ctx, "plain", metav1.GetOptions{})
 	require.NoError(t, err)
 	assert.Equal(t, appsv1.RollingUpdateDeploymentStrategyType, d.Spec.Strategy.Type, "an unlabelled Deployment keeps its strategy")
