@@ -18,13 +18,16 @@ import (
 // warning that says so. The new ReplicaSet's pod then starts fresh when the template changed (the
 // checkpoint's incarnation is the ReplicaSet, agent/restore.go bound), and continues when only
 // the replica count moved (scale to 0 and back).
+//
+// It also warns when the template's grace period cannot fit a dump of its memory (graceWarning).
 func (w *Webhook) mutateDeployment(_ context.Context, rv *review) verdict {
 	d := rv.obj.(*appsv1.Deployment)
-	msg := SetRecreate(w.cfg.LabelPrefix, d)
-	if msg == "" {
-		return verdict{Allowed: true, Unchanged: true}
+	v := verdict{Allowed: true, Unchanged: true}
+	if msg := SetRecreate(w.cfg.LabelPrefix, d); msg != "" {
+		v.Unchanged, v.Warnings = false, []string{"stasis: " + msg}
 	}
-	return verdict{Allowed: true, Warnings: []string{"stasis: " + msg}}
+	v.Warnings = append(v.Warnings, w.templateGraceWarning(&d.Spec.Template)...)
+	return v
 }
 
 // SetRecreate sets the Recreate strategy on a Deployment whose pods are checkpointed, and says

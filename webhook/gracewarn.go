@@ -78,3 +78,18 @@ func checkpointedMemory(cfg *labels.Config, spec *corev1.PodSpec) (int64, bool) 
 	}
 	return sum, len(want) > 0
 }
+
+// templateGraceWarning is graceWarning for a controller's pod template, answered to the client
+// that creates or updates the controller: kubectl shows it to the user who wrote the manifest,
+// whereas the warning of a pod's admission goes to the controller that created the pod (the
+// Event on the pod's owner is what a user sees of that one).
+func (w *Webhook) templateGraceWarning(t *corev1.PodTemplateSpec) []string {
+	cfg, err := labels.Parse(w.cfg.LabelPrefix, t.Labels, t.Annotations, &t.Spec)
+	if err != nil || !cfg.Enabled {
+		return nil // a bad label is refused, with its reason, when the pods are created
+	}
+	if msg := graceWarning(cfg, &t.Spec, w.cfg.DumpSpeed, w.cfg.DumpOverhead); msg != "" {
+		return []string{"stasis: pod template: " + msg}
+	}
+	return nil
+}

@@ -8,6 +8,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	admissionv1 "k8s.io/api/admission/v1"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/utils/ptr"
@@ -118,5 +120,35 @@ func TestPodMutateWarnsShortGracePeriod(t *testing.T) {
 
 	// The fixture as it is (512Mi, 30 s): no warning.
 	resp, _ = e.admit(PathMutatePod, fixture(t, "pod-create-job-command.json"))
+	assert.Empty(t, resp.Warnings)
+}
+
+// The user who applies a Job or a Deployment sees the warning (the pod's own goes to the
+// controller that creates it): through the Job and Deployment handlers.
+func TestTemplateGraceWarningOnJobAndDeployment(t *testing.T) {
+	e := newEnv(t, Config{}, nil)
+	job := replaceOnce(string(fixture(t, "job-create.json")), `"restartPolicy": "Never"`,
+		`"restartPolicy": "Never", "terminationGracePeriodSeconds": 10`)
+	resp, patched := e.admit(PathMutateJob, []byte(job))
+	require.True(t, resp.Allowed)
+	assert.NotNil(t, patched, "the podFailurePolicy is still added")
+	assert.Empty(t, resp.Warnings, "no memory in the template: no estimate")
+	resp, patched = e.admit(PathMutateJob, []byte(replaceOnce(job, `"resources": {}`, `"resources": {"limits": {"memory": "4Gi"}}`)))
+	require.True(t, resp.Allowed)
+	assert.NotNil(t, patched)
+	require.Len(t, resp.Warnings, 1)
+	assert.Contains(t, resp.Warnings[0], "stasis: pod template: terminationGracePeriodSeconds 10 leaves 7s to checkpoint on termination, but a dump of 4.0 GiB")
+
+	d := deployment(true, appsv1.DeploymentStrategy{Type: appsv1.RecreateDeploymentStrategyType})
+	d.Spec.Template.Spec.TerminationGracePeriodSeconds = ptr.To[int64](10)
+	d.Spec.Template.Spec.Containers[0] = memContainer("counter", "8Gi", "")
+	resp, patched = e.admit(PathMutateDeployment, deploymentReview(t, d, admissionv1.Update))
+	require.True(t, resp.Allowed)
+	assert.Nil(t, patched, "already Recreate: nothing to change")
+	require.Len(t, resp.Warnings, 1)
+	assert.Contains(t, resp.Warnings[0], "stasis: pod template: terminationGracePeriodSeconds 10 leaves 7s")
+
+	d.Spec.Template.Spec.TerminationGracePeriodSeconds = ptr.To[int64](60)
+	resp, _ = e.admit(PathMutateDeployment, deploymentReview(t, d, admissionv1.Update))
 	assert.Empty(t, resp.Warnings)
 }

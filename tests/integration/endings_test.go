@@ -69,7 +69,36 @@ func TestShortGracePeriodWarnsThroughKubectl_NoKubelet(t *testing.T) {
 
 	out = s.applyManifest("long", strings.NewReplacer("NAME", "long", "GRACE", "60").Replace(graceWarnPod))
 	assert.NotContains(t, out, "Warning:", "60 s fit a 4Gi dump")
+
+	// A Job's pods are created by its controller, which gets their warnings: the user who applies
+	// the Job gets the template's.
+	out = s.applyManifest("job", graceWarnJob)
+	t.Logf("kubectl apply of the Job printed:\n%s", out)
+	assert.Contains(t, out, "Warning: stasis: pod template: terminationGracePeriodSeconds 5 leaves 2s")
+	assert.Contains(t, out, "job.batch/short created")
 }
+
+const graceWarnJob = `apiVersion: batch/v1
+kind: Job
+metadata:
+  name: short
+spec:
+  parallelism: 0
+  template:
+    metadata:
+      labels:
+        memverge.ai/checkpoint-mode: "true"
+    spec:
+      terminationGracePeriodSeconds: 5
+      restartPolicy: Never
+      containers:
+      - name: app
+        image: counter:integration
+        command: ["/counter"]
+        resources:
+          limits:
+            memory: 4Gi
+`
 
 const recreateDeployment = `apiVersion: apps/v1
 kind: Deployment
