@@ -212,36 +212,14 @@ func terminatedAfter(t *testing.T, ns, pod string) time.Duration {
 }
 
 // Issue 15's note: the time from SIGTERM (the pod's deletion) to the container's exit, for the
-// same app (the counter, a few MiB) wired for checkpoints (the launcher checkpoints it on SIGTERM
-// first) and unlabelled (the app exits on SIGTERM). Mean of three each.
+// same app wired for checkpoints (the launcher checkpoints it on SIGTERM first) and unlabelled
+// (the app exits on SIGTERM): the counter with a few MiB, and with 256 MiB touched. Mean of three
+// each.
 func TestSIGTERMToContainerExit(t *testing.T) {
 	ctx := context.Background()
 	ns := newNamespace(t, "sigterm")
 	pvc, _ := staticVolume(t, ns)
 	const runs = 3
-	var wired, plain []time.Duration
-	for i := 1; i <= runs; i++ {
-		spec := harness.CounterSpec{Name: fmt.Sprintf("wired-%d", i), Args: []string{"--interval=300ms"}}
-		p := plainCounter(t, ns, spec, pvc)
-		_, err := env.WaitCount(ctx, ns, p.Name, 3, time.Minute)
-		require.NoError(t, err)
-		wired = append(wired, terminatedAfter(t, ns, p.Name))
-		require.NoError(t, env.WaitPodGone(ctx, ns, p.Name, time.Minute))
-		m, err := env.LatestManifest(ctx, p)
-		require.NoError(t, err)
-		assert.Equal(t, agent.ReasonTermination, m.Reason, "the wired pod was checkpointed on SIGTERM")
-		assert.Equal(t, "pod/"+ns+"/"+p.Name, m.Identity)
-
-		spec = harness.CounterSpec{Name: fmt.Sprintf("plain-%d", i), Args: []string{"--interval=300ms"}}
-		_, err = env.CreateCounterPod(ctx, ns, spec)
-		require.NoError(t, err)
-		_, err = env.WaitPodReady(ctx, ns, spec.Name, 2*time.Minute)
-		require.NoError(t, err)
-		_, err = env.WaitCount(ctx, ns, spec.Name, 3, time.Minute)
-		require.NoError(t, err)
-		plain = append(plain, terminatedAfter(t, ns, spec.Name))
-		require.NoError(t, env.WaitPodGone(ctx, ns, spec.Name, time.Minute))
-	}
 	mean := func(ds []time.Duration) time.Duration {
 		var s time.Duration
 		for _, d := range ds {
@@ -249,11 +227,37 @@ func TestSIGTERMToContainerExit(t *testing.T) {
 		}
 		return (s / time.Duration(len(ds))).Round(time.Millisecond)
 	}
-	figures := fmt.Sprintf("SIGTERM (pod delete) to container exit, counter app: with Stasis (checkpoint on SIGTERM) %v mean %v; without %v mean %v",
-		wired, mean(wired), plain, mean(plain))
-	t.Log(figures)
-	logf("%s", figures)
-	assert.Greater(t, mean(wired), mean(plain), "the checkpoint takes time")
+	for _, touch := range []int{0, 256} {
+		var wired, plain []time.Duration
+		args := []string{"--interval=300ms", fmt.Sprintf("--touch-mib=%d", touch)}
+		for i := 1; i <= runs; i++ {
+			spec := harness.CounterSpec{Name: fmt.Sprintf("wired-%d-%d", touch, i), Args: args}
+			p := plainCounter(t, ns, spec, pvc)
+			_, err := env.WaitCount(ctx, ns, p.Name, 3, time.Minute)
+			require.NoError(t, err)
+			wired = append(wired, terminatedAfter(t, ns, p.Name))
+			require.NoError(t, env.WaitPodGone(ctx, ns, p.Name, time.Minute))
+			m, err := env.LatestManifest(ctx, p)
+			require.NoError(t, err)
+			assert.Equal(t, agent.ReasonTermination, m.Reason, "the wired pod was checkpointed on SIGTERM")
+			assert.Equal(t, "pod/"+ns+"/"+p.Name, m.Identity)
+
+			spec = harness.CounterSpec{Name: fmt.Sprintf("plain-%d-%d", touch, i), Args: args}
+			_, err = env.CreateCounterPod(ctx, ns, spec)
+			require.NoError(t, err)
+			_, err = env.WaitPodReady(ctx, ns, spec.Name, 2*time.Minute)
+			require.NoError(t, err)
+			_, err = env.WaitCount(ctx, ns, spec.Name, 3, time.Minute)
+			require.NoError(t, err)
+			plain = append(plain, terminatedAfter(t, ns, spec.Name))
+			require.NoError(t, env.WaitPodGone(ctx, ns, spec.Name, time.Minute))
+		}
+		figures := fmt.Sprintf("SIGTERM (pod delete) to container exit, counter app with %d MiB touched: with Stasis (checkpoint on SIGTERM) %v mean %v; without %v mean %v",
+			touch, wired, mean(wired), plain, mean(plain))
+		t.Log(figures)
+		logf("%s", figures)
+		assert.Greater(t, mean(wired), mean(plain), "the checkpoint takes time")
+	}
 }
 
 // Issue 14: a Job deleted and re-created under the same name, its checkpoints on a PVC the user
