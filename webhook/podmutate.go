@@ -111,6 +111,11 @@ func (w *Webhook) wirePod(ctx context.Context, ar *model.AdmissionReview, pod *c
 		v := deny(http.StatusInternalServerError, metav1.StatusReasonInternalError, "stasis: %v", err)
 		return &v
 	}
+	if !marked {
+		if v := w.previousCopy(ns, pod, id); v != nil {
+			return v
+		}
+	}
 	in, rec, v := w.storage(ctx, ar, ns, pod, cfg, id, marked)
 	if v != nil {
 		return v

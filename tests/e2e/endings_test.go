@@ -389,3 +389,47 @@ func TestDeploymentRolloutStartsFreshOneCopy(t *testing.T) {
 		seen = append(seen, next)
 	}
 }
+
+// Issue 14: a one-replica Deployment's pod deleted with kubectl delete (1 GiB touched, so its
+// checkpoint on SIGTERM takes a while). The ReplicaSet replaces it at once, without waiting for
+// its end; the webhook holds the replacement's creation (429, retried by the controller, an
+// Event on the ReplicaSet) until the old pod has ended: never two copies, and the replacement
+// continues from the termination checkpoint, not an older one or none.
+func TestDeploymentPodDeletedWaitsAndContinues(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t, "deldeploy")
+	_, err := env.CreateCounterDeployment(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, GraceSeconds: 30,
+		MemoryRequest: "1536Mi", Args: []string{"--interval=300ms", "--touch-mib=1024"}})
+	require.NoError(t, err)
+	pod, err := env.WaitPodWithLabel(ctx, ns, "app=counter", 3*time.Minute)
+	require.NoError(t, err)
+	follow := env.Follow(ctx, ns, pod.Name)
+	_, err = env.WaitCount(ctx, ns, pod.Name, 8, 2*time.Minute)
+	require.NoError(t, err)
+	stop := make(chan struct{})
+	most := runningCopies(ctx, ns, stop)
+	t0 := time.Now()
+	out, err := env.Run(ctx, "-n", ns, "delete", "pod", pod.Name, "--wait=false")
+	require.NoError(t, err, out)
+	before, err := follow.Wait(2 * time.Minute)
+	require.NoError(t, err)
+	next, err := env.WaitPodWithLabel(ctx, ns, "app=counter", 3*time.Minute, pod)
+	require.NoError(t, err)
+	after, err := env.WaitCount(ctx, ns, next.Name, 0, 2*time.Minute)
+	require.NoError(t, err)
+	close(stop)
+	held, err := env.Events(ctx, ns, "WaitingForPreviousPod")
+	require.NoError(t, err)
+	t.Logf("deleted %s at %d; %s continued at %d, Ready %s after the delete; held %d times: %q",
+		pod.Name, before.Last(), next.Name, after.First(), since(t0), len(held), firstOf(held))
+	assert.Equal(t, 1, <-most, "never two copies running at once")
+	assert.NotEmpty(t, held, "the replacement's creation was held while the old pod was checkpointed")
+	continues(t, before, after)
+}
+
+func firstOf(s []string) []string {
+	if len(s) > 1 {
+		return s[:1]
+	}
+	return s
+}
