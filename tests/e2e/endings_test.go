@@ -7,8 +7,11 @@ package e2e
 // re-created under the same name, a Deployment rolled to a new image.
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
+	"os/exec"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -175,17 +178,72 @@ func TestPreemptedJobPodContinues(t *testing.T) {
 	assert.Zero(t, job.Status.Failed, "the preemption must not count against backoffLimit")
 }
 
-// terminatedAfter deletes a pod and returns the time from the delete call to the first pod status
-// that shows its counter container terminated (the kubelet's report of the container's exit).
-func terminatedAfter(t *testing.T, ns, pod string) time.Duration {
+// exitTimes is when a pod's deletion began, when the runtime saw its counter container's process
+// exit (containerd's /tasks/exit event, from the shim: precise) and when the pod status first
+// showed the container terminated (what the kubelet reports, on its own schedule).
+type exitTimes struct{ exited, reported time.Duration }
+
+// taskExit follows the node's containerd events and sends the exit time of the container's init
+// process.
+func taskExit(ctx context.Context, t *testing.T, node, container string) <-chan time.Time {
+	t.Helper()
+	var sock string
+	for _, nd := range env.Local.Nodes {
+		if nd.Name == node {
+			sock = nd.CRISocket()
+		}
+	}
+	require.NotEmpty(t, sock, "node %s", node)
+	cmd := exec.CommandContext(ctx, "ctr", "--address", sock, "-n", "k8s.io", "events")
+	stdout, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	out := make(chan time.Time, 1)
+	go func() {
+		defer func() { _ = cmd.Wait() }()
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			line := sc.Text()
+			i := strings.Index(line, " /tasks/exit {")
+			if i < 0 {
+				continue
+			}
+			var ev struct {
+				ContainerID string    `json:"container_id"`
+				ID          string    `json:"id"`
+				ExitedAt    time.Time `json:"exited_at"`
+			}
+			if json.Unmarshal([]byte(line[i+len(" /tasks/exit "):]), &ev) == nil && ev.ContainerID == container && ev.ID == container {
+				out <- ev.ExitedAt
+				return
+			}
+		}
+	}()
+	time.Sleep(300 * time.Millisecond) // ctr subscribed
+	return out
+}
+
+// terminatedAfter deletes a running pod and measures, from the delete call, the exit of its
+// counter container's process and the pod status that reports it.
+func terminatedAfter(t *testing.T, ns, pod string) exitTimes {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	p, err := env.Client.CoreV1().Pods(ns).Get(ctx, pod, metav1.GetOptions{})
+	require.NoError(t, err)
+	var cid string
+	for _, s := range p.Status.ContainerStatuses {
+		if s.Name == harness.CounterContainer {
+			cid = strings.TrimPrefix(s.ContainerID, "containerd://")
+		}
+	}
+	require.NotEmpty(t, cid, "container ID of %s", pod)
+	exited := taskExit(ctx, t, p.Spec.NodeName, cid)
 	w, err := env.Client.CoreV1().Pods(ns).Watch(ctx, metav1.ListOptions{FieldSelector: "metadata.name=" + pod})
 	require.NoError(t, err)
 	defer w.Stop()
 	var t0 atomic.Int64
-	done := make(chan time.Duration, 1)
+	reported := make(chan time.Duration, 1)
 	go func() {
 		for ev := range w.ResultChan() {
 			p, ok := ev.Object.(*corev1.Pod)
@@ -194,46 +252,42 @@ func terminatedAfter(t *testing.T, ns, pod string) time.Duration {
 			}
 			for _, s := range p.Status.ContainerStatuses {
 				if s.Name == harness.CounterContainer && s.State.Terminated != nil {
-					done <- time.Since(time.Unix(0, t0.Load()))
+					reported <- time.Since(time.Unix(0, t0.Load()))
 					return
 				}
 			}
 		}
 	}()
-	t0.Store(time.Now().UnixNano())
+	start := time.Now()
+	t0.Store(start.UnixNano())
 	require.NoError(t, env.Client.CoreV1().Pods(ns).Delete(ctx, pod, metav1.DeleteOptions{}))
-	select {
-	case d := <-done:
-		return d
-	case <-ctx.Done():
-		t.Fatalf("pod %s/%s: no terminated container status after the delete", ns, pod)
-		return 0
+	var r exitTimes
+	for r.exited == 0 || r.reported == 0 {
+		select {
+		case at := <-exited:
+			r.exited = at.Sub(start)
+		case d := <-reported:
+			r.reported = d
+		case <-ctx.Done():
+			t.Fatalf("pod %s/%s: exit %v, reported %v after the delete", ns, pod, r.exited, r.reported)
+		}
 	}
+	return r
 }
 
 // Issue 15's note: the time from SIGTERM (the pod's deletion) to the container's exit, for the
 // same app wired for checkpoints (the launcher checkpoints it on SIGTERM first) and unlabelled
-// (the app exits on SIGTERM): the counter with a few MiB, and with 256 MiB touched. Mean of three
-// each.
+// (the app exits on SIGTERM): the counter with a few MiB, and with 256 MiB touched. Three each;
+// the exit as containerd saw it, and as the pod status reported it. Figures only: no assertion
+// on time (the machine is shared), but each wired pod must have been checkpointed.
 func TestSIGTERMToContainerExit(t *testing.T) {
 	ctx := context.Background()
+	require.NotNil(t, env.Local, "reads the nodes' containerd events")
 	ns := newNamespace(t, "sigterm")
 	pvc, _ := staticVolume(t, ns)
 	const runs = 3
-	mean := func(ds []time.Duration) time.Duration {
-		var s time.Duration
-		for _, d := range ds {
-			s += d
-		}
-		return (s / time.Duration(len(ds))).Round(time.Millisecond)
-	}
-	median := func(ds []time.Duration) time.Duration {
-		c := append([]time.Duration(nil), ds...)
-		sort.Slice(c, func(i, j int) bool { return c[i] < c[j] })
-		return c[len(c)/2].Round(time.Millisecond)
-	}
 	for _, touch := range []int{0, 256} {
-		var wired, plain []time.Duration
+		var wired, plain []exitTimes
 		args := []string{"--interval=300ms", fmt.Sprintf("--touch-mib=%d", touch)}
 		for i := 1; i <= runs; i++ {
 			spec := harness.CounterSpec{Name: fmt.Sprintf("wired-%d-%d", touch, i), Args: args}
@@ -257,12 +311,23 @@ func TestSIGTERMToContainerExit(t *testing.T) {
 			plain = append(plain, terminatedAfter(t, ns, spec.Name))
 			require.NoError(t, env.WaitPodGone(ctx, ns, spec.Name, time.Minute))
 		}
-		figures := fmt.Sprintf("SIGTERM (pod delete) to container exit, counter app with %d MiB touched: with Stasis (checkpoint on SIGTERM) %v mean %v median %v; without %v mean %v median %v",
-			touch, wired, mean(wired), median(wired), plain, mean(plain), median(plain))
+		figures := fmt.Sprintf("SIGTERM (pod delete) to container exit, counter app with %d MiB touched: with Stasis (checkpoint on SIGTERM) %s; without %s",
+			touch, exitFigures(wired), exitFigures(plain))
 		t.Log(figures)
 		logf("%s", figures)
-		assert.Greater(t, mean(wired), mean(plain), "the checkpoint takes time")
 	}
+}
+
+// exitFigures prints the runs and the mean of the exits and of the reports.
+func exitFigures(rs []exitTimes) string {
+	var ex, rep []string
+	var sumEx, sumRep time.Duration
+	for _, r := range rs {
+		ex, rep = append(ex, r.exited.Round(time.Millisecond).String()), append(rep, r.reported.Round(time.Millisecond).String())
+		sumEx, sumRep = sumEx+r.exited, sumRep+r.reported
+	}
+	n := time.Duration(len(rs))
+	return fmt.Sprintf("exit %v mean %v (status %v mean %v)", ex, (sumEx / n).Round(time.Millisecond), rep, (sumRep / n).Round(time.Millisecond))
 }
 
 // Issue 14: a Job deleted and re-created under the same name, its checkpoints on a PVC the user
