@@ -355,8 +355,9 @@ func (s *supervisor) checkpointOnTermination() chan bool {
 }
 
 // terminationMargin is what the launcher keeps of the grace period to end the app after the
-// checkpoint (or to let it end by itself when there is none).
-const terminationMargin = 3 * time.Second
+// checkpoint (or to let it end by itself when there is none); the webhook's grace warning counts
+// with the same margin.
+const terminationMargin = wiring.TerminationMargin
 
 func checkpointID(st agentapi.CheckpointStatus) string {
 	if len(st.Containers) > 0 {

@@ -45,6 +45,7 @@ func (w *Webhook) mutateJob(_ context.Context, rv *review) verdict {
 	if !changed && msg != "" {
 		v.Warnings = []string{"stasis: " + msg}
 	}
+	v.Warnings = append(v.Warnings, w.templateGraceWarning(&job.Spec.Template)...)
 	return v
 }
 

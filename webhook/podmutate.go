@@ -32,7 +32,29 @@ func (w *Webhook) mutatePod(ctx context.Context, rv *review) verdict {
 	if v := w.wirePod(ctx, &rv.AdmissionReview, pod); v != nil {
 		return *v
 	}
-	return verdict{Allowed: true, Unchanged: equality.Semantic.DeepEqual(before, pod)}
+	v := verdict{Allowed: true, Unchanged: equality.Semantic.DeepEqual(before, pod)}
+	if !inject.Marked(before) { // the first invocation warns, not our reinvocation
+		v.Warnings = w.warnGrace(rv.Namespace, before)
+	}
+	return v
+}
+
+// warnGrace warns (admission warning, which kubectl prints, and an Event) when the pod's grace
+// period cannot fit a dump of its memory; see graceWarning.
+func (w *Webhook) warnGrace(ns string, pod *corev1.Pod) []string {
+	if pod.Namespace != "" {
+		ns = pod.Namespace
+	}
+	cfg, err := labels.ParsePod(w.cfg.LabelPrefix, pod)
+	if err != nil || !cfg.Enabled {
+		return nil
+	}
+	msg := graceWarning(cfg, &pod.Spec, w.cfg.DumpSpeed, w.cfg.DumpOverhead)
+	if msg == "" {
+		return nil
+	}
+	w.podEvent(ns, pod, corev1.EventTypeWarning, ReasonGracePeriodShort, "%s", msg)
+	return []string{"stasis: " + msg}
 }
 
 func refuse(format string, a ...any) *verdict {
@@ -88,6 +110,11 @@ func (w *Webhook) wirePod(ctx context.Context, ar *model.AdmissionReview, pod *c
 		}
 		v := deny(http.StatusInternalServerError, metav1.StatusReasonInternalError, "stasis: %v", err)
 		return &v
+	}
+	if !marked {
+		if v := w.previousCopy(ns, pod, id); v != nil {
+			return v
+		}
 	}
 	in, rec, v := w.storage(ctx, ar, ns, pod, cfg, id, marked)
 	if v != nil {

@@ -28,7 +28,7 @@ import (
 // runFlags are the command line of `stasis webhook` besides Config and ServerConfig.
 type runFlags struct {
 	kubeconfig, agentCA, agentCert, agentKey, agentNS, agentSelector, agentEndpoint string
-	defaultSize, logLevel                                                           string
+	defaultSize, logLevel, dumpSpeed                                                string
 	agentPort                                                                       int
 	// Client rate limits per lane (client-go's own defaults, 5 QPS / burst 10, are far too low
 	// for a cluster component: issue 13).
@@ -76,14 +76,16 @@ func parseFlags(args []string) (runFlags, Config, ServerConfig, error) {
 	fs.IntVar(&cfg.KeepCheckpoints, "keep-checkpoints", 1, "complete checkpoints kept per container besides the newest (passed to agents)")
 	fs.DurationVar(&cfg.PodTimeout, "pod-timeout", 15*time.Second, "timeoutSeconds of pods.stasis.dev in the webhook configuration (the API server's ?timeout= wins when shorter)")
 	fs.DurationVar(&cfg.EvictionTimeout, "eviction-timeout", 30*time.Second, "timeoutSeconds of evictions.stasis.dev and job-suspends.stasis.dev")
-	fs.DurationVar(&cfg.JobTimeout, "job-timeout", 10*time.Second, "timeoutSeconds of jobs.stasis.dev")
+	fs.DurationVar(&cfg.JobTimeout, "job-timeout", 10*time.Second, "timeoutSeconds of jobs.stasis.dev and deployments.stasis.dev")
 	fs.DurationVar(&cfg.DeadlineMargin, "deadline-margin", 2*time.Second, "a review is answered this long before its timeout (429, retry) if not decided by then")
 	fs.IntVar(&cfg.MaxPodReviews, "max-pod-reviews", 64, "pod- and Job-creation reviews in flight; beyond, 429 with Retry-After at once")
 	fs.IntVar(&cfg.MaxEvictionReviews, "max-eviction-reviews", 512, "eviction and Job-suspend reviews in flight (each may wait for a dump); beyond, 429 at once")
 	fs.DurationVar(&cfg.RetryAfter, "retry-after", time.Second, "Retry-After of a shed or timed-out review")
+	fs.StringVar(&f.dumpSpeed, "dump-speed", "200Mi", "dump speed per second assumed when warning at wiring that a pod's terminationGracePeriodSeconds is too short for its memory (measured: about 1Gi to a local disk; a network volume is slower)")
+	fs.DurationVar(&cfg.DumpOverhead, "dump-overhead", DefaultDumpOverhead, "fixed time of a dump (freeze, CRIU start, manifest) added to the memory at --dump-speed for that warning")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: stasis webhook [flags]\n\nServe the admission webhooks: %s, %s, %s, %s.\n\nFlags:\n",
-			PathEviction, PathJobSuspend, PathMutatePod, PathMutateJob)
+		fmt.Fprintf(fs.Output(), "Usage: stasis webhook [flags]\n\nServe the admission webhooks: %s, %s, %s, %s, %s.\n\nFlags:\n",
+			PathEviction, PathJobSuspend, PathMutatePod, PathMutateJob, PathMutateDeployment)
 		fs.PrintDefaults()
 	}
 	if err := flagenv.Parse(fs, args); err != nil {
@@ -94,6 +96,11 @@ func parseFlags(args []string) (runFlags, Config, ServerConfig, error) {
 		return f, cfg, srv, fmt.Errorf("--default-volume-size %q is not a positive size (e.g. 10Gi)", f.defaultSize)
 	}
 	cfg.DefaultVolumeSize = q
+	speed, err := resource.ParseQuantity(f.dumpSpeed)
+	if err != nil || speed.Sign() <= 0 {
+		return f, cfg, srv, fmt.Errorf("--dump-speed %q is not a positive size per second (e.g. 200Mi)", f.dumpSpeed)
+	}
+	cfg.DumpSpeed = speed.Value()
 	for name, l := range map[string]limits{"--kube": f.kube, "--pod": f.pod, "--eviction": f.evict} {
 		if l.qps <= 0 || l.burst < 1 {
 			return f, cfg, srv, fmt.Errorf("%s-qps %v and %s-burst %d must be positive", name, l.qps, name, l.burst)

@@ -2,7 +2,7 @@
 // until the node agent has checkpointed the pods, and wire checkpoint-enabled pods at creation so
 // they can be checkpointed and restored.
 //
-// Paths: /validate/eviction, /validate/job-suspend, /mutate/pod, /mutate/job (see
+// Paths: /validate/eviction, /validate/job-suspend, /mutate/pod, /mutate/job, /mutate/deployment (see
 // deploy/base/webhook-configurations.yaml). Domain decisions live in eviction.go, suspend.go,
 // podmutate.go, jobmutate.go, identity.go; HTTP concerns in review.go and server.go.
 package webhook
@@ -17,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
+	appsv1 "k8s.io/api/apps/v1"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
@@ -43,6 +44,8 @@ const (
 	PathJobSuspend = "/validate/job-suspend"
 	PathMutatePod  = "/mutate/pod"
 	PathMutateJob  = "/mutate/job"
+	// PathMutateDeployment sets the Recreate strategy on checkpointed Deployments.
+	PathMutateDeployment = "/mutate/deployment"
 )
 
 // Config is the webhook's behaviour (the server's settings are in ServerConfig).
@@ -64,6 +67,10 @@ type Config struct {
 	// AgentRetryFor is how long an unavailable agent (restarting, not ready, unreachable) is
 	// answered 429 for a pod before the failure policy applies (default 2m; negative: at once).
 	AgentRetryFor time.Duration
+	// DumpSpeed (bytes per second) and DumpOverhead are the dump time assumed by the warning at
+	// wiring when a pod's grace period is short for its memory (see graceWarning).
+	DumpSpeed    int64
+	DumpOverhead time.Duration
 	// MaxBodyBytes bounds an admission request.
 	MaxBodyBytes int64
 
@@ -113,6 +120,15 @@ func (c *Config) defaults() error {
 	}
 	if c.AgentRetryFor == 0 {
 		c.AgentRetryFor = 2 * time.Minute
+	}
+	if c.DumpSpeed == 0 {
+		c.DumpSpeed = DefaultDumpSpeed
+	}
+	if c.DumpOverhead == 0 {
+		c.DumpOverhead = DefaultDumpOverhead
+	}
+	if c.DumpSpeed < 0 || c.DumpOverhead < 0 {
+		return fmt.Errorf("--dump-speed %d and --dump-overhead %s must be positive", c.DumpSpeed, c.DumpOverhead)
 	}
 	if c.MaxBodyBytes == 0 {
 		// The API server's own limit for an object is 3 MiB; a review carries two of them.
@@ -241,7 +257,7 @@ func (w *Webhook) forReview(dryRun bool) *Webhook {
 	return &c
 }
 
-// Handler returns the mux with the four admission paths.
+// Handler returns the mux with the admission paths.
 func (w *Webhook) Handler() (http.Handler, error) {
 	podSlots, evictSlots := make(chan struct{}, w.cfg.MaxPodReviews), make(chan struct{}, w.cfg.MaxEvictionReviews)
 	paths := map[string]*path{
@@ -253,6 +269,8 @@ func (w *Webhook) Handler() (http.Handler, error) {
 			timeout: w.cfg.PodTimeout, slots: podSlots},
 		// Job creation is pure (no read, no write): it shares the pod path's bulkhead.
 		PathMutateJob: {id: "job", mutating: true, decode: decodeObject[batchv1.Job]("batch/v1 Job", false), decide: (*Webhook).mutateJob,
+			timeout: w.cfg.JobTimeout, slots: podSlots},
+		PathMutateDeployment: {id: "deployment", mutating: true, decode: decodeObject[appsv1.Deployment]("apps/v1 Deployment", false), decide: (*Webhook).mutateDeployment,
 			timeout: w.cfg.JobTimeout, slots: podSlots},
 	}
 	mux := http.NewServeMux()

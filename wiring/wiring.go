@@ -68,6 +68,11 @@ const (
 	EnvGracePeriod = "STASIS_GRACE_PERIOD"
 )
 
+// TerminationMargin is what the launcher keeps of the grace period to end the app after a
+// checkpoint on SIGTERM (or to let it end by itself when there is none): the dump gets the grace
+// period less this.
+const TerminationMargin = 3 * time.Second
+
 // DefaultFreezeWatchdog is the launcher's limit on a frozen app when EnvFreezeWatchdog does not
 // say: longer than the agent's --freeze-timeout (5m), which thaws first when it can.
 const DefaultFreezeWatchdog = 15 * time.Minute

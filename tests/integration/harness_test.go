@@ -58,6 +58,7 @@ func TestWebhookConfigurationsAppliedFromDeploy(t *testing.T) {
 		"job-suspends.stasis.dev": env.webhook.url("/validate/job-suspend"),
 		"pods.stasis.dev":         env.webhook.url("/mutate/pod"),
 		"jobs.stasis.dev":         env.webhook.url("/mutate/job"),
+		"deployments.stasis.dev":  env.webhook.url("/mutate/deployment"),
 	}, paths)
 }
 

@@ -336,8 +336,8 @@ func applyWebhookConfigurations(ctx context.Context, e *environment) error {
 			return fmt.Errorf("deploy/base/webhook-configurations.yaml: unexpected kind %q", meta.Kind)
 		}
 	}
-	if n != 4 {
-		return fmt.Errorf("deploy/base/webhook-configurations.yaml: %d webhooks, want 4 (eviction, job-suspend, pod, job)", n)
+	if n != 5 {
+		return fmt.Errorf("deploy/base/webhook-configurations.yaml: %d webhooks, want 5 (eviction, job-suspend, pod, job, deployment)", n)
 	}
 	return nil
 }

@@ -102,6 +102,10 @@ type CounterSpec struct {
 	NodeName string
 	// MemoryRequest, when set, is the container's memory request and limit.
 	MemoryRequest string
+	// CPURequest, when set, is the container's CPU request (no limit): what the scheduler counts.
+	CPURequest string
+	// Volumes are added to the pod (e.g. a user-provided checkpoint PVC).
+	Volumes []corev1.Volume
 	// Indexed makes the Job an Indexed one (one completion): its pod's identity is its index.
 	Indexed bool
 	// GraceSeconds is the pod's terminationGracePeriodSeconds (0: 10).
@@ -147,6 +151,12 @@ func (e *Env) podTemplate(s CounterSpec) corev1.PodTemplateSpec {
 			Limits:   corev1.ResourceList{corev1.ResourceMemory: q},
 		}
 	}
+	if s.CPURequest != "" {
+		if c.Resources.Requests == nil {
+			c.Resources.Requests = corev1.ResourceList{}
+		}
+		c.Resources.Requests[corev1.ResourceCPU] = resource.MustParse(s.CPURequest)
+	}
 	grace := int64(10)
 	if s.GraceSeconds > 0 {
 		grace = s.GraceSeconds
@@ -155,6 +165,7 @@ func (e *Env) podTemplate(s CounterSpec) corev1.PodTemplateSpec {
 		Containers:                    append([]corev1.Container{c}, s.Sidecars...),
 		RestartPolicy:                 corev1.RestartPolicyNever,
 		TerminationGracePeriodSeconds: &grace,
+		Volumes:                       s.Volumes,
 	}
 	if s.NodeName != "" {
 		spec.NodeSelector = map[string]string{"kubernetes.io/hostname": s.NodeName}
