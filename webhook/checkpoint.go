@@ -139,7 +139,7 @@ func (w *Webhook) checkpointAll(ctx context.Context, webhookID, reason string, s
 		var msg string
 		if len(targets) == 1 {
 			p := targets[0].pod
-			msg = fmt.Sprintf("checkpoint of pod %s/%s in progress: %s written, retry", p.Namespace, p.Name, humanBytes(written))
+			msg = fmt.Sprintf("checkpoint of pod %s/%s in progress: %s, retry", p.Namespace, p.Name, progressOf(outs[0].status))
 		} else {
 			msg = fmt.Sprintf("checkpoint of %d pods of %s in progress (%d of %d done): %s written, retry",
 				len(targets), subjectName, len(targets)-len(running), len(targets), humanBytes(written))
