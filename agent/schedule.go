@@ -69,8 +69,9 @@ type slotWaiter struct {
 	ready chan struct{}
 }
 
-// grant is a slot held: the level it was granted at, and whether dumps were waiting then (the
-// node was saturated, so the dump's rate says what the level can do).
+// grant is a slot held: the level it was granted at, and whether dumps were waiting when it was
+// granted or when it ended (the node was saturated, so the dump's rate says what the level can
+// do; a lone dump says nothing about more at once).
 type grant struct {
 	level     int
 	saturated bool
@@ -96,7 +97,7 @@ func (s *scheduler) acquire(ctx context.Context, w *slotWaiter) (func(bytes int6
 	select {
 	case <-w.ready:
 		s.mu.Lock()
-		g = grant{level: s.limit, saturated: len(s.queue) > 0 || s.running >= s.limit}
+		g = grant{level: s.limit, saturated: len(s.queue) > 0}
 		s.mu.Unlock()
 	case <-ctx.Done():
 		s.mu.Lock()
@@ -117,6 +118,7 @@ func (s *scheduler) acquire(ctx context.Context, w *slotWaiter) (func(bytes int6
 			s.mu.Lock()
 			defer s.mu.Unlock()
 			s.running--
+			g.saturated = g.saturated || len(s.queue) > 0
 			s.observe(g, bytes, took)
 			s.dispatch()
 		})

@@ -124,3 +124,17 @@ func TestSchedulerPlace(t *testing.T) {
 	assert.Equal(t, 1, running)
 	rel2(1, time.Second)
 }
+
+// Dumps one at a time with nothing waiting (periodic checkpoints, single evictions) say nothing
+// about the node's capacity: the limit stays where it is.
+func TestSchedulerLoneDumpsDoNotMoveTheLimit(t *testing.T) {
+	s := newScheduler(schedConfig{Max: 4, Min: 1})
+	for i := 0; i < 5; i++ {
+		w := s.enqueue()
+		rel, err := s.acquire(context.Background(), w)
+		require.NoError(t, err)
+		rel(256<<20, time.Second)
+	}
+	assert.Equal(t, 1, s.limit)
+	assert.Empty(t, s.levels)
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -74,13 +75,17 @@ func benchDrainOnce(t *testing.T, node string, n, mib int) string {
 	require.NoError(t, env.Uncordon(ctx, node))
 	var criuSum, dumpSum time.Duration
 	var bytes int64
+	freezes := make([]time.Duration, 0, n)
 	for _, p := range pods {
 		m, err := env.LatestManifest(ctx, p)
 		require.NoError(t, err, "pod %s", p.Name)
 		criuSum += m.Dumped.Sub(m.Started)
 		dumpSum += m.Created.Sub(m.Started)
 		bytes += m.Size
+		freezes = append(freezes, m.Dumped.Sub(m.Started))
 	}
+	slices.Sort(freezes)
+	sched := agentScheduler(ctx, t, node)
 	// The Jobs go (with their PVCs, which they own) before their replacements restore (the Job
 	// controller's back-off holds them ~10 s): the next round must not share the machine with n
 	// restores.
@@ -96,9 +101,10 @@ func benchDrainOnce(t *testing.T, node string, n, mib int) string {
 		}
 	}
 	t.Logf("drain of %d pods: %d progress lines; e.g. %s", n, progress, sample)
-	return fmt.Sprintf("pods %2d: drain %6.2fs | sum of dumps %6.2fs (CRIU %6.2fs) → drain/sum %.2f | %4d MiB written, disk dd+fsync %5.2fs (%4.0f MiB/s) → drain/disk %.2f | 429 progress lines %d",
+	return fmt.Sprintf("pods %2d: drain %6.2fs | sum of dumps %6.2fs (CRIU %6.2fs) → drain/sum %.2f | %4d MiB written, disk dd+fsync %5.2fs (%4.0f MiB/s) → drain/disk %.2f | freeze median %.2fs max %.2fs | 429 progress lines %d | agent: %s",
 		n, took.Seconds(), dumpSum.Seconds(), criuSum.Seconds(), took.Seconds()/dumpSum.Seconds(),
-		bytes>>20, disk.Seconds(), float64(n*mib)/disk.Seconds(), took.Seconds()/disk.Seconds(), progress)
+		bytes>>20, disk.Seconds(), float64(n*mib)/disk.Seconds(), took.Seconds()/disk.Seconds(),
+		freezes[len(freezes)/2].Seconds(), freezes[len(freezes)-1].Seconds(), progress, sched)
 }
 
 // startBenchPods creates n one-pod Indexed Jobs on node, each touching mib MiB, and waits until
@@ -148,4 +154,28 @@ func ddFsync(t *testing.T, dir string, n int64) time.Duration {
 	}
 	require.NoError(t, f.Sync())
 	return time.Since(t0)
+}
+
+// agentScheduler reads the dump scheduler's gauges from the node's agent (its /metrics, through
+// the API server's pod proxy): how many dumps at once it settled on, and the throughput it measured.
+func agentScheduler(ctx context.Context, t *testing.T, node string) string {
+	agents, err := env.Client.CoreV1().Pods(harness.StasisNamespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=stasis-agent"})
+	require.NoError(t, err)
+	for _, a := range agents.Items {
+		if a.Spec.NodeName != node {
+			continue
+		}
+		out, err := env.Run(ctx, "get", "--raw", "/api/v1/namespaces/"+a.Namespace+"/pods/"+a.Name+":8081/proxy/metrics")
+		if err != nil {
+			return "metrics unavailable: " + strings.TrimSpace(out)
+		}
+		var got []string
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "stasis_agent_dump_slots ") || strings.HasPrefix(l, "stasis_agent_dump_throughput_bytes_per_second ") {
+				got = append(got, strings.TrimPrefix(l, "stasis_agent_"))
+			}
+		}
+		return strings.Join(got, ", ")
+	}
+	return "no agent on " + node
 }
