@@ -10,9 +10,9 @@ import (
 // copying and the checksums need CPU, the images need the volume's write bandwidth. More dumps at
 // once than that only lengthen every freeze (each app is stopped for its whole dump) without
 // finishing the drain sooner. Measured on the 2-core test machine (BenchmarkDrainDumps, 8 apps of
-// 256 MiB asked at once, real CRIU, docs/agent.md): 1 at a time drained in 3.9–5.1 s with 0.4–0.5
-// s freezes, 2 in 3.1–4.7 s with 0.6–0.8 s, 4 in 3.1–5.7 s with 0.8–1.6 s, 8 in 1.8–3.5 s with
-// 1.0–2.3 s; the knee is machine-specific (cores, volume), so it is found at run time.
+// 256 MiB asked at once, real CRIU; ranges in docs/agent.md): past 2 at once the drain got no
+// faster, while the median freeze went from 0.4–0.6 s (1 at once) to 0.8–1.7 s (4) and 1–11 s
+// (8). The knee is machine-specific (cores, volume), so it is found at run time.
 //
 // The scheduler therefore climbs: it starts at Min dumps at once and, while dumps are waiting,
 // measures the node's throughput at each level (bytes per second of the dumps that ran at that
