@@ -9,7 +9,7 @@ LDFLAGS := -s -w -X github.com/stasis-k8s/stasis/internal/version.Version=$(VERS
 # Tests that need CRIU find it here (a wrapper around trixie's CRIU 4.x, unpacked privately).
 CRIU_WRAPPER = $(STASIS_CACHE)/criu/criu
 
-.PHONY: all build deps criu k8s cert-manager lint unit integration images e2e test bench bench-webhook demo down clean
+.PHONY: all build deps criu k8s cert-manager lint unit integration images e2e test bench bench-dumps bench-drain bench-webhook demo down clean
 
 all: build
 
@@ -71,6 +71,19 @@ test: lint unit integration e2e
 # Dump/restore of 1 GiB of touched memory: agent path vs raw criu, same process, same run.
 bench: criu build
 	STASIS_CRIU=$(CRIU_WRAPPER) $(GO) test -count=1 -run '^$$' -bench . -benchtime 3x ./agent/...
+
+# The agent's dump scheduling (issue 13): 8 apps of 256 MiB asked to checkpoint at once, with 1,
+# 2, 4, 8 dumps at once and the adaptive scheduler; drain time and per-dump freeze, real CRIU.
+bench-dumps: criu build
+	STASIS_CRIU=$(CRIU_WRAPPER) $(GO) test -count=1 -run '^$$' -bench '^BenchmarkDrainDumps$$' -benchtime 2x ./agent/ 2>&1 | \
+	  grep -E 'MiB: drain|^(ok|FAIL)'
+
+# A node drained of 1, 4 and 16 checkpoint-enabled pods (256 MiB each) on the e2e tier's real
+# nodes: drain time against the sum of the dumps and the disk's time for the bytes. One e2e run
+# at a time on a machine (fixed addresses). STASIS_BENCH_DRAIN_PODS / _MIB change the load.
+bench-drain: k8s build criu
+	STASIS_BENCH_DRAIN=1 STASIS_CRIU=$(CRIU_WRAPPER) $(GO) test -tags e2e -count=1 -v -timeout 45m -run '^TestBenchDrain$$' ./tests/e2e/ 2>&1 | \
+	  tee /tmp/stasis-bench-drain.log | grep -E '^(== bench-drain|pods |--- |ok|FAIL|PASS)|bench_drain_test'
 
 # Admission at scale (issue 13): floods of checkpoint-enabled pod creations (server-side dry run)
 # at 50, 200 and 1000/s for 20 s each through the integration tier's real API server and webhook

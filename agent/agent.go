@@ -66,8 +66,11 @@ type Config struct {
 	// Criu is the agent's own CRIU (from its image): the only CRIU the agent ever runs.
 	Criu criurun.Bundle
 	// CriuVersion is the version the agent's version gate measured (recorded in manifests).
-	CriuVersion        int
-	MaxConcurrentDumps int
+	CriuVersion int
+	// MaxConcurrentDumps bounds the dumps running at once; MinConcurrentDumps (default: the
+	// same, a fixed limit) is the fewest the scheduler goes down to when the node's checkpoint
+	// writes stop gaining from more dumps at once (schedule.go).
+	MaxConcurrentDumps, MinConcurrentDumps int
 	// FreezeTimeout: an app still frozen this long after its dump (its pod was not deleted) is thawed.
 	FreezeTimeout time.Duration
 	// Pods tells whether a pod's deletion has started (nil: only FreezeTimeout thaws). With it, an
@@ -109,7 +112,10 @@ func (c *Config) defaults() error {
 		return errors.New("agent: no manifest key (--manifest-key-file)")
 	}
 	if c.MaxConcurrentDumps <= 0 {
-		c.MaxConcurrentDumps = 2
+		c.MaxConcurrentDumps = DefaultMaxConcurrentDumps
+	}
+	if c.MinConcurrentDumps <= 0 || c.MinConcurrentDumps > c.MaxConcurrentDumps {
+		c.MinConcurrentDumps = min(1, c.MaxConcurrentDumps)
 	}
 	if c.FreezeTimeout <= 0 {
 		c.FreezeTimeout = 5 * time.Minute
@@ -145,7 +151,7 @@ func (c *Config) defaults() error {
 type Agent struct {
 	cfg   Config
 	ctx   context.Context
-	slots chan struct{}
+	sched *scheduler // dump slots (schedule.go)
 
 	mu       sync.Mutex
 	ops      map[string]*operation
@@ -156,9 +162,14 @@ type operation struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	bytes  atomic.Int64
+	// expected is the estimate of the bytes the dump will have written (progress.go).
+	expected atomic.Int64
 
 	mu     sync.Mutex
 	status agentapi.CheckpointStatus
+	// sched and waiter: the operation's place in the node's queue while Pending.
+	sched  *scheduler
+	waiter *slotWaiter
 	frozen []frozenTree
 	timer  *time.Timer // the next look at a frozen operation (holdFrozen)
 	// periodic: a checkpoint that leaves the app running (periodic.go); set at creation.
@@ -171,7 +182,7 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
-	a := &Agent{cfg: cfg, ctx: ctx, slots: make(chan struct{}, cfg.MaxConcurrentDumps), ops: map[string]*operation{}, restores: map[string]*podRestore{}}
+	a := &Agent{cfg: cfg, ctx: ctx, sched: newScheduler(schedConfig{Max: cfg.MaxConcurrentDumps, Min: cfg.MinConcurrentDumps, Changed: cfg.Metrics.schedChanged}), ops: map[string]*operation{}, restores: map[string]*podRestore{}}
 	if err := a.adoptFrozen(); err != nil {
 		return nil, fmt.Errorf("frozen apps of a previous agent (%s): %w", a.stateDir(), err)
 	}
@@ -227,10 +238,14 @@ func (a *Agent) Start(req agentapi.CheckpointRequest) (agentapi.CheckpointStatus
 	op := &operation{cancel: cancel, done: make(chan struct{}), periodic: req.LeaveRunning}
 	op.status = agentapi.CheckpointStatus{Pod: req.Pod, Node: a.cfg.NodeName, Phase: agentapi.PhasePending, StartedAt: a.cfg.Now().UTC(), Message: "waiting for a dump slot"}
 	a.ops[req.Pod.UID] = op
+	if prev == nil {
+		a.queue(op) // in the order asked: the order of the evictions
+	}
 	a.mu.Unlock()
 	go func() {
 		if prev != nil {
 			<-prev.done
+			a.queue(op)
 		}
 		a.run(ctx, op, req)
 	}()
@@ -299,26 +314,31 @@ func (op *operation) snapshot() agentapi.CheckpointStatus {
 	s := op.status
 	s.Containers = append([]agentapi.ContainerResult(nil), op.status.Containers...)
 	s.BytesWritten = op.bytes.Load()
+	s.ExpectedBytes = op.expected.Load()
+	op.progress(&s)
 	return s
 }
 
 func (a *Agent) run(ctx context.Context, op *operation, req agentapi.CheckpointRequest) {
 	log := a.cfg.Log.With().Str("pod", req.Pod.Namespace+"/"+req.Pod.Name).Str("uid", req.Pod.UID).Str("reason", req.Reason).Logger()
-	select {
-	case a.slots <- struct{}{}:
-		defer func() { <-a.slots }()
-	case <-ctx.Done():
+	op.mu.Lock()
+	w := op.waiter
+	op.mu.Unlock()
+	release, err := a.sched.acquire(ctx, w)
+	if err != nil {
 		a.finish(op, req, false, "cancelled while waiting for a dump slot")
 		close(op.done)
 		return
 	}
+	began := time.Now()
+	var base int64
+	defer func() { release(base, time.Since(began)) }()
 	op.mu.Lock()
 	op.status.Phase = agentapi.PhaseRunning
 	op.status.Message = "dumping"
 	op.mu.Unlock()
 
 	ok := true
-	var base int64
 	var dirs []*os.File
 	defer func() {
 		for _, d := range dirs {
@@ -365,6 +385,14 @@ func (a *Agent) run(ctx context.Context, op *operation, req agentapi.CheckpointR
 	// must not stay frozen (release.go).
 	a.holdFrozen(op, req.Pod)
 	close(op.done) // before the deferred pruning: nothing waits for it
+}
+
+// queue puts the operation in the node's queue for a dump slot (schedule.go).
+func (a *Agent) queue(op *operation) {
+	w := a.sched.enqueue()
+	op.mu.Lock()
+	op.sched, op.waiter = a.sched, w
+	op.mu.Unlock()
 }
 
 func (a *Agent) finish(op *operation, req agentapi.CheckpointRequest, ok bool, msg string) {

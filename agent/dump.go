@@ -57,6 +57,7 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	if err := d.open(ctx, id); err != nil {
 		return fail(err, nil)
 	}
+	op.expected.Store(base + treeAnonBytes(d.app)) // progress for the evicting client (progress.go)
 	criuTime, err := d.runCriu(ctx, op, base)
 	if err != nil {
 		return fail(d.noRoomHint(err), nil)

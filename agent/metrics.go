@@ -14,6 +14,11 @@ type Metrics struct {
 	Thaws          prometheus.Counter
 	RestoreResults *prometheus.CounterVec
 	LocalRefusals  *prometheus.CounterVec
+	// The dump scheduler (schedule.go): dumps allowed at once now, dumps waiting for a slot, and
+	// the node's measured checkpoint throughput at the current level.
+	DumpSlots      prometheus.Gauge
+	DumpsWaiting   prometheus.Gauge
+	DumpThroughput prometheus.Gauge
 }
 
 // NewMetrics registers the agent's metrics in reg (a new registry when nil).
@@ -53,7 +58,27 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 			Name: "stasis_agent_local_refusals_total",
 			Help: "Requests and connections on the launchers' local socket refused, by reason (not-a-pod, unknown-pod, wrong-container, other-pod, other-container, busy, too-many-connections, no-runtime).",
 		}, []string{"reason"}),
+		DumpSlots: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "stasis_agent_dump_slots",
+			Help: "Dumps the scheduler lets run at once now (between --min- and --max-concurrent-dumps, set by the node's measured throughput).",
+		}),
+		DumpsWaiting: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "stasis_agent_dumps_waiting",
+			Help: "Checkpoint operations waiting for a dump slot.",
+		}),
+		DumpThroughput: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "stasis_agent_dump_throughput_bytes_per_second",
+			Help: "The node's checkpoint throughput measured at the current number of dumps at once (0: not measured yet).",
+		}),
 	}
+	reg.MustRegister(m.DumpSlots, m.DumpsWaiting, m.DumpThroughput)
 	reg.MustRegister(m.DumpDuration, m.DumpBytes, m.DumpFailures, m.FreezeSeconds, m.Thaws, m.RestoreResults, m.LocalRefusals)
 	return m
+}
+
+// schedChanged keeps the scheduler's gauges (schedConfig.Changed).
+func (m *Metrics) schedChanged(limit, waiting int, bytesPerSec float64) {
+	m.DumpSlots.Set(float64(limit))
+	m.DumpsWaiting.Set(float64(waiting))
+	m.DumpThroughput.Set(bytesPerSec)
 }

@@ -31,6 +31,7 @@ type RunConfig struct {
 	NodeName, CRIEndpoint                      string
 	CriuPath                                   string
 	MaxConcurrentDumps, KeepOlder              int
+	MinConcurrentDumps                         int
 	FreezeTimeout, DumpTimeout, RestoreTimeout time.Duration
 	ReleaseAfter                               time.Duration
 	StateDir                                   string
@@ -50,7 +51,8 @@ func (c *RunConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (downward API spec.nodeName)")
 	fs.StringVar(&c.CRIEndpoint, "cri-endpoint", "unix:///run/containerd/containerd.sock", "CRI socket of the container runtime")
 	fs.StringVar(&c.CriuPath, "criu-path", "/usr/local/lib/stasis/criu/criu", "the CRIU bundle of the agent image (its wrapper `criu`): the only CRIU the agent runs")
-	fs.IntVar(&c.MaxConcurrentDumps, "max-concurrent-dumps", 2, "dumps running at once on this node")
+	fs.IntVar(&c.MaxConcurrentDumps, "max-concurrent-dumps", DefaultMaxConcurrentDumps, "most dumps running at once on this node: the ceiling of the scheduler, which starts at --min-concurrent-dumps and adds a dump at a time while the node's checkpoint throughput (bytes/s of finished dumps) grows by 10% or more (measured on a 2-core node: the knee at 2, more only lengthened each freeze; docs/agent.md)")
+	fs.IntVar(&c.MinConcurrentDumps, "min-concurrent-dumps", 1, "dumps at once the scheduler starts from and never goes below; equal to --max-concurrent-dumps for a fixed limit")
 	fs.DurationVar(&c.FreezeTimeout, "freeze-timeout", 5*time.Minute, "thaw a dumped app whose pod is not deleted within this time")
 	fs.StringVar(&c.StateDir, "state-dir", filepath.Join(wiring.HostAgentDir, "state"), "host directory (a tmpfs: /run) where the agent records the apps it keeps frozen, so that a restarted agent takes them over")
 	fs.DurationVar(&c.ReleaseAfter, "release-after", 15*time.Second, "thaw a dumped app whose pod is not being deleted this long after the webhook last asked about its checkpoint (an eviction refused by a PodDisruptionBudget)")
@@ -139,7 +141,7 @@ func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersio
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a, err := New(ctx, Config{
 		NodeName: rc.NodeName, Criu: criu, CriuVersion: criuVersion, ManifestKey: key, RestoreDir: rc.RestoreDir,
-		MaxConcurrentDumps: rc.MaxConcurrentDumps, FreezeTimeout: rc.FreezeTimeout, DumpTimeout: rc.DumpTimeout,
+		MaxConcurrentDumps: rc.MaxConcurrentDumps, MinConcurrentDumps: rc.MinConcurrentDumps, FreezeTimeout: rc.FreezeTimeout, DumpTimeout: rc.DumpTimeout,
 		RestoreTimeout: rc.RestoreTimeout, KeepOlder: rc.KeepOlder,
 		ReleaseAfter: rc.ReleaseAfter, Pods: pods, StateDir: rc.StateDir,
 		Finder: runtime, Events: events, Metrics: NewMetrics(reg), Log: log,

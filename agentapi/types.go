@@ -96,10 +96,16 @@ type CheckpointStatus struct {
 	// Message says what failed (CRIU's log tail quoted) or what is going on.
 	Message string `json:"message,omitempty"`
 	// BytesWritten is the progress: image bytes written so far, all containers.
-	BytesWritten int64             `json:"bytesWritten"`
-	StartedAt    time.Time         `json:"startedAt"`
-	FinishedAt   *time.Time        `json:"finishedAt,omitempty"`
-	Containers   []ContainerResult `json:"containers,omitempty"`
+	BytesWritten int64 `json:"bytesWritten"`
+	// ExpectedBytes is, while Running, the agent's estimate of what the dump will have written
+	// (the apps' anonymous memory); 0 when unknown.
+	ExpectedBytes int64 `json:"expectedBytes,omitempty"`
+	// Ahead is, while Pending, how many dumps on the node come before this one (running, then
+	// waiting): the node runs only as many at once as its disk absorbs.
+	Ahead      int               `json:"ahead,omitempty"`
+	StartedAt  time.Time         `json:"startedAt"`
+	FinishedAt *time.Time        `json:"finishedAt,omitempty"`
+	Containers []ContainerResult `json:"containers,omitempty"`
 }
 
 // ContainerResult is the outcome for one container.

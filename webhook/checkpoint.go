@@ -187,7 +187,7 @@ func (w *Webhook) inProgressVerdict(r round) verdict {
 	var msg string
 	if len(r.targets) == 1 {
 		p := r.targets[0].pod
-		msg = fmt.Sprintf("checkpoint of pod %s/%s in progress: %s written, retry", p.Namespace, p.Name, humanBytes(r.written))
+		msg = fmt.Sprintf("checkpoint of pod %s/%s in progress: %s, retry", p.Namespace, p.Name, progressOf(r.outs[0].status))
 	} else {
 		msg = fmt.Sprintf("checkpoint of %d pods of %s in progress (%d of %d done): %s written, retry",
 			len(r.targets), r.subjectName, len(r.targets)-len(r.running), len(r.targets), humanBytes(r.written))

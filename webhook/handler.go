@@ -161,6 +161,9 @@ func (h *reviewHandler) decide(ctx context.Context, rv *review) answer {
 	if !h.p.mutating || !v.Allowed || v.Unchanged {
 		return answer{v: v}
 	}
+	if v.Patch != nil {
+		return answer{v: v, patch: v.Patch}
+	}
 	patch, err := mutationPatch(rv.NewObjectRaw, rv.obj)
 	if err != nil {
 		return answer{v: deny(http.StatusInternalServerError, metav1.StatusReasonInternalError, "stasis: computing the patch: %v", err)}

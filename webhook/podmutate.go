@@ -11,7 +11,6 @@ import (
 
 	"github.com/slok/kubewebhook/v2/pkg/model"
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	klabels "k8s.io/apimachinery/pkg/labels"
@@ -32,7 +31,11 @@ func (w *Webhook) mutatePod(ctx context.Context, rv *review) verdict {
 	if v := w.wirePod(ctx, &rv.AdmissionReview, pod); v != nil {
 		return *v
 	}
-	v := verdict{Allowed: true, Unchanged: equality.Semantic.DeepEqual(before, pod)}
+	patch, err := podPatch(before, pod)
+	if err != nil {
+		return deny(http.StatusInternalServerError, metav1.StatusReasonInternalError, "stasis: computing the patch: %v", err)
+	}
+	v := verdict{Allowed: true, Unchanged: patch == nil, Patch: patch}
 	if !inject.Marked(before) { // the first invocation warns, not our reinvocation
 		v.Warnings = w.warnGrace(rv.Namespace, before)
 	}

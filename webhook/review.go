@@ -33,6 +33,8 @@ type verdict struct {
 	Warnings []string
 	// Unchanged: a mutator changed nothing; the answer carries no patch.
 	Unchanged bool
+	// Patch, when a mutator built it itself (podPatch), is the answer's JSON patch.
+	Patch []byte
 	// RetryAfter (seconds) goes into status.details.retryAfterSeconds of a 429, which the API
 	// server turns into the Retry-After header its client (client-go, controllers) honours.
 	RetryAfter int32

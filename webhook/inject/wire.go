@@ -84,6 +84,7 @@ func Pod(pod *corev1.Pod, in Input) {
 		VolumeMounts:    []corev1.VolumeMount{toolsMount},
 		SecurityContext: restrictedContext(),
 	})
+	serviceAccountTokenMount(&pod.Spec, wiring.ToolsInitContainer)
 
 	// The agent restores what the annotation names (it reads it from the runtime's pod sandbox):
 	// the checkpoint, and the containers that restore from it together.
@@ -222,6 +223,33 @@ func ensureMount(c *corev1.Container, m corev1.VolumeMount) {
 // setInitContainer inserts want at index at, or, when an init-container of its name exists, sets
 // the fields Stasis owns in place (see projection): what others added (the ServiceAccount token
 // mount, resources, a securityContext, proxy variables) stays.
+// The ServiceAccount admission plugin's token volume and mount path (k8s.io/kubernetes
+// plugin/pkg/admission/serviceaccount: ServiceAccountVolumeName, DefaultAPITokenMountPath).
+const (
+	serviceAccountVolumePrefix = "kube-api-access-"
+	serviceAccountTokenPath    = "/var/run/secrets/kubernetes.io/serviceaccount"
+)
+
+// serviceAccountTokenMount gives Stasis' init container the mount the ServiceAccount admission
+// plugin would give it. That plugin runs before the webhooks and mounts the pod's API token into
+// every container without a mount at its path; ours comes after it, so the API server re-runs the
+// plugin, which then adds the mount to our container, and the changed pod makes the API server
+// call our webhook a second time (reinvocationPolicy IfNeeded): twice the admission work for every
+// pod. With the mount already there the plugin changes nothing, and the pod ends the same as
+// before. A pod without the token volume (automount off) gets nothing.
+func serviceAccountTokenMount(spec *corev1.PodSpec, container string) {
+	vol := slices.IndexFunc(spec.Volumes, func(v corev1.Volume) bool { return strings.HasPrefix(v.Name, serviceAccountVolumePrefix) })
+	i := slices.IndexFunc(spec.InitContainers, named(container))
+	if vol < 0 || i < 0 {
+		return
+	}
+	c := &spec.InitContainers[i]
+	if slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool { return m.MountPath == serviceAccountTokenPath }) {
+		return
+	}
+	c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{Name: spec.Volumes[vol].Name, ReadOnly: true, MountPath: serviceAccountTokenPath})
+}
+
 func setInitContainer(spec *corev1.PodSpec, at int, want corev1.Container) {
 	i := slices.IndexFunc(spec.InitContainers, named(want.Name))
 	if i < 0 {

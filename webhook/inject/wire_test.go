@@ -227,3 +227,44 @@ func TestPodSafeToEvictLocalVolumes(t *testing.T) {
 	Pod(again, input(nil))
 	assert.Equal(t, p.Annotations, again.Annotations, "idempotent")
 }
+
+// The ServiceAccount plugin's pass after our webhook finds nothing to add to Stasis' init
+// container (it gets the token mount the plugin would give it, no second one on a reinvocation),
+// so the API server has no reason to call the webhook again; a pod without the token volume
+// gets no mount.
+func TestPodPreAppliesServiceAccountTokenMount(t *testing.T) {
+	tokenMount := corev1.VolumeMount{Name: "kube-api-access-x7k2p", ReadOnly: true, MountPath: serviceAccountTokenPath}
+	p := pod()
+	p.Spec.Volumes = append(p.Spec.Volumes, corev1.Volume{Name: tokenMount.Name})
+	for i := range p.Spec.Containers {
+		p.Spec.Containers[i].VolumeMounts = append(p.Spec.Containers[i].VolumeMounts, tokenMount)
+	}
+	p.Spec.InitContainers[0].VolumeMounts = append(p.Spec.InitContainers[0].VolumeMounts, tokenMount)
+	Pod(p, input(nil))
+	require.Equal(t, wiring.ToolsInitContainer, p.Spec.InitContainers[0].Name)
+	assert.Equal(t, []corev1.VolumeMount{{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount}, tokenMount}, p.Spec.InitContainers[0].VolumeMounts)
+	// What the plugin does on its second pass: every container with a mount at the path is left alone.
+	for _, cs := range [][]corev1.Container{p.Spec.InitContainers, p.Spec.Containers} {
+		for _, c := range cs {
+			n := 0
+			for _, m := range c.VolumeMounts {
+				if m.MountPath == serviceAccountTokenPath {
+					n++
+				}
+			}
+			assert.Equal(t, 1, n, "container %s: one token mount", c.Name)
+		}
+	}
+	// Our own reinvocation (or a copy) wires to the same pod.
+	again := p.DeepCopy()
+	Pod(again, input(nil))
+	assert.Equal(t, p, again)
+	want := p.DeepCopy()
+	Strip(want)
+	Pod(want, input(nil))
+	assert.Empty(t, Foreign(p, want))
+
+	bare := pod()
+	Pod(bare, input(nil))
+	assert.Equal(t, []corev1.VolumeMount{{Name: wiring.ToolsVolume, MountPath: wiring.ToolsMount}}, bare.Spec.InitContainers[0].VolumeMounts, "automount off: no token")
+}
