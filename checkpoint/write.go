@@ -198,6 +198,9 @@ func (w *Writer) Commit(m *Manifest) error {
 	}
 	unlock := lockGenerations(w.context(), w.dir) // until the marker makes this generation count
 	defer unlock()
+	if superseded(w.dir, m.Pod.UID) {
+		return fmt.Errorf("pod %s/%s: %w", m.Pod.Namespace, m.Pod.Name, ErrSuperseded)
+	}
 	m.Generation = nextGeneration(w.dir)
 	m.Format = FormatVersion
 	m.ID = w.ID
