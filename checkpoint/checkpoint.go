@@ -33,8 +33,9 @@ import (
 	"github.com/stasis-k8s/stasis/internal/confine"
 )
 
-// FormatVersion is the manifest format; a reader refuses others.
-const FormatVersion = 1
+// FormatVersion is the manifest format; a reader refuses others. 2: the images may be a pack of
+// encrypted chunks (Manifest.Pack); a format-1 checkpoint is refused (the pod starts afresh).
+const FormatVersion = 2
 
 // File and directory names inside a checkpoint.
 const (
@@ -88,6 +89,9 @@ type Manifest struct {
 	// Deleted are the image paths the container had deleted (checkpoint-rootfs): removed again
 	// before the restore.
 	Deleted []string `json:"deleted,omitempty"`
+
+	// Pack lists the CRIU images stored as chunks (pack.go); nil when they are files in images/.
+	Pack *Pack `json:"pack,omitempty"`
 
 	CriuVersion int `json:"criuVersion"`
 	// Files lists every file of the checkpoint (relative paths) but the manifest and the marker.
