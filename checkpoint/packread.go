@@ -22,7 +22,9 @@ import (
 // here. The checkpoint volume stays writable by the pod: a chunk is read once into the agent's
 // memory and checked there, so nothing can change between the check and the use.
 type PackReader struct {
-	pack   *Pack
+	pack *Pack
+	// mu: reads (read ahead included) hold it shared while they use chunks; Close takes it.
+	mu     sync.RWMutex
 	chunks *os.File
 	naming []byte
 	keys   []*dataKey // as Pack.Keys
@@ -80,8 +82,12 @@ func packAllZero(p *Pack) bool {
 
 // Close releases the chunk store's descriptor.
 func (r *PackReader) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if r.chunks != nil {
-		return r.chunks.Close()
+		err := r.chunks.Close()
+		r.chunks = nil
+		return err
 	}
 	return nil
 }
@@ -117,8 +123,10 @@ func (r *PackReader) chunk(img *PackedImage, i int, off int64) ([]byte, error) {
 }
 
 func (r *PackReader) readChunk(c ChunkRef) ([]byte, error) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
 	if r.chunks == nil {
-		return nil, errors.New("no chunk store")
+		return nil, errors.New("no chunk store (or the pack is closed)")
 	}
 	f, st, err := openRegular(r.chunks, r.pack.file(c))
 	if err != nil {
