@@ -2,7 +2,7 @@ package checkpoint
 
 import (
 	"encoding/json"
-	"io/fs"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,25 +16,35 @@ import (
 	"github.com/stasis-k8s/stasis/agentapi"
 )
 
-// chunkFiles lists the chunk files of a container's checkpoint directory ("<2 hex>/<file>").
+// chunkFiles lists the files of a container's chunk store.
 func chunkFiles(t *testing.T, dir string) []string {
 	t.Helper()
-	var out []string
-	root := filepath.Join(dir, chunksDir)
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if d.Type().IsRegular() {
-			rel, _ := filepath.Rel(root, p)
-			out = append(out, rel)
-		}
-		return nil
-	})
+	des, err := os.ReadDir(filepath.Join(dir, chunksDir))
 	if os.IsNotExist(err) {
 		return nil
 	}
 	require.NoError(t, err)
+	var out []string
+	for _, de := range des {
+		out = append(out, de.Name())
+	}
+	return out
+}
+
+// packFiles lists the pack files m references.
+func packFiles(m *Manifest) []string {
+	set := map[string]bool{}
+	for _, img := range m.Pack.Images {
+		for _, c := range img.Chunks {
+			if c.Name != "" {
+				set[packFile(c.Pack)] = true
+			}
+		}
+	}
+	var out []string
+	for f := range set {
+		out = append(out, f)
+	}
 	return out
 }
 
@@ -50,7 +60,9 @@ func TestPackZeroChunksNotStored(t *testing.T) {
 	for i, c := range chunks {
 		require.Equal(t, i == 2, c.Name != "", "chunk %d", i)
 	}
-	require.Len(t, chunkFiles(t, dir), 1, "only the non-zero chunk is stored")
+	require.Len(t, chunkFiles(t, dir), 1, "one pack file")
+	require.Equal(t, m.Pack.Stored, m.Pack.Written)
+	require.Less(t, m.Pack.Stored, int64(DefaultChunkSize), "only the non-zero chunk is stored")
 	got, err := readAllImage(r, "pages-1.img")
 	require.NoError(t, err)
 	require.Equal(t, img, got)
@@ -84,17 +96,8 @@ func TestPackDedupe(t *testing.T) {
 	// Only the newest kept: the first's unshared chunks go, what the second needs stays.
 	require.NoError(t, Prune(dir, 1, time.Now().Add(-2*time.Hour)))
 	require.NoDirExists(t, first)
-	live := map[string]bool{}
-	for _, c := range m2.Pack.Images[0].Chunks {
-		if c.Name != "" {
-			live[m2.Pack.file(c)] = true
-		}
-	}
-	files := chunkFiles(t, dir)
-	require.Len(t, files, len(live))
-	for _, f := range files {
-		require.True(t, live[f], f)
-	}
+	require.ElementsMatch(t, packFiles(m2), chunkFiles(t, dir))
+	require.Greater(t, len(packFiles(m2)), len(packFiles(m1))/2)
 	got, err := readAllImage(r2, "pages-1.img")
 	require.NoError(t, err)
 	require.Equal(t, changed, got)
@@ -113,31 +116,45 @@ func newestSize(t *testing.T, dir string) (int64, error) {
 // TestPackTampering: a chunk altered, swapped with another, truncated or removed on the volume
 // is an error naming the image and offset, never data.
 func TestPackTampering(t *testing.T) {
+	type damage func(t *testing.T, dir string, a, b ChunkRef)
+	path := func(dir string, c ChunkRef) string { return filepath.Join(dir, chunksDir, packFile(c.Pack)) }
+	rewrite := func(t *testing.T, dir string, c ChunkRef, f func(rec []byte) []byte) {
+		data, err := os.ReadFile(path(dir, c))
+		require.NoError(t, err)
+		rec := append([]byte(nil), data[c.Off:c.Off+c.Stored]...)
+		copy(data[c.Off:], f(rec))
+		require.NoError(t, os.WriteFile(path(dir, c), data, 0o600))
+	}
+	record := func(t *testing.T, dir string, c ChunkRef) []byte {
+		data, err := os.ReadFile(path(dir, c))
+		require.NoError(t, err)
+		return data[c.Off : c.Off+c.Stored]
+	}
 	tests := []struct {
 		name   string
-		damage func(t *testing.T, a, b string)
-		want   string
+		damage damage
+		// hit tells the chunks the damage reaches, given the one aimed at.
+		hit  func(c, aimed ChunkRef) bool
+		want string
 	}{
-		{"flipped byte", func(t *testing.T, a, _ string) {
-			data, err := os.ReadFile(a)
-			require.NoError(t, err)
-			data[len(data)/2] ^= 1
-			require.NoError(t, os.WriteFile(a, data, 0o600))
-		}, "fails authentication"},
-		{"swapped with another chunk", func(t *testing.T, a, b string) {
-			da, err := os.ReadFile(a)
-			require.NoError(t, err)
-			db, err := os.ReadFile(b)
-			require.NoError(t, err)
-			require.NoError(t, os.WriteFile(a, db, 0o600))
-			require.NoError(t, os.WriteFile(b, da, 0o600))
-		}, "fails authentication"},
-		{"truncated", func(t *testing.T, a, _ string) { require.NoError(t, os.Truncate(a, 100)) }, "fails authentication"},
-		{"removed", func(t *testing.T, a, _ string) { require.NoError(t, os.Remove(a)) }, "no such file"},
-		{"symlink to another chunk", func(t *testing.T, a, b string) {
-			require.NoError(t, os.Remove(a))
-			require.NoError(t, os.Symlink(b, a))
-		}, "too many levels of symbolic links"},
+		{"flipped byte", func(t *testing.T, dir string, a, _ ChunkRef) {
+			rewrite(t, dir, a, func(r []byte) []byte { r[len(r)/2] ^= 1; return r })
+		}, func(c, a ChunkRef) bool { return c == a }, "fails authentication"},
+		{"swapped with another chunk", func(t *testing.T, dir string, a, b ChunkRef) {
+			ra, rb := append([]byte(nil), record(t, dir, a)...), append([]byte(nil), record(t, dir, b)...)
+			rewrite(t, dir, a, func([]byte) []byte { return rb })
+			rewrite(t, dir, b, func([]byte) []byte { return ra })
+		}, func(c, a ChunkRef) bool { return c == a }, "fails authentication"},
+		{"truncated", func(t *testing.T, dir string, a, _ ChunkRef) {
+			require.NoError(t, os.Truncate(path(dir, a), a.Off+100))
+		}, func(c, a ChunkRef) bool { return c.Pack == a.Pack && c.Off >= a.Off }, "truncated"},
+		{"removed", func(t *testing.T, dir string, a, _ ChunkRef) { require.NoError(t, os.Remove(path(dir, a))) },
+			func(c, a ChunkRef) bool { return c.Pack == a.Pack }, "no such file"},
+		{"symlink to another pack file", func(t *testing.T, dir string, a, _ ChunkRef) {
+			other := filepath.Join(dir, "elsewhere")
+			require.NoError(t, os.Rename(path(dir, a), other))
+			require.NoError(t, os.Symlink(other, path(dir, a)))
+		}, func(c, a ChunkRef) bool { return c.Pack == a.Pack }, "too many levels of symbolic links"},
 	}
 	heap := randomHeap(1<<20, 9)
 	for _, tc := range tests {
@@ -146,17 +163,23 @@ func TestPackTampering(t *testing.T) {
 			ckpt, err := packCheckpoint(t, dir, time.Now(), PackOptions{}, map[string][]byte{"pages-1.img": heap})
 			require.NoError(t, err)
 			m, r := openPacked(t, ckpt)
-			c1, c2 := m.Pack.Images[0].Chunks[1], m.Pack.Images[0].Chunks[2]
-			tc.damage(t, filepath.Join(dir, chunksDir, m.Pack.file(c1)), filepath.Join(dir, chunksDir, m.Pack.file(c2)))
+			chunks := m.Pack.Images[0].Chunks
+			tc.damage(t, dir, chunks[1], chunks[2])
+			first := 0
+			for !tc.hit(chunks[first], chunks[1]) {
+				first++
+			}
+			at := fmt.Sprintf("image pages-1.img at offset %d", first*DefaultChunkSize)
 			got, err := readAllImage(r, "pages-1.img")
 			require.Error(t, err)
-			require.Contains(t, err.Error(), "image pages-1.img at offset 262144")
+			require.Contains(t, err.Error(), at)
 			require.Contains(t, err.Error(), tc.want)
-			require.LessOrEqual(t, len(got), DefaultChunkSize, "nothing past the first (intact) chunk is returned")
+			require.Equal(t, heap[:len(got)], got)
+			require.LessOrEqual(t, len(got), first*DefaultChunkSize, "nothing of a damaged chunk or past it is returned")
 			ra, _, err := r.OpenAt("pages-1.img")
 			require.NoError(t, err)
-			_, err = ra.ReadAt(make([]byte, 10), int64(DefaultChunkSize)+5)
-			require.ErrorContains(t, err, "image pages-1.img at offset 262144")
+			_, err = ra.ReadAt(make([]byte, 10), int64(first*DefaultChunkSize)+5)
+			require.ErrorContains(t, err, at)
 		})
 	}
 }
@@ -271,6 +294,9 @@ func TestPackSweepWaitsForDump(t *testing.T) {
 	_, err = packCheckpoint(t, dir, t0.Add(time.Minute), PackOptions{}, map[string][]byte{"pages-1.img": randomHeap(1<<20, 2)})
 	require.NoError(t, err)
 
+	m1, err := ReadManifest(old)
+	require.NoError(t, err)
+
 	w, err := Begin(dir, NewID(t0.Add(2*time.Minute)))
 	require.NoError(t, err)
 	w.Key = testRingKey
@@ -278,15 +304,18 @@ func TestPackSweepWaitsForDump(t *testing.T) {
 	require.NoError(t, err)
 	heap := randomHeap(1<<20, 3)
 	require.NoError(t, writeImage(sink, "pages-1.img", heap))
-	// A prune now (keep 1: the second checkpoint) must not take the dump's chunks.
+	// A prune now (keep 1: the second checkpoint) removes the first checkpoint, but no chunk
+	// while the dump runs.
+	before := chunkFiles(t, dir)
 	require.NoError(t, Prune(dir, 1, t0.Add(-time.Hour)))
 	require.NoDirExists(t, old)
-	require.Len(t, chunkFiles(t, dir), 12, "the first checkpoint's 4 chunks (swept only after the dump), the second's 4 and the dump's 4")
+	require.Equal(t, before, chunkFiles(t, dir))
+	require.Subset(t, chunkFiles(t, dir), packFiles(m1))
 	require.NoError(t, w.Commit(&Manifest{Container: "app", Pod: agentapi.PodRef{Namespace: "ns1"}}))
 	require.NoError(t, w.Close())
 	require.NoError(t, Prune(dir, 1, t0.Add(-time.Hour)))
-	require.Len(t, chunkFiles(t, dir), 4)
-	_, r := openPacked(t, w.Final())
+	m3, r := openPacked(t, w.Final())
+	require.ElementsMatch(t, packFiles(m3), chunkFiles(t, dir))
 	got, err := readAllImage(r, "pages-1.img")
 	require.NoError(t, err)
 	require.Equal(t, heap, got)

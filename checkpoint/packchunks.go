@@ -12,81 +12,96 @@ import (
 	"github.com/stasis-k8s/stasis/internal/confine"
 )
 
+// packMax: an I/O worker starts a new pack file past this size. Pack files are removed whole, so
+// smaller ones free space sooner; larger ones cost fewer files.
+const packMax = 64 << 20
+
+// minLive: a chunk of the previous checkpoint is reused only from a pack file of which that
+// checkpoint still references this share; the others are written anew so that a pack file mostly
+// dead is released once the checkpoints referencing it are pruned (bounds the space a long chain
+// of checkpoints keeps to about twice what it references).
+const minLive = 0.5
+
+// chunkLoc is where a chunk's record is.
+type chunkLoc struct {
+	pack   string
+	off    int64
+	stored int64
+}
+
+// packOut is a pack file an I/O worker appends to.
+type packOut struct {
+	id    string
+	f     *os.File
+	size  int64
+	final bool // renamed to its final name
+}
+
 // compute decides what becomes of one chunk: nothing (zeros), a reference (a chunk this dump or
-// the previous checkpoint stored already), or a new chunk file sealed here and written by an
-// I/O worker.
+// the previous checkpoint stored already), or a new record sealed here and appended by an I/O
+// worker.
 func (s *packSink) compute(j *chunkJob) {
-	if s.failed() != nil {
-		s.done(j, ChunkRef{Len: len(j.data)})
-		return
-	}
-	ref := ChunkRef{Len: len(j.data), Key: -1}
-	if allZero(j.data) {
+	if s.failed() != nil || allZero(j.data) {
 		s.done(j, ChunkRef{Len: len(j.data)})
 		return
 	}
 	j.name = chunkName(s.ring.naming, j.data)
-	ref.Name = j.name
-	if r, ok := s.reuse(j.name, ref); ok {
-		s.done(j, r)
+	ref, reused := s.reuse(j.name, len(j.data))
+	if reused {
+		s.done(j, ref)
 		return
+	}
+	j.file = sealChunk(s.fileBufs.Get().([]byte), s.opt.Codec, s.dk, j.name, j.data)
+	s.bufs.Put(j.data[:0])
+	j.data = nil
+	j.ref = ref
+	s.io <- j
+}
+
+// reuse returns the chunk's reference and whether it is stored already: by this dump (claimed by
+// its first occurrence, even if still being written: the dump fails as a whole if that write
+// does), or by the previous checkpoint, in a pack file still there and live enough. Otherwise
+// the chunk is claimed for this dump, under this dump's data key.
+func (s *packSink) reuse(name string, n int) (ChunkRef, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r, ok := s.seen[name]; ok {
+		r.Len = n
+		return r, true
+	}
+	ref := ChunkRef{Name: name, Len: n, Key: -1}
+	if p, ok := s.prev[name]; ok && s.packUsable(p.loc) {
+		if p.key.ID != "" {
+			i, ok := s.keyIdx[p.key.ID]
+			if !ok {
+				i = len(s.keys)
+				s.keys = append(s.keys, p.key)
+				s.keyIdx[p.key.ID] = i
+			}
+			ref.Key = i
+		}
+		s.seen[name], s.loc[name] = ref, p.loc
+		return ref, true
 	}
 	if s.dk != nil {
 		ref.Key = 0
 	}
-	j.file = sealChunk(s.fileBufs.Get().([]byte), s.opt.Codec, s.dk, j.name, j.data)
-	ref.Stored = int64(len(j.file))
-	s.mu.Lock()
-	s.seen[j.name] = &newChunk{ref: ref}
-	s.mu.Unlock()
-	s.bufs.Put(j.data[:0])
-	j.data = nil
-	s.io <- j
+	s.seen[name] = ref
+	return ref, false
 }
 
-// reuse returns the reference to a chunk stored already: by this dump (claimed first, even if
-// still being written: the dump fails as a whole if that write does), or by the previous
-// checkpoint when its file is still there with the size it had.
-func (s *packSink) reuse(name string, ref ChunkRef) (ChunkRef, bool) {
-	s.mu.Lock()
-	if c, ok := s.seen[name]; ok {
-		s.mu.Unlock()
-		return c.ref, true
-	}
-	s.mu.Unlock()
-	p, ok := s.prev[name]
+// packUsable reports whether the previous checkpoint's pack file holding loc is there, holds
+// loc, and is live enough to reuse (minLive). Called with s.mu held; one stat per pack file.
+func (s *packSink) packUsable(loc chunkLoc) bool {
+	size, ok := s.packSizes[loc.pack]
 	if !ok {
-		return ref, false
-	}
-	sub, err := s.subdir(name[:2])
-	if err != nil {
-		return ref, false
-	}
-	st, err := confine.Lstat(sub, name+"."+keyIDOf(p.key))
-	if err != nil || !confine.IsReg(&st) || st.Size != p.stored {
-		return ref, false
-	}
-	ref.Stored = p.stored
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if p.key.ID != "" {
-		i, ok := s.keyIdx[p.key.ID]
-		if !ok {
-			i = len(s.keys)
-			s.keys = append(s.keys, p.key)
-			s.keyIdx[p.key.ID] = i
+		st, err := confine.Lstat(s.chunks, packFile(loc.pack))
+		if err == nil && confine.IsReg(&st) {
+			size = st.Size
 		}
-		ref.Key = i
+		s.packSizes[loc.pack] = size
 	}
-	s.seen[name] = &newChunk{ref: ref}
-	return ref, true
-}
-
-func keyIDOf(wk WrappedKey) string {
-	if wk.ID == "" {
-		return plainID
-	}
-	return wk.ID
+	return size > 0 && loc.off+loc.stored <= size && float64(s.prevLive[loc.pack]) >= minLive*float64(size)
 }
 
 // done records chunk j's reference in its image.
@@ -103,80 +118,62 @@ func (s *packSink) done(j *chunkJob, ref ChunkRef) {
 	j.img.pending.Done()
 }
 
-// write stores a sealed chunk: a temporary file in the chunk's directory, written and
-// fdatasynced, renamed to its name without replacing anything.
-func (s *packSink) write(j *chunkJob) {
-	s.mu.Lock()
-	ref := s.seen[j.name].ref
-	s.mu.Unlock()
-	if s.failed() == nil {
-		if err := s.store(j); err != nil {
-			s.fail(fmt.Errorf("image %s at offset %d: storing chunk %s: %w", j.img.Name, j.off, j.name, err))
+// ioWorker appends sealed chunks to pack files of its own.
+func (s *packSink) ioWorker() {
+	var out *packOut
+	for j := range s.io {
+		if s.failed() == nil {
+			var err error
+			if out, err = s.append(out, j.file); err != nil {
+				s.fail(fmt.Errorf("image %s at offset %d: storing chunk %s: %w", j.img.Name, j.off, j.name, err))
+			} else {
+				s.mu.Lock()
+				s.loc[j.name] = chunkLoc{pack: out.id, off: out.size - int64(len(j.file)), stored: int64(len(j.file))}
+				s.written += int64(len(j.file))
+				s.mu.Unlock()
+			}
+		}
+		s.done(j, j.ref)
+	}
+}
+
+// append writes a record at the end of out (a new pack file when out is nil or full) and starts
+// its writeback; finish waits for it.
+func (s *packSink) append(out *packOut, rec []byte) (*packOut, error) {
+	if out == nil || out.size >= packMax {
+		var err error
+		if out, err = s.newPackFile(); err != nil {
+			return nil, err
 		}
 	}
-	s.done(j, ref)
+	n, err := out.f.Write(rec)
+	out.size += int64(n)
+	if err != nil {
+		return out, err
+	}
+	if err := unix.SyncFileRange(int(out.f.Fd()), out.size-int64(n), int64(n), unix.SYNC_FILE_RANGE_WRITE); err != nil {
+		return out, fmt.Errorf("starting the writeback of %s: %w", out.f.Name(), err)
+	}
+	return out, nil
 }
 
-func (s *packSink) store(j *chunkJob) error {
-	sub, err := s.subdir(j.name[:2])
-	if err != nil {
-		return err
-	}
-	final := j.name + "." + s.keyID()
-	var rnd [6]byte
-	_, _ = rand.Read(rnd[:])
-	tmp := tmpPrefix + final + "-" + hex.EncodeToString(rnd[:])
-	f, err := confine.CreateEntry(sub, tmp, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(j.file)
-	if err == nil {
-		err = unix.Fdatasync(int(f.Fd()))
-	}
-	err = errors.Join(err, f.Close())
-	if err == nil {
-		err = unix.Renameat2(int(sub.Fd()), tmp, int(sub.Fd()), final, unix.RENAME_NOREPLACE)
-		if err == unix.EEXIST {
-			err = fmt.Errorf("%s exists already (not written by this dump)", final)
-		}
-	}
-	if err != nil {
-		_ = unix.Unlinkat(int(sub.Fd()), tmp, 0)
-		return err
-	}
-	s.mu.Lock()
-	s.created = append(s.created, createdChunk{dir: sub, name: final})
-	s.written += int64(len(j.file))
-	s.mu.Unlock()
-	return nil
-}
-
-func (s *packSink) keyID() string {
-	if s.dk == nil {
-		return plainID
-	}
-	return s.dk.id
-}
-
-// subdir opens (creating it) the chunk directory named by a name's first two hex digits,
-// refusing a symlink or mount in its place; opened once per dump.
-func (s *packSink) subdir(prefix string) (*os.File, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if d, ok := s.subdirs[prefix]; ok {
-		return d, nil
-	}
-	d, err := confine.Mkdirat(s.chunks, prefix, 0o700)
+func (s *packSink) newPackFile() (*packOut, error) {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	out := &packOut{id: hex.EncodeToString(b[:])}
+	f, err := confine.CreateEntry(s.chunks, tmpPrefix+out.id, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	s.subdirs[prefix] = d
-	return d, nil
+	out.f = f
+	s.mu.Lock()
+	s.outs = append(s.outs, out)
+	s.mu.Unlock()
+	return out, nil
 }
 
-// finish waits for every chunk, fsyncs the directories that got new chunks and returns the pack
-// for the manifest.
+// finish waits for every chunk, makes the pack files durable under their final names and
+// returns the pack for the manifest.
 func (s *packSink) finish() (*Pack, error) {
 	s.drain()
 	if err := s.failed(); err != nil {
@@ -187,19 +184,31 @@ func (s *packSink) finish() (*Pack, error) {
 			return nil, fmt.Errorf("image %s: not closed (incomplete)", img.Name)
 		}
 	}
-	synced := map[*os.File]bool{}
-	for _, c := range s.created {
-		if !synced[c.dir] {
-			synced[c.dir] = true
-			if err := c.dir.Sync(); err != nil {
-				return nil, fmt.Errorf("fsync of the chunk store: %w", err)
-			}
+	if err := s.sync(); err != nil {
+		return nil, err
+	}
+	return s.pack()
+}
+
+// sync fdatasyncs the pack files (their writeback is under way since each record was written),
+// renames them into place without replacing anything, and fsyncs the chunk store.
+func (s *packSink) sync() error {
+	for _, o := range s.outs {
+		if err := unix.Fdatasync(int(o.f.Fd())); err != nil {
+			return fmt.Errorf("fdatasync %s: %w", o.f.Name(), err)
 		}
 	}
-	if err := s.chunks.Sync(); err != nil {
-		return nil, fmt.Errorf("fsync of the chunk store: %w", err)
+	for _, o := range s.outs {
+		err := unix.Renameat2(int(s.chunks.Fd()), tmpPrefix+o.id, int(s.chunks.Fd()), packFile(o.id), unix.RENAME_NOREPLACE)
+		if err != nil {
+			return fmt.Errorf("renaming pack file %s into place: %w", o.id, err)
+		}
+		o.final = true
 	}
-	return s.pack(), nil
+	if err := s.chunks.Sync(); err != nil {
+		return fmt.Errorf("fsync of the chunk store: %w", err)
+	}
+	return nil
 }
 
 // drain stops accepting images and waits for the workers.
@@ -218,38 +227,54 @@ func (s *packSink) drain() {
 	s.ioWG.Wait()
 }
 
-func (s *packSink) pack() *Pack {
-	p := &Pack{ChunkSize: s.opt.ChunkSize, Keys: s.keys, Images: make([]PackedImage, len(s.images))}
-	files := map[string]bool{}
+// pack builds the manifest's pack: every chunk located.
+func (s *packSink) pack() (*Pack, error) {
+	p := &Pack{ChunkSize: s.opt.ChunkSize, Keys: s.keys, Images: make([]PackedImage, len(s.images)), Written: s.written}
+	counted := map[string]bool{}
 	for i, img := range s.images {
-		p.Images[i] = img.PackedImage
-		for _, c := range img.Chunks {
-			if c.Name != "" && !files[p.file(c)] {
-				files[p.file(c)] = true
-				p.Stored += c.Stored
+		for k, c := range img.Chunks {
+			if c.Name == "" {
+				continue
+			}
+			loc, ok := s.loc[c.Name]
+			if !ok {
+				return nil, fmt.Errorf("image %s chunk %d: not stored", img.Name, k)
+			}
+			img.Chunks[k].Pack, img.Chunks[k].Off, img.Chunks[k].Stored = loc.pack, loc.off, loc.stored
+			if !counted[c.Name] {
+				counted[c.Name] = true
+				p.Stored += loc.stored
 			}
 		}
+		p.Images[i] = img.PackedImage
 	}
-	p.Written = s.written
-	return p
+	return p, nil
 }
 
-// abort drops the chunks this dump wrote (no manifest references them) and releases the store.
+// abort drops the pack files this dump wrote (no manifest references them) and releases the
+// store.
 func (s *packSink) abort() {
 	s.fail(errors.New("the checkpoint was aborted"))
 	s.drain()
-	for _, c := range s.created {
-		_ = unix.Unlinkat(int(c.dir.Fd()), c.name, 0)
+	if s.chunks == nil { // released already (committed)
+		return
 	}
-	s.created = nil
+	for _, o := range s.outs {
+		o.f.Close()
+		name := tmpPrefix + o.id
+		if o.final {
+			name = packFile(o.id)
+		}
+		_ = unix.Unlinkat(int(s.chunks.Fd()), name, 0)
+	}
+	s.outs = nil
 	s.release()
 }
 
 // release closes the store's descriptors, which drops its lock.
 func (s *packSink) release() {
-	for k, d := range s.subdirs {
-		d.Close()
-		delete(s.subdirs, k)
+	for _, o := range s.outs {
+		o.f.Close()
 	}
 	if s.chunks != nil {
 		s.chunks.Close()

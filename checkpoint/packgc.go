@@ -21,8 +21,7 @@ import (
 //     volume, whose lock this node does not see: the sweep is skipped too.
 //
 // A manifest that cannot be parsed references nothing (such a checkpoint is never restored); one
-// that cannot be read stops the sweep. Only regular files and temporary chunk files are removed
-// from the store's two-hex-digit directories; nothing is followed.
+// that cannot be read stops the sweep. Only regular files are removed; nothing is followed.
 func sweepChunks(dir *os.File, staleBefore time.Time) error {
 	chunks, err := confine.OpenEntry(dir, chunksDir, unix.O_RDONLY|unix.O_DIRECTORY)
 	if errors.Is(err, os.ErrNotExist) {
@@ -59,7 +58,7 @@ func dumpInProgress(dir *os.File, staleBefore time.Time) bool {
 	return false
 }
 
-// liveChunks marks the chunk files ("<2 hex>/<file>") the complete checkpoints of dir reference.
+// liveChunks marks the pack files the complete checkpoints of dir reference.
 func liveChunks(dir *os.File) (map[string]bool, error) {
 	ids, err := listAt(dir)
 	if err != nil {
@@ -77,7 +76,7 @@ func liveChunks(dir *os.File) (map[string]bool, error) {
 		for _, img := range m.Pack.Images {
 			for _, c := range img.Chunks {
 				if c.Name != "" {
-					live[m.Pack.file(c)] = true
+					live[packFile(c.Pack)] = true
 				}
 			}
 		}
@@ -103,6 +102,8 @@ func readManifestAt(dir *os.File, id string) (*Manifest, error) {
 	return m, nil
 }
 
+// sweepUnmarked removes the pack files no checkpoint references and the temporary files of
+// dumps that ended without finishing (none is running: the caller holds the lock).
 func sweepUnmarked(chunks *os.File, live map[string]bool) error {
 	des, err := confine.ReadDir(chunks)
 	if err != nil {
@@ -110,24 +111,12 @@ func sweepUnmarked(chunks *os.File, live map[string]bool) error {
 	}
 	var errs []error
 	for _, de := range des {
-		if !de.IsDir() || len(de.Name) != 2 {
+		if !de.IsReg() || live[de.Name] {
 			continue
 		}
-		sub, err := confine.OpenEntry(chunks, de.Name, unix.O_RDONLY|unix.O_DIRECTORY)
-		if err != nil {
-			errs = append(errs, err)
-			continue
+		if err := unix.Unlinkat(int(chunks.Fd()), de.Name, 0); err != nil && err != unix.ENOENT {
+			errs = append(errs, fmt.Errorf("removing chunk file %s: %w", de.Name, err))
 		}
-		files, err := confine.ReadDir(sub)
-		for _, f := range files {
-			if f.IsReg() && !live[de.Name+"/"+f.Name] {
-				if err := unix.Unlinkat(int(sub.Fd()), f.Name, 0); err != nil && err != unix.ENOENT {
-					errs = append(errs, fmt.Errorf("removing chunk %s/%s: %w", de.Name, f.Name, err))
-				}
-			}
-		}
-		sub.Close()
-		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }

@@ -26,7 +26,10 @@ type PackReader struct {
 	// mu: reads (read ahead included) hold it shared while they use chunks; Close takes it.
 	mu     sync.RWMutex
 	chunks *os.File
-	naming []byte
+	// files are the pack files opened so far, by id.
+	filesMu sync.Mutex
+	files   map[string]*os.File
+	naming  []byte
 	keys   []*dataKey // as Pack.Keys
 	byName map[string]*PackedImage
 }
@@ -48,7 +51,7 @@ func OpenPack(dir *os.File, m *Manifest, ring *KeyRing) (*PackReader, error) {
 	if err := m.Pack.validate(); err != nil {
 		return nil, err
 	}
-	r := &PackReader{pack: m.Pack, naming: ring.naming, byName: map[string]*PackedImage{}}
+	r := &PackReader{pack: m.Pack, naming: ring.naming, byName: map[string]*PackedImage{}, files: map[string]*os.File{}}
 	for _, wk := range m.Pack.Keys {
 		dk, err := ring.unwrap(m.Pod.Namespace, wk)
 		if err != nil {
@@ -84,6 +87,10 @@ func packAllZero(p *Pack) bool {
 func (r *PackReader) Close() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	for id, f := range r.files {
+		f.Close()
+		delete(r.files, id)
+	}
 	if r.chunks != nil {
 		err := r.chunks.Close()
 		r.chunks = nil
@@ -125,20 +132,15 @@ func (r *PackReader) chunk(img *PackedImage, i int, off int64) ([]byte, error) {
 func (r *PackReader) readChunk(c ChunkRef) ([]byte, error) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	if r.chunks == nil {
-		return nil, errors.New("no chunk store (or the pack is closed)")
-	}
-	f, st, err := openRegular(r.chunks, r.pack.file(c))
+	f, err := r.packFile(c.Pack)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	limit := int64(c.Len) + int64(c.Len)/8 + 1024 // what sealChunk can make of c.Len bytes
-	if st.Size > limit {
-		return nil, fmt.Errorf("chunk file of %d bytes, more than a chunk of %d can take", st.Size, c.Len)
-	}
-	buf := make([]byte, st.Size)
-	if _, err := io.ReadFull(f, buf); err != nil {
+	buf := make([]byte, c.Stored)
+	if n, err := f.ReadAt(buf, c.Off); n < len(buf) {
+		if err == nil || err == io.EOF {
+			err = fmt.Errorf("pack file %s ends before the chunk (truncated)", c.Pack)
+		}
 		return nil, fmt.Errorf("reading: %w", err)
 	}
 	var dk *dataKey
@@ -146,6 +148,25 @@ func (r *PackReader) readChunk(c ChunkRef) ([]byte, error) {
 		dk = r.keys[c.Key]
 	}
 	return openChunk(buf, dk, r.naming, c.Name, c.Len)
+}
+
+// packFile opens pack file id once (a regular file reached without a symlink); r.mu is held
+// shared.
+func (r *PackReader) packFile(id string) (*os.File, error) {
+	if r.chunks == nil {
+		return nil, errors.New("no chunk store (or the pack is closed)")
+	}
+	r.filesMu.Lock()
+	defer r.filesMu.Unlock()
+	if f, ok := r.files[id]; ok {
+		return f, nil
+	}
+	f, _, err := openRegular(r.chunks, packFile(id))
+	if err != nil {
+		return nil, err
+	}
+	r.files[id] = f
+	return f, nil
 }
 
 // Open implements ImageSource: the image read front to back, the next chunks fetched and checked

@@ -29,8 +29,9 @@ type PackOptions struct {
 	Workers int
 }
 
-// ioWorkers write and fsync chunk files: fsync waits on the disk, not the CPU.
-const ioWorkers = 4
+// ioWorkers append records to pack files: page-cache copies, the disk works behind them
+// (sync_file_range), so two keep up with the sealing workers.
+const ioWorkers = 2
 
 // Pack starts writing the dump's images as a pack into this checkpoint (see pack.go) and
 // returns the sink CRIU's images go to. namespace is the pod's: its KEK wraps the checkpoint's
@@ -53,8 +54,8 @@ func (w *Writer) Pack(ring *KeyRing, namespace string, opt PackOptions) (ImageSi
 		return nil, fmt.Errorf("chunk size %d: not a multiple of 4096 up to %d", opt.ChunkSize, maxChunkSize)
 	}
 	s := &packSink{w: w, ring: ring, ns: namespace, opt: opt, ctx: w.context(),
-		keyIdx: map[string]int{}, names: map[string]bool{}, seen: map[string]*newChunk{},
-		subdirs: map[string]*os.File{}}
+		keyIdx: map[string]int{}, names: map[string]bool{}, seen: map[string]ChunkRef{},
+		loc: map[string]chunkLoc{}, packSizes: map[string]int64{}}
 	if err := s.open(); err != nil {
 		s.release()
 		return nil, err
@@ -91,37 +92,35 @@ type packSink struct {
 
 	dk     *dataKey // nil: Plain
 	keys   []WrappedKey
-	keyIdx map[string]int       // data key id → index in keys
-	prev   map[string]prevChunk // the newest complete checkpoint's chunks, by name
+	keyIdx map[string]int // data key id → index in keys
+	// prev: the newest complete checkpoint's chunks, by name; prevLive: the bytes it references
+	// per pack file; packSizes: sizes of pack files seen (0: missing).
+	prev      map[string]prevChunk
+	prevLive  map[string]int64
+	packSizes map[string]int64
 
-	work, io        chan *chunkJob
-	workWG, ioWG    sync.WaitGroup
-	senders         sync.WaitGroup
-	in              atomic.Int64 // image bytes received
-	bufs, fileBufs  sync.Pool
-	mu              sync.Mutex
-	images          []*packImage
-	names           map[string]bool
-	seen            map[string]*newChunk // chunks of this dump, by name
-	subdirs         map[string]*os.File
-	created         []createdChunk
-	written         int64 // bytes of the chunk files created
+	work, io       chan *chunkJob
+	workWG, ioWG   sync.WaitGroup
+	senders        sync.WaitGroup
+	in             atomic.Int64 // image bytes received
+	bufs, fileBufs sync.Pool
+
+	mu     sync.Mutex
+	images []*packImage
+	names  map[string]bool
+	seen   map[string]ChunkRef // chunks of this dump by name (name, key; located in loc)
+	loc    map[string]chunkLoc // where each chunk of this dump is stored
+	outs   []*packOut          // the pack files this dump writes
+	// written is the bytes appended to this dump's pack files.
+	written         int64
 	err             error
 	closed, settled bool
 }
 
 // prevChunk is a chunk of the newest complete checkpoint.
 type prevChunk struct {
-	key    WrappedKey // nil ID: plain
-	stored int64
-}
-
-// newChunk is the first occurrence of a chunk in this dump: a later equal chunk references it.
-type newChunk struct{ ref ChunkRef }
-
-type createdChunk struct {
-	dir  *os.File
-	name string
+	key WrappedKey // zero: plain
+	loc chunkLoc
 }
 
 type packImage struct {
@@ -137,6 +136,7 @@ type chunkJob struct {
 	data []byte
 	file []byte
 	name string
+	ref  ChunkRef
 }
 
 // open creates or opens the chunk store, takes its shared lock, draws the data key and indexes
@@ -156,7 +156,7 @@ func (s *packSink) open() error {
 		}
 		s.dk, s.keys, s.keyIdx[wk.ID] = dk, []WrappedKey{wk}, 0
 	}
-	s.prev = s.loadPrev()
+	s.prev, s.prevLive = s.loadPrev()
 	cs := s.opt.ChunkSize
 	s.bufs.New = func() any { return make([]byte, 0, cs) }
 	s.fileBufs.New = func() any { return make([]byte, 0, cs+cs/16+64+chunkHdrLen+gcmNonceSize+gcmOverhead) }
@@ -166,30 +166,31 @@ func (s *packSink) open() error {
 // loadPrev indexes the chunks of the newest complete checkpoint, if its manifest is authentic
 // and its chunks can be shared: same namespace, chunk size and encryption. Anything else gives
 // an empty index (the dump then writes every chunk).
-func (s *packSink) loadPrev() map[string]prevChunk {
-	out := map[string]prevChunk{}
+func (s *packSink) loadPrev() (map[string]prevChunk, map[string]int64) {
+	out, live := map[string]prevChunk{}, map[string]int64{}
 	ids, err := listAt(s.w.dir)
 	if err != nil || len(ids) == 0 {
-		return out
+		return out, live
 	}
 	m, err := readAuthentic(s.w.dir, ids[0], s.ring.manifest)
 	if err != nil || m.Pack == nil || m.Pod.Namespace != s.ns || m.Pack.ChunkSize != s.opt.ChunkSize ||
 		(len(m.Pack.Keys) == 0) != s.opt.Plain || m.Pack.validate() != nil {
-		return out
+		return out, live
 	}
 	for _, img := range m.Pack.Images {
 		for _, c := range img.Chunks {
-			if c.Name == "" {
+			if _, dup := out[c.Name]; c.Name == "" || dup {
 				continue
 			}
-			pc := prevChunk{stored: c.Stored}
+			pc := prevChunk{loc: chunkLoc{pack: c.Pack, off: c.Off, stored: c.Stored}}
 			if c.Key >= 0 {
 				pc.key = m.Pack.Keys[c.Key]
 			}
 			out[c.Name] = pc
+			live[c.Pack] += c.Stored
 		}
 	}
-	return out
+	return out, live
 }
 
 // readAuthentic reads the manifest of checkpoint id in dir if its marker authenticates it.
@@ -229,9 +230,7 @@ func (s *packSink) start() {
 		s.ioWG.Add(1)
 		go func() {
 			defer s.ioWG.Done()
-			for j := range s.io {
-				s.write(j)
-			}
+			s.ioWorker()
 		}()
 	}
 }
