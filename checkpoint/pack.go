@@ -342,7 +342,8 @@ func openChunk(file []byte, dk *dataKey, namingKey []byte, name string, n int) (
 		}
 		nonce, sealed := payload[:gcmNonceSize], payload[gcmNonceSize:]
 		var err error
-		payload, err = dk.aead.Open(sealed[:0:0], nonce, sealed, chunkAD(file[:chunkHdrLen], name, dk.id))
+		// In place: file is the reader's own copy of the record.
+		payload, err = dk.aead.Open(sealed[:0], nonce, sealed, chunkAD(file[:chunkHdrLen], name, dk.id))
 		if err != nil {
 			return nil, errors.New("chunk fails authentication (altered, or another chunk)")
 		}

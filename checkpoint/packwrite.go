@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/klauspost/compress/s2"
 	"golang.org/x/sys/unix"
 
 	"github.com/stasis-k8s/stasis/internal/confine"
@@ -159,7 +160,9 @@ func (s *packSink) open() error {
 	s.prev, s.prevLive = s.loadPrev()
 	cs := s.opt.ChunkSize
 	s.bufs.New = func() any { return make([]byte, 0, cs) }
-	s.fileBufs.New = func() any { return make([]byte, 0, cs+cs/16+64+chunkHdrLen+gcmNonceSize+gcmOverhead) }
+	// Room for s2's worst case (compress falls back to raw when it saves too little, but only
+	// after encoding), plus the record's header, nonce and tag.
+	s.fileBufs.New = func() any { return make([]byte, 0, s2.MaxEncodedLen(cs)+chunkHdrLen+gcmNonceSize+gcmOverhead) }
 	return nil
 }
 
