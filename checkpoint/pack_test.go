@@ -61,10 +61,15 @@ func jsonHeap(n int, seed uint64) []byte {
 // sizes as a stream delivers them.
 func packCheckpoint(t testing.TB, dir string, at time.Time, opt PackOptions, images map[string][]byte) (string, error) {
 	t.Helper()
+	return packCheckpointWith(t, testRing(t), dir, at, opt, images)
+}
+
+func packCheckpointWith(t testing.TB, ring *KeyRing, dir string, at time.Time, opt PackOptions, images map[string][]byte) (string, error) {
+	t.Helper()
 	w, err := Begin(dir, NewID(at))
 	require.NoError(t, err)
-	w.Key = testRingKey
-	sink, err := w.Pack(testRing(t), "ns1", opt)
+	w.Key = ring.Manifest()
+	sink, err := w.Pack(ring, "ns1", opt)
 	require.NoError(t, err)
 	for _, name := range sortedKeys(images) {
 		if err := writeImage(sink, name, images[name]); err != nil {
