@@ -30,8 +30,8 @@ type PackReader struct {
 	filesMu sync.Mutex
 	files   map[string]*os.File
 	naming  []byte
-	keys   []*dataKey // as Pack.Keys
-	byName map[string]*PackedImage
+	keys    []*dataKey // as Pack.Keys
+	byName  map[string]*PackedImage
 }
 
 var (
