@@ -320,3 +320,29 @@ func TestPackSweepWaitsForDump(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, heap, got)
 }
+
+// TestPackChown: the chunk store and the dump's pack files go to the app's user with the rest of
+// the checkpoint.
+func TestPackChown(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chown needs root")
+	}
+	dir := t.TempDir()
+	w, err := Begin(dir, NewID(time.Now()))
+	require.NoError(t, err)
+	w.Key = testRingKey
+	sink, err := w.Pack(testRing(t), "ns1", PackOptions{})
+	require.NoError(t, err)
+	require.NoError(t, writeImage(sink, "pages-1.img", randomHeap(1<<20, 1)))
+	require.NoError(t, w.Commit(&Manifest{Container: "app", Pod: agentapi.PodRef{Namespace: "ns1"}}))
+	require.NoError(t, w.Chown(4321, 8765))
+	require.NoError(t, w.Close())
+	files := chunkFiles(t, dir)
+	require.NotEmpty(t, files)
+	for _, p := range append([]string{""}, files...) {
+		var st syscall.Stat_t
+		require.NoError(t, syscall.Lstat(filepath.Join(dir, chunksDir, p), &st))
+		require.EqualValues(t, 4321, st.Uid, p)
+		require.EqualValues(t, 8765, st.Gid, p)
+	}
+}

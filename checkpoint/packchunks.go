@@ -281,3 +281,14 @@ func (s *packSink) release() {
 		s.chunks = nil
 	}
 }
+
+// packIDs lists the pack files this dump wrote.
+func (s *packSink) packIDs() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for _, o := range s.outs {
+		out = append(out, o.id)
+	}
+	return out
+}
