@@ -85,8 +85,9 @@ func openCheckpoint(ckpt string) (*os.File, error) {
 	return d, err
 }
 
-// maxManifest bounds what is read of a manifest or marker (a manifest lists a few hundred files).
-const maxManifest = 16 << 20
+// maxManifest bounds what is read of a manifest or marker: a few hundred files, and with a pack
+// about 220 bytes per 256 KiB chunk (64 MiB: images up to about 75 GiB).
+const maxManifest = 64 << 20
 
 // CheckAt checks all of checkpoint id (the directory d) but the contents of its CRIU images: the
 // marker exists and names the manifest's sha256, the manifest is of a known format and names this
