@@ -348,3 +348,61 @@ func TestPackChown(t *testing.T) {
 		require.EqualValues(t, 8765, st.Gid, p)
 	}
 }
+
+// TestPackChunkStoreSymlinks: a pod that plants .chunks as a symlink to a host directory, or
+// swaps it for one while a dump writes, never makes the agent write, read or remove anything
+// there: the dump refuses the symlink, or keeps writing through the descriptor it holds, and the
+// sweep does not follow it.
+func TestPackChunkStoreSymlinks(t *testing.T) {
+	host := t.TempDir()
+	marker := filepath.Join(host, "host-file")
+	require.NoError(t, os.WriteFile(marker, []byte("host"), 0o600))
+	hostUnchanged := func() {
+		des, err := os.ReadDir(host)
+		require.NoError(t, err)
+		require.Len(t, des, 1, "nothing created in the host directory")
+		b, err := os.ReadFile(marker)
+		require.NoError(t, err)
+		require.Equal(t, "host", string(b))
+	}
+
+	// Planted before the dump.
+	dir := t.TempDir()
+	require.NoError(t, os.Symlink(host, filepath.Join(dir, chunksDir)))
+	w, err := Begin(dir, NewID(time.Now()))
+	require.NoError(t, err)
+	_, err = w.Pack(testRing(t), "ns1", PackOptions{})
+	require.ErrorContains(t, err, "chunk store")
+	_, err = w.Abort(false)
+	require.NoError(t, err)
+	require.NoError(t, Prune(dir, 1, time.Now()))
+	hostUnchanged()
+
+	// Swapped while the dump writes; then pruned.
+	dir = t.TempDir()
+	w, err = Begin(dir, NewID(time.Now()))
+	require.NoError(t, err)
+	w.Key = testRingKey
+	sink, err := w.Pack(testRing(t), "ns1", PackOptions{})
+	require.NoError(t, err)
+	wc, err := sink.Create("pages-1.img")
+	require.NoError(t, err)
+	_, err = wc.Write(randomHeap(1<<20, 2))
+	require.NoError(t, err)
+	require.NoError(t, os.Rename(filepath.Join(dir, chunksDir), filepath.Join(dir, "moved")))
+	require.NoError(t, os.Symlink(host, filepath.Join(dir, chunksDir)))
+	_, err = wc.Write(randomHeap(1<<20, 3))
+	require.NoError(t, err)
+	require.NoError(t, wc.Close())
+	err = w.Commit(&Manifest{Container: "app", Pod: agentapi.PodRef{Namespace: "ns1"}})
+	if err == nil {
+		// The chunks went to the directory the dump opened (now "moved"); Chown does not follow.
+		require.Error(t, w.Chown(4321, 4321))
+	}
+	require.NoError(t, w.Close())
+	moved, err := os.ReadDir(filepath.Join(dir, "moved"))
+	require.NoError(t, err)
+	require.NotEmpty(t, moved, "the pack files are where the dump's descriptor pointed")
+	require.NoError(t, Prune(dir, 1, time.Now()))
+	hostUnchanged()
+}

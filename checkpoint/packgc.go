@@ -24,8 +24,8 @@ import (
 // that cannot be read stops the sweep. Only regular files are removed; nothing is followed.
 func sweepChunks(dir *os.File, staleBefore time.Time) error {
 	chunks, err := confine.OpenEntry(dir, chunksDir, unix.O_RDONLY|unix.O_DIRECTORY)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
+	if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
+		return nil // no store, or something a pod planted there (not followed)
 	}
 	if err != nil {
 		return fmt.Errorf("chunk store: %w", err)
