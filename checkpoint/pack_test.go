@@ -173,6 +173,19 @@ func TestPackRoundTrip(t *testing.T) {
 					require.NoError(t, err)
 					require.Equal(t, want[off:off+int64(n)], p[:n])
 				}
+				// A read spanning many chunks (fetched side by side) and one past the end.
+				if size > 0 {
+					p := make([]byte, 3<<20)
+					n, err := ra.ReadAt(p, 1000%size)
+					if 1000%size+int64(len(p)) > size {
+						require.ErrorIs(t, err, io.EOF)
+					} else {
+						require.NoError(t, err)
+					}
+					require.Equal(t, want[1000%size:1000%size+int64(n)], p[:n])
+					_, err = ra.ReadAt(p[:1], size)
+					require.ErrorIs(t, err, io.EOF)
+				}
 				require.NoError(t, ra.Close())
 			}
 			require.NoError(t, r.Verify(context.Background()))

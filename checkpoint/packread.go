@@ -280,20 +280,36 @@ func (a *imageAt) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("image %s: negative offset %d", a.img.Name, off)
 	}
+	if off >= a.img.Size {
+		return 0, io.EOF
+	}
+	end := min(off+int64(len(p)), a.img.Size)
+	i0 := a.chunkAt(off)
+	bufs := make([][]byte, a.chunkAt(end-1)-i0+1)
+	errs := make([]error, len(bufs))
+	// A read spanning several chunks (a page server answering megabytes at once) fetches them
+	// side by side.
+	_ = inParallel(len(bufs), min(len(bufs), runtime.GOMAXPROCS(0)), func(k int) error {
+		bufs[k], errs[k] = a.get(i0 + k)
+		return nil
+	})
 	n := 0
-	for n < len(p) {
+	for k, b := range bufs {
+		if errs[k] != nil {
+			return n, errs[k]
+		}
 		at := off + int64(n)
-		if at >= a.img.Size {
-			return n, io.EOF
-		}
-		i := sort.Search(len(a.img.Chunks), func(i int) bool { return a.offs[i+1] > at })
-		b, err := a.get(i)
-		if err != nil {
-			return n, err
-		}
-		n += copy(p[n:], b[at-a.offs[i]:])
+		n += copy(p[n:end-off], b[at-a.offs[i0+k]:])
+	}
+	if n < len(p) {
+		return n, io.EOF
 	}
 	return n, nil
+}
+
+// chunkAt is the index of the chunk holding offset at (< size).
+func (a *imageAt) chunkAt(at int64) int {
+	return sort.Search(len(a.img.Chunks), func(i int) bool { return a.offs[i+1] > at })
 }
 
 func (a *imageAt) get(i int) ([]byte, error) {
