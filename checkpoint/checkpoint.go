@@ -7,13 +7,14 @@
 //	<dir>/                         wiring.CheckpointDir(identity, container)
 //	  <id>/                        a complete checkpoint
 //	    manifest.json              Manifest
-//	    images/…                   CRIU images
+//	    images/…                   CRIU images as files (empty when they are a pack: Manifest.Pack)
 //	    files/<absolute path>      checkpoint-files copied from the container's filesystem
 //	    dump.log                   CRIU's dump log
 //	    COMPLETE                   the marker: sha256 of manifest.json, written last
 //	  .tmp-<id>/                   a checkpoint being written (never read)
 //	  .failed-<id>/                a failed dump kept for diagnosis (checkpoint-diagnosis)
 //	  .prune-<name>/               a directory Prune is removing
+//	  .chunks/                     chunks of packed images, shared by the checkpoints (pack.go)
 package checkpoint
 
 import (
