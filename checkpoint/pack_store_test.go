@@ -406,3 +406,39 @@ func TestPackChunkStoreSymlinks(t *testing.T) {
 	require.NoError(t, Prune(dir, 1, time.Now()))
 	hostUnchanged()
 }
+
+// TestPackMostlyDeadPackNotReused: a dump does not reuse chunks from a pack file the previous
+// checkpoint references less than half of; it writes them again, so the old pack file goes once
+// the checkpoints referencing it are pruned.
+func TestPackMostlyDeadPackNotReused(t *testing.T) {
+	dir := t.TempDir()
+	t0 := time.Now().Add(-time.Hour)
+	heap := randomHeap(8<<20, 1)
+	first, err := packCheckpoint(t, dir, t0, PackOptions{}, map[string][]byte{"pages-1.img": heap})
+	require.NoError(t, err)
+	// The second checkpoint keeps 2 chunks of 32: it references them in the first's pack files
+	// (fully live in the first checkpoint), which are now mostly dead.
+	changed := append([]byte(nil), heap...)
+	copy(changed[2*DefaultChunkSize:], randomHeap(len(heap)-2*DefaultChunkSize, 2))
+	second, err := packCheckpoint(t, dir, t0.Add(time.Minute), PackOptions{}, map[string][]byte{"pages-1.img": changed})
+	require.NoError(t, err)
+	m1, err := ReadManifest(first)
+	require.NoError(t, err)
+	m2, err := ReadManifest(second)
+	require.NoError(t, err)
+	require.Len(t, m2.Pack.Keys, 2, "the second reuses the first's chunks")
+	// The third, of the same heap, reuses all of the second's own pack files but none of the
+	// first's: it writes those 2 chunks again.
+	third, err := packCheckpoint(t, dir, t0.Add(2*time.Minute), PackOptions{}, map[string][]byte{"pages-1.img": changed})
+	require.NoError(t, err)
+	m3, r3 := openPacked(t, third)
+	for _, f := range packFiles(m1) {
+		require.NotContains(t, packFiles(m3), f)
+	}
+	require.Equal(t, m3.Pack.Images[0].Chunks[0].Stored+m3.Pack.Images[0].Chunks[1].Stored, m3.Pack.Written)
+	require.NoError(t, Prune(dir, 1, t0.Add(-time.Hour)))
+	require.ElementsMatch(t, packFiles(m3), chunkFiles(t, dir))
+	got, err := readAllImage(r3, "pages-1.img")
+	require.NoError(t, err)
+	require.Equal(t, changed, got)
+}
