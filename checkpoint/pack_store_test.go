@@ -442,3 +442,27 @@ func TestPackMostlyDeadPackNotReused(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, changed, got)
 }
+
+// TestPackStopsWithContext: the writer's context (Within, the dump's deadline) stops the pack;
+// the abort leaves no pack file.
+func TestPackStopsWithContext(t *testing.T) {
+	dir := t.TempDir()
+	w, err := Begin(dir, NewID(time.Now()))
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	w.Within(ctx)
+	sink, err := w.Pack(testRing(t), "ns1", PackOptions{})
+	require.NoError(t, err)
+	wc, err := sink.Create("pages-1.img")
+	require.NoError(t, err)
+	_, err = wc.Write(randomHeap(1<<20, 1))
+	require.NoError(t, err)
+	cancel()
+	_, err = wc.Write(randomHeap(1<<20, 2))
+	require.ErrorIs(t, err, context.Canceled)
+	require.ErrorIs(t, wc.Close(), context.Canceled)
+	require.ErrorIs(t, w.Commit(&Manifest{Pod: agentapi.PodRef{Namespace: "ns1"}}), context.Canceled)
+	_, err = w.Abort(false)
+	require.NoError(t, err)
+	require.Empty(t, chunkFiles(t, dir))
+}
