@@ -3,6 +3,7 @@ package checkpoint
 import (
 	"fmt"
 	"io"
+	"runtime"
 	"syscall"
 	"testing"
 	"time"
@@ -118,4 +119,43 @@ func BenchmarkPackRead(b *testing.B) {
 		}
 		reportCPU(b, int64(len(heap)), cpuTime()-cpu0)
 	})(b)
+}
+
+// threadCPU is the CPU time of the calling thread (locked to it).
+func threadCPU() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(1 /* RUSAGE_THREAD */, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkPackEncryptionCost seals the same heap with and without encryption, alternately, on
+// one locked thread, and reports the extra CPU time of encryption (best of b.N rounds each): the
+// figure that decides encryption by default.
+func BenchmarkPackEncryptionCost(b *testing.B) {
+	ring := testRing(b)
+	dk, _, _ := ring.newDataKey("ns")
+	for _, hn := range []string{"random", "json"} {
+		heap := benchHeaps[hn](32<<20, 1)
+		b.Run(hn, func(b *testing.B) {
+			runtime.LockOSThread() // each sub-benchmark runs on a goroutine of its own
+			defer runtime.UnlockOSThread()
+			buf := make([]byte, 0, 2*DefaultChunkSize+1024)
+			best := map[bool]time.Duration{true: time.Hour, false: time.Hour}
+			for b.Loop() {
+				for _, k := range []*dataKey{dk, nil} {
+					start := threadCPU()
+					for off := 0; off < len(heap); off += DefaultChunkSize {
+						c := heap[off:min(off+DefaultChunkSize, len(heap))]
+						if !allZero(c) {
+							sealChunk(buf, DefaultCodec, k, chunkName(ring.naming, c), c)
+						}
+					}
+					best[k != nil] = min(best[k != nil], threadCPU()-start)
+				}
+			}
+			b.ReportMetric(float64(len(heap))/best[true].Seconds()/1e6, "enc-MB/cpu-s")
+			b.ReportMetric(float64(len(heap))/best[false].Seconds()/1e6, "plain-MB/cpu-s")
+			b.ReportMetric(100*(best[true].Seconds()/best[false].Seconds()-1), "cost-%")
+		})
+	}
 }
