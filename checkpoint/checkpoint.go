@@ -343,5 +343,8 @@ func RemoveCompleteAt(dir *os.File) (int, error) {
 		}
 	}
 	// Their chunks go too; a dump in progress (any .tmp-) keeps the sweep for the next prune.
-	return len(ids), sweepChunks(dir, time.Time{})
+	if err := sweepChunks(dir, time.Time{}); err != nil {
+		return len(ids), fmt.Errorf("removed %d checkpoints, then: %w", len(ids), err)
+	}
+	return len(ids), nil
 }
