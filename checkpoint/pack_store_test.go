@@ -466,3 +466,21 @@ func TestPackStopsWithContext(t *testing.T) {
 	require.NoError(t, err)
 	require.Empty(t, chunkFiles(t, dir))
 }
+
+// TestPackRemoveCompleteSweeps: when the app exits 0 its checkpoints are consumed, chunks too.
+func TestPackRemoveCompleteSweeps(t *testing.T) {
+	dir := t.TempDir()
+	t0 := time.Now().Add(-time.Hour)
+	for i := range 2 {
+		_, err := packCheckpoint(t, dir, t0.Add(time.Duration(i)*time.Minute), PackOptions{}, map[string][]byte{"pages-1.img": randomHeap(1<<20, uint64(i))})
+		require.NoError(t, err)
+	}
+	require.NotEmpty(t, chunkFiles(t, dir))
+	d, err := os.Open(dir)
+	require.NoError(t, err)
+	defer d.Close()
+	n, err := RemoveCompleteAt(d)
+	require.NoError(t, err)
+	require.Equal(t, 2, n)
+	require.Empty(t, chunkFiles(t, dir))
+}
