@@ -7,13 +7,14 @@
 //	<dir>/                         wiring.CheckpointDir(identity, container)
 //	  <id>/                        a complete checkpoint
 //	    manifest.json              Manifest
-//	    images/…                   CRIU images
+//	    images/…                   CRIU images as files (empty when they are a pack: Manifest.Pack)
 //	    files/<absolute path>      checkpoint-files copied from the container's filesystem
 //	    dump.log                   CRIU's dump log
 //	    COMPLETE                   the marker: sha256 of manifest.json, written last
 //	  .tmp-<id>/                   a checkpoint being written (never read)
 //	  .failed-<id>/                a failed dump kept for diagnosis (checkpoint-diagnosis)
 //	  .prune-<name>/               a directory Prune is removing
+//	  .chunks/                     chunks of packed images, shared by the checkpoints (pack.go)
 package checkpoint
 
 import (
@@ -33,8 +34,9 @@ import (
 	"github.com/stasis-k8s/stasis/internal/confine"
 )
 
-// FormatVersion is the manifest format; a reader refuses others.
-const FormatVersion = 1
+// FormatVersion is the manifest format; a reader refuses others. 2: the images may be a pack of
+// encrypted chunks (Manifest.Pack); a format-1 checkpoint is refused (the pod starts afresh).
+const FormatVersion = 2
 
 // File and directory names inside a checkpoint.
 const (
@@ -91,6 +93,9 @@ type Manifest struct {
 	// Deleted are the image paths the container had deleted (checkpoint-rootfs): removed again
 	// before the restore.
 	Deleted []string `json:"deleted,omitempty"`
+
+	// Pack lists the CRIU images stored as chunks (pack.go); nil when they are files in images/.
+	Pack *Pack `json:"pack,omitempty"`
 
 	CriuVersion int `json:"criuVersion"`
 	// Files lists every file of the checkpoint (relative paths) but the manifest and the marker.
@@ -265,6 +270,9 @@ func PruneAt(dir *os.File, keep int, staleBefore time.Time) error {
 			errs = append(errs, err.Error())
 		}
 	}
+	if err := sweepChunks(dir, staleBefore); err != nil {
+		errs = append(errs, err.Error())
+	}
 	if len(errs) > 0 {
 		return fmt.Errorf("pruning %s: %s", dir.Name(), strings.Join(errs, "; "))
 	}
@@ -297,9 +305,10 @@ func ReadManifest(ckpt string) (*Manifest, error) {
 	return &m, nil
 }
 
-// NewestSize is the size of the regular files of the newest complete checkpoint in dir (a
-// container's checkpoint directory): what the next dump of the container will need, roughly.
-// Zero when there is none.
+// NewestSize is the bytes on disk of the newest complete checkpoint in dir (a container's
+// checkpoint directory): its regular files plus the chunks its pack references (shared ones
+// included: the next dump may have to write them all anew). What the next dump of the container
+// will need, roughly. Zero when there is none.
 func NewestSize(dir *os.File) (int64, error) {
 	list, err := listAt(dir)
 	if err != nil || len(list) == 0 {
@@ -317,7 +326,7 @@ func NewestSize(dir *os.File) (int64, error) {
 		}
 		return nil
 	})
-	return total, err
+	return total + packStored(dir, list[0]), err
 }
 
 // CompleteIDs lists the IDs of the complete checkpoints in dir (a container's checkpoint
@@ -335,6 +344,10 @@ func RemoveCompleteAt(dir *os.File) (int, error) {
 		if err := removeEntry(dir, id); err != nil {
 			return 0, err
 		}
+	}
+	// Their chunks go too; a dump in progress (any .tmp-) keeps the sweep for the next prune.
+	if err := sweepChunks(dir, time.Time{}); err != nil {
+		return len(ids), fmt.Errorf("removed %d checkpoints, then: %w", len(ids), err)
 	}
 	return len(ids), nil
 }
