@@ -188,6 +188,12 @@ func (s *packSink) loadPrev() (map[string]prevChunk, map[string]int64) {
 			pc := prevChunk{loc: chunkLoc{pack: c.Pack, off: c.Off, stored: c.Stored}}
 			if c.Key >= 0 {
 				pc.key = m.Pack.Keys[c.Key]
+				// Only chunks under the namespace's current KEK are shared: after a rotation the
+				// first dump writes every chunk anew, so the old KEK is needed by older
+				// checkpoints only and can be removed once they are pruned.
+				if len(s.keys) > 0 && pc.key.KEK != s.keys[0].KEK {
+					continue
+				}
 			}
 			out[c.Name] = pc
 			live[c.Pack] += c.Stored
