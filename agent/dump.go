@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path"
@@ -59,7 +60,13 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	}
 	criuTime, err := d.runCriu(ctx, op, base)
 	if err != nil {
-		return fail(d.noRoomHint(err), nil)
+		var frozen *frozenTree
+		if errors.Is(err, criurun.ErrStreamAfterCriu) && !req.LeaveRunning {
+			// CRIU finished and left the tree stopped; the checkpoint failed after it.
+			t := newFrozenTree(d.app)
+			frozen = &t
+		}
+		return fail(d.noRoomHint(err), frozen)
 	}
 	a.cfg.Metrics.FreezeSeconds.Observe(criuTime.Seconds())
 	var frozen *frozenTree // nil: left running (a periodic checkpoint)
@@ -118,8 +125,8 @@ func (d *dump) open(ctx context.Context, id string) error {
 	return nil
 }
 
-// runCriu dumps the app's tree, leaving it stopped, while the writer hashes and syncs the images
-// as they grow. Progress is the size written so far.
+// runCriu dumps the app's tree, leaving it stopped, streaming its images into the writer's sink,
+// which hashes and syncs them as they arrive. Progress is the size written so far.
 func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Duration, error) {
 	cfg, err := criurun.ConfigFileContent(d.c.CriuOptions)
 	if err != nil {
@@ -159,9 +166,16 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 	if d.ipcNS = ipc.any(); d.ipcNS {
 		d.log.Info().Stringer("sysv", ipc).Msg("the pod's IPC namespace holds SysV objects: dumping it with the tree")
 	}
-	d.w.FollowImages(checkpoint.DumpLogName)
+	// The streamer's socket lives in a directory of the agent's own, out of the pod's reach; the
+	// images go to the writer's sink, CRIU's log to the checkpoint's images directory.
+	stream, err := privateDir(d.a.cfg.RestoreDir, "stasis-dump-", as)
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(stream.Name())
+	defer stream.Close()
 	begin := time.Now()
-	err = criurun.Dump(ctx, criurun.DumpOptions{
+	_, err = criurun.DumpStreamed(ctx, criurun.DumpOptions{
 		Bundle:       d.a.cfg.Criu,
 		Join:         criurun.Join{PID: d.t.PID, StartTime: st, As: as, DumpIPC: ipc.any()},
 		Pid:          pidInCtr,
@@ -170,7 +184,7 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 		LogLevel:     logLevel,
 		LeaveRunning: d.req.LeaveRunning,
 		Config:       cfg,
-	})
+	}, stream, d.w.ImageSink())
 	if err != nil {
 		// CRIU's log, read through a descriptor: never a file a pod swapped in by symlink.
 		logPath := path.Join(d.c.Dir, d.w.TmpName(), checkpoint.ImagesDir, checkpoint.DumpLogName)
@@ -181,6 +195,27 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 		return 0, criurun.LogError("dump", err, logPath)
 	}
 	return time.Since(begin), nil
+}
+
+// privateDir creates a directory of the agent's own below parent (0700), given to owner when set
+// (the user CRIU runs as must reach the streamer's socket in it).
+func privateDir(parent, prefix string, owner *criurun.Cred) (*os.File, error) {
+	p, err := os.MkdirTemp(parent, prefix)
+	if err != nil {
+		return nil, fmt.Errorf("private directory: %w", err)
+	}
+	if owner != nil {
+		if err := os.Chown(p, int(owner.UID), int(owner.GID)); err != nil {
+			os.RemoveAll(p)
+			return nil, fmt.Errorf("private directory: %w", err)
+		}
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		os.RemoveAll(p)
+		return nil, fmt.Errorf("private directory: %w", err)
+	}
+	return f, nil
 }
 
 // dumpCred decides who CRIU dumps as, and logs it.

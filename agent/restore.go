@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"path"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"syscall"
@@ -26,7 +25,7 @@ import (
 
 // Restore is the agent's side of a launcher's restore request: it checks who asks, decides for
 // the whole pod whether its checkpoint is restorable, restores the caller's container with the
-// agent's CRIU inside the container's namespaces, verifies the images while CRIU restores, and
+// agent's CRIU inside the container's namespaces, serving it images verified as they are read, and
 // resumes the app. It records the outcome (log, metric, Event). A refused request is an error
 // (ErrNotCaller: HTTP 403); anything wrong with the checkpoint is Restored=false (a cold start).
 func (a *Agent) Restore(ctx context.Context, callerPID int, req agentapi.RestoreRequest) (agentapi.RestoreResponse, error) {
@@ -198,7 +197,7 @@ func (a *Agent) podPlans(uid string, prepare func() map[string]*restorePlan) *po
 // preparePod checks the checkpoint of every restoring container. They restore together or not
 // at all: one restored beside a sibling that starts afresh would see a partner whose state went
 // back to zero. With several containers the images are verified here, before any of them
-// restores; a single container's images are verified while CRIU restores them. The checkpoint
+// restores; a single container's images are verified as the streamer serves them. The checkpoint
 // volume is the same in every container of the pod, so the caller's root reaches them all.
 func preparePod(root *os.File, identityDir string, ref wiring.RestoreRef, key checkpoint.Key) map[string]*restorePlan {
 	names := ref.Containers
@@ -232,7 +231,7 @@ func preparePod(root *os.File, identityDir string, ref wiring.RestoreRef, key ch
 }
 
 // restoreContainer puts the checkpoint-files back, runs CRIU inside the container's namespaces and
-// resumes the restored tree once its images are verified. It returns the restored root's PID as
+// resumes the restored tree. It returns the restored root's PID as
 // seen in the container.
 func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Target, root *os.File, plan *restorePlan, options []string) (int, error) {
 	// Carried files first: a checkpoint-files path over one of them is the user's, and wins.
@@ -251,40 +250,26 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 	if err != nil {
 		return 0, err
 	}
-	// CRIU restores from a private copy of the images, verified while copied: what it parses, as
-	// root, is exactly what the agent wrote (the pod can still write its checkpoint volume).
-	work, err := os.MkdirTemp(a.cfg.RestoreDir, "stasis-restore-")
+	// CRIU reads the images from the agent's streamer, which serves only bytes verified against
+	// the signed manifest (the pod can still write its checkpoint volume): what CRIU parses, as
+	// root, is exactly what the agent wrote. The socket, CRIU's log and any private copy are in a
+	// directory of the agent's own.
+	work, err := privateDir(a.cfg.RestoreDir, "stasis-restore-", nil)
 	if err != nil {
 		return 0, err
 	}
-	defer os.RemoveAll(work)
-	if err := os.Mkdir(filepath.Join(work, checkpoint.ImagesDir), 0o700); err != nil {
-		return 0, err
-	}
-	wd, err := os.Open(work)
-	if err != nil {
-		return 0, err
-	}
-	defer wd.Close()
-	images, err := os.Open(filepath.Join(work, checkpoint.ImagesDir))
-	if err != nil {
-		return 0, err
-	}
-	defer images.Close()
-	if err := checkpoint.CopyImagesAt(plan.dir, plan.m, images); err != nil {
-		return 0, fmt.Errorf("corrupt checkpoint %s: %w", plan.m.ID, err)
-	}
-	if fx, err := criurun.FixImages(images); err != nil {
-		return 0, fmt.Errorf("checkpoint %s: %w", plan.m.ID, err)
-	} else if fx != (criurun.Fixes{}) {
-		log.Info().Int("timerfds-rearmed", fx.Timers).Int("udp-rebound", fx.UDP).Msg("images adapted to the new pod")
-	}
+	defer os.RemoveAll(work.Name())
+	defer work.Close()
+	src := &criurun.FixingSource{ImageSource: checkpoint.ImagesAt(plan.dir, plan.m, work)}
 	st, _ := criurun.StartTime(t.PID)
 	log.Info().Str("checkpoint", plan.m.ID).Int("inheritFDs", len(inherit)).Msg("restoring")
-	pid, err := criurun.Restore(ctx, criurun.RestoreOptions{
+	pid, _, err := criurun.RestoreStreamed(ctx, criurun.RestoreOptions{
 		Bundle: a.cfg.Criu, Join: criurun.Join{PID: t.PID, StartTime: st, Cgroups: true},
-		ImagesDir: images, WorkDir: wd, LogFile: "restore.log", Inherit: inherit, Extra: options,
-	})
+		WorkDir: work, LogFile: "restore.log", Inherit: inherit, Extra: options,
+	}, work, src)
+	if fx := src.Fixes(); fx != (criurun.Fixes{}) {
+		log.Info().Int("timerfds-rearmed", fx.Timers).Int("udp-rebound", fx.UDP).Msg("images adapted to the new pod")
+	}
 	host := 0
 	if err == nil {
 		host, err = hostPID(t.PID, pid)
@@ -294,7 +279,7 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 	}
 	if err != nil {
 		killChildren(t.PID) // the restored or half-restored tree: nothing else is the launcher's yet
-		return 0, criurun.LogError("restore", err, work+"/restore.log")
+		return 0, criurun.LogError("restore", err, work.Name()+"/restore.log")
 	}
 	if err := criurun.SignalTree(host, syscall.SIGCONT); err != nil {
 		_ = criurun.SignalTree(host, syscall.SIGKILL)

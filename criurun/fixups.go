@@ -1,15 +1,20 @@
 package criurun
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
+	"sync"
 
 	"github.com/checkpoint-restore/go-criu/v7/crit/images/fdinfo"
 	sk_inet "github.com/checkpoint-restore/go-criu/v7/crit/images/sk-inet"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/stasis-k8s/stasis/checkpoint"
 )
 
 // Fixes counts what FixImages changed.
@@ -154,4 +159,49 @@ func fixFiles(data []byte) ([]byte, Fixes, error) {
 		out = append(out, rec...)
 	}
 	return out, fx, nil
+}
+
+// FixingSource serves a checkpoint's images with files.img adapted to the pod it is restored
+// into (see fixTimerfd and fixConnectedUDP): the streamed restore's counterpart of FixImages,
+// applied to the verified image in memory. Fixes reports what was changed once CRIU read it.
+type FixingSource struct {
+	checkpoint.ImageSource
+
+	mu    sync.Mutex
+	fixes Fixes
+}
+
+func (s *FixingSource) Open(name string) (io.ReadCloser, error) {
+	r, err := s.ImageSource.Open(name)
+	if err != nil || name != "files.img" {
+		return r, err
+	}
+	defer r.Close()
+	// files.img holds one small record per open file: a few hundred KiB at most.
+	const most = 64 << 20
+	data, err := io.ReadAll(io.LimitReader(r, most+1))
+	if err == nil && len(data) > most {
+		err = fmt.Errorf("larger than %d MiB", most>>20)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("images: %s: %w", name, err)
+	}
+	out, fx, err := fixFiles(data)
+	if err != nil {
+		return nil, err
+	}
+	if fx == (Fixes{}) {
+		out = data
+	}
+	s.mu.Lock()
+	s.fixes = fx
+	s.mu.Unlock()
+	return io.NopCloser(bytes.NewReader(out)), nil
+}
+
+// Fixes is what Open changed in files.img.
+func (s *FixingSource) Fixes() Fixes {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.fixes
 }

@@ -2,6 +2,7 @@ package criurun
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -110,6 +111,11 @@ const restorePidFile = "restore.pid"
 // networkArgs are networkOptions on the command line.
 var networkArgs = []string{"--tcp-close", "--network-lock", "skip"}
 
+// ErrStreamAfterCriu is a stream that failed while CRIU itself succeeded (the last images reached
+// a full disk after CRIU closed them): a dump's tree is then left as CRIU leaves it after a
+// successful dump, stopped, and the caller must thaw it.
+var ErrStreamAfterCriu = errors.New("CRIU succeeded but its images did not all reach their destination")
+
 // runStreamed runs CRIU's command line beside its streamer. A cancelled ctx kills CRIU; a failed
 // stream gives CRIU streamGrace to fail by itself (its pipes and socket are closed) before it is
 // killed. The error is CRIU's or the stream's, the stream's first.
@@ -145,6 +151,8 @@ func (b Bundle) runStreamed(ctx context.Context, call *Call, s *Stream, args []s
 	close(exited)
 	st, serr := s.Finish()
 	switch {
+	case serr != nil && werr == nil && ctx.Err() == nil:
+		return st, fmt.Errorf("%w: %w", ErrStreamAfterCriu, serr)
 	case serr != nil:
 		return st, fmt.Errorf("image stream: %w", serr)
 	case ctx.Err() != nil:

@@ -465,6 +465,9 @@ func (c *capture) direct(name string, head []byte, p *os.File) (int64, error) {
 	}
 	close(free)
 	cerr := w.Close()
+	if werr != nil {
+		rerr = nil // the reader saw the pipe closed because of werr
+	}
 	return n, errors.Join(werr, rerr, cerr)
 }
 

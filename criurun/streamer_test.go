@@ -26,6 +26,7 @@ import (
 type testDirSink struct {
 	dir       string
 	failAfter int64
+	failOn    string // an image whose Close fails
 	written   int64
 }
 
@@ -50,7 +51,13 @@ func (w *failingWriter) Write(p []byte) (int, error) {
 	return w.f.Write(p)
 }
 
-func (w *failingWriter) Close() error { return w.f.Close() }
+func (w *failingWriter) Close() error {
+	if w.s.failOn != "" && filepath.Base(w.f.Name()) == w.s.failOn {
+		w.f.Close()
+		return errors.New("test sink: disk full at the end")
+	}
+	return w.f.Close()
+}
 
 // testDirSource is a test helper: an ImageSource reading plain files from a directory.
 type testDirSource struct{ dir string }
@@ -250,6 +257,29 @@ func TestStreamDumpSinkFails(t *testing.T) {
 	assert.Contains(t, err.Error(), "disk full")
 	assert.Less(t, time.Since(start), streamGrace, "CRIU stopped by itself, it was not killed after the grace")
 	n := lastNumber(t, file)
+	waitNumber(t, file, n+3)
+}
+
+// A sink that fails after CRIU has finished (the last image, inventory.img, cannot be kept) fails
+// the dump with ErrStreamAfterCriu: CRIU left the tree stopped as after a successful dump, and
+// it is the caller's to thaw.
+func TestStreamDumpSinkFailsAfterCriu(t *testing.T) {
+	b := testBundle(t)
+	bin := buildCounter(t)
+	base := t.TempDir()
+	file := filepath.Join(base, "count.txt")
+	j, host, inCtr := counterIn(t, bin, file)
+	logs := openDir(t, filepath.Join(base, "logs"))
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	_, err := DumpStreamed(ctx, DumpOptions{Bundle: b, Join: j, Pid: inCtr, ImagesDir: logs, LogFile: "dump.log", LogLevel: 4},
+		openDir(t, filepath.Join(base, "stream")), &testDirSink{dir: openDir(t, filepath.Join(base, "images")).Name(), failOn: "inventory.img"})
+	require.ErrorIs(t, err, ErrStreamAfterCriu)
+	assert.Contains(t, err.Error(), "disk full at the end")
+	n := lastNumber(t, file)
+	time.Sleep(200 * time.Millisecond)
+	assert.Equal(t, n, lastNumber(t, file), "left stopped")
+	require.NoError(t, SignalTree(host, syscall.SIGCONT))
 	waitNumber(t, file, n+3)
 }
 
