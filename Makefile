@@ -70,7 +70,7 @@ test: lint unit integration e2e
 
 # Dump/restore of 1 GiB of touched memory: agent path vs raw criu, same process, same run.
 bench: criu build
-	STASIS_CRIU=$(CRIU_WRAPPER) $(GO) test -count=1 -run '^$$' -bench . -benchtime 3x ./agent/...
+	STASIS_CRIU=$(CRIU_WRAPPER) $(GO) test -count=1 -run '^$$' -bench . -benchtime 3x -timeout 45m ./agent/...
 
 # Admission at scale (issue 13): floods of checkpoint-enabled pod creations (server-side dry run)
 # at 50, 200 and 1000/s for 20 s each through the integration tier's real API server and webhook
