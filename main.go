@@ -15,6 +15,7 @@ import (
 
 	"github.com/stasis-k8s/stasis/agent"
 	"github.com/stasis-k8s/stasis/certs"
+	"github.com/stasis-k8s/stasis/checkpoint"
 	"github.com/stasis-k8s/stasis/internal/version"
 	"github.com/stasis-k8s/stasis/launcher"
 	"github.com/stasis-k8s/stasis/podtools"
@@ -35,6 +36,7 @@ var commands = map[string]command{
 	wiring.LauncherSubcommand:     {run: launcher.Run, summary: "run a container's command as its unprivileged PID 1, so that the agent can checkpoint and restore it", ownSignals: true},
 	"certs":                       {run: certs.Run, summary: "generate the TLS Secrets for clusters without cert-manager"},
 	wiring.ToolsInstallSubcommand: {run: podtools.ToolsInstall, summary: "copy the stasis binary into a pod's tools volume (tools init-container)"},
+	checkpoint.Subcommand:         {run: checkpoint.Run, summary: "tools on checkpoints, run on a node by root: 'export' writes a checkpoint's images as plain CRIU files"},
 	"version": {run: func(context.Context, []string) error {
 		fmt.Println(version.Version)
 		return nil

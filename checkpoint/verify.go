@@ -22,6 +22,10 @@ import (
 // still being written).
 var ErrIncomplete = errors.New("checkpoint is incomplete (no completion marker)")
 
+// ErrFormat is a checkpoint of another format than this stasis writes (an older release's): it is
+// not restored, and the pod starts afresh.
+var ErrFormat = errors.New("checkpoint format not supported by this release (the pod starts afresh)")
+
 // Verify checks a whole checkpoint: Check, then VerifyImages.
 func Verify(ckpt string) (*Manifest, error) {
 	d, err := openCheckpoint(ckpt)
@@ -81,8 +85,9 @@ func openCheckpoint(ckpt string) (*os.File, error) {
 	return d, err
 }
 
-// maxManifest bounds what is read of a manifest or marker (a manifest lists a few hundred files).
-const maxManifest = 16 << 20
+// maxManifest bounds what is read of a manifest or marker: a few hundred files, and with a pack
+// about 220 bytes per 256 KiB chunk (64 MiB: images up to about 75 GiB).
+const maxManifest = 64 << 20
 
 // CheckAt checks all of checkpoint id (the directory d) but the contents of its CRIU images: the
 // marker exists and names the manifest's sha256, the manifest is of a known format and names this
@@ -117,7 +122,12 @@ func CheckAt(d *os.File, id string, key Key) (*Manifest, error) {
 		return nil, fmt.Errorf("manifest.json: %w", err)
 	}
 	if m.Format != FormatVersion {
-		return nil, fmt.Errorf("manifest.json: format %d, this stasis reads %d", m.Format, FormatVersion)
+		return nil, fmt.Errorf("manifest.json: format %d, this stasis reads %d: %w", m.Format, FormatVersion, ErrFormat)
+	}
+	if m.Pack != nil {
+		if err := m.Pack.validate(); err != nil {
+			return nil, fmt.Errorf("manifest.json: %w", err)
+		}
 	}
 	if m.ID != id {
 		return nil, fmt.Errorf("manifest.json: id %q does not match directory %q", m.ID, id)
@@ -140,12 +150,12 @@ func CheckAt(d *os.File, id string, key Key) (*Manifest, error) {
 			return nil, err
 		}
 	}
-	return &m, unlistedImages(d, listed)
+	return &m, unlistedImages(d, listed, m.Pack != nil)
 }
 
 // unlistedImages refuses an image on disk the manifest does not list: one added after the
 // manifest is not ours.
-func unlistedImages(d *os.File, listed map[string]bool) error {
+func unlistedImages(d *os.File, listed map[string]bool, packed bool) error {
 	imgs, err := confine.OpenBeneath(d, ImagesDir, unix.O_RDONLY|unix.O_DIRECTORY)
 	if err != nil {
 		return fmt.Errorf("images: %w", err)
@@ -155,7 +165,7 @@ func unlistedImages(d *os.File, listed map[string]bool) error {
 	if err != nil {
 		return fmt.Errorf("images: %w", err)
 	}
-	if len(entries) == 0 {
+	if len(entries) == 0 && !packed {
 		return fmt.Errorf("images: no CRIU images")
 	}
 	for _, e := range entries {

@@ -49,6 +49,9 @@ func (w *Writer) KeepLog() error {
 // Written is the size of the regular files written so far (progress while CRIU writes).
 func (w *Writer) Written() int64 {
 	var n int64
+	if w.pack != nil {
+		n += w.pack.in.Load()
+	}
 	_ = walkTree(w.tmp, func(_ string, st *unix.Stat_t) error {
 		if confine.IsReg(st) {
 			n += st.Size
@@ -76,5 +79,25 @@ func (w *Writer) Chown(uid, gid int) error {
 		}
 		return nil
 	})
-	return errors.Join(append(errs, err)...)
+	return errors.Join(append(errs, err, w.chownPack(uid, gid))...)
+}
+
+// chownPack gives the chunk store and the pack files this dump wrote to uid:gid, like the rest of
+// the checkpoint (never following a symlink: fchownat relative to the store's descriptor).
+func (w *Writer) chownPack(uid, gid int) error {
+	if w.pack == nil {
+		return nil
+	}
+	chunks, err := confine.OpenEntry(w.dir, chunksDir, unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return fmt.Errorf("chown %s: %w", chunksDir, err)
+	}
+	defer chunks.Close()
+	errs := []error{unix.Fchown(int(chunks.Fd()), uid, gid)}
+	for _, id := range w.pack.packIDs() {
+		if err := unix.Fchownat(int(chunks.Fd()), packFile(id), uid, gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			errs = append(errs, fmt.Errorf("chown %s/%s: %w", chunksDir, packFile(id), err))
+		}
+	}
+	return errors.Join(errs...)
 }
