@@ -1,6 +1,7 @@
 package checkpoint
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -180,6 +181,7 @@ func TestPackTampering(t *testing.T) {
 			require.NoError(t, err)
 			_, err = ra.ReadAt(make([]byte, 10), int64(first*DefaultChunkSize)+5)
 			require.ErrorContains(t, err, at)
+			require.ErrorContains(t, r.Verify(context.Background()), tc.want)
 		})
 	}
 }

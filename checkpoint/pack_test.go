@@ -2,6 +2,7 @@ package checkpoint
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -174,6 +175,7 @@ func TestPackRoundTrip(t *testing.T) {
 				}
 				require.NoError(t, ra.Close())
 			}
+			require.NoError(t, r.Verify(context.Background()))
 			_, err = r.Open("missing.img")
 			require.ErrorIs(t, err, os.ErrNotExist)
 			require.Greater(t, m.Pack.Stored, int64(0))

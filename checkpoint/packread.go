@@ -2,6 +2,7 @@ package checkpoint
 
 import (
 	"container/list"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"runtime"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -323,4 +325,42 @@ func (a *imageAt) Close() error {
 	defer a.mu.Unlock()
 	a.cache, a.lru = map[int]*list.Element{}, list.New()
 	return nil
+}
+
+// Verify reads and checks every chunk of every image (GOMAXPROCS at a time) without keeping
+// them: for a caller that must know a checkpoint is whole before it starts restoring (the
+// containers of a pod restore together or not at all). VerifyImagesAt checks image files only,
+// so it passes a pack without reading it.
+func (r *PackReader) Verify(ctx context.Context) error {
+	type job struct {
+		img *PackedImage
+		i   int
+		off int64
+	}
+	var jobs []job
+	for k := range r.pack.Images {
+		img := &r.pack.Images[k]
+		var off int64
+		for i, c := range img.Chunks {
+			if c.Name != "" {
+				jobs = append(jobs, job{img, i, off})
+			}
+			off += int64(c.Len)
+		}
+	}
+	var failed atomic.Bool
+	return inParallel(len(jobs), runtime.GOMAXPROCS(0), func(n int) error {
+		if failed.Load() {
+			return nil // the first error is enough
+		}
+		if err := ctx.Err(); err != nil {
+			failed.Store(true)
+			return err
+		}
+		_, err := r.chunk(jobs[n].img, jobs[n].i, jobs[n].off)
+		if err != nil {
+			failed.Store(true)
+		}
+		return err
+	})
 }
