@@ -82,18 +82,24 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	if err != nil {
 		return fail(d.noRoomHint(err), frozen)
 	}
-	res.Phase, res.CheckpointID, res.Bytes = agentapi.PhaseSucceeded, id, m.Size
-	res.Message = fmt.Sprintf("dump %.2fs, total %.2fs, %d bytes of images", criuTime.Seconds(), time.Since(d.start).Seconds(), m.ImagesSize)
+	// On disk: the checkpoint's files and the chunks its pack references; written: what this dump
+	// added (chunks equal to the previous checkpoint's are referenced, not written).
+	onDisk, written := m.Size, m.Size
+	if m.Pack != nil {
+		onDisk, written = onDisk+m.Pack.Stored, written+m.Pack.Written
+	}
+	res.Phase, res.CheckpointID, res.Bytes = agentapi.PhaseSucceeded, id, onDisk
+	res.Message = fmt.Sprintf("dump %.2fs, total %.2fs, %d bytes of images, %d bytes on disk, %d written", criuTime.Seconds(), time.Since(d.start).Seconds(), m.ImagesSize, onDisk, written)
 	if len(m.Carried) > 0 {
 		res.Message += fmt.Sprintf(", %d held file(s) carried from the container's filesystem", len(m.Carried))
 	}
 	a.cfg.Metrics.DumpDuration.Observe(time.Since(d.start).Seconds())
-	a.cfg.Metrics.DumpBytes.Add(float64(m.Size))
+	a.cfg.Metrics.DumpBytes.Add(float64(written))
 	left := "app left frozen"
 	if req.LeaveRunning {
 		left = "app running on"
 	}
-	d.log.Info().Str("checkpoint", path.Join(c.Dir, id)).Int64("bytes", m.Size).Dur("criu", criuTime).Dur("total", time.Since(d.start)).Msg("checkpoint complete; " + left)
+	d.log.Info().Str("checkpoint", path.Join(c.Dir, id)).Int64("bytes", onDisk).Int64("written", written).Dur("criu", criuTime).Dur("total", time.Since(d.start)).Msg("checkpoint complete; " + left)
 	dir := d.dir
 	d.dir = nil // the caller prunes through it, and closes it
 	return res, frozen, dir
@@ -125,8 +131,8 @@ func (d *dump) open(ctx context.Context, id string) error {
 	return nil
 }
 
-// runCriu dumps the app's tree, leaving it stopped, streaming its images into the writer's sink,
-// which hashes and syncs them as they arrive. Progress is the size written so far.
+// runCriu dumps the app's tree, leaving it stopped, streaming its images into the checkpoint's
+// pack. Progress is the size written so far.
 func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Duration, error) {
 	cfg, err := criurun.ConfigFileContent(d.c.CriuOptions)
 	if err != nil {
@@ -166,8 +172,18 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 	if d.ipcNS = ipc.any(); d.ipcNS {
 		d.log.Info().Stringer("sysv", ipc).Msg("the pod's IPC namespace holds SysV objects: dumping it with the tree")
 	}
-	// The streamer's socket lives in a directory of the agent's own, out of the pod's reach; the
-	// images go to the writer's sink, CRIU's log to the checkpoint's images directory.
+	// The images go to the checkpoint's pack (compressed, encrypted, deduplicated against the
+	// previous checkpoint, hashed and synced as they arrive), through the streamer, whose socket
+	// lives in a directory of the agent's own, out of the pod's reach. CRIU's log (and its
+	// stats-dump) go to the checkpoint's images directory.
+	ring, err := d.a.keyRing()
+	if err != nil {
+		return 0, err
+	}
+	sink, err := d.w.Pack(ring, d.req.Pod.Namespace, checkpoint.PackOptions{})
+	if err != nil {
+		return 0, fmt.Errorf("checkpoint store: %w", err)
+	}
 	stream, err := privateDir(d.a.cfg.RestoreDir, "stasis-dump-", as)
 	if err != nil {
 		return 0, err
@@ -184,7 +200,7 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 		LogLevel:     logLevel,
 		LeaveRunning: d.req.LeaveRunning,
 		Config:       cfg,
-	}, stream, d.w.ImageSink())
+	}, stream, sink)
 	if err != nil {
 		// CRIU's log, read through a descriptor: never a file a pod swapped in by symlink.
 		logPath := path.Join(d.c.Dir, d.w.TmpName(), checkpoint.ImagesDir, checkpoint.DumpLogName)
@@ -195,6 +211,15 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 		return 0, criurun.LogError("dump", err, logPath)
 	}
 	return time.Since(begin), nil
+}
+
+// keyRing is the checkpoint store's keys, all derived from the manifest key.
+func (a *Agent) keyRing() (*checkpoint.KeyRing, error) {
+	r, err := checkpoint.NewKeyRing(a.cfg.ManifestKey, nil)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint store keys: %w", err)
+	}
+	return r, nil
 }
 
 // privateDir creates a directory of the agent's own below parent (0700), given to owner when set

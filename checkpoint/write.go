@@ -43,11 +43,10 @@ type Writer struct {
 	images *os.File    // tmp/images, created by Begin
 	tmpSt  unix.Stat_t // tmp's identity, to recognise it by name
 
-	fl     *follower          // hashing the images while CRIU writes them (FollowImages)
-	pack   *packSink          // the images as chunks (Pack), when streamed
-	sums   map[string]FileSum // what the follower or the plain image sink hashed
-	sinkMu sync.Mutex         // guards sums while the plain image sink writes
-	ctx    context.Context    // copying, hashing and syncing stop when it ends (Within)
+	fl   *follower          // hashing the images while CRIU writes them (FollowImages)
+	pack *packSink          // the images as chunks (Pack), when streamed
+	sums map[string]FileSum // what the follower hashed, once the writer exited
+	ctx  context.Context    // copying, hashing and syncing stop when it ends (Within)
 }
 
 // Within bounds the writer's own work (copying files in, hashing, syncing) by ctx: a checkpoint
