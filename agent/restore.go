@@ -277,7 +277,7 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 	}
 	// CRIU reads the images from the agent's streamer, which serves only bytes verified against
 	// the signed manifest (the pod can still write its checkpoint volume): what CRIU parses, as
-	// root, is exactly what the agent wrote. The socket, CRIU's log and any private copy are in a
+	// root, is exactly what the agent wrote. The socket and CRIU's log are in a
 	// directory of the agent's own.
 	work, err := privateDir(a.cfg.RestoreDir, "stasis-restore-", nil)
 	if err != nil {

@@ -47,7 +47,7 @@ func (c *RunConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.CertFile, "tls-cert-file", "", "serving certificate (must carry the name "+agentapi.ServerName+"); reloaded on change")
 	fs.StringVar(&c.KeyFile, "tls-key-file", "", "serving key; reloaded on change")
 	fs.StringVar(&c.ManifestKeyFile, "manifest-key-file", "", "secret the key that signs checkpoint manifests is derived from, the same on every node and readable by the agents only (default: --tls-key-file, kept across renewals)")
-	fs.StringVar(&c.RestoreDir, "restore-dir", os.TempDir(), "where the images being restored are copied (verified) for CRIU: node disk, as large as the largest checkpoint")
+	fs.StringVar(&c.RestoreDir, "restore-dir", os.TempDir(), "the agent's private working directory: the image streamer's sockets, CRIU's restore logs (small; never the pod's volume)")
 	fs.StringVar(&c.ClientCAFile, "client-ca-file", "", "CA that signs client certificates; only "+agentapi.WebhookIdentity+" may start dumps")
 	fs.StringVar(&c.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (downward API spec.nodeName)")
 	fs.StringVar(&c.CRIEndpoint, "cri-endpoint", "unix:///run/containerd/containerd.sock", "CRI socket of the container runtime")
