@@ -42,4 +42,25 @@ func TestStreamThroughput(t *testing.T) {
 		t.Logf("streamed %d MiB in %.2f s: %.2f GiB/s", st.Bytes>>20, d.Seconds(), float64(st.Bytes)/(1<<30)/d.Seconds())
 		require.NoError(t, SignalTree(host, syscall.SIGCONT))
 	}
+	// The same through a sink and a source of plain files in memory (/dev/shm): the restore's pace.
+	shm, err := os.MkdirTemp("/dev/shm", "stasis-stream-")
+	require.NoError(t, err)
+	defer os.RemoveAll(shm)
+	_, err = DumpStreamed(context.Background(), DumpOptions{Bundle: b, Join: j, Pid: inCtr, ImagesDir: openDir(t, filepath.Join(base, "logs")), LogFile: "dump.log", LogLevel: 2},
+		openDir(t, filepath.Join(base, "stream")), &testDirSink{dir: shm})
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(host, syscall.SIGKILL))
+	for i := 0; i < 2; i++ {
+		k := shellContainer(t, "sleep 600")
+		t0 := time.Now()
+		_, st, err := RestoreStreamed(context.Background(), RestoreOptions{Bundle: b, Join: k, WorkDir: openDir(t, filepath.Join(base, "work")), LogFile: "restore.log"},
+			openDir(t, filepath.Join(base, "stream")), testDirSource{dir: shm})
+		require.NoError(t, err)
+		d := time.Since(t0)
+		t.Logf("restore streamed %d MiB in %.2f s: %.2f GiB/s", st.Bytes>>20, d.Seconds(), float64(st.Bytes)/(1<<30)/d.Seconds())
+		for _, c := range Children(k.PID) {
+			_ = SignalTree(c, syscall.SIGKILL)
+		}
+		os.Remove(filepath.Join(base, "work", "restore.pid"))
+	}
 }
