@@ -150,8 +150,8 @@ func CorruptCheckpoint(dir string) (string, error) {
 		return "", err
 	}
 	if largest == "" {
-		// A packed checkpoint: its images are chunks in the container's chunk store.
-		largest, size, err = largestFile(filepath.Join(filepath.Dir(dir), ".chunks"), ".pack")
+		// Packed checkpoints: their images are chunks in the chunk store (.chunks) below dir.
+		largest, size, err = largestFile(dir, ".pack")
 		if err != nil {
 			return "", err
 		}
