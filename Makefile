@@ -70,7 +70,7 @@ test: lint unit integration e2e
 
 # Dump/restore of 1 GiB of touched memory: agent path vs raw criu, same process, same run.
 bench: criu build
-	STASIS_CRIU=$(CRIU_WRAPPER) $(GO) test -count=1 -run '^$$' -bench . -benchtime 3x ./agent/...
+	STASIS_CRIU=$(CRIU_WRAPPER) $(GO) test -count=1 -run '^$$' -bench . -benchtime 3x -timeout 45m ./agent/...
 
 # The agent's dump scheduling (issue 13): 8 apps of 256 MiB asked to checkpoint at once, with 1,
 # 2, 4, 8 dumps at once and the adaptive scheduler; drain time and per-dump freeze, real CRIU.

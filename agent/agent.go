@@ -61,7 +61,11 @@ type Config struct {
 	NodeName string
 	// ManifestKey signs the manifests the agent writes; it restores only manifests it signed.
 	ManifestKey checkpoint.Key
-	// RestoreDir holds the private copies of the images being restored (default os.TempDir()).
+	// NamespaceKeys supplies each namespace's key-encryption key (namespacekeys: a Secret per
+	// namespace); nil derives them from ManifestKey.
+	NamespaceKeys checkpoint.KEKSource
+	// RestoreDir holds the agent's private working directories: the image streamer's sockets,
+	// CRIU's restore logs (default os.TempDir()).
 	RestoreDir string
 	// Criu is the agent's own CRIU (from its image): the only CRIU the agent ever runs.
 	Criu criurun.Bundle

@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"errors"
+	"flag"
 	"fmt"
 	"io/fs"
 	"os"
@@ -19,157 +21,265 @@ import (
 	"github.com/stasis-k8s/stasis/checkpoint"
 )
 
-// BenchmarkDump1GiB dumps one process with 1 GiB of touched memory, in the same run, through the
-// agent's path (its CRIU's RPC inside the container's namespaces, checksums and fsync beside it,
-// commit)
-// and through the raw `criu dump` CLI in the same namespaces; then restores each: the agent's
-// checkpoint through the launcher asking the agent, the raw images with the raw `criu restore` CLI.
-// It prints both times, the throughput ratio (goal: agent >= 0.95 x raw) and the image size.
-func BenchmarkDump1GiB(b *testing.B) {
-	// Keep every checkpoint: the agent prunes in the background after a result, which would slow
-	// the raw dump that follows it.
-	r := newRig(b, Config{FreezeTimeout: time.Hour, KeepOlder: 100})
+// BenchmarkDataPath measures the checkpoint data path on two heaps: 1 GiB of random bytes
+// (incompressible) and a realistic heap (a Python process holding JSON documents, parsed and as
+// text). For each, in the same run, with the whole page cache dropped before every timed step:
+//   - the agent's complete dump (CRIU streaming into the agent, sha256, fsync, commit) against
+//     the raw `criu dump` CLI in the same namespaces plus an fsync of its images;
+//   - bytes on disk of a checkpoint against the app's resident memory;
+//   - a second dump of the unchanged heap: bytes it added to the volume against the first's;
+//   - the restore, from the new container's start to the app resumed (CRIU returned, the tree
+//     continued), against the raw `criu restore` CLI of the raw images.
+//
+// Each figure is a mean of the -benchtime count (make bench: 3).
+func BenchmarkDataPath(b *testing.B) {
+	py, err := exec.LookPath("python3")
+	require.NoError(b, err)
+	if real, err := exec.Command(py, "-c", "import sys; print(sys.executable)").Output(); err == nil {
+		py = strings.TrimSpace(string(real))
+	}
+	heapPy, err := filepath.Abs("testdata/heap/heap.py")
+	require.NoError(b, err)
+	b.Run("random-1GiB", func(b *testing.B) {
+		benchHeap(b, func(out string) []string {
+			return []string{counterBin, "-touch-mib", "1024", "-random", "-tick", "1h", out}
+		})
+	})
+	b.Run("python-json-768MiB", func(b *testing.B) {
+		benchHeap(b, func(out string) []string { return []string{py, heapPy, "768", out} })
+	})
+}
+
+// benchRuns is how many times each step runs: b.N, except in the first call Go makes with b.N=1
+// before the requested -benchtime=Nx (it would double the time for nothing).
+func benchRuns(b *testing.B) int {
+	if b.N == 1 {
+		if f := flag.Lookup("test.benchtime"); f != nil && f.Value.String() != "1x" && strings.HasSuffix(f.Value.String(), "x") {
+			return 0
+		}
+	}
+	return b.N
+}
+
+// benchFigures are one heap's sums (divided by the number of runs when printed).
+type benchFigures struct {
+	agentDump, rawDump, rawSync, agentRestore, rawRestore time.Duration
+	disk, imageBytes, rss                                 int64
+	firstAdded, secondAdded                               int64
+	firstDump, firstRaw                                   time.Duration // dump #0 (nothing to dedupe against) and its raw+fsync
+}
+
+func benchHeap(b *testing.B, app func(out string) []string) {
+	runs := benchRuns(b)
+	if runs == 0 {
+		return
+	}
+	r := newRig(b, Config{FreezeTimeout: time.Hour, KeepOlder: 100, DumpTimeout: 10 * time.Minute})
 	r.serveLocal()
-	criu, a, finder, dir := r.criu, r.agent, r.finder, r.dir("app")
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	dir := r.dir("app")
 	base := b.TempDir()
-
 	out := filepath.Join(base, "counter.txt")
-	// One number after the ballast is filled, then nothing: the open file keeps its size, so the
-	// raw images stay restorable after the process ran on.
-	counter := []string{counterBin, "-touch-mib", "1024", "-tick", "1h", out}
-	c := startContainer(b, r.env("app"), append([]string{"--"}, counter...)...)
-	finder["app"] = c.launcherPID()
-	waitCount(b, c, out, 1)
+	cmd := app(out)
+	c := startContainer(b, r.env("app"), append([]string{"--"}, cmd...)...)
+	r.finder["app"] = c.launcherPID()
+	waitCountFor(b, c, out, 1, 5*time.Minute)
+	load, _ := os.ReadFile("/proc/loadavg")
+	fmt.Printf("\n== %s: load average at start %s", b.Name(), load)
 
-	var agentDump, agentCriu, rawDump, rawSync time.Duration
-	var imageBytes int64
-	var lastID string
+	var f benchFigures
+	var raw, lastID string
 	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		// Agent path.
-		uid := "bench-" + strconv.Itoa(i)
-		t0 := time.Now()
-		_, err := a.Start(agentapi.CheckpointRequest{Pod: agentapi.PodRef{Namespace: "default", Name: "counter", UID: uid}, Containers: []agentapi.ContainerSpec{{Name: "app", Dir: dir}}})
+	for i := 0; i < runs; i++ {
+		id, aD, added := benchAgentDump(b, r, fmt.Sprintf("bench-%d", i))
+		m, err := checkpoint.ReadManifest(filepath.Join(dir, id))
 		require.NoError(b, err)
-		st, err := a.Wait(ctx, uid)
-		require.NoError(b, err)
-		aD := time.Since(t0)
-		agentDump += aD
-		require.Equal(b, agentapi.PhaseSucceeded, st.Phase, st.Message)
-		lastID = st.Containers[0].CheckpointID
-		m, err := checkpoint.ReadManifest(filepath.Join(dir, lastID))
-		require.NoError(b, err)
-		aC := m.Dumped.Sub(m.Started)
-		agentCriu += aC
-		imageBytes = m.ImagesSize
-		require.True(b, a.Delete(uid)) // thaw
-		// Both dumps must find equally warm memory for their page cache (see dropCache).
-		require.NoError(b, dropCache(filepath.Join(dir, lastID)))
-
-		// Raw CLI on the same process, same namespaces.
-		l := finder["app"]
-		rootPid, err := appRoot(l)
-		require.NoError(b, err)
-		inCtr, err := pidIn(rootPid, l)
-		require.NoError(b, err)
-		raw := filepath.Join(base, fmt.Sprintf("raw-%d", i))
-		require.NoError(b, os.MkdirAll(raw, 0o700))
-		t1 := time.Now()
-		cmd := exec.Command("nsenter", "-t", strconv.Itoa(l), "-m", "-u", "-i", "-n", "-p", "-C", "--",
-			criu, "dump", "-t", strconv.Itoa(inCtr), "-D", raw, "-o", "dump.log", "--leave-stopped")
-		outb, err := cmd.CombinedOutput()
-		require.NoError(b, err, "raw criu dump: %s", outb)
-		rD := time.Since(t1)
-		rawDump += rD
-		// The same durability as the agent's checkpoint: every image on disk.
-		require.NoError(b, fsyncAll(raw))
-		rS := time.Since(t1)
-		rawSync += rS
-		fmt.Printf("  #%d: agent %.2f s (CRIU step %.2f s); raw %.2f s, +fsync %.2f s\n", i, aD.Seconds(), aC.Seconds(), rD.Seconds(), rS.Seconds())
-		_, err = newFrozenTree(rootPid).thaw()
-		require.NoError(b, err)
-		if i < b.N-1 {
-			require.NoError(b, dropCache(raw))
+		// On disk: the checkpoint's files and every chunk its pack references (in the container's
+		// chunk store, shared with the other checkpoints).
+		disk := m.Size
+		if m.Pack != nil {
+			disk += m.Pack.Stored
+		}
+		f.agentDump, f.disk, f.imageBytes = f.agentDump+aD, f.disk+disk, f.imageBytes+m.ImagesSize
+		switch i {
+		case 0:
+			f.firstAdded, f.firstDump = added, aD
+		case 1:
+			f.secondAdded = added
+		}
+		lastID = id
+		if raw != "" {
 			require.NoError(b, os.RemoveAll(raw))
 		}
-	}
-	b.StopTimer()
-	n := float64(b.N)
-	agentS, agentCriuS, rawS, rawSyncS := agentDump.Seconds()/n, agentCriu.Seconds()/n, rawDump.Seconds()/n, rawSync.Seconds()/n
-	gib := float64(imageBytes) / (1 << 30)
-	b.ReportMetric(agentS, "agent-dump-s")
-	b.ReportMetric(rawS, "raw-dump-s")
-	b.ReportMetric(rawS/agentS, "agent/raw-throughput")
-	b.ReportMetric(float64(imageBytes)/(1<<20), "image-MiB")
-	fmt.Printf("\ndump of 1 GiB touched memory (mean of %d):\n", b.N)
-	fmt.Printf("  raw criu dump CLI:        %6.2f s  (%.2f GiB/s)\n", rawS, gib/rawS)
-	fmt.Printf("  raw criu dump CLI, then fsync of its images: %6.2f s  (%.2f GiB/s)\n", rawSyncS, gib/rawSyncS)
-	fmt.Printf("  agent, CRIU step only:    %6.2f s  (%.2f GiB/s)  ratio %.2f\n", agentCriuS, gib/agentCriuS, rawS/agentCriuS)
-	fmt.Printf("  agent, complete (+sha256, fsync, commit): %6.2f s  (%.2f GiB/s)  ratio %.2f (goal >= 0.95), %.2f against raw+fsync\n", agentS, gib/agentS, rawS/agentS, rawSyncS/agentS)
-	fmt.Printf("  image size: %.1f MiB\n", float64(imageBytes)/(1<<20))
-
-	// Restores: kill the app (pod deletion), then each restore in a new container.
-	require.Equal(b, 143, func() int {
-		// Leave it frozen first, as after an eviction.
-		_, err := a.Start(agentapi.CheckpointRequest{Pod: agentapi.PodRef{Namespace: "default", Name: "counter", UID: "final"}, Containers: []agentapi.ContainerSpec{{Name: "app", Dir: dir}}})
-		require.NoError(b, err)
-		st, err := a.Wait(ctx, "final")
-		require.NoError(b, err)
-		require.Equal(b, agentapi.PhaseSucceeded, st.Phase, st.Message)
-		lastID = st.Containers[0].CheckpointID
-		return c.stop()
-	}())
-	agentRestore := func() time.Duration {
-		t := time.Now()
-		c := r.restoreContainer("app", lastID, counter...)
-		for !strings.Contains(c.out.String(), "restored; supervising") {
-			if strings.Contains(c.out.String(), "COLD START") {
-				b.Fatalf("the agent did not restore: %s", c.out.String())
-			}
-			select {
-			case <-c.done:
-				b.Fatalf("restore container exited: %s", c.out.String())
-			case <-time.After(5 * time.Millisecond):
-			}
+		raw = filepath.Join(base, fmt.Sprintf("raw-%d", i))
+		rD, rS, rss := benchRawDump(b, r, raw)
+		f.rawDump, f.rawSync, f.rss = f.rawDump+rD, f.rawSync+rS, rss
+		if i == 0 {
+			f.firstRaw = rS
 		}
-		total := time.Since(t)
-		c.stop()
-		return total
+		fmt.Printf("  dump #%d: agent %.2f s (%d MiB on disk, %d MiB added to the volume); raw %.2f s, +fsync %.2f s\n",
+			i, aD.Seconds(), disk>>20, added>>20, rD.Seconds(), rS.Seconds())
 	}
-	// Raw restore of the raw images: `criu restore` as a child of a shell that is PID 1 of new
-	// namespaces (as the launcher is), until the restored process is stopped again.
-	raw := filepath.Join(base, fmt.Sprintf("raw-%d", b.N-1))
-	rawRestore := func() time.Duration {
-		t := time.Now()
-		script := fmt.Sprintf("rm -f %[2]s/pid && %[1]s restore -D %[2]s -o restore.log --restore-detached --manage-cgroups=ignore --pidfile %[2]s/pid && echo restored && kill -TERM $(cat %[2]s/pid) && wait", criu, raw)
-		rout, err := exec.Command("unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--mount-proc", "--", "sh", "-c", script).CombinedOutput()
-		if err != nil {
-			log, _ := os.ReadFile(filepath.Join(raw, "restore.log"))
-			b.Fatalf("raw restore: %v: %s\n%s", err, rout, log[max(0, len(log)-3000):])
-		}
-		return time.Since(t)
-	}
-	fmt.Printf("restore of the same process (mean of %d, alternating which goes first):\n", b.N)
-	var agentR, rawR time.Duration
-	for i := 0; i < b.N; i++ {
+	// Restores: leave the app frozen by a last dump (as an eviction does), stop it, then restore
+	// the agent's checkpoint and the raw images alternately.
+	lastID, _, _ = benchAgentDump(b, r, "final", true)
+	c.stop()
+	for i := 0; i < runs; i++ {
 		var aR, rR time.Duration
 		if i%2 == 0 {
-			aR = agentRestore()
-			rR = rawRestore()
+			aR, rR = benchAgentRestore(b, r, lastID, cmd), benchRawRestore(b, r, raw)
 		} else {
-			rR = rawRestore()
-			aR = agentRestore()
+			rR, aR = benchRawRestore(b, r, raw), benchAgentRestore(b, r, lastID, cmd)
 		}
-		agentR, rawR = agentR+aR, rawR+rR
-		fmt.Printf("  #%d: agent %.2f s; raw %.2f s\n", i, aR.Seconds(), rR.Seconds())
+		f.agentRestore, f.rawRestore = f.agentRestore+aR, f.rawRestore+rR
+		fmt.Printf("  restore #%d: agent %.2f s; raw %.2f s\n", i, aR.Seconds(), rR.Seconds())
 	}
-	agentRS, rawRS := agentR.Seconds()/n, rawR.Seconds()/n
-	fmt.Printf("  raw criu restore CLI (incl. namespace setup and stop): %6.2f s\n", rawRS)
-	fmt.Printf("  agent path: new container → launcher asks → agent checks, copies and verifies the images, CRIU restores → resumed: %6.2f s  ratio %.2f (goal >= 0.95)\n", agentRS, rawRS/agentRS)
-	b.ReportMetric(rawRS, "raw-restore-s")
-	b.ReportMetric(agentRS, "agent-restore-s")
+	b.StopTimer()
+	f.print(b, runs)
+}
+
+func (f benchFigures) print(b *testing.B, runs int) {
+	n := float64(runs)
+	mean := func(d time.Duration) float64 { return d.Seconds() / n }
+	touched := float64(f.rss)
+	fmt.Printf("%s (mean of %d, page cache dropped before each step):\n", b.Name(), runs)
+	fmt.Printf("  touched memory (RSS): %.0f MiB\n", touched/(1<<20))
+	fmt.Printf("  dump (all runs; from the second on, unchanged chunks are not written again): agent %.2f s; raw criu %.2f s; raw criu + fsync %.2f s; agent against raw+fsync: %.2f x throughput\n",
+		mean(f.agentDump), mean(f.rawDump), mean(f.rawSync), mean(f.rawSync)/mean(f.agentDump))
+	fmt.Printf("  first dump (no previous checkpoint to dedupe against): agent %.2f s; raw criu + fsync %.2f s; %.2f x throughput\n",
+		f.firstDump.Seconds(), f.firstRaw.Seconds(), f.firstRaw.Seconds()/f.firstDump.Seconds())
+	fmt.Printf("  bytes on disk: %.0f MiB (images %.0f MiB) = %.2f x touched memory\n",
+		float64(f.disk)/n/(1<<20), float64(f.imageBytes)/n/(1<<20), float64(f.disk)/n/touched)
+	fmt.Printf("  second dump of the unchanged heap: %.0f MiB added to the volume, %.2f x the first (%.0f MiB)\n",
+		float64(f.secondAdded)/(1<<20), float64(f.secondAdded)/float64(max(f.firstAdded, 1)), float64(f.firstAdded)/(1<<20))
+	fmt.Printf("  restore to app resumed: agent %.2f s; raw criu restore %.2f s; agent/raw %.2f\n",
+		mean(f.agentRestore), mean(f.rawRestore), mean(f.agentRestore)/mean(f.rawRestore))
+	load, _ := os.ReadFile("/proc/loadavg")
+	fmt.Printf("  load average at the end: %s", load)
+	b.ReportMetric(mean(f.agentDump), "agent-dump-s")
+	b.ReportMetric(mean(f.rawSync), "raw+fsync-dump-s")
+	b.ReportMetric(float64(f.disk)/n/touched, "disk/touched")
+	b.ReportMetric(mean(f.agentRestore), "agent-restore-s")
+	b.ReportMetric(mean(f.rawRestore), "raw-restore-s")
+}
+
+// benchAgentDump drops the page cache, checkpoints the app through the agent and thaws it (unless
+// frozen is given), and returns the checkpoint, the time to the complete checkpoint and the bytes
+// it added to the volume.
+func benchAgentDump(b *testing.B, r *rig, uid string, frozen ...bool) (string, time.Duration, int64) {
+	dropAllCaches(b)
+	before := diskUsage(b, r.root)
+	t0 := time.Now()
+	_, err := r.agent.Start(agentapi.CheckpointRequest{Pod: agentapi.PodRef{Namespace: "default", Name: "counter", UID: uid}, Containers: []agentapi.ContainerSpec{{Name: "app", Dir: r.dir("app")}}})
+	require.NoError(b, err)
+	st, err := r.agent.Wait(context.Background(), uid)
+	require.NoError(b, err)
+	d := time.Since(t0)
+	require.Equal(b, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	if len(frozen) == 0 {
+		require.True(b, r.agent.Delete(uid)) // thaw
+	}
+	return st.Containers[0].CheckpointID, d, diskUsage(b, r.root) - before
+}
+
+// benchRawDump drops the page cache, dumps the app with the raw CLI into raw (left stopped),
+// fsyncs the images, thaws the app, and returns both times and the app's resident memory.
+func benchRawDump(b *testing.B, r *rig, raw string) (dump, synced time.Duration, rss int64) {
+	dropAllCaches(b)
+	l := r.finder["app"]
+	rootPid, err := appRoot(l)
+	require.NoError(b, err)
+	inCtr, err := pidIn(rootPid, l)
+	require.NoError(b, err)
+	rss = vmRSS(b, rootPid)
+	require.NoError(b, os.MkdirAll(raw, 0o700))
+	t1 := time.Now()
+	cmd := exec.Command("nsenter", "-t", strconv.Itoa(l), "-m", "-u", "-i", "-n", "-p", "-C", "--",
+		r.criu, "dump", "-t", strconv.Itoa(inCtr), "-D", raw, "-o", "dump.log", "--leave-stopped")
+	outb, err := cmd.CombinedOutput()
+	require.NoError(b, err, "raw criu dump: %s", outb)
+	dump = time.Since(t1)
+	require.NoError(b, fsyncAll(raw))
+	synced = time.Since(t1)
+	_, err = newFrozenTree(rootPid).thaw()
+	require.NoError(b, err)
+	return dump, synced, rss
+}
+
+// benchAgentRestore restores checkpoint id into a new container through the launcher and the
+// agent: the time from the container's start to the launcher reporting the app resumed.
+func benchAgentRestore(b *testing.B, r *rig, id string, cmd []string) time.Duration {
+	dropAllCaches(b)
+	t := time.Now()
+	c := r.restoreContainer("app", id, cmd...)
+	for !strings.Contains(c.out.String(), "restored; supervising") {
+		if strings.Contains(c.out.String(), "COLD START") {
+			b.Fatalf("the agent did not restore: %s", c.out.String())
+		}
+		select {
+		case <-c.done:
+			b.Fatalf("restore container exited: %s", c.out.String())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	total := time.Since(t)
+	c.stop()
+	return total
+}
+
+// benchRawRestore restores the raw images with `criu restore` as a child of a shell that is PID 1
+// of new namespaces (as the launcher is), until CRIU returned with the app running.
+func benchRawRestore(b *testing.B, r *rig, raw string) time.Duration {
+	dropAllCaches(b)
+	t := time.Now()
+	script := fmt.Sprintf("rm -f %[2]s/pid && %[1]s restore -D %[2]s -o restore.log --restore-detached --manage-cgroups=ignore --pidfile %[2]s/pid && echo restored && kill -KILL $(cat %[2]s/pid) && wait", r.criu, raw)
+	rout, err := exec.Command("unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--mount-proc", "--", "sh", "-c", script).CombinedOutput()
+	if err != nil {
+		log, _ := os.ReadFile(filepath.Join(raw, "restore.log"))
+		b.Fatalf("raw restore: %v: %s\n%s", err, rout, log[max(0, len(log)-3000):])
+	}
+	return time.Since(t)
+}
+
+// dropAllCaches empties the page cache (the dumps and restores then read and write the disk, not
+// memory); it needs root, as the bench does.
+func dropAllCaches(b *testing.B) {
+	unix.Sync()
+	require.NoError(b, os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0o200))
+}
+
+// diskUsage is the space the files below dir take on disk (allocated blocks; a file linked
+// several times counts once).
+func diskUsage(b *testing.B, dir string) int64 {
+	seen := map[uint64]bool{}
+	var n int64
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		var st unix.Stat_t
+		if err := unix.Lstat(p, &st); err != nil {
+			return nil
+		}
+		if !seen[st.Ino] {
+			seen[st.Ino] = true
+			n += st.Blocks * 512
+		}
+		return nil
+	})
+	require.NoError(b, err)
+	return n
+}
+
+// vmRSS is a process's resident memory in bytes.
+func vmRSS(b *testing.B, pid int) int64 {
+	st, err := procStatus(strconv.Itoa(pid))
+	require.NoError(b, err)
+	kb, err := strconv.ParseInt(strings.Fields(st["VmRSS"])[0], 10, 64)
+	require.NoError(b, err)
+	return kb << 10
 }
 
 // dropCache drops the page cache of the (synced) files below dir. On this VM the first use of
@@ -208,4 +318,21 @@ func fsyncAll(dir string) error {
 		}
 	}
 	return nil
+}
+
+// waitCountFor is waitCount with its own limit (building a large heap takes a while).
+func waitCountFor(t testing.TB, c *container, path string, n int, limit time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for len(readCounts(t, path)) < n {
+		select {
+		case <-c.done:
+			t.Fatalf("container exited (status %v) before counting to %d; output:\n%s", c.status, n, c.out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not reach %d numbers within %s; output:\n%s", path, n, limit, c.out.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path"
@@ -60,7 +61,13 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	op.expected.Store(base + treeAnonBytes(d.app)) // progress for the evicting client (progress.go)
 	criuTime, err := d.runCriu(ctx, op, base)
 	if err != nil {
-		return fail(d.noRoomHint(err), nil)
+		var frozen *frozenTree
+		if errors.Is(err, criurun.ErrStreamAfterCriu) && !req.LeaveRunning {
+			// CRIU finished and left the tree stopped; the checkpoint failed after it.
+			t := newFrozenTree(d.app)
+			frozen = &t
+		}
+		return fail(d.noRoomHint(err), frozen)
 	}
 	a.cfg.Metrics.FreezeSeconds.Observe(criuTime.Seconds())
 	var frozen *frozenTree // nil: left running (a periodic checkpoint)
@@ -76,19 +83,25 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	if err != nil {
 		return fail(d.noRoomHint(err), frozen)
 	}
-	res.Phase, res.CheckpointID, res.Bytes = agentapi.PhaseSucceeded, id, m.Size
+	// On disk: the checkpoint's files and the chunks its pack references; written: what this dump
+	// added (chunks equal to the previous checkpoint's are referenced, not written).
+	onDisk, written := m.Size, m.Size
+	if m.Pack != nil {
+		onDisk, written = onDisk+m.Pack.Stored, written+m.Pack.Written
+	}
+	res.Phase, res.CheckpointID, res.Bytes = agentapi.PhaseSucceeded, id, onDisk
 	res.Generation = m.Generation
-	res.Message = fmt.Sprintf("dump %.2fs, total %.2fs, %d bytes of images", criuTime.Seconds(), time.Since(d.start).Seconds(), m.ImagesSize)
+	res.Message = fmt.Sprintf("dump %.2fs, total %.2fs, %d bytes of images, %d bytes on disk, %d written", criuTime.Seconds(), time.Since(d.start).Seconds(), m.ImagesSize, onDisk, written)
 	if len(m.Carried) > 0 {
 		res.Message += fmt.Sprintf(", %d held file(s) carried from the container's filesystem", len(m.Carried))
 	}
 	a.cfg.Metrics.DumpDuration.Observe(time.Since(d.start).Seconds())
-	a.cfg.Metrics.DumpBytes.Add(float64(m.Size))
+	a.cfg.Metrics.DumpBytes.Add(float64(written))
 	left := "app left frozen"
 	if req.LeaveRunning {
 		left = "app running on"
 	}
-	d.log.Info().Str("checkpoint", path.Join(c.Dir, id)).Int64("bytes", m.Size).Dur("criu", criuTime).Dur("total", time.Since(d.start)).Msg("checkpoint complete; " + left)
+	d.log.Info().Str("checkpoint", path.Join(c.Dir, id)).Int64("bytes", onDisk).Int64("written", written).Dur("criu", criuTime).Dur("total", time.Since(d.start)).Msg("checkpoint complete; " + left)
 	dir := d.dir
 	d.dir = nil // the caller prunes through it, and closes it
 	return res, frozen, dir
@@ -120,8 +133,8 @@ func (d *dump) open(ctx context.Context, id string) error {
 	return nil
 }
 
-// runCriu dumps the app's tree, leaving it stopped, while the writer hashes and syncs the images
-// as they grow. Progress is the size written so far.
+// runCriu dumps the app's tree, leaving it stopped, streaming its images into the checkpoint's
+// pack. Progress is the size written so far.
 func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Duration, error) {
 	cfg, err := criurun.ConfigFileContent(d.c.CriuOptions)
 	if err != nil {
@@ -161,9 +174,26 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 	if d.ipcNS = ipc.any(); d.ipcNS {
 		d.log.Info().Stringer("sysv", ipc).Msg("the pod's IPC namespace holds SysV objects: dumping it with the tree")
 	}
-	d.w.FollowImages(checkpoint.DumpLogName)
+	// The images go to the checkpoint's pack (compressed, encrypted, deduplicated against the
+	// previous checkpoint, hashed and synced as they arrive), through the streamer, whose socket
+	// lives in a directory of the agent's own, out of the pod's reach. CRIU's log (and its
+	// stats-dump) go to the checkpoint's images directory.
+	ring, err := d.a.keyRing()
+	if err != nil {
+		return 0, err
+	}
+	sink, err := d.w.Pack(ring, d.req.Pod.Namespace, checkpoint.PackOptions{})
+	if err != nil {
+		return 0, fmt.Errorf("checkpoint store: %w", err)
+	}
+	stream, err := privateDir(d.a.cfg.RestoreDir, "stasis-dump-", as)
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(stream.Name())
+	defer stream.Close()
 	begin := time.Now()
-	err = criurun.Dump(ctx, criurun.DumpOptions{
+	_, err = criurun.DumpStreamed(ctx, criurun.DumpOptions{
 		Bundle:       d.a.cfg.Criu,
 		Join:         criurun.Join{PID: d.t.PID, StartTime: st, As: as, DumpIPC: ipc.any()},
 		Pid:          pidInCtr,
@@ -172,7 +202,7 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 		LogLevel:     logLevel,
 		LeaveRunning: d.req.LeaveRunning,
 		Config:       cfg,
-	})
+	}, stream, sink)
 	if err != nil {
 		// CRIU's log, read through a descriptor: never a file a pod swapped in by symlink.
 		logPath := path.Join(d.c.Dir, d.w.TmpName(), checkpoint.ImagesDir, checkpoint.DumpLogName)
@@ -183,6 +213,37 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 		return 0, criurun.LogError("dump", err, logPath)
 	}
 	return time.Since(begin), nil
+}
+
+// keyRing is the checkpoint store's keys: derived from the manifest key, the namespaces' KEKs
+// from NamespaceKeys when set.
+func (a *Agent) keyRing() (*checkpoint.KeyRing, error) {
+	r, err := checkpoint.NewKeyRing(a.cfg.ManifestKey, a.cfg.NamespaceKeys)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint store keys: %w", err)
+	}
+	return r, nil
+}
+
+// privateDir creates a directory of the agent's own below parent (0700), given to owner when set
+// (the user CRIU runs as must reach the streamer's socket in it).
+func privateDir(parent, prefix string, owner *criurun.Cred) (*os.File, error) {
+	p, err := os.MkdirTemp(parent, prefix)
+	if err != nil {
+		return nil, fmt.Errorf("private directory: %w", err)
+	}
+	if owner != nil {
+		if err := os.Chown(p, int(owner.UID), int(owner.GID)); err != nil {
+			os.RemoveAll(p)
+			return nil, fmt.Errorf("private directory: %w", err)
+		}
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		os.RemoveAll(p)
+		return nil, fmt.Errorf("private directory: %w", err)
+	}
+	return f, nil
 }
 
 // dumpCred decides who CRIU dumps as, and logs it.

@@ -323,19 +323,8 @@ func TestCorruptCheckpointColdStarts(t *testing.T) {
 	id := st.Containers[0].CheckpointID
 	assert.Equal(t, 143, c.stop())
 
-	// Flip one byte in the largest image.
-	imgs, err := filepath.Glob(filepath.Join(r.dir("app"), id, checkpoint.ImagesDir, "pages-*.img"))
-	require.NoError(t, err)
-	require.NotEmpty(t, imgs)
-	f, err := os.OpenFile(imgs[0], os.O_RDWR, 0)
-	require.NoError(t, err)
-	b := make([]byte, 1)
-	_, err = f.ReadAt(b, 100)
-	require.NoError(t, err)
-	b[0] ^= 0xff
-	_, err = f.WriteAt(b, 100)
-	require.NoError(t, err)
-	require.NoError(t, f.Close())
+	// Flip one byte in the middle of the largest pack file of the checkpoint's chunk store.
+	corruptPack(t, r.dir("app"))
 	require.NoError(t, os.Remove(out))
 
 	c2 := r.restoreContainer("app", id, counterBin, out)
@@ -343,10 +332,34 @@ func TestCorruptCheckpointColdStarts(t *testing.T) {
 	assert.Equal(t, []int{1, 2, 3}, got[:3], "cold start counts from 1")
 	c2.waitOutput("COLD START")
 	assert.Contains(t, c2.out.String(), "corrupt checkpoint")
-	assert.Regexp(t, `pages-[0-9]+\.img: sha256 [0-9a-f]+, manifest says`, c2.out.String())
+	assert.Regexp(t, `image [a-z0-9-]+\.img at offset [0-9]+: chunk \S+: `, c2.out.String())
 
 	// The agent counted the cold start (and recorded an Event).
 	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("cold-start")))
+}
+
+// corruptPack flips one byte in the middle of the largest pack file of a container's chunk store.
+func corruptPack(t *testing.T, containerDir string) {
+	t.Helper()
+	packs, err := filepath.Glob(filepath.Join(containerDir, ".chunks", "*.pack"))
+	require.NoError(t, err)
+	require.NotEmpty(t, packs)
+	var largest string
+	var size int64
+	for _, p := range packs {
+		if fi, err := os.Stat(p); err == nil && fi.Size() > size {
+			largest, size = p, fi.Size()
+		}
+	}
+	f, err := os.OpenFile(largest, os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer f.Close()
+	b := make([]byte, 1)
+	_, err = f.ReadAt(b, size/2)
+	require.NoError(t, err)
+	b[0] ^= 0xff
+	_, err = f.WriteAt(b, size/2)
+	require.NoError(t, err)
 }
 
 // Two requests for one pod at once produce one dump, and both callers see the same operation.
@@ -498,14 +511,7 @@ func TestPodContainersRestoreTogether(t *testing.T) {
 		cs[n].stop()
 	}
 
-	imgs, err := filepath.Glob(filepath.Join(r.dir("side"), id, checkpoint.ImagesDir, "pages-*.img"))
-	require.NoError(t, err)
-	require.NotEmpty(t, imgs)
-	f, err := os.OpenFile(imgs[0], os.O_RDWR, 0)
-	require.NoError(t, err)
-	_, err = f.WriteAt([]byte("corrupt"), 64)
-	require.NoError(t, err)
-	require.NoError(t, f.Close())
+	corruptPack(t, r.dir("side"))
 	for _, n := range names {
 		require.NoError(t, os.Remove(outs[n]))
 	}

@@ -5,9 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"os"
 	"path"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"syscall"
@@ -26,7 +27,7 @@ import (
 
 // Restore is the agent's side of a launcher's restore request: it checks who asks, decides for
 // the whole pod whether its checkpoint is restorable, restores the caller's container with the
-// agent's CRIU inside the container's namespaces, verifies the images while CRIU restores, and
+// agent's CRIU inside the container's namespaces, serving it images verified as they are read, and
 // resumes the app. It records the outcome (log, metric, Event). A refused request is an error
 // (ErrNotCaller: HTTP 403); anything wrong with the checkpoint is Restored=false (a cold start).
 func (a *Agent) Restore(ctx context.Context, callerPID int, req agentapi.RestoreRequest) (agentapi.RestoreResponse, error) {
@@ -83,8 +84,12 @@ func (a *Agent) restore(ctx context.Context, log zerolog.Logger, t Target, req a
 	if ref.ID != req.CheckpointID {
 		log.Info().Str("recorded", req.CheckpointID).Str("newest", ref.ID).Msg("restoring the newest checkpoint of the identity (taken on termination, not recorded)")
 	}
+	ring, err := a.keyRing()
+	if err != nil {
+		return 0, "", "", err
+	}
 	plan, err := a.podPlans(req.Pod.UID, func() map[string]*restorePlan {
-		return preparePod(root, path.Join(a.cfg.CheckpointMount, wiring.IdentityDir(identity)), ref, a.cfg.ManifestKey)
+		return preparePod(root, path.Join(a.cfg.CheckpointMount, wiring.IdentityDir(identity)), ref, ring)
 	}).get(req.Container)
 	if err != nil {
 		return 0, "", "", err
@@ -151,6 +156,7 @@ func restoreRef(ann map[string]string) (wiring.RestoreRef, string, error) {
 
 // restorePlan is one container's checkpoint, checked, held open.
 type restorePlan struct {
+	cdir           *os.File // the container's directory <identity>/<container> (its chunk store)
 	dir            *os.File // the checkpoint directory <identity>/<container>/<id>
 	m              *checkpoint.Manifest
 	imagesVerified bool // checked up front (pods with several restoring containers)
@@ -184,8 +190,10 @@ func (a *Agent) podPlans(uid string, prepare func() map[string]*restorePlan) *po
 			delete(a.restores, uid)
 			a.mu.Unlock()
 			for _, pl := range p.plans {
-				if pl.dir != nil {
-					pl.dir.Close()
+				for _, d := range []*os.File{pl.dir, pl.cdir} {
+					if d != nil {
+						d.Close()
+					}
 				}
 			}
 		})
@@ -198,9 +206,9 @@ func (a *Agent) podPlans(uid string, prepare func() map[string]*restorePlan) *po
 // preparePod checks the checkpoint of every restoring container. They restore together or not
 // at all: one restored beside a sibling that starts afresh would see a partner whose state went
 // back to zero. With several containers the images are verified here, before any of them
-// restores; a single container's images are verified while CRIU restores them. The checkpoint
+// restores; a single container's images are verified as the streamer serves them. The checkpoint
 // volume is the same in every container of the pod, so the caller's root reaches them all.
-func preparePod(root *os.File, identityDir string, ref wiring.RestoreRef, key checkpoint.Key) map[string]*restorePlan {
+func preparePod(root *os.File, identityDir string, ref wiring.RestoreRef, ring *checkpoint.KeyRing) map[string]*restorePlan {
 	names := ref.Containers
 	plans := map[string]*restorePlan{}
 	var failed string
@@ -208,11 +216,14 @@ func preparePod(root *os.File, identityDir string, ref wiring.RestoreRef, key ch
 		pl := &restorePlan{}
 		plans[c] = pl
 		dir := path.Join(identityDir, c, ref.ID)
-		if pl.dir, pl.err = confine.Open(root, dir, unix.O_RDONLY|unix.O_DIRECTORY); pl.err == nil {
-			pl.m, pl.err = checkpoint.CheckAt(pl.dir, ref.ID, key)
+		if pl.cdir, pl.err = confine.Open(root, path.Dir(dir), unix.O_RDONLY|unix.O_DIRECTORY); pl.err == nil {
+			pl.dir, pl.err = confine.OpenBeneath(pl.cdir, ref.ID, unix.O_RDONLY|unix.O_DIRECTORY)
+		}
+		if pl.err == nil {
+			pl.m, pl.err = checkpoint.CheckAt(pl.dir, ref.ID, ring.Manifest())
 		}
 		if pl.err == nil && len(names) > 1 {
-			pl.err, pl.imagesVerified = checkpoint.VerifyImagesAt(pl.dir, pl.m), true
+			pl.err, pl.imagesVerified = verifyImages(pl, ring), true
 		}
 		if pl.err != nil {
 			pl.err = fmt.Errorf("checkpoint %s of container %s: %w", dir, c, pl.err)
@@ -231,8 +242,21 @@ func preparePod(root *os.File, identityDir string, ref wiring.RestoreRef, key ch
 	return plans
 }
 
+// verifyImages checks every image of a plan up front: its pack's chunks, or its image files.
+func verifyImages(pl *restorePlan, ring *checkpoint.KeyRing) error {
+	if pl.m.Pack == nil {
+		return checkpoint.VerifyImagesAt(pl.dir, pl.m)
+	}
+	pr, err := checkpoint.OpenPack(pl.cdir, pl.m, ring)
+	if err != nil {
+		return err
+	}
+	defer pr.Close()
+	return pr.Verify(context.Background())
+}
+
 // restoreContainer puts the checkpoint-files back, runs CRIU inside the container's namespaces and
-// resumes the restored tree once its images are verified. It returns the restored root's PID as
+// resumes the restored tree. It returns the restored root's PID as
 // seen in the container.
 func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Target, root *os.File, plan *restorePlan, options []string) (int, error) {
 	// Carried files first: a checkpoint-files path over one of them is the user's, and wins.
@@ -251,40 +275,35 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 	if err != nil {
 		return 0, err
 	}
-	// CRIU restores from a private copy of the images, verified while copied: what it parses, as
-	// root, is exactly what the agent wrote (the pod can still write its checkpoint volume).
-	work, err := os.MkdirTemp(a.cfg.RestoreDir, "stasis-restore-")
+	// CRIU reads the images from the agent's streamer, which serves only bytes verified against
+	// the signed manifest (the pod can still write its checkpoint volume): what CRIU parses, as
+	// root, is exactly what the agent wrote. The socket and CRIU's log are in a
+	// directory of the agent's own.
+	work, err := privateDir(a.cfg.RestoreDir, "stasis-restore-", nil)
 	if err != nil {
 		return 0, err
 	}
-	defer os.RemoveAll(work)
-	if err := os.Mkdir(filepath.Join(work, checkpoint.ImagesDir), 0o700); err != nil {
-		return 0, err
-	}
-	wd, err := os.Open(work)
+	defer os.RemoveAll(work.Name())
+	defer work.Close()
+	ring, err := a.keyRing()
 	if err != nil {
 		return 0, err
 	}
-	defer wd.Close()
-	images, err := os.Open(filepath.Join(work, checkpoint.ImagesDir))
+	pack, err := checkpoint.OpenPack(plan.cdir, plan.m, ring)
 	if err != nil {
-		return 0, err
-	}
-	defer images.Close()
-	if err := checkpoint.CopyImagesAt(plan.dir, plan.m, images); err != nil {
-		return 0, fmt.Errorf("corrupt checkpoint %s: %w", plan.m.ID, err)
-	}
-	if fx, err := criurun.FixImages(images); err != nil {
 		return 0, fmt.Errorf("checkpoint %s: %w", plan.m.ID, err)
-	} else if fx != (criurun.Fixes{}) {
-		log.Info().Int("timerfds-rearmed", fx.Timers).Int("udp-rebound", fx.UDP).Msg("images adapted to the new pod")
 	}
+	defer pack.Close()
+	src := &criurun.FixingSource{ImageSource: corruptOnError{pack}}
 	st, _ := criurun.StartTime(t.PID)
 	log.Info().Str("checkpoint", plan.m.ID).Int("inheritFDs", len(inherit)).Msg("restoring")
-	pid, err := criurun.Restore(ctx, criurun.RestoreOptions{
+	pid, _, err := criurun.RestoreStreamed(ctx, criurun.RestoreOptions{
 		Bundle: a.cfg.Criu, Join: criurun.Join{PID: t.PID, StartTime: st, Cgroups: true},
-		ImagesDir: images, WorkDir: wd, LogFile: "restore.log", Inherit: inherit, Extra: options,
-	})
+		WorkDir: work, LogFile: "restore.log", Inherit: inherit, Extra: options,
+	}, work, src)
+	if fx := src.Fixes(); fx != (criurun.Fixes{}) {
+		log.Info().Int("timerfds-rearmed", fx.Timers).Int("udp-rebound", fx.UDP).Msg("images adapted to the new pod")
+	}
 	host := 0
 	if err == nil {
 		host, err = hostPID(t.PID, pid)
@@ -294,13 +313,44 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 	}
 	if err != nil {
 		killChildren(t.PID) // the restored or half-restored tree: nothing else is the launcher's yet
-		return 0, criurun.LogError("restore", err, work+"/restore.log")
+		err = criurun.LogError("restore", err, work.Name()+"/restore.log")
+		if errors.Is(err, errCorrupt) {
+			err = fmt.Errorf("corrupt checkpoint %s: %w", plan.m.ID, err)
+		}
+		return 0, err
 	}
 	if err := criurun.SignalTree(host, syscall.SIGCONT); err != nil {
 		_ = criurun.SignalTree(host, syscall.SIGKILL)
 		return 0, fmt.Errorf("resuming the restored tree: %w", err)
 	}
 	return pid, nil
+}
+
+// errCorrupt marks an image the pack refused to serve (a chunk that fails its check).
+var errCorrupt = errors.New("image refused")
+
+// corruptOnError marks the errors of a source's images with errCorrupt.
+type corruptOnError struct{ checkpoint.ImageSource }
+
+func (c corruptOnError) Open(name string) (io.ReadCloser, error) {
+	r, err := c.ImageSource.Open(name)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w: %w", errCorrupt, err)
+	}
+	return corruptReader{r}, nil
+}
+
+type corruptReader struct{ io.ReadCloser }
+
+func (c corruptReader) Read(p []byte) (int, error) {
+	n, err := c.ReadCloser.Read(p)
+	if err != nil && err != io.EOF {
+		err = fmt.Errorf("%w: %w", errCorrupt, err)
+	}
+	return n, err
 }
 
 // hostPID finds the restored root among the launcher's children by its PID in the container

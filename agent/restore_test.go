@@ -96,7 +96,9 @@ func TestPreparePod(t *testing.T) {
 			root, err := confine.OpenRoot(ctrRoot)
 			require.NoError(t, err)
 			defer root.Close()
-			plans := preparePod(root, identityDir, wiring.RestoreRef{ID: id, Containers: tt.containers}, testKey)
+			ring, err := checkpoint.NewKeyRing(testKey, nil)
+			require.NoError(t, err)
+			plans := preparePod(root, identityDir, wiring.RestoreRef{ID: id, Containers: tt.containers}, ring)
 			require.Len(t, plans, len(tt.containers))
 			for i, c := range tt.containers {
 				p := plans[c]

@@ -34,7 +34,7 @@ func dumpAndThaw(t *testing.T, r *rig, uid string) agentapi.CheckpointStatus {
 func TestDumpMakesRoomFirst(t *testing.T) {
 	r := newRig(t, Config{FreezeTimeout: time.Hour, KeepOlder: 1})
 	smallVolume(t, r, "40m")
-	r.startCounter("-touch-mib", "12")
+	r.startCounter("-touch-mib", "12", "-random", "-churn")
 	for i, uid := range []string{"u1", "u2", "u3", "u4"} {
 		st := dumpAndThaw(t, r, uid)
 		require.Equal(t, agentapi.PhaseSucceeded, st.Phase, "dump %d: %s", i+1, st.Message)
@@ -50,7 +50,7 @@ func TestDumpMakesRoomFirst(t *testing.T) {
 func TestFullVolumeFailsCleanly(t *testing.T) {
 	r := newRig(t, Config{FreezeTimeout: time.Hour, KeepOlder: 1})
 	smallVolume(t, r, "20m")
-	c, out := r.startCounter("-touch-mib", "12")
+	c, out := r.startCounter("-touch-mib", "12", "-random", "-churn")
 	first := dumpAndThaw(t, r, "u1")
 	require.Equal(t, agentapi.PhaseSucceeded, first.Phase, first.Message)
 	id := first.Containers[0].CheckpointID
@@ -72,5 +72,7 @@ func TestFullVolumeFailsCleanly(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, checkpoint.VerifyImagesAt(d, m), "and intact")
 	left, _ := filepath.Glob(filepath.Join(r.dir("app"), ".*"))
-	assert.Empty(t, left, "no partial checkpoint is left behind")
+	assert.Equal(t, []string{filepath.Join(r.dir("app"), ".chunks")}, left, "no partial checkpoint is left behind, only the chunk store")
+	tmp, _ := filepath.Glob(filepath.Join(r.dir("app"), ".chunks", ".*"))
+	assert.Empty(t, tmp, "and no partial pack file in the chunk store")
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/checkpoint"
+	"github.com/stasis-k8s/stasis/checkpoint/namespacekeys"
 	"github.com/stasis-k8s/stasis/criurun"
 	"github.com/stasis-k8s/stasis/internal/flagenv"
 	"github.com/stasis-k8s/stasis/internal/serving"
@@ -46,7 +47,7 @@ func (c *RunConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.CertFile, "tls-cert-file", "", "serving certificate (must carry the name "+agentapi.ServerName+"); reloaded on change")
 	fs.StringVar(&c.KeyFile, "tls-key-file", "", "serving key; reloaded on change")
 	fs.StringVar(&c.ManifestKeyFile, "manifest-key-file", "", "secret the key that signs checkpoint manifests is derived from, the same on every node and readable by the agents only (default: --tls-key-file, kept across renewals)")
-	fs.StringVar(&c.RestoreDir, "restore-dir", os.TempDir(), "where the images being restored are copied (verified) for CRIU: node disk, as large as the largest checkpoint")
+	fs.StringVar(&c.RestoreDir, "restore-dir", os.TempDir(), "the agent's private working directory: the image streamer's sockets, CRIU's restore logs (small; never the pod's volume)")
 	fs.StringVar(&c.ClientCAFile, "client-ca-file", "", "CA that signs client certificates; only "+agentapi.WebhookIdentity+" may start dumps")
 	fs.StringVar(&c.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (downward API spec.nodeName)")
 	fs.StringVar(&c.CRIEndpoint, "cri-endpoint", "unix:///run/containerd/containerd.sock", "CRI socket of the container runtime")
@@ -134,13 +135,17 @@ func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersio
 		log.Info().Msg("no Kubernetes client: Events are logged only")
 	}
 	var pods PodStates
+	var keks checkpoint.KEKSource
 	if k, ok := events.(*kubeEvents); ok && k != nil {
 		pods = k
+		keks = namespacekeys.New(k.client, time.Minute)
+	} else {
+		log.Info().Msg("no Kubernetes client: namespace keys are derived from the manifest key")
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a, err := New(ctx, Config{
-		NodeName: rc.NodeName, Criu: criu, CriuVersion: criuVersion, ManifestKey: key, RestoreDir: rc.RestoreDir,
+		NodeName: rc.NodeName, Criu: criu, CriuVersion: criuVersion, ManifestKey: key, NamespaceKeys: keks, RestoreDir: rc.RestoreDir,
 		MaxConcurrentDumps: rc.MaxConcurrentDumps, MinConcurrentDumps: rc.MinConcurrentDumps, FreezeTimeout: rc.FreezeTimeout, DumpTimeout: rc.DumpTimeout,
 		RestoreTimeout: rc.RestoreTimeout, KeepOlder: rc.KeepOlder,
 		ReleaseAfter: rc.ReleaseAfter, Pods: pods, StateDir: rc.StateDir,

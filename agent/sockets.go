@@ -18,7 +18,7 @@ import (
 // The tree is restored into a new pod: same image, new network namespace, new IP. CRIU restores
 // an inet socket by binding it again to the address it had (connections excepted: TCP ones come
 // back closed, see criurun/network.go, connected UDP sockets get the new pod's address, see
-// criurun.FixImages). A socket bound to the old pod IP therefore cannot come back
+// criurun.FixingSource). A socket bound to the old pod IP therefore cannot come back
 // (measured with this check off): IPv4 fails the restore ("inet: Can't bind inet socket (id 8):
 // Cannot assign requested address", a cold start), and IPv6 is worse, CRIU binds with IP_FREEBIND,
 // so the restore succeeds and the socket listens on an address nobody can reach. Either way the eviction would have been allowed on a checkpoint
@@ -94,7 +94,7 @@ func parseHexAddr(s string) (netip.AddrPort, error) {
 // podSpecific tells whether a socket is bound to an address that belongs to this pod (not the
 // wildcard, not loopback), in a way CRIU restores by binding to it again. Connections are not:
 // TCP ones are restored closed, connected UDP sockets get the new pod's address
-// (criurun.FixImages).
+// (criurun.FixingSource).
 func (s inetSocket) podSpecific() bool {
 	a := s.local.Addr().Unmap()
 	if s.local.Port() == 0 || a.IsUnspecified() || a.IsLoopback() {

@@ -17,7 +17,9 @@ type rotatingKEKs struct {
 	keys    map[string][]byte
 }
 
-func (r *rotatingKEKs) Current(string) (string, []byte, error) { return r.current, r.keys[r.current], nil }
+func (r *rotatingKEKs) Current(string) (string, []byte, error) {
+	return r.current, r.keys[r.current], nil
+}
 
 func (r *rotatingKEKs) ByID(ns, id string) ([]byte, error) {
 	if k, ok := r.keys[id]; ok {

@@ -1,57 +1,27 @@
 package criurun
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"net/netip"
-	"os"
+	"sync"
 
 	"github.com/checkpoint-restore/go-criu/v7/crit/images/fdinfo"
 	sk_inet "github.com/checkpoint-restore/go-criu/v7/crit/images/sk-inet"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/stasis-k8s/stasis/checkpoint"
 )
 
-// Fixes counts what FixImages changed.
+// Fixes counts what FixingSource changed.
 type Fixes struct {
 	// Timers re-armed (fixTimerfd).
 	Timers int
 	// UDP sockets whose local address was left to the new pod (fixConnectedUDP).
 	UDP int
-}
-
-// FixImages adapts files.img of a checkpoint (the agent's private copy, after its verification)
-// to the pod it is restored into: see fixTimerfd and fixConnectedUDP.
-func FixImages(images *os.File) (Fixes, error) {
-	const name = "files.img"
-	fd, err := unix.Openat(int(images.Fd()), name, unix.O_RDWR|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
-	if err == unix.ENOENT {
-		return Fixes{}, nil
-	}
-	if err != nil {
-		return Fixes{}, fmt.Errorf("images: %s: %w", name, err)
-	}
-	f := os.NewFile(uintptr(fd), name)
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return Fixes{}, err
-	}
-	data := make([]byte, st.Size())
-	if _, err := f.ReadAt(data, 0); err != nil {
-		return Fixes{}, fmt.Errorf("images: %s: %w", name, err)
-	}
-	out, fx, err := fixFiles(data)
-	if err != nil || fx == (Fixes{}) {
-		return Fixes{}, err
-	}
-	if err := f.Truncate(0); err != nil {
-		return Fixes{}, err
-	}
-	if _, err := f.WriteAt(out, 0); err != nil {
-		return Fixes{}, fmt.Errorf("images: %s: %w", name, err)
-	}
-	return fx, nil
 }
 
 // fixTimerfd works around a CRIU 4.2.1 bug that stops an app's periodic timers for good.
@@ -154,4 +124,49 @@ func fixFiles(data []byte) ([]byte, Fixes, error) {
 		out = append(out, rec...)
 	}
 	return out, fx, nil
+}
+
+// FixingSource serves a checkpoint's images with files.img adapted to the pod it is restored
+// into (see fixTimerfd and fixConnectedUDP), applied to the verified image in memory as the
+// streamer serves it. Fixes reports what was changed once CRIU read it.
+type FixingSource struct {
+	checkpoint.ImageSource
+
+	mu    sync.Mutex
+	fixes Fixes
+}
+
+func (s *FixingSource) Open(name string) (io.ReadCloser, error) {
+	r, err := s.ImageSource.Open(name)
+	if err != nil || name != "files.img" {
+		return r, err
+	}
+	defer r.Close()
+	// files.img holds one small record per open file: a few hundred KiB at most.
+	const most = 64 << 20
+	data, err := io.ReadAll(io.LimitReader(r, most+1))
+	if err == nil && len(data) > most {
+		err = fmt.Errorf("larger than %d MiB", most>>20)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("images: %s: %w", name, err)
+	}
+	out, fx, err := fixFiles(data)
+	if err != nil {
+		return nil, err
+	}
+	if fx == (Fixes{}) {
+		out = data
+	}
+	s.mu.Lock()
+	s.fixes = fx
+	s.mu.Unlock()
+	return io.NopCloser(bytes.NewReader(out)), nil
+}
+
+// Fixes is what Open changed in files.img.
+func (s *FixingSource) Fixes() Fixes {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.fixes
 }

@@ -82,48 +82,10 @@ func (b Bundle) Run(ctx context.Context, c *Call) (*rpc.CriuResp, error) {
 	}
 	cln, srv := os.NewFile(uintptr(fds[0]), "criu-swrk"), os.NewFile(uintptr(fds[1]), "criu-swrk-srv")
 	defer cln.Close()
-	plugins, err := os.Open(b.Dir + "/" + bundlePlugins)
-	if err != nil {
-		srv.Close()
-		return nil, fmt.Errorf("criu bundle: %w", err)
-	}
-	extra := append([]*os.File{srv, plugins}, c.files...)
-	env := []string{NoBreakpointsEnv, "PATH=" + fdPath(swrkPluginsFD)}
-	if v, ok := os.LookupEnv("CRIU_FAULT"); ok {
-		env[0] = "CRIU_FAULT=" + v
-	}
-	var nsFiles []*os.File
-	if c.Join != nil {
-		nsFiles, err = openNamespaces(*c.Join)
-		if err != nil {
-			srv.Close()
-			plugins.Close()
-			return nil, err
-		}
-		if a := c.Join.As; a != nil {
-			env = append(env, fmt.Sprintf("STASIS_NSJOIN_CRED=%d:%d", a.UID, a.GID))
-		}
-		var list []string
-		for i := range nsFiles {
-			list = append(list, strconv.Itoa(3+len(extra)+i))
-		}
-		extra = append(extra, nsFiles...)
-		env = append(env, "STASIS_NSJOIN="+strings.Join(list, ","))
-		if c.Join.Cgroups {
-			env = append(env, "STASIS_NSJOIN_CGROUPS_OF="+strconv.Itoa(c.Join.PID))
-		}
-	}
-	var stderr bytes.Buffer
-	argv := b.argv(swrkPluginsFD, "swrk", strconv.Itoa(swrkSocketFD))
-	cmd := &exec.Cmd{Path: argv[0], Args: argv, Env: env, ExtraFiles: extra, Stderr: &stderr}
-	err = cmd.Start()
+	cmd, stderr, err := b.start(c, srv, "swrk", strconv.Itoa(swrkSocketFD))
 	srv.Close()
-	plugins.Close()
-	for _, f := range nsFiles {
-		f.Close()
-	}
 	if err != nil {
-		return nil, fmt.Errorf("starting criu: %w", err)
+		return nil, err
 	}
 	stop := context.AfterFunc(ctx, func() { _ = cmd.Process.Kill() })
 	resp, rerr := exchange(cln, c)
@@ -143,6 +105,52 @@ func (b Bundle) Run(ctx context.Context, c *Call) (*rpc.CriuResp, error) {
 		return resp, rerr
 	}
 	return resp, nil
+}
+
+// start starts CRIU from the bundle with args: fd3 as its fd 3 (swrk's socket), the plugin
+// directory as fd 4, the files of c from fd 5 on, inside the namespaces of c.Join. The caller
+// closes fd3 (CRIU has its own copy) and waits for the command.
+func (b Bundle) start(c *Call, fd3 *os.File, args ...string) (*exec.Cmd, *bytes.Buffer, error) {
+	plugins, err := os.Open(b.Dir + "/" + bundlePlugins)
+	if err != nil {
+		return nil, nil, fmt.Errorf("criu bundle: %w", err)
+	}
+	defer plugins.Close()
+	extra := append([]*os.File{fd3, plugins}, c.files...)
+	env := []string{NoBreakpointsEnv, "PATH=" + fdPath(swrkPluginsFD)}
+	if v, ok := os.LookupEnv("CRIU_FAULT"); ok {
+		env[0] = "CRIU_FAULT=" + v
+	}
+	if c.Join != nil {
+		nsFiles, err := openNamespaces(*c.Join)
+		if err != nil {
+			return nil, nil, err
+		}
+		defer func() {
+			for _, f := range nsFiles {
+				f.Close()
+			}
+		}()
+		if a := c.Join.As; a != nil {
+			env = append(env, fmt.Sprintf("STASIS_NSJOIN_CRED=%d:%d", a.UID, a.GID))
+		}
+		var list []string
+		for i := range nsFiles {
+			list = append(list, strconv.Itoa(3+len(extra)+i))
+		}
+		extra = append(extra, nsFiles...)
+		env = append(env, "STASIS_NSJOIN="+strings.Join(list, ","))
+		if c.Join.Cgroups {
+			env = append(env, "STASIS_NSJOIN_CGROUPS_OF="+strconv.Itoa(c.Join.PID))
+		}
+	}
+	stderr := &bytes.Buffer{}
+	argv := b.argv(swrkPluginsFD, args...)
+	cmd := &exec.Cmd{Path: argv[0], Args: argv, Env: env, ExtraFiles: extra, Stderr: stderr}
+	if err := cmd.Start(); err != nil {
+		return nil, nil, fmt.Errorf("starting criu: %w", err)
+	}
+	return cmd, stderr, nil
 }
 
 // openNamespaces opens the namespace files of j.PID, then checks that the PID still names the

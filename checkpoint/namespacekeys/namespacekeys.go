@@ -39,6 +39,11 @@ const (
 	keyLen       = 32
 )
 
+var (
+	errGone      = errors.New("the namespace's checkpoint key was deleted, so its checkpoints cannot be decrypted")
+	errMalformed = errors.New("malformed checkpoint key Secret")
+)
+
 var validID = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,31}$`)
 
 // Secrets reads (and on first use creates) the namespaces' key Secrets. A Secret read is used for
@@ -112,10 +117,16 @@ func (s *Secrets) keys(ns string, create, fresh bool) (keys, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
 	defer cancel()
-	k, err := s.read(ctx, ns, create)
+	fetched, err := s.read(ctx, ns, create)
 	if err != nil {
+		// The API server unreachable (a partitioned node dumping on SIGTERM): a copy read before
+		// still wraps and unwraps. A Secret seen deleted or malformed is never served from cache.
+		if ok && !errors.Is(err, errGone) && !errors.Is(err, errMalformed) {
+			return k, nil
+		}
 		return keys{}, err
 	}
+	k = fetched
 	s.mu.Lock()
 	s.cache[ns] = k
 	s.mu.Unlock()
@@ -128,12 +139,16 @@ func (s *Secrets) read(ctx context.Context, ns string, create bool) (keys, error
 		sec, err = s.create(ctx, ns)
 	}
 	if apierrors.IsNotFound(err) {
-		return keys{}, fmt.Errorf("Secret %s/%s not found: the namespace's checkpoint key was deleted, so its checkpoints cannot be decrypted", ns, SecretName)
+		return keys{}, fmt.Errorf("Secret %s/%s not found: %w", ns, SecretName, errGone)
 	}
 	if err != nil {
 		return keys{}, fmt.Errorf("reading Secret %s/%s: %w", ns, SecretName, err)
 	}
-	return parse(sec)
+	k, err := parse(sec)
+	if err != nil {
+		return keys{}, fmt.Errorf("%w: %w", errMalformed, err)
+	}
+	return k, nil
 }
 
 // create makes the namespace's Secret with one random key. Two agents creating it at once: one

@@ -6,6 +6,7 @@ package namespacekeys
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -13,7 +14,9 @@ import (
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 )
 
 func TestCreatedOnFirstUseThenReused(t *testing.T) {
@@ -99,4 +102,22 @@ func TestMalformedSecretsNameTheField(t *testing.T) {
 			assert.ErrorContains(t, err, tc.want)
 		})
 	}
+}
+
+// An agent cut off from the API server (a partitioned node dumping on SIGTERM) goes on with the
+// copy it read before; a Secret seen deleted is never served from that copy.
+func TestStaleCopyServesWhenTheAPIIsUnreachable(t *testing.T) {
+	client := fake.NewClientset()
+	s := New(client, time.Nanosecond) // every use reads again
+	id, kek, err := s.Current("ns")
+	require.NoError(t, err)
+	client.PrependReactor("get", "secrets", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, errors.New("dial tcp 10.0.0.1:443: connect: no route to host")
+	})
+	id2, kek2, err := s.Current("ns")
+	require.NoError(t, err, "the cached copy wraps")
+	assert.Equal(t, id, id2)
+	assert.Equal(t, kek, kek2)
+	_, _, err = New(client, time.Minute).Current("ns")
+	assert.ErrorContains(t, err, "no route to host", "an agent with no copy fails the dump")
 }

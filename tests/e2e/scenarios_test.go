@@ -284,7 +284,10 @@ func TestScenario7MemoryHeavy(t *testing.T) {
 			logf("scenario 7 %s Events: %q", reason, msgs)
 		}
 	}
-	assert.GreaterOrEqual(t, r.CheckpointBytes, int64(600<<20), "the checkpoint must hold the touched memory")
+	// The pattern heap (two bytes a page) compresses in the pack: issue 16's goal is at most half
+	// the touched memory on disk. That the memory came back is checked line by line above.
+	assert.Greater(t, r.CheckpointBytes, int64(0))
+	assert.LessOrEqual(t, r.CheckpointBytes, int64(300<<20), "bytes on disk <= 0.5 x the touched memory")
 }
 
 // Scenario 8: adding the label changes nothing Pod Security sees. In a namespace enforcing

@@ -8,6 +8,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"syscall"
 	"time"
@@ -17,6 +18,8 @@ var ballast []byte
 
 func main() {
 	touch := flag.Int("touch-mib", 0, "MiB of memory to fill before counting")
+	random := flag.Bool("random", false, "fill that memory with random bytes (incompressible) instead of a pattern")
+	churn := flag.Bool("churn", false, "with -random: new random bytes at every number (no two checkpoints share a chunk)")
 	tick := flag.Duration("tick", 50*time.Millisecond, "time between numbers")
 	chdir := flag.String("chdir", "", "directory to create (mode 0750) and work in")
 	mapped := flag.String("map", "", "file to map shared and write each number into")
@@ -26,8 +29,13 @@ func main() {
 		os.Exit(2)
 	}
 	ballast = make([]byte, *touch<<20)
-	for i := range ballast {
-		ballast[i] = byte(i*7 + i>>12)
+	rng := rand.NewChaCha8([32]byte{1})
+	if *random {
+		_, _ = rng.Read(ballast)
+	} else {
+		for i := range ballast {
+			ballast[i] = byte(i*7 + i>>12)
+		}
 	}
 	if *chdir != "" {
 		check(os.MkdirAll(*chdir, 0o750))
@@ -44,6 +52,9 @@ func main() {
 		fmt.Printf("%d\n", i)
 		if shared != nil {
 			copy(shared, fmt.Sprintf("%-20d", i))
+		}
+		if *churn {
+			_, _ = rng.Read(ballast)
 		}
 		time.Sleep(*tick)
 	}

@@ -126,13 +126,12 @@ func (e *Env) CheckpointDir(ctx context.Context, pod *corev1.Pod) (string, error
 	return fallback, nil
 }
 
-// CorruptCheckpoint overwrites the middle of the largest CRIU image below dir (the memory pages)
-// and returns the file it damaged.
-func CorruptCheckpoint(dir string) (string, error) {
+// largestFile is the largest regular file named *suffix below dir.
+func largestFile(dir, suffix string) (string, int64, error) {
 	var largest string
 	var size int64
 	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() || !strings.HasSuffix(p, ".img") {
+		if err != nil || !d.Type().IsRegular() || !strings.HasSuffix(p, suffix) {
 			return err
 		}
 		if info, err := d.Info(); err == nil && info.Size() > size {
@@ -140,11 +139,25 @@ func CorruptCheckpoint(dir string) (string, error) {
 		}
 		return nil
 	})
+	return largest, size, err
+}
+
+// CorruptCheckpoint overwrites the middle of the largest CRIU image below dir (the memory pages)
+// and returns the file it damaged.
+func CorruptCheckpoint(dir string) (string, error) {
+	largest, size, err := largestFile(dir, ".img")
 	if err != nil {
 		return "", err
 	}
 	if largest == "" {
-		return "", fmt.Errorf("no CRIU image below %s", dir)
+		// Packed checkpoints: their images are chunks in the chunk store (.chunks) below dir.
+		largest, size, err = largestFile(dir, ".pack")
+		if err != nil {
+			return "", err
+		}
+	}
+	if largest == "" {
+		return "", fmt.Errorf("no CRIU image nor pack file below %s", dir)
 	}
 	f, err := os.OpenFile(largest, os.O_WRONLY, 0)
 	if err != nil {
