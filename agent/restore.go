@@ -251,6 +251,13 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 	if err != nil {
 		return 0, err
 	}
+	if a.noLazy == nil {
+		pid, err := a.restoreLazily(ctx, log, t, plan, inherit, options)
+		if !errors.Is(err, errLazyUnavailable) {
+			return pid, err
+		}
+		log.Warn().Err(err).Msg("lazy restore not possible: restoring fully")
+	}
 	// CRIU restores from a private copy of the images, verified while copied: what it parses, as
 	// root, is exactly what the agent wrote (the pod can still write its checkpoint volume).
 	work, err := os.MkdirTemp(a.cfg.RestoreDir, "stasis-restore-")

@@ -1,0 +1,358 @@
+package agent
+
+// Lazy restore (issue 16): the app resumes before all its memory is back. CRIU restores every
+// task with its anonymous private memory left to a `criu lazy-pages` daemon (criurun/lazy.go), and
+// the daemon asks the agent's page server (criurun/pageserver.go) for each page the app faults on
+// and, in the background, for all the others. The page server reads them from the checkpoint
+// through an ImageReaderAt, which verifies every chunk before returning it: no page the agent did
+// not verify is ever mapped. A chunk that does not verify leaves the app's faulting thread blocked
+// and the agent kills the restored tree: it never runs on wrong (or zero) memory.
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+
+	"github.com/stasis-k8s/stasis/checkpoint"
+	"github.com/stasis-k8s/stasis/criurun"
+	"github.com/stasis-k8s/stasis/internal/confine"
+)
+
+// Lazy restore settings (--lazy-restore).
+const (
+	LazyRestoreAuto = "auto" // when `criu check --feature uffd-noncoop` passes at start
+	LazyRestoreOff  = "off"
+)
+
+// errLazyUnavailable marks a lazy restore that failed before the app resumed for a reason other
+// than the checkpoint's integrity: a full restore follows.
+var errLazyUnavailable = errors.New("lazy restore not possible")
+
+// lazyDecision checks once, at start, whether restores may be lazy; it returns why not (nil: yes).
+func lazyDecision(ctx context.Context, cfg *Config) error {
+	switch cfg.LazyRestore {
+	case LazyRestoreOff:
+		return errors.New("--lazy-restore=off")
+	case "", LazyRestoreAuto:
+	default:
+		return fmt.Errorf("--lazy-restore=%q: want auto or off", cfg.LazyRestore)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	return cfg.Criu.CheckLazyPages(cctx)
+}
+
+// openImages gives random, verified access to a checkpoint's images. Interim, until the store's
+// pack (checkpoint.ImageReaderAt with per-chunk hashes) replaces it: see verifiedFiles.
+var openImages = func(dir *os.File, m *checkpoint.Manifest) checkpoint.ImageReaderAt {
+	return verifiedFiles{dir: dir, m: m}
+}
+
+// restoreLazily restores the container lazily and resumes it; the rest of its memory arrives in
+// the background (finishLazy). An error wrapping errLazyUnavailable: nothing was resumed, the
+// caller restores fully instead.
+func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target, plan *restorePlan, inherit []criurun.InheritFD, options []string) (int, error) {
+	start := time.Now()
+	work, err := os.MkdirTemp(a.cfg.RestoreDir, "stasis-lazy-")
+	if err != nil {
+		return 0, fmt.Errorf("%w: %v", errLazyUnavailable, err)
+	}
+	l := &lazyRestore{a: a, log: log, work: work, start: start, m: plan.m}
+	defer func() {
+		if !l.handedOver {
+			l.teardown()
+		}
+	}()
+	src := openImages(plan.dir, plan.m)
+	if err := l.prepare(src); err != nil {
+		return 0, err
+	}
+	pid, host, err := l.run(ctx, t, src, inherit, options)
+	if err != nil {
+		killChildren(t.PID)
+		return 0, err
+	}
+	if err := criurun.SignalTree(host, syscall.SIGCONT); err != nil {
+		_ = criurun.SignalTree(host, syscall.SIGKILL)
+		return 0, fmt.Errorf("resuming the restored tree: %w", err)
+	}
+	resumed := time.Since(start)
+	a.cfg.Metrics.RestoreSeconds.WithLabelValues("resumed").Observe(resumed.Seconds())
+	log.Info().Str("checkpoint", plan.m.ID).Float64("resumedSeconds", resumed.Seconds()).Msg("restored lazily: the app runs, its memory arrives in the background")
+	l.handedOver = true
+	go l.finish(host)
+	return pid, nil
+}
+
+// lazyRestore is one lazy restore's resources: they live until all pages are in (or it fails).
+type lazyRestore struct {
+	a          *Agent
+	log        zerolog.Logger
+	m          *checkpoint.Manifest
+	work       string
+	start      time.Time
+	images, wd *os.File
+	tasks      map[uint64]*criurun.Pagemap
+	daemon     *criurun.LazyPages
+	ps         *criurun.PageServer
+	served     chan error
+	handedOver bool
+}
+
+// prepare writes the private images directory: every image verified, the tasks' pages images
+// sparse (their lazy runs stay with the page server).
+func (l *lazyRestore) prepare(src checkpoint.ImageReaderAt) error {
+	dir := filepath.Join(l.work, checkpoint.ImagesDir)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return fmt.Errorf("%w: %v", errLazyUnavailable, err)
+	}
+	var err error
+	if l.wd, err = os.Open(l.work); err == nil {
+		l.images, err = os.Open(dir)
+	}
+	if err != nil {
+		return fmt.Errorf("%w: %v", errLazyUnavailable, err)
+	}
+	pages := map[string]bool{}
+	for _, f := range l.m.Files {
+		name, ok := strings.CutPrefix(f.Path, checkpoint.ImagesDir+"/")
+		if !ok || strings.Contains(name, "/") {
+			continue
+		}
+		if strings.HasPrefix(name, "pages-") {
+			pages[name] = true
+			continue
+		}
+		if err := copyImage(src, l.images, name); err != nil {
+			return fmt.Errorf("corrupt checkpoint %s: %w", l.m.ID, err)
+		}
+	}
+	tasks, written, err := criurun.PrepareLazyPages(src, l.images)
+	if errors.Is(err, criurun.ErrPagesUnverified) {
+		return fmt.Errorf("corrupt checkpoint %s: %w", l.m.ID, err)
+	} else if err != nil {
+		return fmt.Errorf("%w: checkpoint %s: %v", errLazyUnavailable, l.m.ID, err)
+	}
+	l.tasks = tasks
+	for name := range pages {
+		if !written[name] { // shared memory's: restored by CRIU itself
+			if err := copyImage(src, l.images, name); err != nil {
+				return fmt.Errorf("corrupt checkpoint %s: %w", l.m.ID, err)
+			}
+		}
+	}
+	if _, err := criurun.FixImages(l.images); err != nil {
+		return fmt.Errorf("checkpoint %s: %w", l.m.ID, err)
+	}
+	return nil
+}
+
+// run starts the daemon and the page server and restores; it returns the restored root's PID in
+// the container and on the host, still stopped.
+func (l *lazyRestore) run(ctx context.Context, t Target, src checkpoint.ImageReaderAt, inherit []criurun.InheritFD, options []string) (int, int, error) {
+	var err error
+	l.daemon, err = l.a.cfg.Criu.StartLazyPages(l.images, l.wd, "lazy-pages.log")
+	if err != nil {
+		return 0, 0, fmt.Errorf("%w: %v", errLazyUnavailable, err)
+	}
+	l.ps = criurun.NewPageServer(l.tasks, src)
+	l.served = make(chan error, 1)
+	go func() { l.served <- l.ps.Serve(l.daemon.Conn) }()
+	st, _ := criurun.StartTime(t.PID)
+	pid, err := criurun.Restore(ctx, criurun.RestoreOptions{
+		Bundle: l.a.cfg.Criu, Join: criurun.Join{PID: t.PID, StartTime: st, Cgroups: true},
+		ImagesDir: l.images, WorkDir: l.wd, LogFile: "restore.log", Inherit: inherit, Extra: options, LazyPages: true,
+	})
+	host := 0
+	if err == nil {
+		host, err = hostPID(t.PID, pid)
+	}
+	if err == nil {
+		err = noMoreThanItsContainer(host, t.PID)
+	}
+	if err != nil {
+		err = criurun.LogError("restore (lazy)", err, l.work+"/restore.log")
+		if !l.pagesFailed() {
+			err = fmt.Errorf("%w: %v", errLazyUnavailable, err)
+		}
+		return 0, 0, err
+	}
+	return pid, host, nil
+}
+
+// pagesFailed says whether the page server stopped on pages it could not verify.
+func (l *lazyRestore) pagesFailed() bool {
+	select {
+	case err := <-l.served:
+		l.served <- err
+		return errors.Is(err, criurun.ErrPagesUnverified)
+	default:
+		return false
+	}
+}
+
+// finish waits until every page is in, then tears the daemon and the page server down. A page
+// that does not verify, a daemon that dies early or a transfer that outlasts the restore timeout
+// kills the restored tree: a task faulting on a page never delivered stays blocked, and memory
+// the daemon never filled would read as zeros once its userfaultfd is gone. An app that exits
+// meanwhile (its pod deleted) ends the transfer too.
+func (l *lazyRestore) finish(host int) {
+	defer l.teardown()
+	exited := watchExit(host)
+	timeout := time.NewTimer(l.a.cfg.RestoreTimeout)
+	defer timeout.Stop()
+	var err error
+	select {
+	case err = <-l.served:
+		if err == nil {
+			select { // the daemon exits once the session is closed
+			case <-l.daemon.Done():
+				err = l.daemon.Wait()
+			case <-time.After(10 * time.Second):
+				err = errors.New("criu lazy-pages did not exit after the last page")
+			}
+		}
+	case <-l.daemon.Done():
+		err = fmt.Errorf("criu lazy-pages exited before every page was in: %v", l.daemon.Wait())
+	case <-exited:
+		l.log.Info().Str("checkpoint", l.m.ID).Msg("the lazily restored app exited before all its memory was in")
+		return
+	case <-timeout.C:
+		err = fmt.Errorf("not all memory was in after %s (--restore-timeout)", l.a.cfg.RestoreTimeout)
+	}
+	if err != nil {
+		_ = criurun.SignalTree(host, syscall.SIGKILL)
+		l.a.cfg.Metrics.RestoreResults.WithLabelValues("killed-lazy").Inc()
+		l.log.Error().Err(err).Str("checkpoint", l.m.ID).Str("daemonLog", criurun.LogTail(l.work+"/lazy-pages.log", 8)).
+			Msg("lazy restore failed after the app resumed: the app was killed (it must not run on memory that is not its own); the container restarts and starts afresh or from another checkpoint")
+		return
+	}
+	done := time.Since(l.start)
+	l.a.cfg.Metrics.RestoreSeconds.WithLabelValues("complete").Observe(done.Seconds())
+	l.log.Info().Str("checkpoint", l.m.ID).Float64("completeSeconds", done.Seconds()).Int64("lazyBytes", l.ps.Served()).
+		Msg("lazy restore complete: all memory present")
+}
+
+// teardown stops the daemon and the page server and removes the private images.
+func (l *lazyRestore) teardown() {
+	if l.daemon != nil {
+		l.daemon.Stop()
+	}
+	if l.ps != nil {
+		l.ps.Close()
+	}
+	for _, f := range []*os.File{l.images, l.wd} {
+		if f != nil {
+			f.Close()
+		}
+	}
+	os.RemoveAll(l.work)
+}
+
+// watchExit returns a channel closed when process pid has exited.
+func watchExit(pid int) <-chan struct{} {
+	ch := make(chan struct{})
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		close(ch) // already gone
+		return ch
+	}
+	go func() {
+		defer unix.Close(fd)
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		for {
+			if _, err := unix.Poll(fds, -1); err != unix.EINTR {
+				break
+			}
+		}
+		close(ch)
+	}()
+	return ch
+}
+
+// copyImage copies image name from src (verified) into dir.
+func copyImage(src checkpoint.ImageReaderAt, dir *os.File, name string) error {
+	in, size, err := src.OpenAt(name)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := confine.CreateEntry(dir, name, 0o600)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	defer out.Close()
+	if _, err := io.CopyBuffer(out, io.NewSectionReader(in, 0, size), make([]byte, 1<<20)); err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return nil
+}
+
+// verifiedFiles is the interim ImageReaderAt over today's layout (one plain file per image, one
+// sha256 per file in the manifest): an image is hashed whole before any byte of it is served.
+// Small images are served from the memory they were hashed from; a large one (the pages) from its
+// file, which leaves a window in which a pod that writes its checkpoint volume could change pages
+// after they were hashed. The store's pack (per-chunk hashes, verified at each read) closes it.
+type verifiedFiles struct {
+	dir *os.File
+	m   *checkpoint.Manifest
+}
+
+const inMemoryImage = 64 << 20
+
+func (v verifiedFiles) OpenAt(name string) (checkpoint.ReaderAtCloser, int64, error) {
+	rel := path.Join(checkpoint.ImagesDir, name)
+	var sum *checkpoint.FileSum
+	for i := range v.m.Files {
+		if v.m.Files[i].Path == rel {
+			sum = &v.m.Files[i]
+		}
+	}
+	if sum == nil {
+		return nil, 0, fmt.Errorf("%s: not in the manifest: %w", rel, os.ErrNotExist)
+	}
+	f, err := confine.Open(v.dir, rel, unix.O_RDONLY|unix.O_NONBLOCK)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: %w", rel, err)
+	}
+	if st, err := confine.Stat(f); err != nil || !confine.IsReg(&st) || st.Size != sum.Size {
+		f.Close()
+		return nil, 0, fmt.Errorf("%s: not a regular file of the manifest's %d bytes", rel, sum.Size)
+	}
+	var mem bytes.Buffer
+	h := sha256.New()
+	w := io.Writer(h)
+	if sum.Size <= inMemoryImage {
+		w = io.MultiWriter(h, &mem)
+	}
+	if _, err := io.CopyBuffer(w, io.NewSectionReader(f, 0, sum.Size), make([]byte, 1<<20)); err != nil {
+		f.Close()
+		return nil, 0, fmt.Errorf("%s: %w", rel, err)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != sum.SHA256 {
+		f.Close()
+		return nil, 0, fmt.Errorf("%s: sha256 %s, manifest says %s (corrupt)", rel, got, sum.SHA256)
+	}
+	if sum.Size <= inMemoryImage {
+		f.Close()
+		return nopCloser{bytes.NewReader(mem.Bytes())}, sum.Size, nil
+	}
+	return f, sum.Size, nil
+}
+
+type nopCloser struct{ io.ReaderAt }
+
+func (nopCloser) Close() error { return nil }

@@ -1,0 +1,224 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/checkpoint"
+)
+
+// dumpHeap starts the counter with a touched heap of mib MiB under the launcher, checkpoints it
+// with the agent and stops its container; it returns the checkpoint and the counter's file.
+func dumpHeap(t *testing.T, r *rig, mib int) (id, out string, cmd []string) {
+	t.Helper()
+	out = filepath.Join(t.TempDir(), "counter.txt")
+	cmd = []string{counterBin, "-touch-mib", fmt.Sprint(mib), "-tick", "100ms", out}
+	c := startContainer(t, r.env("app"), append([]string{"--"}, cmd...)...)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 2)
+	st := r.checkpoint("uid-lazy", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	assert.Equal(t, 143, c.stop())
+	return st.Containers[0].CheckpointID, out, cmd
+}
+
+// waitFor waits until cond holds, failing with what after d.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func histCount(t *testing.T, h *prometheus.HistogramVec, phase string) uint64 {
+	t.Helper()
+	var m dto.Metric
+	require.NoError(t, h.WithLabelValues(phase).(prometheus.Histogram).Write(&m))
+	return m.GetHistogram().GetSampleCount()
+}
+
+// A 512 MiB heap restored lazily: the app resumes, checks every byte of its heap while pages are
+// still arriving (its faults are served first) and again once the agent reports all memory
+// present; both checks pass and the counter continues. The daemon and the private images are gone
+// afterwards.
+func TestLazyRestoreHeapIntact(t *testing.T) {
+	restoreDir := t.TempDir()
+	r := newRig(t, Config{FreezeTimeout: time.Hour, RestoreDir: restoreDir})
+	require.NoError(t, r.agent.noLazy, "this kernel offers uffd-noncoop: restores must be lazy")
+	r.serveLocal()
+	id, out, cmd := dumpHeap(t, r, 512)
+	dumped := readCounts(t, out)
+
+	c := r.restoreContainer("app", id, cmd...)
+	c.waitOutput("restored; supervising the restored tree")
+	root, err := appRoot(c.launcherPID())
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(root, syscall.SIGUSR1)) // at once: most pages are not in yet
+	c.waitOutput("ballast ")
+	assert.Contains(t, c.out.String(), "ballast ok 512 MiB")
+	assert.NotContains(t, c.out.String(), "ballast BAD")
+
+	waitFor(t, time.Minute, "all memory present", func() bool { return strings.Contains(r.logs.String(), "lazy restore complete") })
+	assert.Contains(t, r.logs.String(), "restored lazily")
+	assert.Equal(t, uint64(1), histCount(t, r.agent.cfg.Metrics.RestoreSeconds, "resumed"))
+	assert.Equal(t, uint64(1), histCount(t, r.agent.cfg.Metrics.RestoreSeconds, "complete"))
+	require.NoError(t, syscall.Kill(root, syscall.SIGUSR1))
+	waitFor(t, 30*time.Second, "the second check", func() bool { return strings.Count(c.out.String(), "ballast ") >= 2 })
+	assert.Equal(t, 2, strings.Count(c.out.String(), "ballast ok 512 MiB"), c.out.String())
+
+	got := waitCount(t, c, out, len(dumped)+3)
+	assert.True(t, isSequence(got), "the lazily restored counter continues: %v", got)
+	waitFor(t, 10*time.Second, "the lazy restore's teardown", func() bool {
+		left, _ := filepath.Glob(filepath.Join(restoreDir, "stasis-lazy-*"))
+		return len(left) == 0
+	})
+	assert.Empty(t, lazyDaemons(t), "no criu lazy-pages daemon outlives its restore")
+	assert.Equal(t, 128+15, c.stop())
+}
+
+// lazyDaemons lists the running `criu lazy-pages` processes started by this test process.
+func lazyDaemons(t *testing.T) []string {
+	var out []string
+	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range cmdlines {
+		b, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(string(b), "\x00lazy-pages\x00") {
+			continue
+		}
+		st, err := os.ReadFile(filepath.Join(filepath.Dir(p), "status"))
+		if err == nil && strings.Contains(string(st), fmt.Sprintf("\nPPid:\t%d\n", os.Getpid())) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// failingChunk is the store's pack as the page server sees it when a chunk of the pages does not
+// verify: every read overlapping the chunk fails (the pack returns an error, never data).
+type failingChunk struct {
+	checkpoint.ImageReaderAt
+	from, to int64
+}
+
+func (f failingChunk) OpenAt(name string) (checkpoint.ReaderAtCloser, int64, error) {
+	ra, size, err := f.ImageReaderAt.OpenAt(name)
+	if err != nil || !strings.HasPrefix(name, "pages-") {
+		return ra, size, err
+	}
+	return failingReader{ra, f}, size, nil
+}
+
+type failingReader struct {
+	checkpoint.ReaderAtCloser
+	f failingChunk
+}
+
+func (r failingReader) ReadAt(b []byte, off int64) (int, error) {
+	if off < r.f.to && off+int64(len(b)) > r.f.from {
+		return 0, errors.New("chunk sha256 mismatch (corrupt)")
+	}
+	return r.ReaderAtCloser.ReadAt(b, off)
+}
+
+// A chunk of the heap that does not verify while the app already runs: the page server never
+// sends it, the agent kills the app before any check of its heap can finish, and says so.
+func TestLazyRestoreUnverifiedChunkKillsApp(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	require.NoError(t, r.agent.noLazy)
+	r.serveLocal()
+	id, _, cmd := dumpHeap(t, r, 256)
+	// The chunk: 1 MiB in the middle of the largest pages image (the heap).
+	imgs, err := filepath.Glob(filepath.Join(r.dir("app"), id, checkpoint.ImagesDir, "pages-*.img"))
+	require.NoError(t, err)
+	var size int64
+	for _, p := range imgs {
+		if st, err := os.Stat(p); err == nil && st.Size() > size {
+			size = st.Size()
+		}
+	}
+	orig := openImages
+	openImages = func(d *os.File, m *checkpoint.Manifest) checkpoint.ImageReaderAt {
+		return failingChunk{orig(d, m), size / 2, size/2 + 1<<20}
+	}
+	t.Cleanup(func() { openImages = orig })
+
+	c := r.restoreContainer("app", id, cmd...)
+	select {
+	case <-c.done:
+	case <-time.After(time.Minute):
+		t.Fatalf("the app was not killed: %s", c.out.String())
+	}
+	assert.Contains(t, r.logs.String(), "lazy pages could not be served")
+	assert.Contains(t, r.logs.String(), "the app was killed")
+	assert.NotContains(t, c.out.String(), "ballast ok")
+	assert.NotContains(t, c.out.String(), "ballast BAD", "the app never reads memory that is not its own")
+	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("killed-lazy")))
+	assert.Equal(t, uint64(0), histCount(t, r.agent.cfg.Metrics.RestoreSeconds, "complete"))
+	assert.Empty(t, lazyDaemons(t))
+}
+
+// A page flipped in the checkpoint (today's layout: one sha256 per image) is found before CRIU
+// starts: no resume, a cold start, no fallback to a full restore of the same corrupt images.
+func TestLazyRestoreCorruptPagesColdStarts(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	r.serveLocal()
+	id, _, cmd := dumpHeap(t, r, 64)
+	imgs, err := filepath.Glob(filepath.Join(r.dir("app"), id, checkpoint.ImagesDir, "pages-*.img"))
+	require.NoError(t, err)
+	for _, p := range imgs {
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		require.NoError(t, err)
+		st, _ := f.Stat()
+		_, err = f.WriteAt([]byte{0x5a}, st.Size()/2)
+		require.NoError(t, err)
+		f.Close()
+	}
+	c := r.restoreContainer("app", id, cmd...)
+	c.waitOutput("COLD START")
+	assert.Contains(t, r.logs.String(), "corrupt")
+	assert.NotContains(t, r.logs.String(), "restoring fully", "a corrupt checkpoint is not retried as a full restore")
+	c.stop()
+}
+
+// The decision path: --lazy-restore=off, an unknown value, and a CRIU whose feature check fails
+// (a kernel or pod without userfaultfd) all give full restores, and say why.
+func TestLazyRestoreDecision(t *testing.T) {
+	r := newRig(t, Config{LazyRestore: LazyRestoreOff})
+	assert.ErrorContains(t, r.agent.noLazy, "--lazy-restore=off")
+	r2 := newRig(t, Config{LazyRestore: "sometimes"})
+	assert.ErrorContains(t, r2.agent.noLazy, "want auto or off")
+
+	cfg := Config{Criu: r.agent.cfg.Criu}
+	cfg.Criu.Dir = t.TempDir() // no CRIU there: the check fails as on a kernel without uffd
+	assert.Error(t, lazyDecision(t.Context(), &cfg))
+}
+
+// With lazy restore off, a restore is full and still correct (the fallback path end to end).
+func TestFullRestoreWhenLazyOff(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour, LazyRestore: LazyRestoreOff})
+	r.serveLocal()
+	id, out, cmd := dumpHeap(t, r, 64)
+	dumped := readCounts(t, out)
+	c := r.restoreContainer("app", id, cmd...)
+	c.waitOutput("restored; supervising the restored tree")
+	got := waitCount(t, c, out, len(dumped)+2)
+	assert.True(t, isSequence(got), "%v", got)
+	assert.NotContains(t, r.logs.String(), "restored lazily")
+	assert.Equal(t, 128+15, c.stop())
+}
