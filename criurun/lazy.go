@@ -172,7 +172,7 @@ func (b Bundle) StartLazyPages(images, work *os.File, logFile string) (*LazyPage
 	defer statusR.Close()
 	// fds in the daemon: 3 plugins, 4 images, 5 work, 6 page server, 7 status.
 	argv := b.argv(3, "lazy-pages", "--page-server", "--ps-socket", "6", "-D", fdPath(4), "-W", fdPath(5),
-		"-o", logFile, "-v4", "--status-fd", "7")
+		"-o", logFile, "-v2", "--status-fd", "7")
 	var stderr bytes.Buffer
 	cmd := &exec.Cmd{Path: argv[0], Args: argv, Env: []string{NoBreakpointsEnv}, Stderr: &stderr,
 		ExtraFiles: []*os.File{plugins, images, work, theirs, statusW}}
