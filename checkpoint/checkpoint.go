@@ -33,8 +33,9 @@ import (
 	"github.com/stasis-k8s/stasis/internal/confine"
 )
 
-// FormatVersion is the manifest format; a reader refuses others.
-const FormatVersion = 1
+// FormatVersion is the manifest format; a reader refuses others. 2: the images may be a pack of
+// encrypted chunks (Manifest.Pack); a format-1 checkpoint is refused (the pod starts afresh).
+const FormatVersion = 2
 
 // File and directory names inside a checkpoint.
 const (
@@ -88,6 +89,9 @@ type Manifest struct {
 	// Deleted are the image paths the container had deleted (checkpoint-rootfs): removed again
 	// before the restore.
 	Deleted []string `json:"deleted,omitempty"`
+
+	// Pack lists the CRIU images stored as chunks (pack.go); nil when they are files in images/.
+	Pack *Pack `json:"pack,omitempty"`
 
 	CriuVersion int `json:"criuVersion"`
 	// Files lists every file of the checkpoint (relative paths) but the manifest and the marker.
@@ -262,6 +266,9 @@ func PruneAt(dir *os.File, keep int, staleBefore time.Time) error {
 			errs = append(errs, err.Error())
 		}
 	}
+	if err := sweepChunks(dir, staleBefore); err != nil {
+		errs = append(errs, err.Error())
+	}
 	if len(errs) > 0 {
 		return fmt.Errorf("pruning %s: %s", dir.Name(), strings.Join(errs, "; "))
 	}
@@ -294,9 +301,10 @@ func ReadManifest(ckpt string) (*Manifest, error) {
 	return &m, nil
 }
 
-// NewestSize is the size of the regular files of the newest complete checkpoint in dir (a
-// container's checkpoint directory): what the next dump of the container will need, roughly.
-// Zero when there is none.
+// NewestSize is the bytes on disk of the newest complete checkpoint in dir (a container's
+// checkpoint directory): its regular files plus the chunks its pack references (shared ones
+// included: the next dump may have to write them all anew). What the next dump of the container
+// will need, roughly. Zero when there is none.
 func NewestSize(dir *os.File) (int64, error) {
 	list, err := listAt(dir)
 	if err != nil || len(list) == 0 {
@@ -314,7 +322,7 @@ func NewestSize(dir *os.File) (int64, error) {
 		}
 		return nil
 	})
-	return total, err
+	return total + packStored(dir, list[0]), err
 }
 
 // CompleteIDs lists the IDs of the complete checkpoints in dir (a container's checkpoint
@@ -333,5 +341,6 @@ func RemoveCompleteAt(dir *os.File) (int, error) {
 			return 0, err
 		}
 	}
-	return len(ids), nil
+	// Their chunks go too; a dump in progress (any .tmp-) keeps the sweep for the next prune.
+	return len(ids), sweepChunks(dir, time.Time{})
 }

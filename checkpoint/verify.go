@@ -22,6 +22,10 @@ import (
 // still being written).
 var ErrIncomplete = errors.New("checkpoint is incomplete (no completion marker)")
 
+// ErrFormat is a checkpoint of another format than this stasis writes (an older release's): it is
+// not restored, and the pod starts afresh.
+var ErrFormat = errors.New("checkpoint format not supported by this release (the pod starts afresh)")
+
 // Verify checks a whole checkpoint: Check, then VerifyImages.
 func Verify(ckpt string) (*Manifest, error) {
 	d, err := openCheckpoint(ckpt)
@@ -117,7 +121,12 @@ func CheckAt(d *os.File, id string, key Key) (*Manifest, error) {
 		return nil, fmt.Errorf("manifest.json: %w", err)
 	}
 	if m.Format != FormatVersion {
-		return nil, fmt.Errorf("manifest.json: format %d, this stasis reads %d", m.Format, FormatVersion)
+		return nil, fmt.Errorf("manifest.json: format %d, this stasis reads %d: %w", m.Format, FormatVersion, ErrFormat)
+	}
+	if m.Pack != nil {
+		if err := m.Pack.validate(); err != nil {
+			return nil, fmt.Errorf("manifest.json: %w", err)
+		}
 	}
 	if m.ID != id {
 		return nil, fmt.Errorf("manifest.json: id %q does not match directory %q", m.ID, id)
@@ -140,12 +149,12 @@ func CheckAt(d *os.File, id string, key Key) (*Manifest, error) {
 			return nil, err
 		}
 	}
-	return &m, unlistedImages(d, listed)
+	return &m, unlistedImages(d, listed, m.Pack != nil)
 }
 
 // unlistedImages refuses an image on disk the manifest does not list: one added after the
 // manifest is not ours.
-func unlistedImages(d *os.File, listed map[string]bool) error {
+func unlistedImages(d *os.File, listed map[string]bool, packed bool) error {
 	imgs, err := confine.OpenBeneath(d, ImagesDir, unix.O_RDONLY|unix.O_DIRECTORY)
 	if err != nil {
 		return fmt.Errorf("images: %w", err)
@@ -155,7 +164,7 @@ func unlistedImages(d *os.File, listed map[string]bool) error {
 	if err != nil {
 		return fmt.Errorf("images: %w", err)
 	}
-	if len(entries) == 0 {
+	if len(entries) == 0 && !packed {
 		return fmt.Errorf("images: no CRIU images")
 	}
 	for _, e := range entries {

@@ -44,6 +44,7 @@ type Writer struct {
 	tmpSt  unix.Stat_t // tmp's identity, to recognise it by name
 
 	fl   *follower          // hashing the images while CRIU writes them (FollowImages)
+	pack *packSink          // the images as chunks (Pack), when streamed
 	sums map[string]FileSum // what the follower hashed, once the writer exited
 	ctx  context.Context    // copying, hashing and syncing stop when it ends (Within)
 }
@@ -135,6 +136,9 @@ func (w *Writer) Close() error {
 		}
 	}
 	w.images, w.tmp, w.dir = nil, nil, nil
+	if w.pack != nil {
+		w.pack.release()
+	}
 	return nil
 }
 
@@ -191,6 +195,9 @@ func (w *Writer) Commit(m *Manifest) error {
 	if err := w.ImagesWritten(); err != nil {
 		return err
 	}
+	if err := w.finishPack(m); err != nil {
+		return err
+	}
 	files, err := hashTree(w.context(), w.tmp, w.sums)
 	if err != nil {
 		return err
@@ -203,6 +210,11 @@ func (w *Writer) Commit(m *Manifest) error {
 		m.Size += f.Size
 		if isImage(f.Path) {
 			m.ImagesSize += f.Size
+		}
+	}
+	if m.Pack != nil {
+		for _, img := range m.Pack.Images {
+			m.ImagesSize += img.Size
 		}
 	}
 	m.Created = time.Now().UTC()
@@ -225,7 +237,13 @@ func (w *Writer) Commit(m *Manifest) error {
 	if err := writeFileSync(w.tmp, MarkerName, []byte(w.Key.marker(data)+"\n")); err != nil {
 		return err
 	}
-	return w.tmp.Sync()
+	if err := w.tmp.Sync(); err != nil {
+		return err
+	}
+	if w.pack != nil {
+		w.pack.release() // the manifest references the chunks now: a sweep may run
+	}
+	return nil
 }
 
 // renameOwn renames from to to in the checkpoint directory, provided from is the directory Begin
@@ -267,6 +285,9 @@ func (w *Writer) Abort(keep bool) (kept string, err error) {
 	if w.fl != nil {
 		w.fl.abandon()
 		w.fl = nil
+	}
+	if w.pack != nil {
+		w.pack.abort()
 	}
 	defer w.Close()
 	if keep {

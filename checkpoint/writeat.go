@@ -49,6 +49,9 @@ func (w *Writer) KeepLog() error {
 // Written is the size of the regular files written so far (progress while CRIU writes).
 func (w *Writer) Written() int64 {
 	var n int64
+	if w.pack != nil {
+		n += w.pack.in.Load()
+	}
 	_ = walkTree(w.tmp, func(_ string, st *unix.Stat_t) error {
 		if confine.IsReg(st) {
 			n += st.Size

@@ -1,0 +1,142 @@
+package checkpoint
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stasis-k8s/stasis/internal/confine"
+)
+
+// sweepChunks removes the chunk files no complete checkpoint of dir references (mark and sweep),
+// after PruneAt removed checkpoints. It never races a dump:
+//   - a dump holds the chunk store's lock shared (flock) from Writer.Pack until its commit or
+//     abort, and the sweep takes it exclusively without waiting: while any dump of this node
+//     writes or reuses chunks, the sweep is skipped (the next prune does it);
+//   - a .tmp- checkpoint younger than staleBefore may be a dump of another node sharing the
+//     volume, whose lock this node does not see: the sweep is skipped too.
+//
+// A manifest that cannot be parsed references nothing (such a checkpoint is never restored); one
+// that cannot be read stops the sweep. Only regular files and temporary chunk files are removed
+// from the store's two-hex-digit directories; nothing is followed.
+func sweepChunks(dir *os.File, staleBefore time.Time) error {
+	chunks, err := confine.OpenEntry(dir, chunksDir, unix.O_RDONLY|unix.O_DIRECTORY)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("chunk store: %w", err)
+	}
+	defer chunks.Close()
+	if err := unix.Flock(int(chunks.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		if err == unix.EWOULDBLOCK {
+			return nil // a dump in progress
+		}
+		return fmt.Errorf("locking the chunk store: %w", err)
+	}
+	if dumpInProgress(dir, staleBefore) {
+		return nil
+	}
+	live, err := liveChunks(dir)
+	if err != nil {
+		return err
+	}
+	return sweepUnmarked(chunks, live)
+}
+
+// dumpInProgress reports a .tmp- checkpoint younger than staleBefore in dir.
+func dumpInProgress(dir *os.File, staleBefore time.Time) bool {
+	des, _ := confine.ReadDir(dir)
+	for _, de := range des {
+		if de.IsDir() && strings.HasPrefix(de.Name, tmpPrefix) && !idBefore(strings.TrimPrefix(de.Name, tmpPrefix), staleBefore) {
+			return true
+		}
+	}
+	return false
+}
+
+// liveChunks marks the chunk files ("<2 hex>/<file>") the complete checkpoints of dir reference.
+func liveChunks(dir *os.File) (map[string]bool, error) {
+	ids, err := listAt(dir)
+	if err != nil {
+		return nil, err
+	}
+	live := map[string]bool{}
+	for _, id := range ids {
+		m, err := readManifestAt(dir, id)
+		if err != nil {
+			return nil, fmt.Errorf("sweeping chunks: checkpoint %s: %w", id, err)
+		}
+		if m == nil || m.Pack == nil || m.Pack.validate() != nil {
+			continue
+		}
+		for _, img := range m.Pack.Images {
+			for _, c := range img.Chunks {
+				if c.Name != "" {
+					live[m.Pack.file(c)] = true
+				}
+			}
+		}
+	}
+	return live, nil
+}
+
+// readManifestAt reads checkpoint id's manifest, unverified; nil when it cannot be parsed.
+func readManifestAt(dir *os.File, id string) (*Manifest, error) {
+	d, err := confine.OpenEntry(dir, id, unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	data, err := readSmall(d, ManifestName)
+	if err != nil {
+		return nil, err
+	}
+	m, err := parseManifest(data)
+	if err != nil {
+		return nil, nil
+	}
+	return m, nil
+}
+
+func sweepUnmarked(chunks *os.File, live map[string]bool) error {
+	des, err := confine.ReadDir(chunks)
+	if err != nil {
+		return fmt.Errorf("chunk store: %w", err)
+	}
+	var errs []error
+	for _, de := range des {
+		if !de.IsDir() || len(de.Name) != 2 {
+			continue
+		}
+		sub, err := confine.OpenEntry(chunks, de.Name, unix.O_RDONLY|unix.O_DIRECTORY)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		files, err := confine.ReadDir(sub)
+		for _, f := range files {
+			if f.IsReg() && !live[de.Name+"/"+f.Name] {
+				if err := unix.Unlinkat(int(sub.Fd()), f.Name, 0); err != nil && err != unix.ENOENT {
+					errs = append(errs, fmt.Errorf("removing chunk %s/%s: %w", de.Name, f.Name, err))
+				}
+			}
+		}
+		sub.Close()
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// packStored is the bytes on disk of the chunks checkpoint id references (0 without a pack).
+func packStored(dir *os.File, id string) int64 {
+	m, err := readManifestAt(dir, id)
+	if err != nil || m == nil || m.Pack == nil {
+		return 0
+	}
+	return m.Pack.Stored
+}
