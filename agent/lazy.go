@@ -55,10 +55,33 @@ func lazyDecision(ctx context.Context, cfg *Config) error {
 	return cfg.Criu.CheckLazyPages(cctx)
 }
 
-// openImages gives random, verified access to a checkpoint's images. Interim, until the store's
-// pack (checkpoint.ImageReaderAt with per-chunk hashes) replaces it: see verifiedFiles.
-var openImages = func(dir *os.File, m *checkpoint.Manifest) checkpoint.ImageReaderAt {
-	return verifiedFiles{dir: dir, m: m}
+// openImages gives random, verified access to a checkpoint's images: the pack's reader (chunks
+// checked one by one as they are read), or for a checkpoint of plain image files the interim
+// verifiedFiles. The test of an unverifiable chunk replaces it.
+var openImages = func(dir *os.File, m *checkpoint.Manifest, key checkpoint.Key) (checkpoint.ImageReaderAt, func(), error) {
+	if m.Pack == nil {
+		return verifiedFiles{dir: dir, m: m}, func() {}, nil
+	}
+	// The pack's chunk store sits beside the checkpoints of the container. A pod could move the
+	// checkpoint directory under another parent, but chunks are named and sealed under the
+	// agent's keys: no store it builds serves a chunk that verifies.
+	fd, err := unix.Openat(int(dir.Fd()), "..", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("the checkpoint's container directory: %w", err)
+	}
+	parent := os.NewFile(uintptr(fd), "..")
+	defer parent.Close()
+	// The data keys are wrapped by KEKs derived from the manifest key (checkpoint.DerivedKEKs):
+	// the integrator's keyring (Secret-held KEKs) replaces this one.
+	ring, err := checkpoint.NewKeyRing(key, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	pr, err := checkpoint.OpenPack(parent, m, ring)
+	if err != nil {
+		return nil, nil, err
+	}
+	return pr, func() { pr.Close() }, nil
 }
 
 // restoreLazily restores the container lazily and resumes it; the rest of its memory arrives in
@@ -76,7 +99,11 @@ func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target,
 			l.teardown()
 		}
 	}()
-	src := openImages(plan.dir, plan.m)
+	src, closeSrc, err := openImages(plan.dir, plan.m, a.cfg.ManifestKey)
+	if err != nil {
+		return 0, fmt.Errorf("checkpoint %s: %w", plan.m.ID, err)
+	}
+	l.closeSrc = closeSrc
 	if err := l.prepare(src); err != nil {
 		return 0, err
 	}
@@ -109,6 +136,7 @@ type lazyRestore struct {
 	daemon     *criurun.LazyPages
 	ps         *criurun.PageServer
 	served     chan error
+	closeSrc   func()
 	handedOver bool
 }
 
@@ -127,11 +155,7 @@ func (l *lazyRestore) prepare(src checkpoint.ImageReaderAt) error {
 		return fmt.Errorf("%w: %v", errLazyUnavailable, err)
 	}
 	pages := map[string]bool{}
-	for _, f := range l.m.Files {
-		name, ok := strings.CutPrefix(f.Path, checkpoint.ImagesDir+"/")
-		if !ok || strings.Contains(name, "/") {
-			continue
-		}
+	for _, name := range imageNames(l.m) {
 		if strings.HasPrefix(name, "pages-") {
 			pages[name] = true
 			continue
@@ -158,6 +182,23 @@ func (l *lazyRestore) prepare(src checkpoint.ImageReaderAt) error {
 		return fmt.Errorf("checkpoint %s: %w", l.m.ID, err)
 	}
 	return nil
+}
+
+// imageNames lists the checkpoint's CRIU images: its pack's, or its image files'.
+func imageNames(m *checkpoint.Manifest) []string {
+	var out []string
+	if m.Pack != nil {
+		for _, img := range m.Pack.Images {
+			out = append(out, img.Name)
+		}
+		return out
+	}
+	for _, f := range m.Files {
+		if name, ok := strings.CutPrefix(f.Path, checkpoint.ImagesDir+"/"); ok && !strings.Contains(name, "/") {
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 // run starts the daemon and the page server and restores; it returns the restored root's PID in
@@ -253,6 +294,9 @@ func (l *lazyRestore) teardown() {
 	}
 	if l.ps != nil {
 		l.ps.Close()
+	}
+	if l.closeSrc != nil {
+		l.closeSrc()
 	}
 	for _, f := range []*os.File{l.images, l.wd} {
 		if f != nil {

@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -153,8 +154,9 @@ func TestLazyRestoreUnverifiedChunkKillsApp(t *testing.T) {
 		}
 	}
 	orig := openImages
-	openImages = func(d *os.File, m *checkpoint.Manifest) checkpoint.ImageReaderAt {
-		return failingChunk{orig(d, m), size / 2, size/2 + 1<<20}
+	openImages = func(d *os.File, m *checkpoint.Manifest, k checkpoint.Key) (checkpoint.ImageReaderAt, func(), error) {
+		src, done, err := orig(d, m, k)
+		return failingChunk{src, size / 2, size/2 + 1<<20}, done, err
 	}
 	t.Cleanup(func() { openImages = orig })
 
@@ -220,5 +222,68 @@ func TestFullRestoreWhenLazyOff(t *testing.T) {
 	got := waitCount(t, c, out, len(dumped)+2)
 	assert.True(t, isSequence(got), "%v", got)
 	assert.NotContains(t, r.logs.String(), "restored lazily")
+	assert.Equal(t, 128+15, c.stop())
+}
+
+// repack rewrites checkpoint id of the rig's container as a pack (the store's format: chunks
+// compressed, encrypted and checked one by one), under a new ID, as a streamed dump will write it.
+func repack(t testing.TB, r *rig, id string) string {
+	t.Helper()
+	src := filepath.Join(r.dir("app"), id)
+	m, err := checkpoint.ReadManifest(src)
+	require.NoError(t, err)
+	w, err := checkpoint.Begin(r.dir("app"), checkpoint.NewID(time.Now()))
+	require.NoError(t, err)
+	w.Key = testKey
+	ring, err := checkpoint.NewKeyRing(testKey, nil)
+	require.NoError(t, err)
+	sink, err := w.Pack(ring, m.Pod.Namespace, checkpoint.PackOptions{})
+	require.NoError(t, err)
+	for _, f := range m.Files {
+		name, ok := strings.CutPrefix(f.Path, checkpoint.ImagesDir+"/")
+		if !ok { // carried and checkpoint-files: as they were
+			data, err := os.ReadFile(filepath.Join(src, f.Path))
+			require.NoError(t, err)
+			require.NoError(t, os.MkdirAll(filepath.Join(w.Path(), filepath.Dir(f.Path)), 0o700))
+			require.NoError(t, w.WriteFile(f.Path, data))
+			st, err := os.Stat(filepath.Join(src, f.Path))
+			require.NoError(t, err)
+			require.NoError(t, os.Chmod(filepath.Join(w.Path(), f.Path), st.Mode()))
+			continue
+		}
+		in, err := os.Open(filepath.Join(src, f.Path))
+		require.NoError(t, err)
+		wc, err := sink.Create(name)
+		require.NoError(t, err)
+		_, err = io.Copy(wc, in)
+		require.NoError(t, err)
+		require.NoError(t, wc.Close())
+		in.Close()
+	}
+	m.Files, m.Pack = nil, nil
+	require.NoError(t, w.Commit(m))
+	require.NoError(t, w.Close())
+	return filepath.Base(w.Final())
+}
+
+// The same heap from a pack: each page the daemon asks for is read from a chunk decrypted and
+// checked on demand; the app's own check of every byte passes.
+func TestLazyRestoreFromPack(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	require.NoError(t, r.agent.noLazy)
+	r.serveLocal()
+	id, out, cmd := dumpHeap(t, r, 256)
+	packed := repack(t, r, id)
+	dumped := readCounts(t, out)
+	c := r.restoreContainer("app", packed, cmd...)
+	c.waitOutput("restored; supervising the restored tree")
+	waitFor(t, time.Minute, "all memory present", func() bool { return strings.Contains(r.logs.String(), "lazy restore complete") })
+	root, err := appRoot(c.launcherPID())
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(root, syscall.SIGUSR1))
+	c.waitOutput("ballast ")
+	assert.Contains(t, c.out.String(), "ballast ok 256 MiB")
+	got := waitCount(t, c, out, len(dumped)+2)
+	assert.True(t, isSequence(got), "%v", got)
 	assert.Equal(t, 128+15, c.stop())
 }

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -203,15 +204,16 @@ type PageServer struct {
 	tasks  map[uint64]*Pagemap // by PID in the images (dst_id)
 	images checkpoint.ImageReaderAt
 
-	mu    sync.Mutex
-	pages map[uint32]checkpoint.ReaderAtCloser
+	mu     sync.Mutex
+	pages  map[uint32]checkpoint.ReaderAtCloser
+	aheads map[uint32]*readAhead
 
 	served atomic.Int64 // bytes sent
 }
 
 // NewPageServer serves the tasks' pagemaps (by PID in the images) from images.
 func NewPageServer(tasks map[uint64]*Pagemap, images checkpoint.ImageReaderAt) *PageServer {
-	return &PageServer{tasks: tasks, images: images, pages: map[uint32]checkpoint.ReaderAtCloser{}}
+	return &PageServer{tasks: tasks, images: images, pages: map[uint32]checkpoint.ReaderAtCloser{}, aheads: map[uint32]*readAhead{}}
 }
 
 // Served is the number of page bytes sent so far.
@@ -289,18 +291,19 @@ func (s *PageServer) read(id, vaddr, nr uint64, buf []byte) ([]byte, uint64, err
 	return data, n, nil
 }
 
-func (s *PageServer) pagesImage(pm *Pagemap) (checkpoint.ReaderAtCloser, error) {
+func (s *PageServer) pagesImage(pm *Pagemap) (io.ReaderAt, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if ra, ok := s.pages[pm.PagesID]; ok {
+	if ra, ok := s.aheads[pm.PagesID]; ok {
 		return ra, nil
 	}
-	ra, _, err := s.images.OpenAt(pm.PagesImage())
+	ra, size, err := s.images.OpenAt(pm.PagesImage())
 	if err != nil {
 		return nil, err
 	}
 	s.pages[pm.PagesID] = ra
-	return ra, nil
+	s.aheads[pm.PagesID] = newReadAhead(ra, size)
+	return s.aheads[pm.PagesID], nil
 }
 
 // Close releases the pages images.
@@ -310,5 +313,113 @@ func (s *PageServer) Close() {
 	for id, ra := range s.pages {
 		ra.Close()
 		delete(s.pages, id)
+	}
+}
+
+// readAhead serves a pages image to the page server, reading ahead of sequential readers. The
+// daemon pulls the background pages in image order, one request (up to 4 MiB) at a time, and waits
+// for each: without read-ahead, reading and checking the next chunks would not overlap with the
+// daemon copying the previous ones into the app. Blocks are read through the verified ReaderAt, on
+// up to GOMAXPROCS goroutines; a block that fails is an error only if it is asked for.
+type readAhead struct {
+	ra   io.ReaderAt
+	size int64
+	sem  chan struct{}
+
+	mu      sync.Mutex
+	blocks  map[int64]*raBlock
+	streams [4]int64 // where the last readers stopped: a read starting there is sequential
+	nextSt  int
+}
+
+type raBlock struct {
+	done chan struct{}
+	data []byte
+	err  error
+}
+
+const (
+	raBlockSize = 1 << 20
+	raWindow    = 8 // blocks read ahead of a sequential reader
+)
+
+func newReadAhead(ra io.ReaderAt, size int64) *readAhead {
+	return &readAhead{ra: ra, size: size, sem: make(chan struct{}, max(1, runtime.GOMAXPROCS(0))), blocks: map[int64]*raBlock{}}
+}
+
+// block returns block i, starting its read if needed; called with mu held.
+func (r *readAhead) block(i int64) *raBlock {
+	if b, ok := r.blocks[i]; ok {
+		return b
+	}
+	b := &raBlock{done: make(chan struct{})}
+	r.blocks[i] = b
+	go func() {
+		r.sem <- struct{}{}
+		defer func() { <-r.sem }()
+		n := min(raBlockSize, r.size-i*raBlockSize)
+		b.data = make([]byte, n)
+		_, b.err = r.ra.ReadAt(b.data, i*raBlockSize)
+		close(b.done)
+	}()
+	return b
+}
+
+func (r *readAhead) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 || off+int64(len(p)) > r.size {
+		return 0, fmt.Errorf("read of %d bytes at %d beyond the image's %d", len(p), off, r.size)
+	}
+	first, last := off/raBlockSize, (off+int64(len(p))-1)/raBlockSize
+	r.mu.Lock()
+	var need []*raBlock
+	for i := first; i <= last; i++ {
+		need = append(need, r.block(i))
+	}
+	r.plan(off, off+int64(len(p)), last)
+	r.mu.Unlock()
+	n := 0
+	for k, b := range need {
+		<-b.done
+		if b.err != nil {
+			return n, b.err
+		}
+		start := int64(0)
+		if k == 0 {
+			start = off - first*raBlockSize
+		}
+		n += copy(p[n:], b.data[start:])
+	}
+	return n, nil
+}
+
+// plan reads ahead of a sequential reader and forgets blocks no reader is near; called with mu
+// held.
+func (r *readAhead) plan(off, end, last int64) {
+	seq := false
+	for k, s := range r.streams {
+		if s == off {
+			seq = true
+			r.streams[k] = end
+		}
+	}
+	if !seq {
+		r.streams[r.nextSt] = end
+		r.nextSt = (r.nextSt + 1) % len(r.streams)
+	}
+	if seq {
+		for i := last + 1; i <= last+raWindow && i*raBlockSize < r.size; i++ {
+			r.block(i)
+		}
+	}
+	for i := range r.blocks {
+		near := false
+		for _, s := range r.streams {
+			if si := s / raBlockSize; i >= si-1 && i <= si+raWindow {
+				near = true
+			}
+		}
+		if !near {
+			delete(r.blocks, i)
+		}
 	}
 }

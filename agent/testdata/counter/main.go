@@ -8,8 +8,10 @@
 package main
 
 import (
+	"crypto/sha256"
 	"flag"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/signal"
 	"syscall"
@@ -20,6 +22,7 @@ var ballast []byte
 
 func main() {
 	touch := flag.Int("touch-mib", 0, "MiB of memory to fill before counting")
+	heap := flag.String("heap", "pattern", "what fills it: pattern (a byte pattern) or json (JSON documents of strings and numbers, as a service's heap holds them)")
 	tick := flag.Duration("tick", 50*time.Millisecond, "time between numbers")
 	chdir := flag.String("chdir", "", "directory to create (mode 0750) and work in")
 	mapped := flag.String("map", "", "file to map shared and write each number into")
@@ -29,9 +32,14 @@ func main() {
 		os.Exit(2)
 	}
 	ballast = make([]byte, *touch<<20)
-	for i := range ballast {
-		ballast[i] = pattern(i)
+	if *heap == "json" {
+		fillJSON(ballast)
+	} else {
+		for i := range ballast {
+			ballast[i] = pattern(i)
+		}
 	}
+	ballastSum = sha256.Sum256(ballast)
 	usr1 := make(chan os.Signal, 1)
 	signal.Notify(usr1, syscall.SIGUSR1)
 	go func() {
@@ -61,13 +69,28 @@ func main() {
 
 func pattern(i int) byte { return byte(i*7 + i>>12) }
 
+// checkBallast compares the ballast with the sha256 taken when it was filled.
 func checkBallast() string {
-	for i, b := range ballast {
-		if b != pattern(i) {
-			return fmt.Sprintf("ballast BAD at %d", i)
-		}
+	if sha256.Sum256(ballast) != ballastSum {
+		return "ballast BAD: sha256 differs from the one taken when it was filled"
 	}
 	return fmt.Sprintf("ballast ok %d MiB", len(ballast)>>20)
+}
+
+var ballastSum [32]byte
+
+// fillJSON fills b with JSON documents from a fixed seed.
+func fillJSON(b []byte) {
+	r := rand.New(rand.NewPCG(1, 2))
+	words := []string{"order", "customer", "status", "shipped", "pending", "amount", "currency", "EUR", "USD",
+		"address", "street", "city", "Berlin", "Paris", "items", "sku", "quantity", "price", "created", "updated"}
+	var doc []byte
+	for n := 0; n < len(b); {
+		w := func() string { return words[r.IntN(len(words))] }
+		doc = fmt.Appendf(doc[:0], `{"id":%d,"customer":"%s-%d","status":%q,"amount":%.2f,"note":"%x","tags":[%q,%q]}`+"\n",
+			r.Int64(), w(), r.IntN(100000), w(), r.Float64()*1000, r.Uint64(), w(), w())
+		n += copy(b[n:], doc)
+	}
 }
 
 // mapFile maps a new 4 KiB file shared; the file is closed, only the mapping holds it.
