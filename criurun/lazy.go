@@ -162,6 +162,11 @@ func (b Bundle) StartLazyPages(images, work *os.File, logFile string) (*LazyPage
 	if err != nil {
 		return nil, fmt.Errorf("page server socket: %w", err)
 	}
+	// A whole answer (up to 4 MiB of pages) fits in the socket: the daemon reads it without waiting
+	// on the server between pieces.
+	if unix.SetsockoptInt(fds[0], unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 8<<20) != nil {
+		_ = unix.SetsockoptInt(fds[0], unix.SOL_SOCKET, unix.SO_SNDBUF, 8<<20)
+	}
 	mine, theirs := os.NewFile(uintptr(fds[0]), "page-server"), os.NewFile(uintptr(fds[1]), "lazy-pages-ps")
 	defer theirs.Close()
 	statusR, statusW, err := os.Pipe()
