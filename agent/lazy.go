@@ -137,6 +137,7 @@ type lazyRestore struct {
 	ps         *criurun.PageServer
 	served     chan error
 	closeSrc   func()
+	uffds      []*os.File // the agent's copies: see HoldUserfaultfds
 	handedOver bool
 }
 
@@ -224,6 +225,9 @@ func (l *lazyRestore) run(ctx context.Context, t Target, src checkpoint.ImageRea
 	if err == nil {
 		err = noMoreThanItsContainer(host, t.PID)
 	}
+	if err == nil {
+		l.uffds, err = l.daemon.HoldUserfaultfds(len(l.tasks), func() bool { return l.ps.Served() > 0 }, 5*time.Second)
+	}
 	if err != nil {
 		err = criurun.LogError("restore (lazy)", err, l.work+"/restore.log")
 		if !l.pagesFailed() {
@@ -291,6 +295,9 @@ func (l *lazyRestore) finish(host int) {
 func (l *lazyRestore) teardown() {
 	if l.daemon != nil {
 		l.daemon.Stop()
+	}
+	for _, f := range l.uffds {
+		f.Close()
 	}
 	if l.ps != nil {
 		l.ps.Close()

@@ -287,3 +287,70 @@ func TestLazyRestoreFromPack(t *testing.T) {
 	assert.True(t, isSequence(got), "%v", got)
 	assert.Equal(t, 128+15, c.stop())
 }
+
+// stallingChunk holds every read overlapping its chunk until release is closed: pages the daemon
+// waits for while the test kills it.
+type stallingChunk struct {
+	checkpoint.ImageReaderAt
+	from, to int64
+	release  chan struct{}
+}
+
+func (s stallingChunk) OpenAt(name string) (checkpoint.ReaderAtCloser, int64, error) {
+	ra, size, err := s.ImageReaderAt.OpenAt(name)
+	if err != nil || !strings.HasPrefix(name, "pages-") {
+		return ra, size, err
+	}
+	return stallingReader{ra, s}, size, nil
+}
+
+type stallingReader struct {
+	checkpoint.ReaderAtCloser
+	s stallingChunk
+}
+
+func (r stallingReader) ReadAt(b []byte, off int64) (int, error) {
+	if off < r.s.to && off+int64(len(b)) > r.s.from {
+		<-r.s.release
+	}
+	return r.ReaderAtCloser.ReadAt(b, off)
+}
+
+// The lazy-pages daemon dies (OOM, crash) while the app reads its heap and pages are missing: the
+// app is killed and never reads a zero page in place of its own (the agent holds copies of the
+// userfaultfds, so the kernel keeps the missing ranges registered until the app is gone).
+func TestLazyRestoreDaemonDeathKillsApp(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	require.NoError(t, r.agent.noLazy)
+	r.serveLocal()
+	id, _, cmd := dumpHeap(t, r, 128)
+	release := make(chan struct{})
+	defer close(release)
+	orig := openImages
+	openImages = func(d *os.File, m *checkpoint.Manifest, k checkpoint.Key) (checkpoint.ImageReaderAt, func(), error) {
+		src, done, err := orig(d, m, k)
+		return stallingChunk{src, 32 << 20, 96 << 20, release}, done, err
+	}
+	t.Cleanup(func() { openImages = orig })
+
+	c := r.restoreContainer("app", id, cmd...)
+	c.waitOutput("restored; supervising the restored tree")
+	root, err := appRoot(c.launcherPID())
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(root, syscall.SIGUSR1)) // reads the whole heap: blocks on the stalled pages
+	var daemons []string
+	waitFor(t, 10*time.Second, "the daemon", func() bool { daemons = lazyDaemons(t); return len(daemons) == 1 })
+	var pid int
+	_, err = fmt.Sscanf(daemons[0], "/proc/%d/cmdline", &pid)
+	require.NoError(t, err)
+	time.Sleep(200 * time.Millisecond)
+	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	select {
+	case <-c.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the app was not killed: %s", c.out.String())
+	}
+	assert.Contains(t, r.logs.String(), "exited before every page was in")
+	assert.NotContains(t, c.out.String(), "ballast BAD", "the app never read a zero page in place of its own")
+	assert.NotContains(t, c.out.String(), "ballast ok")
+}

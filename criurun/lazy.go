@@ -248,3 +248,66 @@ func copyRange(out *os.File, in io.ReaderAt, off, n int64, buf []byte) error {
 	}
 	return nil
 }
+
+// HoldUserfaultfds duplicates into the caller the daemon's userfaultfds. While a copy is open,
+// the kernel keeps a task's lazy ranges registered: should the daemon die, a task that faults on a
+// page not yet delivered stays blocked (until the agent kills it) instead of finding a zero page,
+// which is what a released userfaultfd leaves. The daemon receives one per task with memory (want)
+// before it serves anything, and closes each once all of that task's pages are in: so once it
+// holds want, or has served a page (started is true), those it holds are all that matter. Close
+// the copies once every page is in.
+func (l *LazyPages) HoldUserfaultfds(want int, started func() bool, within time.Duration) ([]*os.File, error) {
+	pid := l.cmd.Process.Pid
+	deadline := time.Now().Add(within)
+	for {
+		select {
+		case <-l.done:
+			return nil, nil // it has finished (or failed: the caller sees it from the page server)
+		default:
+		}
+		if fds := userfaultfds(pid); len(fds) >= want || started() {
+			return dupFrom(pid, fds)
+		} else if time.Now().After(deadline) {
+			return nil, fmt.Errorf("criu lazy-pages holds %d userfaultfds after %s, want %d", len(fds), within, want)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// userfaultfds lists the userfaultfd descriptors of process pid.
+func userfaultfds(pid int) []int {
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	entries, _ := os.ReadDir(dir)
+	var out []int
+	for _, e := range entries {
+		if t, err := os.Readlink(dir + "/" + e.Name()); err == nil && t == "anon_inode:[userfaultfd]" {
+			if n, err := strconv.Atoi(e.Name()); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
+}
+
+func dupFrom(pid int, fds []int) ([]*os.File, error) {
+	pfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, fmt.Errorf("pidfd of criu lazy-pages: %w", err)
+	}
+	defer unix.Close(pfd)
+	var out []*os.File
+	for _, fd := range fds {
+		n, err := unix.PidfdGetfd(pfd, fd, 0)
+		if err == unix.EBADF {
+			continue // closed meanwhile: that task has all its pages
+		}
+		if err != nil {
+			for _, f := range out {
+				f.Close()
+			}
+			return nil, fmt.Errorf("userfaultfd %d of criu lazy-pages: %w", fd, err)
+		}
+		out = append(out, os.NewFile(uintptr(n), "userfaultfd"))
+	}
+	return out, nil
+}

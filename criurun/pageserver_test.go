@@ -52,7 +52,7 @@ func (nopCloser) Close() error { return nil }
 
 func TestParsePagemap(t *testing.T) {
 	img := pagemapImage(7, []PagemapEntry{
-		{Vaddr: 0x1000, NrPages: 2, Flags: pePresent},          // stack: restored by CRIU
+		{Vaddr: 0x1000, NrPages: 2, Flags: pePresent},           // stack: restored by CRIU
 		{Vaddr: 0x10000, NrPages: 3, Flags: pePresent | peLazy}, // heap
 		{Vaddr: 0x20000, NrPages: 1, Flags: pePresent | peLazy},
 	})
