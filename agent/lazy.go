@@ -279,6 +279,7 @@ func (l *lazyRestore) finish(host int) {
 		err = fmt.Errorf("not all memory was in after %s (--restore-timeout)", l.a.cfg.RestoreTimeout)
 	}
 	if err != nil {
+		beforeLazyKill()
 		_ = criurun.SignalTree(host, syscall.SIGKILL)
 		l.a.cfg.Metrics.RestoreResults.WithLabelValues("killed-lazy").Inc()
 		l.log.Error().Err(err).Str("checkpoint", l.m.ID).Str("daemonLog", criurun.LogTail(l.work+"/lazy-pages.log", 8)).
@@ -290,6 +291,10 @@ func (l *lazyRestore) finish(host int) {
 	l.log.Info().Str("checkpoint", l.m.ID).Float64("completeSeconds", done.Seconds()).Int64("lazyBytes", l.ps.Served()).
 		Msg("lazy restore complete: all memory present")
 }
+
+// beforeLazyKill is a test's hook: it widens the moment between a failure (the daemon's death) and
+// the kill, to show that the app does not run on meanwhile.
+var beforeLazyKill = func() {}
 
 // teardown stops the daemon and the page server and removes the private images.
 func (l *lazyRestore) teardown() {
