@@ -110,6 +110,9 @@ func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target,
 	pid, host, err := l.run(ctx, t, src, inherit, options)
 	if err != nil {
 		killChildren(t.PID)
+		if errors.Is(err, errLazyUnavailable) {
+			err = noChildrenLeft(t.PID, err) // the full restore reuses the tree's PIDs
+		}
 		return 0, err
 	}
 	if err := criurun.SignalTree(host, syscall.SIGCONT); err != nil {
@@ -122,6 +125,23 @@ func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target,
 	l.handedOver = true
 	go l.finish(host)
 	return pid, nil
+}
+
+// noChildrenLeft waits until the killed half-restored tree is gone from under the launcher (it
+// reaps it); err is returned as it is, or made final when the tree stays.
+func noChildrenLeft(launcher int, err error) error {
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if len(criurun.Children(launcher)) == 0 {
+			return err
+		}
+	}
+	return fmt.Errorf("the half-restored tree of a failed lazy restore is still there: %v", err)
+}
+
+// observeFullRestore records a full restore: resumed and complete are the same moment.
+func (a *Agent) observeFullRestore(d time.Duration) {
+	a.cfg.Metrics.RestoreSeconds.WithLabelValues("resumed").Observe(d.Seconds())
+	a.cfg.Metrics.RestoreSeconds.WithLabelValues("complete").Observe(d.Seconds())
 }
 
 // lazyRestore is one lazy restore's resources: they live until all pages are in (or it fails).
@@ -218,22 +238,24 @@ func (l *lazyRestore) run(ctx context.Context, t Target, src checkpoint.ImageRea
 		Bundle: l.a.cfg.Criu, Join: criurun.Join{PID: t.PID, StartTime: st, Cgroups: true},
 		ImagesDir: l.images, WorkDir: l.wd, LogFile: "restore.log", Inherit: inherit, Extra: options, LazyPages: true,
 	})
-	host := 0
-	if err == nil {
-		host, err = hostPID(t.PID, pid)
-	}
-	if err == nil {
-		err = noMoreThanItsContainer(host, t.PID)
-	}
-	if err == nil {
-		l.uffds, err = l.daemon.HoldUserfaultfds(len(l.tasks), func() bool { return l.ps.Served() > 0 }, 5*time.Second)
-	}
 	if err != nil {
 		err = criurun.LogError("restore (lazy)", err, l.work+"/restore.log")
 		if !l.pagesFailed() {
 			err = fmt.Errorf("%w: %v", errLazyUnavailable, err)
 		}
 		return 0, 0, err
+	}
+	// What the restored tree is checked against is final: no second, full restore of the same
+	// images.
+	host, err := hostPID(t.PID, pid)
+	if err == nil {
+		err = noMoreThanItsContainer(host, t.PID)
+	}
+	if err != nil {
+		return 0, 0, criurun.LogError("restore", err, l.work+"/restore.log")
+	}
+	if l.uffds, err = l.daemon.HoldUserfaultfds(len(l.tasks), func() bool { return l.ps.Served() > 0 }, 5*time.Second); err != nil {
+		return 0, 0, fmt.Errorf("%w: %v", errLazyUnavailable, err)
 	}
 	return pid, host, nil
 }
@@ -271,7 +293,19 @@ func (l *lazyRestore) finish(host int) {
 			}
 		}
 	case <-l.daemon.Done():
-		err = fmt.Errorf("criu lazy-pages exited before every page was in: %v", l.daemon.Wait())
+		// It exits right after acknowledging the end of the session: the page server's result
+		// says whether that is what happened.
+		select {
+		case err = <-l.served:
+		case <-time.After(time.Second):
+			err = errors.New("the page server did not finish")
+		}
+		if err == nil {
+			err = l.daemon.Wait()
+		}
+		if err != nil {
+			err = fmt.Errorf("criu lazy-pages exited before every page was in: %v", err)
+		}
 	case <-exited:
 		l.log.Info().Str("checkpoint", l.m.ID).Msg("the lazily restored app exited before all its memory was in")
 		return

@@ -222,6 +222,8 @@ func TestFullRestoreWhenLazyOff(t *testing.T) {
 	got := waitCount(t, c, out, len(dumped)+2)
 	assert.True(t, isSequence(got), "%v", got)
 	assert.NotContains(t, r.logs.String(), "restored lazily")
+	assert.Equal(t, uint64(1), histCount(t, r.agent.cfg.Metrics.RestoreSeconds, "resumed"))
+	assert.Equal(t, uint64(1), histCount(t, r.agent.cfg.Metrics.RestoreSeconds, "complete"), "a full restore is complete when it resumes")
 	assert.Equal(t, 128+15, c.stop())
 }
 

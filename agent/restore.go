@@ -258,6 +258,7 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 		}
 		log.Warn().Err(err).Msg("lazy restore not possible: restoring fully")
 	}
+	start := time.Now()
 	// CRIU restores from a private copy of the images, verified while copied: what it parses, as
 	// root, is exactly what the agent wrote (the pod can still write its checkpoint volume).
 	work, err := os.MkdirTemp(a.cfg.RestoreDir, "stasis-restore-")
@@ -307,6 +308,7 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 		_ = criurun.SignalTree(host, syscall.SIGKILL)
 		return 0, fmt.Errorf("resuming the restored tree: %w", err)
 	}
+	a.observeFullRestore(time.Since(start))
 	return pid, nil
 }
 

@@ -320,7 +320,7 @@ func (s *PageServer) Close() {
 // daemon pulls the background pages in image order, one request (up to 4 MiB) at a time, and waits
 // for each: without read-ahead, reading and checking the next chunks would not overlap with the
 // daemon copying the previous ones into the app. Blocks are read through the verified ReaderAt, on
-// up to GOMAXPROCS goroutines; a block that fails is an error only if it is asked for.
+// up to 2 x GOMAXPROCS goroutines; a block that fails is an error only if it is asked for.
 type readAhead struct {
 	ra   io.ReaderAt
 	size int64
@@ -340,11 +340,13 @@ type raBlock struct {
 
 const (
 	raBlockSize = 1 << 20
-	raWindow    = 8 // blocks read ahead of a sequential reader
+	raWindow    = 16 // blocks read ahead of a sequential reader
 )
 
 func newReadAhead(ra io.ReaderAt, size int64) *readAhead {
-	return &readAhead{ra: ra, size: size, sem: make(chan struct{}, max(1, runtime.GOMAXPROCS(0))), blocks: map[int64]*raBlock{}}
+	// Reads wait on the disk as much as on the CPU (a pack's chunks are small files, decrypted and
+	// decompressed): twice as many readers as CPUs.
+	return &readAhead{ra: ra, size: size, sem: make(chan struct{}, max(4, 2*runtime.GOMAXPROCS(0))), blocks: map[int64]*raBlock{}}
 }
 
 // block returns block i, starting its read if needed; called with mu held.
