@@ -322,7 +322,9 @@ func (l *lazyRestore) finish(host int) {
 	}
 	done := time.Since(l.start)
 	l.a.cfg.Metrics.RestoreSeconds.WithLabelValues("complete").Observe(done.Seconds())
+	reqs, waited, reading, writing := l.ps.Timing()
 	l.log.Info().Str("checkpoint", l.m.ID).Float64("completeSeconds", done.Seconds()).Int64("lazyBytes", l.ps.Served()).
+		Int("requests", reqs).Float64("daemonSeconds", waited.Seconds()).Float64("readSeconds", reading.Seconds()).Float64("sendSeconds", writing.Seconds()).
 		Msg("lazy restore complete: all memory present")
 }
 

@@ -20,6 +20,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"google.golang.org/protobuf/encoding/protowire"
 
@@ -209,6 +210,16 @@ type PageServer struct {
 	aheads map[uint32]*readAhead
 
 	served atomic.Int64 // bytes sent
+	// Where the session's time went: waiting for the daemon's next request, reading (and
+	// checking) pages, writing them to the daemon.
+	waited, reading, writing time.Duration
+	requests                 int
+}
+
+// Timing says how many requests were served and where the time went (waiting for the daemon,
+// reading and checking pages, sending them); valid once Serve has returned.
+func (s *PageServer) Timing() (requests int, waited, reading, writing time.Duration) {
+	return s.requests, s.waited, s.reading, s.writing
 }
 
 // NewPageServer serves the tasks' pagemaps (by PID in the images) from images.
@@ -232,9 +243,12 @@ func (s *PageServer) Serve(conn io.ReadWriter) error {
 	var hdr [psiSize]byte
 	buf := make([]byte, 4<<20)
 	for {
+		t0 := time.Now()
 		if _, err := io.ReadFull(r, hdr[:]); err != nil {
 			return fmt.Errorf("page server: the lazy-pages daemon went away before the end of the session: %w", err)
 		}
+		t1 := time.Now()
+		s.waited += t1.Sub(t0)
 		cmd := binary.LittleEndian.Uint32(hdr[0:])
 		nr, vaddr, id := binary.LittleEndian.Uint64(hdr[8:]), binary.LittleEndian.Uint64(hdr[16:]), binary.LittleEndian.Uint64(hdr[24:])
 		switch cmd & (1<<psCmdBits - 1) {
@@ -243,6 +257,8 @@ func (s *PageServer) Serve(conn io.ReadWriter) error {
 			if err != nil {
 				return fmt.Errorf("%w: task %d, %d pages at %#x: %v", ErrPagesUnverified, id, nr, vaddr, err)
 			}
+			t2 := time.Now()
+			s.reading += t2.Sub(t1)
 			buf = data[:cap(data)]
 			binary.LittleEndian.PutUint32(hdr[0:], psIovAddF|pePresent<<psCmdBits)
 			binary.LittleEndian.PutUint64(hdr[8:], n)
@@ -256,6 +272,8 @@ func (s *PageServer) Serve(conn io.ReadWriter) error {
 				return err
 			}
 			s.served.Add(int64(len(data)))
+			s.writing += time.Since(t2)
+			s.requests++
 		case psIovClose, psIovForceClose:
 			_, err := conn.Write([]byte{0, 0, 0, 0})
 			return err
@@ -397,9 +415,11 @@ func (r *readAhead) ReadAt(p []byte, off int64) (int, error) {
 // plan reads ahead of a sequential reader and forgets blocks no reader is near; called with mu
 // held.
 func (r *readAhead) plan(off, end, last int64) {
+	// A reader that continues where it stopped, or a little further (the daemon skips the runs
+	// CRIU restored itself), is sequential.
 	seq := false
 	for k, s := range r.streams {
-		if s == off {
+		if !seq && off >= s && off-s <= raBlockSize {
 			seq = true
 			r.streams[k] = end
 		}
