@@ -91,6 +91,9 @@ type Config struct {
 	CheckpointMount string
 	// RestoreTimeout bounds one container's restore; then it starts afresh.
 	RestoreTimeout time.Duration
+	// LazyRestore: "auto" (default: lazy when `criu check --feature uffd-noncoop` passes at
+	// start) or "off" (always a full restore). See lazy.go.
+	LazyRestore string
 	// KeepOlder is how many complete checkpoints are kept per container besides the newest (the
 	// webhook's --keep-checkpoints, which a request's Keep carries, means the same); default 1.
 	KeepOlder int
@@ -160,6 +163,8 @@ type Agent struct {
 	mu       sync.Mutex
 	ops      map[string]*operation
 	restores map[string]*podRestore // by pod UID
+	// noLazy says why restores are not lazy (nil: they are), decided at start.
+	noLazy error
 }
 
 type operation struct {
@@ -187,6 +192,9 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{cfg: cfg, ctx: ctx, sched: newScheduler(schedConfig{Max: cfg.MaxConcurrentDumps, Min: cfg.MinConcurrentDumps, Changed: cfg.Metrics.schedChanged}), ops: map[string]*operation{}, restores: map[string]*podRestore{}}
+	if a.noLazy = lazyDecision(ctx, &a.cfg); a.noLazy != nil {
+		cfg.Log.Info().Str("why", a.noLazy.Error()).Msg("restores are full, not lazy")
+	}
 	if err := a.adoptFrozen(); err != nil {
 		return nil, fmt.Errorf("frozen apps of a previous agent (%s): %w", a.stateDir(), err)
 	}

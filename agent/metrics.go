@@ -13,6 +13,9 @@ type Metrics struct {
 	FreezeSeconds  prometheus.Histogram
 	Thaws          prometheus.Counter
 	RestoreResults *prometheus.CounterVec
+	// RestoreSeconds: phase=resumed (the app runs) and phase=complete (all its memory is in; the
+	// same moment unless the restore is lazy).
+	RestoreSeconds *prometheus.HistogramVec
 	LocalRefusals  *prometheus.CounterVec
 	// The dump scheduler (schedule.go): dumps allowed at once now, dumps waiting for a slot, and
 	// the node's measured checkpoint throughput at the current level.
@@ -54,6 +57,11 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 			Name: "stasis_agent_restore_results_total",
 			Help: "Restore outcomes reported by launchers (result=restored|cold-start).",
 		}, []string{"result"}),
+		RestoreSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "stasis_agent_restore_seconds",
+			Help:    "Time to restore one container, by phase: resumed (the app runs) and complete (all its memory is present; later than resumed when the restore is lazy).",
+			Buckets: prometheus.ExponentialBuckets(0.05, 2, 12),
+		}, []string{"phase"}),
 		LocalRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "stasis_agent_local_refusals_total",
 			Help: "Requests and connections on the launchers' local socket refused, by reason (not-a-pod, unknown-pod, wrong-container, other-pod, other-container, busy, too-many-connections, no-runtime).",
@@ -72,7 +80,7 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 		}),
 	}
 	reg.MustRegister(m.DumpSlots, m.DumpsWaiting, m.DumpThroughput)
-	reg.MustRegister(m.DumpDuration, m.DumpBytes, m.DumpFailures, m.FreezeSeconds, m.Thaws, m.RestoreResults, m.LocalRefusals)
+	reg.MustRegister(m.DumpDuration, m.DumpBytes, m.DumpFailures, m.FreezeSeconds, m.Thaws, m.RestoreResults, m.RestoreSeconds, m.LocalRefusals)
 	return m
 }
 

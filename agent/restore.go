@@ -112,6 +112,13 @@ func (a *Agent) restore(ctx context.Context, log zerolog.Logger, t Target, req a
 	if err != nil {
 		return 0, "", "", err
 	}
+	if plan.m.Pod.UID != "" && plan.m.Pod.UID != req.Pod.UID {
+		// This pod carries the old pod's work on: fence the old one, which may still run on a
+		// node that lost contact, so that none of its later checkpoints can roll this one back.
+		if err := checkpoint.Supersede(ctx, plan.cdir, plan.m.Pod.UID); err != nil {
+			log.Warn().Err(err).Str("replaced", plan.m.Pod.UID).Msg("could not mark the replaced pod superseded")
+		}
+	}
 	return pid, ref.ID, fmt.Sprintf("restored checkpoint %s (%d bytes of images) in %.2fs", ref.ID, plan.m.ImagesSize, time.Since(start).Seconds()), nil
 }
 
@@ -275,6 +282,14 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 	if err != nil {
 		return 0, err
 	}
+	if a.noLazy == nil {
+		pid, err := a.restoreLazily(ctx, log, t, plan, inherit, options)
+		if !errors.Is(err, errLazyUnavailable) {
+			return pid, err
+		}
+		log.Warn().Err(err).Msg("lazy restore not possible: restoring fully")
+	}
+	start := time.Now()
 	// CRIU reads the images from the agent's streamer, which serves only bytes verified against
 	// the signed manifest (the pod can still write its checkpoint volume): what CRIU parses, as
 	// root, is exactly what the agent wrote. The socket and CRIU's log are in a
@@ -323,6 +338,7 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 		_ = criurun.SignalTree(host, syscall.SIGKILL)
 		return 0, fmt.Errorf("resuming the restored tree: %w", err)
 	}
+	a.observeFullRestore(time.Since(start))
 	return pid, nil
 }
 

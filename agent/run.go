@@ -38,6 +38,7 @@ type RunConfig struct {
 	StateDir                                   string
 	SocketDir, Kubeconfig                      string
 	ManifestKeyFile, RestoreDir                string
+	LazyRestore                                string
 	LogLevel                                   string
 }
 
@@ -59,6 +60,7 @@ func (c *RunConfig) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.ReleaseAfter, "release-after", 15*time.Second, "thaw a dumped app whose pod is not being deleted this long after the webhook last asked about its checkpoint (an eviction refused by a PodDisruptionBudget)")
 	fs.DurationVar(&c.DumpTimeout, "dump-timeout", 15*time.Minute, "abandon one container's dump after this time")
 	fs.DurationVar(&c.RestoreTimeout, "restore-timeout", 5*time.Minute, "start a container afresh when its restore takes longer")
+	fs.StringVar(&c.LazyRestore, "lazy-restore", LazyRestoreAuto, "auto: a restored app resumes before all its memory is read back (CRIU lazy pages, each page verified before it is mapped) when this kernel offers non-cooperative userfaultfd, else a full restore; off: always a full restore")
 	fs.IntVar(&c.KeepOlder, "keep-checkpoints", 1, "older complete checkpoints kept per container besides the newest (a request's keep wins)")
 	fs.StringVar(&c.HealthListen, "health-listen", ":8081", "plain HTTP address for /healthz, /readyz and /metrics")
 	fs.StringVar(&c.SocketDir, "socket-dir", wiring.HostAgentDir, "directory of the launchers' local socket "+wiring.AgentSocketName)
@@ -147,7 +149,7 @@ func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersio
 	a, err := New(ctx, Config{
 		NodeName: rc.NodeName, Criu: criu, CriuVersion: criuVersion, ManifestKey: key, NamespaceKeys: keks, RestoreDir: rc.RestoreDir,
 		MaxConcurrentDumps: rc.MaxConcurrentDumps, MinConcurrentDumps: rc.MinConcurrentDumps, FreezeTimeout: rc.FreezeTimeout, DumpTimeout: rc.DumpTimeout,
-		RestoreTimeout: rc.RestoreTimeout, KeepOlder: rc.KeepOlder,
+		RestoreTimeout: rc.RestoreTimeout, KeepOlder: rc.KeepOlder, LazyRestore: rc.LazyRestore,
 		ReleaseAfter: rc.ReleaseAfter, Pods: pods, StateDir: rc.StateDir,
 		Finder: runtime, Events: events, Metrics: NewMetrics(reg), Log: log,
 	})

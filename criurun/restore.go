@@ -34,6 +34,9 @@ type RestoreOptions struct {
 	Inherit []InheritFD
 	// Extra are the user's restore options (restore-advanced-options), already checked.
 	Extra []string
+	// LazyPages: leave the lazy runs to a `criu lazy-pages` daemon already listening in WorkDir
+	// (StartLazyPages); the pages images hold the other runs only (PrepareLazyPages).
+	LazyPages bool
 }
 
 // Restore restores the images into the container's namespaces, every task left stopped (the
@@ -51,6 +54,9 @@ func Restore(ctx context.Context, o RestoreOptions) (int, error) {
 		Root:              proto.String("/"),
 		ManageCgroupsMode: rpc.CriuCgMode_IGNORE.Enum(),
 		LeaveStopped:      proto.Bool(true),
+	}
+	if o.LazyPages {
+		opts.LazyPages = proto.Bool(true)
 	}
 	networkOptions(opts)
 	for _, in := range o.Inherit {

@@ -1,0 +1,363 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/stasis-k8s/stasis/agentapi"
+	"github.com/stasis-k8s/stasis/checkpoint"
+)
+
+// dumpHeap starts the counter with a touched heap of mib MiB under the launcher, checkpoints it
+// with the agent and stops its container; it returns the checkpoint and the counter's file.
+func dumpHeap(t *testing.T, r *rig, mib int) (id, out string, cmd []string) {
+	t.Helper()
+	out = filepath.Join(t.TempDir(), "counter.txt")
+	cmd = []string{counterBin, "-touch-mib", fmt.Sprint(mib), "-tick", "100ms", out}
+	c := startContainer(t, r.env("app"), append([]string{"--"}, cmd...)...)
+	r.finder["app"] = c.launcherPID()
+	waitCount(t, c, out, 2)
+	st := r.checkpoint("uid-lazy", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
+	require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
+	assert.Equal(t, 143, c.stop())
+	return st.Containers[0].CheckpointID, out, cmd
+}
+
+// waitFor waits until cond holds, failing with what after d.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func histCount(t *testing.T, h *prometheus.HistogramVec, phase string) uint64 {
+	t.Helper()
+	var m dto.Metric
+	require.NoError(t, h.WithLabelValues(phase).(prometheus.Histogram).Write(&m))
+	return m.GetHistogram().GetSampleCount()
+}
+
+// A 512 MiB heap restored lazily: the app resumes, checks every byte of its heap while pages are
+// still arriving (its faults are served first) and again once the agent reports all memory
+// present; both checks pass and the counter continues. The daemon and the private images are gone
+// afterwards.
+func TestLazyRestoreHeapIntact(t *testing.T) {
+	restoreDir := t.TempDir()
+	r := newRig(t, Config{FreezeTimeout: time.Hour, RestoreDir: restoreDir})
+	require.NoError(t, r.agent.noLazy, "this kernel offers uffd-noncoop: restores must be lazy")
+	r.serveLocal()
+	id, out, cmd := dumpHeap(t, r, 512)
+	dumped := readCounts(t, out)
+
+	c := r.restoreContainer("app", id, cmd...)
+	c.waitOutput("restored; supervising the restored tree")
+	root, err := appRoot(c.launcherPID())
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(root, syscall.SIGUSR1)) // at once: most pages are not in yet
+	c.waitOutput("ballast ")
+	assert.Contains(t, c.out.String(), "ballast ok 512 MiB")
+	assert.NotContains(t, c.out.String(), "ballast BAD")
+
+	waitFor(t, time.Minute, "all memory present", func() bool { return strings.Contains(r.logs.String(), "lazy restore complete") })
+	assert.Contains(t, r.logs.String(), "restored lazily")
+	assert.Equal(t, uint64(1), histCount(t, r.agent.cfg.Metrics.RestoreSeconds, "resumed"))
+	assert.Equal(t, uint64(1), histCount(t, r.agent.cfg.Metrics.RestoreSeconds, "complete"))
+	require.NoError(t, syscall.Kill(root, syscall.SIGUSR1))
+	waitFor(t, 30*time.Second, "the second check", func() bool { return strings.Count(c.out.String(), "ballast ") >= 2 })
+	assert.Equal(t, 2, strings.Count(c.out.String(), "ballast ok 512 MiB"), c.out.String())
+
+	got := waitCount(t, c, out, len(dumped)+3)
+	assert.True(t, isSequence(got), "the lazily restored counter continues: %v", got)
+	waitFor(t, 10*time.Second, "the lazy restore's teardown", func() bool {
+		left, _ := filepath.Glob(filepath.Join(restoreDir, "stasis-lazy-*"))
+		return len(left) == 0
+	})
+	assert.Empty(t, lazyDaemons(t), "no criu lazy-pages daemon outlives its restore")
+	assert.Equal(t, 128+15, c.stop())
+}
+
+// lazyDaemons lists the running `criu lazy-pages` processes started by this test process.
+func lazyDaemons(t *testing.T) []string {
+	var out []string
+	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range cmdlines {
+		b, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(string(b), "\x00lazy-pages\x00") {
+			continue
+		}
+		st, err := os.ReadFile(filepath.Join(filepath.Dir(p), "status"))
+		if err == nil && strings.Contains(string(st), fmt.Sprintf("\nPPid:\t%d\n", os.Getpid())) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// failingChunk is the store's pack as the page server sees it when a chunk of the pages does not
+// verify: every read overlapping the chunk fails (the pack returns an error, never data).
+type failingChunk struct {
+	checkpoint.ImageReaderAt
+	from, to int64
+}
+
+func (f failingChunk) OpenAt(name string) (checkpoint.ReaderAtCloser, int64, error) {
+	ra, size, err := f.ImageReaderAt.OpenAt(name)
+	if err != nil || !strings.HasPrefix(name, "pages-") {
+		return ra, size, err
+	}
+	return failingReader{ra, f}, size, nil
+}
+
+type failingReader struct {
+	checkpoint.ReaderAtCloser
+	f failingChunk
+}
+
+func (r failingReader) ReadAt(b []byte, off int64) (int, error) {
+	if off < r.f.to && off+int64(len(b)) > r.f.from {
+		return 0, errors.New("chunk sha256 mismatch (corrupt)")
+	}
+	return r.ReaderAtCloser.ReadAt(b, off)
+}
+
+// A chunk of the heap that does not verify while the app already runs: the page server never
+// sends it, the agent kills the app before any check of its heap can finish, and says so.
+func TestLazyRestoreUnverifiedChunkKillsApp(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	require.NoError(t, r.agent.noLazy)
+	r.serveLocal()
+	id, _, cmd := dumpHeap(t, r, 256)
+	// The chunk: 1 MiB in the middle of the largest pages image (the heap).
+	imgs, err := filepath.Glob(filepath.Join(r.dir("app"), id, checkpoint.ImagesDir, "pages-*.img"))
+	require.NoError(t, err)
+	var size int64
+	for _, p := range imgs {
+		if st, err := os.Stat(p); err == nil && st.Size() > size {
+			size = st.Size()
+		}
+	}
+	orig := openImages
+	openImages = func(d *os.File, m *checkpoint.Manifest, k *checkpoint.KeyRing) (checkpoint.ImageReaderAt, func(), error) {
+		src, done, err := orig(d, m, k)
+		return failingChunk{src, size / 2, size/2 + 1<<20}, done, err
+	}
+	t.Cleanup(func() { openImages = orig })
+
+	c := r.restoreContainer("app", id, cmd...)
+	select {
+	case <-c.done:
+	case <-time.After(time.Minute):
+		t.Fatalf("the app was not killed: %s", c.out.String())
+	}
+	assert.Contains(t, r.logs.String(), "lazy pages could not be served")
+	assert.Contains(t, r.logs.String(), "the app was killed")
+	assert.NotContains(t, c.out.String(), "ballast ok")
+	assert.NotContains(t, c.out.String(), "ballast BAD", "the app never reads memory that is not its own")
+	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("killed-lazy")))
+	assert.Equal(t, uint64(0), histCount(t, r.agent.cfg.Metrics.RestoreSeconds, "complete"))
+	assert.Empty(t, lazyDaemons(t))
+}
+
+// A page flipped in the checkpoint (today's layout: one sha256 per image) is found before CRIU
+// starts: no resume, a cold start, no fallback to a full restore of the same corrupt images.
+func TestLazyRestoreCorruptPagesColdStarts(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	r.serveLocal()
+	id, _, cmd := dumpHeap(t, r, 64)
+	imgs, err := filepath.Glob(filepath.Join(r.dir("app"), id, checkpoint.ImagesDir, "pages-*.img"))
+	require.NoError(t, err)
+	for _, p := range imgs {
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		require.NoError(t, err)
+		st, _ := f.Stat()
+		_, err = f.WriteAt([]byte{0x5a}, st.Size()/2)
+		require.NoError(t, err)
+		f.Close()
+	}
+	c := r.restoreContainer("app", id, cmd...)
+	c.waitOutput("COLD START")
+	assert.Contains(t, r.logs.String(), "corrupt")
+	assert.NotContains(t, r.logs.String(), "restoring fully", "a corrupt checkpoint is not retried as a full restore")
+	c.stop()
+}
+
+// The decision path: --lazy-restore=off, an unknown value, and a CRIU whose feature check fails
+// (a kernel or pod without userfaultfd) all give full restores, and say why.
+func TestLazyRestoreDecision(t *testing.T) {
+	r := newRig(t, Config{LazyRestore: LazyRestoreOff})
+	assert.ErrorContains(t, r.agent.noLazy, "--lazy-restore=off")
+	r2 := newRig(t, Config{LazyRestore: "sometimes"})
+	assert.ErrorContains(t, r2.agent.noLazy, "want auto or off")
+
+	cfg := Config{Criu: r.agent.cfg.Criu}
+	cfg.Criu.Dir = t.TempDir() // no CRIU there: the check fails as on a kernel without uffd
+	assert.Error(t, lazyDecision(t.Context(), &cfg))
+}
+
+// With lazy restore off, a restore is full and still correct (the fallback path end to end).
+func TestFullRestoreWhenLazyOff(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour, LazyRestore: LazyRestoreOff})
+	r.serveLocal()
+	id, out, cmd := dumpHeap(t, r, 64)
+	dumped := readCounts(t, out)
+	c := r.restoreContainer("app", id, cmd...)
+	c.waitOutput("restored; supervising the restored tree")
+	got := waitCount(t, c, out, len(dumped)+2)
+	assert.True(t, isSequence(got), "%v", got)
+	assert.NotContains(t, r.logs.String(), "restored lazily")
+	assert.Equal(t, uint64(1), histCount(t, r.agent.cfg.Metrics.RestoreSeconds, "resumed"))
+	assert.Equal(t, uint64(1), histCount(t, r.agent.cfg.Metrics.RestoreSeconds, "complete"), "a full restore is complete when it resumes")
+	assert.Equal(t, 128+15, c.stop())
+}
+
+// repack rewrites checkpoint id of the rig's container as a pack (the store's format: chunks
+// compressed, encrypted and checked one by one), under a new ID, as a streamed dump will write it.
+func repack(t testing.TB, r *rig, id string) string {
+	t.Helper()
+	src := filepath.Join(r.dir("app"), id)
+	m, err := checkpoint.ReadManifest(src)
+	require.NoError(t, err)
+	w, err := checkpoint.Begin(r.dir("app"), checkpoint.NewID(time.Now()))
+	require.NoError(t, err)
+	w.Key = testKey
+	ring, err := checkpoint.NewKeyRing(testKey, nil)
+	require.NoError(t, err)
+	sink, err := w.Pack(ring, m.Pod.Namespace, checkpoint.PackOptions{})
+	require.NoError(t, err)
+	for _, f := range m.Files {
+		name, ok := strings.CutPrefix(f.Path, checkpoint.ImagesDir+"/")
+		if !ok { // carried and checkpoint-files: as they were
+			data, err := os.ReadFile(filepath.Join(src, f.Path))
+			require.NoError(t, err)
+			require.NoError(t, os.MkdirAll(filepath.Join(w.Path(), filepath.Dir(f.Path)), 0o700))
+			require.NoError(t, w.WriteFile(f.Path, data))
+			st, err := os.Stat(filepath.Join(src, f.Path))
+			require.NoError(t, err)
+			require.NoError(t, os.Chmod(filepath.Join(w.Path(), f.Path), st.Mode()))
+			continue
+		}
+		in, err := os.Open(filepath.Join(src, f.Path))
+		require.NoError(t, err)
+		wc, err := sink.Create(name)
+		require.NoError(t, err)
+		_, err = io.Copy(wc, in)
+		require.NoError(t, err)
+		require.NoError(t, wc.Close())
+		in.Close()
+	}
+	m.Files, m.Pack = nil, nil
+	require.NoError(t, w.Commit(m))
+	require.NoError(t, w.Close())
+	return filepath.Base(w.Final())
+}
+
+// The same heap from a pack: each page the daemon asks for is read from a chunk decrypted and
+// checked on demand; the app's own check of every byte passes.
+func TestLazyRestoreFromPack(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	require.NoError(t, r.agent.noLazy)
+	r.serveLocal()
+	id, out, cmd := dumpHeap(t, r, 256)
+	packed := repack(t, r, id)
+	dumped := readCounts(t, out)
+	c := r.restoreContainer("app", packed, cmd...)
+	c.waitOutput("restored; supervising the restored tree")
+	waitFor(t, time.Minute, "all memory present", func() bool { return strings.Contains(r.logs.String(), "lazy restore complete") })
+	root, err := appRoot(c.launcherPID())
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(root, syscall.SIGUSR1))
+	c.waitOutput("ballast ")
+	assert.Contains(t, c.out.String(), "ballast ok 256 MiB")
+	got := waitCount(t, c, out, len(dumped)+2)
+	assert.True(t, isSequence(got), "%v", got)
+	assert.Equal(t, 128+15, c.stop())
+}
+
+// stallingChunk holds every read overlapping its chunk until release is closed: pages the daemon
+// waits for while the test kills it.
+type stallingChunk struct {
+	checkpoint.ImageReaderAt
+	from, to int64
+	release  chan struct{}
+}
+
+func (s stallingChunk) OpenAt(name string) (checkpoint.ReaderAtCloser, int64, error) {
+	ra, size, err := s.ImageReaderAt.OpenAt(name)
+	if err != nil || !strings.HasPrefix(name, "pages-") {
+		return ra, size, err
+	}
+	return stallingReader{ra, s}, size, nil
+}
+
+type stallingReader struct {
+	checkpoint.ReaderAtCloser
+	s stallingChunk
+}
+
+func (r stallingReader) ReadAt(b []byte, off int64) (int, error) {
+	if off < r.s.to && off+int64(len(b)) > r.s.from {
+		<-r.s.release
+	}
+	return r.ReaderAtCloser.ReadAt(b, off)
+}
+
+// The lazy-pages daemon dies (OOM, crash) while the app reads its heap and pages are missing: the
+// app is killed and never reads a zero page in place of its own (the agent holds copies of the
+// userfaultfds, so the kernel keeps the missing ranges registered until the app is gone).
+func TestLazyRestoreDaemonDeathKillsApp(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	require.NoError(t, r.agent.noLazy)
+	r.serveLocal()
+	id, _, cmd := dumpHeap(t, r, 128)
+	release := make(chan struct{})
+	defer close(release)
+	orig := openImages
+	openImages = func(d *os.File, m *checkpoint.Manifest, k *checkpoint.KeyRing) (checkpoint.ImageReaderAt, func(), error) {
+		src, done, err := orig(d, m, k)
+		return stallingChunk{src, 32 << 20, 96 << 20, release}, done, err
+	}
+	// The agent reacts to the daemon's death a second late: the app, if it could run on, would
+	// find zero pages where its heap is missing and say so.
+	beforeLazyKill = func() { time.Sleep(time.Second) }
+	t.Cleanup(func() { openImages, beforeLazyKill = orig, func() {} })
+
+	c := r.restoreContainer("app", id, cmd...)
+	c.waitOutput("restored; supervising the restored tree")
+	root, err := appRoot(c.launcherPID())
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(root, syscall.SIGUSR1)) // reads the whole heap: blocks on the stalled pages
+	var daemons []string
+	waitFor(t, 10*time.Second, "the daemon", func() bool { daemons = lazyDaemons(t); return len(daemons) == 1 })
+	var pid int
+	_, err = fmt.Sscanf(daemons[0], "/proc/%d/cmdline", &pid)
+	require.NoError(t, err)
+	time.Sleep(200 * time.Millisecond)
+	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	select {
+	case <-c.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the app was not killed: %s", c.out.String())
+	}
+	// Without the agent's copies of the userfaultfds the app runs on over zero pages here: it
+	// either reports them or crashes on its own before the agent's kill.
+	assert.Contains(t, r.logs.String(), "the app was killed")
+	assert.NotContains(t, c.out.String(), "ballast BAD", "the app never read a zero page in place of its own")
+	assert.NotContains(t, c.out.String(), "ballast ok")
+}
