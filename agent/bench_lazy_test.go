@@ -56,11 +56,6 @@ func BenchmarkLazyRestore1GiB(b *testing.B) {
 	require.Equal(b, agentapi.PhaseSucceeded, st.Phase, st.Message)
 	id := st.Containers[0].CheckpointID
 	c.stop()
-	packed := repack(b, r, id)
-	// The agent restores the newest checkpoint of the identity: the pack (newer) is moved aside
-	// while the image files are restored.
-	packedDir, aside := filepath.Join(r.dir("app"), packed), filepath.Join(base, "packed-aside")
-	require.NoError(b, os.Rename(packedDir, aside))
 
 	rawRestore := func() time.Duration {
 		t := time.Now()
@@ -100,7 +95,7 @@ func BenchmarkLazyRestore1GiB(b *testing.B) {
 		require.NoError(b, dropCache(r.dir("app"))) // both checkpoints and the chunk store
 		require.NoError(b, dropCache(raw))
 	}
-	var rawT, fullT, fileRes, fileDone, packRes, packDone time.Duration
+	var rawT, fullT, packRes, packDone time.Duration
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		drop()
@@ -108,14 +103,10 @@ func BenchmarkLazyRestore1GiB(b *testing.B) {
 		drop()
 		fR, _ := agentRestore(id, false)
 		drop()
-		lR, lC := agentRestore(id, true)
-		drop()
-		require.NoError(b, os.Rename(aside, packedDir))
-		pR, pC := agentRestore(packed, true)
-		require.NoError(b, os.Rename(packedDir, aside))
-		rawT, fullT, fileRes, fileDone, packRes, packDone = rawT+rR, fullT+fR, fileRes+lR, fileDone+lC, packRes+pR, packDone+pC
-		fmt.Printf("  #%d: raw %.2f s; agent full %.2f s; lazy from files: resumed %.2f s, complete %.2f s; lazy from the pack: resumed %.2f s, complete %.2f s\n",
-			i, rR.Seconds(), fR.Seconds(), lR.Seconds(), lC.Seconds(), pR.Seconds(), pC.Seconds())
+		pR, pC := agentRestore(id, true)
+		rawT, fullT, packRes, packDone = rawT+rR, fullT+fR, packRes+pR, packDone+pC
+		fmt.Printf("  #%d: raw %.2f s; agent full (streamed from the pack) %.2f s; lazy from the pack: resumed %.2f s, complete %.2f s\n",
+			i, rR.Seconds(), fR.Seconds(), pR.Seconds(), pC.Seconds())
 	}
 	b.StopTimer()
 	n := float64(b.N)
@@ -127,9 +118,7 @@ func BenchmarkLazyRestore1GiB(b *testing.B) {
 	}
 	fmt.Printf("restore of 1 GiB touched JSON heap, page cache dropped before each (mean of %d):\n", b.N)
 	fmt.Printf("  %-46s %6.2f s\n", "raw criu restore CLI:", rawS)
-	line("agent, full restore (image files):", fullT, "")
-	line("agent, lazy from image files: app resumed:", fileRes, "")
-	line("agent, lazy from image files: all memory:", fileDone, "")
+	line("agent, full restore (streamed from the pack):", fullT, "")
 	resS := line("agent, lazy from the pack: app resumed:", packRes, "; goal <= 0.3")
 	doneS := line("agent, lazy from the pack: all memory:", packDone, "")
 	b.ReportMetric(rawS, "raw-restore-s")

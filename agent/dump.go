@@ -89,7 +89,7 @@ func (a *Agent) dumpContainer(ctx context.Context, log zerolog.Logger, op *opera
 	if m.Pack != nil {
 		onDisk, written = onDisk+m.Pack.Stored, written+m.Pack.Written
 	}
-	res.Phase, res.CheckpointID, res.Bytes = agentapi.PhaseSucceeded, id, onDisk
+	res.Phase, res.CheckpointID, res.Bytes, res.ImageBytes = agentapi.PhaseSucceeded, id, onDisk, m.ImagesSize
 	res.Generation = m.Generation
 	res.Message = fmt.Sprintf("dump %.2fs, total %.2fs, %d bytes of images, %d bytes on disk, %d written", criuTime.Seconds(), time.Since(d.start).Seconds(), m.ImagesSize, onDisk, written)
 	if len(m.Carried) > 0 {

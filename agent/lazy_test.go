@@ -3,7 +3,6 @@ package agent
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -145,14 +144,7 @@ func TestLazyRestoreUnverifiedChunkKillsApp(t *testing.T) {
 	r.serveLocal()
 	id, _, cmd := dumpHeap(t, r, 256)
 	// The chunk: 1 MiB in the middle of the largest pages image (the heap).
-	imgs, err := filepath.Glob(filepath.Join(r.dir("app"), id, checkpoint.ImagesDir, "pages-*.img"))
-	require.NoError(t, err)
-	var size int64
-	for _, p := range imgs {
-		if st, err := os.Stat(p); err == nil && st.Size() > size {
-			size = st.Size()
-		}
-	}
+	size := largestPages(t, r, id)
 	orig := openImages
 	openImages = func(d *os.File, m *checkpoint.Manifest, k *checkpoint.KeyRing) (checkpoint.ImageReaderAt, func(), error) {
 		src, done, err := orig(d, m, k)
@@ -175,20 +167,24 @@ func TestLazyRestoreUnverifiedChunkKillsApp(t *testing.T) {
 	assert.Empty(t, lazyDaemons(t))
 }
 
-// A page flipped in the checkpoint (today's layout: one sha256 per image) is found before CRIU
-// starts: no resume, a cold start, no fallback to a full restore of the same corrupt images.
+// A checkpoint whose stored chunks are all damaged is found before CRIU starts (the small images
+// are read and checked first): no resume, a cold start, no fallback to a full restore of the same
+// corrupt checkpoint.
 func TestLazyRestoreCorruptPagesColdStarts(t *testing.T) {
 	r := newRig(t, Config{FreezeTimeout: time.Hour})
 	r.serveLocal()
 	id, _, cmd := dumpHeap(t, r, 64)
-	imgs, err := filepath.Glob(filepath.Join(r.dir("app"), id, checkpoint.ImagesDir, "pages-*.img"))
+	packs, err := filepath.Glob(filepath.Join(r.dir("app"), ".chunks", "*.pack"))
 	require.NoError(t, err)
-	for _, p := range imgs {
+	require.NotEmpty(t, packs)
+	for _, p := range packs {
 		f, err := os.OpenFile(p, os.O_RDWR, 0)
 		require.NoError(t, err)
 		st, _ := f.Stat()
-		_, err = f.WriteAt([]byte{0x5a}, st.Size()/2)
-		require.NoError(t, err)
+		for off := int64(32); off < st.Size(); off += 64 { // every chunk, however small
+			_, err = f.WriteAt([]byte{0x5a}, off)
+			require.NoError(t, err)
+		}
 		f.Close()
 	}
 	c := r.restoreContainer("app", id, cmd...)
@@ -196,6 +192,21 @@ func TestLazyRestoreCorruptPagesColdStarts(t *testing.T) {
 	assert.Contains(t, r.logs.String(), "corrupt")
 	assert.NotContains(t, r.logs.String(), "restoring fully", "a corrupt checkpoint is not retried as a full restore")
 	c.stop()
+}
+
+// largestPages is the size of the checkpoint's largest pages image (the heap).
+func largestPages(t *testing.T, r *rig, id string) int64 {
+	t.Helper()
+	m, err := checkpoint.ReadManifest(filepath.Join(r.dir("app"), id))
+	require.NoError(t, err)
+	require.NotNil(t, m.Pack, "a streamed dump writes a pack")
+	var size int64
+	for _, img := range m.Pack.Images {
+		if strings.HasPrefix(img.Name, "pages-") && img.Size > size {
+			size = img.Size
+		}
+	}
+	return size
 }
 
 // The decision path: --lazy-restore=off, an unknown value, and a CRIU whose feature check fails
@@ -227,47 +238,6 @@ func TestFullRestoreWhenLazyOff(t *testing.T) {
 	assert.Equal(t, 128+15, c.stop())
 }
 
-// repack rewrites checkpoint id of the rig's container as a pack (the store's format: chunks
-// compressed, encrypted and checked one by one), under a new ID, as a streamed dump will write it.
-func repack(t testing.TB, r *rig, id string) string {
-	t.Helper()
-	src := filepath.Join(r.dir("app"), id)
-	m, err := checkpoint.ReadManifest(src)
-	require.NoError(t, err)
-	w, err := checkpoint.Begin(r.dir("app"), checkpoint.NewID(time.Now()))
-	require.NoError(t, err)
-	w.Key = testKey
-	ring, err := checkpoint.NewKeyRing(testKey, nil)
-	require.NoError(t, err)
-	sink, err := w.Pack(ring, m.Pod.Namespace, checkpoint.PackOptions{})
-	require.NoError(t, err)
-	for _, f := range m.Files {
-		name, ok := strings.CutPrefix(f.Path, checkpoint.ImagesDir+"/")
-		if !ok { // carried and checkpoint-files: as they were
-			data, err := os.ReadFile(filepath.Join(src, f.Path))
-			require.NoError(t, err)
-			require.NoError(t, os.MkdirAll(filepath.Join(w.Path(), filepath.Dir(f.Path)), 0o700))
-			require.NoError(t, w.WriteFile(f.Path, data))
-			st, err := os.Stat(filepath.Join(src, f.Path))
-			require.NoError(t, err)
-			require.NoError(t, os.Chmod(filepath.Join(w.Path(), f.Path), st.Mode()))
-			continue
-		}
-		in, err := os.Open(filepath.Join(src, f.Path))
-		require.NoError(t, err)
-		wc, err := sink.Create(name)
-		require.NoError(t, err)
-		_, err = io.Copy(wc, in)
-		require.NoError(t, err)
-		require.NoError(t, wc.Close())
-		in.Close()
-	}
-	m.Files, m.Pack = nil, nil
-	require.NoError(t, w.Commit(m))
-	require.NoError(t, w.Close())
-	return filepath.Base(w.Final())
-}
-
 // The same heap from a pack: each page the daemon asks for is read from a chunk decrypted and
 // checked on demand; the app's own check of every byte passes.
 func TestLazyRestoreFromPack(t *testing.T) {
@@ -275,9 +245,8 @@ func TestLazyRestoreFromPack(t *testing.T) {
 	require.NoError(t, r.agent.noLazy)
 	r.serveLocal()
 	id, out, cmd := dumpHeap(t, r, 256)
-	packed := repack(t, r, id)
 	dumped := readCounts(t, out)
-	c := r.restoreContainer("app", packed, cmd...)
+	c := r.restoreContainer("app", id, cmd...)
 	c.waitOutput("restored; supervising the restored tree")
 	waitFor(t, time.Minute, "all memory present", func() bool { return strings.Contains(r.logs.String(), "lazy restore complete") })
 	root, err := appRoot(c.launcherPID())

@@ -55,7 +55,7 @@ func TestQueuedDumpsReportTheirPlaceAndProgress(t *testing.T) {
 		st, ok := r.agent.Status("uid-" + n)
 		require.True(t, ok)
 		require.Equal(t, agentapi.PhaseSucceeded, st.Phase, st.Message)
-		got, want := float64(st.ExpectedBytes), float64(st.Containers[0].Bytes)
+		got, want := float64(st.ExpectedBytes), float64(st.Containers[0].ImageBytes)
 		assert.InDelta(t, 1, got/want, 0.2, "%s: estimate %d bytes against %d written", n, st.ExpectedBytes, st.Containers[0].Bytes)
 	}
 }

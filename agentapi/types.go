@@ -118,7 +118,10 @@ type ContainerResult struct {
 	// Generation is the checkpoint's place among the container's checkpoints on the volume
 	// (checkpoint.Manifest.Generation): the webhook orders its records by it, not by clocks.
 	Generation uint64 `json:"generation,omitempty"`
+	// Bytes is what the checkpoint occupies on the volume (its files and the stored chunks it
+	// references); ImageBytes is CRIU's images before compression and deduplication.
 	Bytes      int64  `json:"bytes"`
+	ImageBytes int64  `json:"imageBytes,omitempty"`
 	Message    string `json:"message,omitempty"`
 }
 

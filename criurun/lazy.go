@@ -266,7 +266,17 @@ func (l *LazyPages) HoldUserfaultfds(want int, started func() bool, within time.
 		default:
 		}
 		if fds := userfaultfds(pid); len(fds) >= want || started() {
-			return dupFrom(pid, fds)
+			out, err := dupFrom(pid, fds)
+			if errors.Is(err, unix.ESRCH) {
+				// It exited between the listing and the pidfd: a small app's pages all went in
+				// one go (or it failed, which the caller sees from the page server).
+				select {
+				case <-l.done:
+					return nil, nil
+				case <-time.After(within):
+				}
+			}
+			return out, err
 		} else if time.Now().After(deadline) {
 			return nil, fmt.Errorf("criu lazy-pages holds %d userfaultfds after %s, want %d", len(fds), within, want)
 		}
