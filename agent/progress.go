@@ -27,9 +27,9 @@ func (op *operation) progress(s *agentapi.CheckpointStatus) {
 		s.Message = fmt.Sprintf("queued on node %s: %d dump(s) ahead (%d running, %d at once now)", s.Node, ahead, running, limit)
 	case agentapi.PhaseRunning:
 		if s.ExpectedBytes > 0 {
-			s.Message = fmt.Sprintf("dumping: %s of ~%s", humanBytes(s.BytesWritten), humanBytes(s.ExpectedBytes))
+			s.Message = fmt.Sprintf("dumping: %s of ~%s", agentapi.HumanBytes(s.BytesWritten), agentapi.HumanBytes(s.ExpectedBytes))
 		} else {
-			s.Message = fmt.Sprintf("dumping: %s", humanBytes(s.BytesWritten))
+			s.Message = fmt.Sprintf("dumping: %s", agentapi.HumanBytes(s.BytesWritten))
 		}
 	}
 }
@@ -51,17 +51,4 @@ func treeAnonBytes(root int) int64 {
 		}
 	}
 	return kib << 10
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

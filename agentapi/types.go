@@ -7,7 +7,10 @@
 // another, so a retried eviction, possibly on another webhook replica, never causes a second dump.
 package agentapi
 
-import "time"
+import (
+	"fmt"
+	"time"
+)
 
 const (
 	// PathCheckpoints is the collection of checkpoint operations on one node.
@@ -133,4 +136,18 @@ type CheckpointList struct {
 // Error is the JSON body of every non-2xx answer.
 type Error struct {
 	Message string `json:"message"`
+}
+
+// HumanBytes formats a byte count as the agent's and the webhook's messages show it ("1.2 GiB").
+func HumanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -9,6 +9,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	corev1listers "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/stasis-k8s/stasis/agentapi"
 )
 
 func TestPodLocator(t *testing.T) {
@@ -60,6 +62,6 @@ func TestPodLocator(t *testing.T) {
 
 func TestHumanBytes(t *testing.T) {
 	for n, want := range map[int64]string{0: "0 B", 1023: "1023 B", 1024: "1.0 KiB", 1288490189: "1.2 GiB", 3 << 20: "3.0 MiB", 5 << 40: "5.0 TiB"} {
-		assert.Equal(t, want, humanBytes(n))
+		assert.Equal(t, want, agentapi.HumanBytes(n))
 	}
 }

@@ -190,10 +190,10 @@ func (w *Webhook) inProgressVerdict(r round) verdict {
 		msg = fmt.Sprintf("checkpoint of pod %s/%s in progress: %s, retry", p.Namespace, p.Name, progressOf(r.outs[0].status))
 	} else {
 		msg = fmt.Sprintf("checkpoint of %d pods of %s in progress (%d of %d done): %s written, retry",
-			len(r.targets), r.subjectName, len(r.targets)-len(r.running), len(r.targets), humanBytes(r.written))
+			len(r.targets), r.subjectName, len(r.targets)-len(r.running), len(r.targets), agentapi.HumanBytes(r.written))
 	}
 	for _, o := range r.running {
-		w.d.Events.Eventf(o.t.pod, corev1.EventTypeNormal, ReasonCheckpointRunning, "checkpoint for %s in progress: %s written", r.reason, humanBytes(o.status.BytesWritten))
+		w.d.Events.Eventf(o.t.pod, corev1.EventTypeNormal, ReasonCheckpointRunning, "checkpoint for %s in progress: %s written", r.reason, agentapi.HumanBytes(o.status.BytesWritten))
 	}
 	if r.subject != nil {
 		w.d.Events.Eventf(r.subject, corev1.EventTypeNormal, ReasonCheckpointRunning, "%s", msg)
@@ -207,10 +207,10 @@ func (w *Webhook) inProgressVerdict(r round) verdict {
 func (w *Webhook) doneVerdict(r round) verdict {
 	w.metrics.checkpointWait.WithLabelValues(r.webhookID, "done").Observe(r.took)
 	for _, o := range r.outs {
-		w.d.Events.Eventf(o.t.pod, corev1.EventTypeNormal, ReasonCheckpointed, "checkpointed for %s on node %s: %s", r.reason, o.status.Node, humanBytes(o.status.BytesWritten))
+		w.d.Events.Eventf(o.t.pod, corev1.EventTypeNormal, ReasonCheckpointed, "checkpointed for %s on node %s: %s", r.reason, o.status.Node, agentapi.HumanBytes(o.status.BytesWritten))
 	}
 	if r.subject != nil {
-		w.d.Events.Eventf(r.subject, corev1.EventTypeNormal, ReasonCheckpointed, "checkpointed %d pods for %s: %s", len(r.targets), r.reason, humanBytes(r.written))
+		w.d.Events.Eventf(r.subject, corev1.EventTypeNormal, ReasonCheckpointed, "checkpointed %d pods for %s: %s", len(r.targets), r.reason, agentapi.HumanBytes(r.written))
 	}
 	return allow("")
 }
@@ -320,18 +320,4 @@ func checkpointPVC(pod *corev1.Pod, cfg *labels.Config) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("pod %s/%s has no checkpoint volume %q", pod.Namespace, pod.Name, vol)
-}
-
-// humanBytes formats a byte count as "1.2 GiB".
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

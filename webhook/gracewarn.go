@@ -8,6 +8,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 
+	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/labels"
 	"github.com/stasis-k8s/stasis/wiring"
 )
@@ -51,7 +52,7 @@ func graceWarning(cfg *labels.Config, spec *corev1.PodSpec, speed int64, overhea
 		"on kubectl delete, preemption, scale-down or node shutdown the pod may end without a checkpoint and its replacement "+
 		"continue from an older one (evictions and Job suspends are held until the dump is done); "+
 		"set terminationGracePeriodSeconds to at least %d",
-		int64(grace/time.Second), budget, humanBytes(mem), need.Round(100*time.Millisecond),
+		int64(grace/time.Second), budget, agentapi.HumanBytes(mem), need.Round(100*time.Millisecond),
 		resource.NewQuantity(speed, resource.BinarySI), overhead, fit)
 }
 

@@ -16,6 +16,7 @@ import (
 	klabels "k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 
+	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/labels"
 	"github.com/stasis-k8s/stasis/webhook/catalog"
 	"github.com/stasis-k8s/stasis/webhook/inject"
@@ -139,7 +140,7 @@ func (w *Webhook) wirePod(ctx context.Context, ar *model.AdmissionReview, pod *c
 	if in.Restore != nil {
 		w.metrics.wired.WithLabelValues("true").Inc()
 		w.podEvent(ns, pod, corev1.EventTypeNormal, ReasonRestoring, "restoring %s (containers %v) from checkpoint %s taken on node %s at %s (%s)",
-			in.Identity, inject.RestoredContainers(in.Restore), rec.ID, rec.Node, in.Restore.Ref.Time, humanBytes(rec.Size))
+			in.Identity, inject.RestoredContainers(in.Restore), rec.ID, rec.Node, in.Restore.Ref.Time, agentapi.HumanBytes(rec.Size))
 	} else {
 		w.metrics.wired.WithLabelValues("false").Inc()
 		w.podEvent(ns, pod, corev1.EventTypeNormal, ReasonWired, "wired for checkpointing as %s (containers %v); no checkpoint to restore", in.Identity, cfg.Names())

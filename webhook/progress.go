@@ -15,8 +15,8 @@ func progressOf(st agentapi.CheckpointStatus) string {
 	case st.Phase == agentapi.PhasePending && st.Ahead > 0:
 		return fmt.Sprintf("queued: %d dump(s) ahead on node %s", st.Ahead, st.Node)
 	case st.ExpectedBytes > 0:
-		return fmt.Sprintf("dumping: %s of ~%s", humanBytes(st.BytesWritten), humanBytes(st.ExpectedBytes))
+		return fmt.Sprintf("dumping: %s of ~%s", agentapi.HumanBytes(st.BytesWritten), agentapi.HumanBytes(st.ExpectedBytes))
 	default:
-		return humanBytes(st.BytesWritten) + " written"
+		return agentapi.HumanBytes(st.BytesWritten) + " written"
 	}
 }
