@@ -419,8 +419,9 @@ func TestFaultCheckpointVolumeFull(t *testing.T) {
 	before := inNode(t, node, "sh", "-c", "cd "+dir+" && find . -name COMPLETE | sort")
 	require.NotEmpty(t, strings.TrimSpace(before), "a complete checkpoint on the volume")
 
-	// Fill the volume up to 4 MiB: too little for the next dump (about 50 MiB).
-	inNode(t, node, "sh", "-c", "fallocate -l $(( $(df -B1 --output=avail "+dir+" | tail -1) - 4194304 )) "+dir+"/filler")
+	// Fill the volume but one page: too little even for a dump that shares every unchanged chunk
+	// with the previous checkpoint (its manifest alone is tens of KiB).
+	inNode(t, node, "sh", "-c", "fallocate -l $(( $(df -B1 --output=avail "+dir+" | tail -1) - 4096 )) "+dir+"/filler")
 	t0 := time.Now()
 	err = env.Client.PolicyV1().Evictions(ns).Evict(ctx, &policyv1.Eviction{ObjectMeta: metav1.ObjectMeta{Name: pod.Name, Namespace: ns}})
 	for err != nil && strings.Contains(err.Error(), "in progress") && time.Since(t0) < 2*time.Minute {
