@@ -90,6 +90,7 @@ func TestLazyRestoreHeapIntact(t *testing.T) {
 		return len(left) == 0
 	})
 	assert.Empty(t, lazyDaemons(t), "no criu lazy-pages daemon outlives its restore")
+	waitFor(t, 10*time.Second, "the guard's exit: none outlives a complete lazy restore", func() bool { return len(lazyGuards(t)) == 0 })
 	assert.Equal(t, 128+15, c.stop())
 }
 
@@ -360,4 +361,102 @@ func TestLazyRestoreDaemonDeathKillsApp(t *testing.T) {
 	assert.Contains(t, r.logs.String(), "the app was killed")
 	assert.NotContains(t, c.out.String(), "ballast BAD", "the app never read a zero page in place of its own")
 	assert.NotContains(t, c.out.String(), "ballast ok")
+	waitFor(t, 10*time.Second, "the guard's exit", func() bool { return len(lazyGuards(t)) == 0 })
+}
+
+// lazyGuards lists the running lazy restore guards started by this test process.
+func lazyGuards(t *testing.T) []int {
+	var out []int
+	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range cmdlines {
+		b, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(string(b), "\x00"+GuardSubcommand+"\x00") {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscanf(p, "/proc/%d/cmdline", &pid); err != nil {
+			continue
+		}
+		if _, ppid, err := procState(pid); err == nil && ppid == os.Getpid() {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// noGuard plays a lazy restore without a guard (STASIS_TEST_NO_GUARD=1): the agent-death test
+// must then fail, which shows that it is the guard that saves the app.
+func noGuard(int, int, []*os.File) (*lazyGuard, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	r.Close()
+	return &lazyGuard{control: w, done: make(chan struct{})}, nil
+}
+
+// vanish plays the agent's death during the transfer: its copies of the userfaultfds close, its
+// daemon and page server die, and it does nothing more; hold later, the guard's control pipe
+// closes as the agent's last descriptor goes (hold widens the moment in which the app, were its
+// missing ranges no longer registered, would read zeros).
+func (l *lazyRestore) vanish(hold time.Duration) {
+	close(l.dead)
+	for _, f := range l.uffds {
+		f.Close()
+	}
+	l.daemon.Stop()
+	l.ps.Close()
+	time.Sleep(hold)
+	l.guard.control.Close()
+}
+
+// The agent dies (kill -9, OOM, a DaemonSet rollout) while the app reads its heap and pages are
+// missing: the guard, which lives in the app container's cgroups and still holds the
+// userfaultfds, kills the app; the app never reads a zero page in place of its own. Run with
+// STASIS_TEST_NO_GUARD=1 it fails: the app runs on over zero pages.
+func TestLazyRestoreAgentDeathKillsApp(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	require.NoError(t, r.agent.noLazy)
+	r.serveLocal()
+	id, _, cmd := dumpHeap(t, r, 128)
+	release := make(chan struct{})
+	defer close(release)
+	orig := openImages
+	openImages = func(d *os.File, m *checkpoint.Manifest, k *checkpoint.KeyRing) (checkpoint.ImageReaderAt, func(), error) {
+		src, done, err := orig(d, m, k)
+		return stallingChunk{src, 32 << 20, 96 << 20, release}, done, err
+	}
+	resumed := make(chan *lazyRestore, 1)
+	lazyResumed = func(l *lazyRestore) { resumed <- l }
+	if os.Getenv("STASIS_TEST_NO_GUARD") == "1" {
+		startGuard = noGuard
+	}
+	t.Cleanup(func() { openImages, lazyResumed, startGuard = orig, func(*lazyRestore) {}, startLazyGuard })
+
+	c := r.restoreContainer("app", id, cmd...)
+	c.waitOutput("restored; supervising the restored tree")
+	l := <-resumed
+	if l.guard.cmd != nil {
+		// In the app container's cgroups (its own pids cgroup here), not the agent's.
+		assert.Equal(t, cgroups(t, c.launcherPID()), cgroups(t, l.guard.cmd.Process.Pid))
+		assert.NotEqual(t, cgroups(t, os.Getpid()), cgroups(t, l.guard.cmd.Process.Pid))
+	}
+	root, err := appRoot(c.launcherPID())
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(root, syscall.SIGUSR1)) // reads the whole heap: blocks on the stalled pages
+	time.Sleep(200 * time.Millisecond)
+	l.vanish(time.Second)
+	select {
+	case <-c.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the app was not killed: %s", c.out.String())
+	}
+	assert.NotContains(t, c.out.String(), "ballast BAD", "the app never read a zero page in place of its own")
+	assert.NotContains(t, c.out.String(), "ballast ok")
+	assert.NotContains(t, r.logs.String(), "the app was killed", "the dead agent did not kill it: the guard did")
+	// Without the guard the app crashes on its own (a Go runtime reading zeros where its heap
+	// was: "unexpected signal during runtime execution", exit 2): it ran on wrong memory.
+	assert.Equal(t, 128+int(syscall.SIGKILL), c.status.ExitStatus(), "the app was SIGKILLed before it could run on wrong memory")
+	assert.False(t, strings.Contains(c.out.String(), "unexpected signal"), "the app crashed on zero pages")
+	waitFor(t, 10*time.Second, "the guard's exit", func() bool { return len(lazyGuards(t)) == 0 })
 }
