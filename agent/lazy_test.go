@@ -174,22 +174,35 @@ func TestLazyRestoreUnverifiedChunkKillsApp(t *testing.T) {
 	assert.Empty(t, lazyDaemons(t))
 }
 
-// A page flipped in the checkpoint (today's layout: one sha256 per image) is found before CRIU
-// starts: no resume, a cold start, no fallback to a full restore of the same corrupt images.
+// A page the restore itself reads (the first chunk of each pages image: stacks and other non-lazy
+// runs) flipped in the chunk store is found before CRIU starts: no resume, a cold start, no
+// fallback to a full restore of the same corrupt images. (A flipped lazy page is found when it is
+// served: TestLazyRestoreUnverifiedChunkKillsApp.)
 func TestLazyRestoreCorruptPagesColdStarts(t *testing.T) {
 	r := newRig(t, Config{FreezeTimeout: time.Hour})
 	r.serveLocal()
 	id, _, cmd := dumpHeap(t, r, 64)
-	imgs, err := filepath.Glob(filepath.Join(r.dir("app"), id, checkpoint.ImagesDir, "pages-*.img"))
+	m, err := checkpoint.ReadManifest(filepath.Join(r.dir("app"), id))
 	require.NoError(t, err)
-	for _, p := range imgs {
-		f, err := os.OpenFile(p, os.O_RDWR, 0)
+	require.NotNil(t, m.Pack, "a streamed dump writes a pack")
+	flipped := 0
+	for _, img := range m.Pack.Images {
+		if !strings.HasPrefix(img.Name, "pages-") || len(img.Chunks) == 0 || img.Chunks[0].Name == "" {
+			continue
+		}
+		ref := img.Chunks[0]
+		f, err := os.OpenFile(filepath.Join(r.dir("app"), ".chunks", ref.Pack+".pack"), os.O_RDWR, 0)
 		require.NoError(t, err)
-		st, _ := f.Stat()
-		_, err = f.WriteAt([]byte{0x5a}, st.Size()/2)
+		b := make([]byte, 1)
+		_, err = f.ReadAt(b, ref.Off+ref.Stored/2)
+		require.NoError(t, err)
+		b[0] ^= 0xff
+		_, err = f.WriteAt(b, ref.Off+ref.Stored/2)
 		require.NoError(t, err)
 		f.Close()
+		flipped++
 	}
+	require.NotZero(t, flipped)
 	c := r.restoreContainer("app", id, cmd...)
 	c.waitOutput("COLD START")
 	assert.Contains(t, r.logs.String(), "corrupt")
