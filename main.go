@@ -28,6 +28,8 @@ type command struct {
 	summary string
 	// ownSignals: the command handles signals itself (the launcher forwards them to the app).
 	ownSignals bool
+	// hidden: run by stasis itself, not listed.
+	hidden bool
 }
 
 var commands = map[string]command{
@@ -36,6 +38,7 @@ var commands = map[string]command{
 	wiring.LauncherSubcommand:     {run: launcher.Run, summary: "run a container's command as its unprivileged PID 1, so that the agent can checkpoint and restore it", ownSignals: true},
 	"certs":                       {run: certs.Run, summary: "generate the TLS Secrets for clusters without cert-manager"},
 	wiring.ToolsInstallSubcommand: {run: podtools.ToolsInstall, summary: "copy the stasis binary into a pod's tools volume (tools init-container)"},
+	agent.GuardSubcommand:         {run: agent.RunGuard, summary: "a lazy restore's guard, started by the agent", ownSignals: true, hidden: true},
 	checkpoint.Subcommand:         {run: checkpoint.Run, summary: "tools on checkpoints, run on a node by root: 'export' writes a checkpoint's images as plain CRIU files"},
 	"version": {run: func(context.Context, []string) error {
 		fmt.Println(version.Version)
@@ -46,7 +49,10 @@ var commands = map[string]command{
 func usage() {
 	fmt.Fprintf(os.Stderr, "Usage: stasis <command> [flags]\n\nCommands:\n")
 	names := make([]string, 0, len(commands))
-	for n := range commands {
+	for n, c := range commands {
+		if c.hidden {
+			continue
+		}
 		names = append(names, n)
 	}
 	sort.Strings(names)

@@ -82,7 +82,7 @@ func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target,
 	if err != nil {
 		return 0, fmt.Errorf("%w: %v", errLazyUnavailable, err)
 	}
-	l := &lazyRestore{a: a, log: log, work: work, start: start, m: plan.m}
+	l := &lazyRestore{a: a, log: log, work: work, start: start, m: plan.m, dead: make(chan struct{})}
 	defer func() {
 		if !l.handedOver {
 			l.teardown()
@@ -108,6 +108,12 @@ func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target,
 		}
 		return 0, err
 	}
+	// The guard before the resume: from then on the app must not outlive an agent that dies
+	// before every page is in. Without it, no lazy restore.
+	if l.guard, err = startGuard(t.PID, host, l.uffds); err != nil {
+		killChildren(t.PID)
+		return 0, noChildrenLeft(t.PID, fmt.Errorf("%w: %v", errLazyUnavailable, err))
+	}
 	if err := criurun.SignalTree(host, syscall.SIGCONT); err != nil {
 		_ = criurun.SignalTree(host, syscall.SIGKILL)
 		return 0, fmt.Errorf("resuming the restored tree: %w", err)
@@ -116,6 +122,7 @@ func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target,
 	a.cfg.Metrics.RestoreSeconds.WithLabelValues("resumed").Observe(resumed.Seconds())
 	log.Info().Str("checkpoint", plan.m.ID).Float64("resumedSeconds", resumed.Seconds()).Msg("restored lazily: the app runs, its memory arrives in the background")
 	l.handedOver = true
+	lazyResumed(l)
 	go l.finish(host)
 	return pid, nil
 }
@@ -151,7 +158,25 @@ type lazyRestore struct {
 	served     chan error
 	closeSrc   func()
 	uffds      []*os.File // the agent's copies: see HoldUserfaultfds
+	guard      *lazyGuard // kills the app if the agent dies before every page is in (guard.go)
 	handedOver bool
+	dead       chan struct{} // closed by a test playing the agent's death: it does nothing more
+}
+
+// startGuard is startLazyGuard; a test replaces it to show what happens without a guard.
+var startGuard = startLazyGuard
+
+// lazyResumed is a test's hook: called with a lazy restore whose app has just resumed.
+var lazyResumed = func(*lazyRestore) {}
+
+// vanished says whether a test played the agent's death (a dead agent does nothing more).
+func (l *lazyRestore) vanished() bool {
+	select {
+	case <-l.dead:
+		return true
+	default:
+		return false
+	}
 }
 
 // prepare writes the private images directory: every image verified, the tasks' pages images
@@ -352,6 +377,12 @@ func (l *lazyRestore) finish(host int) {
 		return
 	case <-timeout.C:
 		err = fmt.Errorf("not all memory was in after %s (--restore-timeout)", l.a.cfg.RestoreTimeout)
+	case <-l.guard.done:
+		// Killed by someone: the app would not survive the agent's death. Not a risk to take.
+		err = fmt.Errorf("the lazy restore's guard exited (%s)", l.guard.cmd.ProcessState)
+	}
+	if l.vanished() {
+		return
 	}
 	if err != nil {
 		beforeLazyKill()
@@ -361,6 +392,7 @@ func (l *lazyRestore) finish(host int) {
 			Msg("lazy restore failed after the app resumed: the app was killed (it must not run on memory that is not its own); the container restarts and starts afresh or from another checkpoint")
 		return
 	}
+	l.guard.complete()
 	done := time.Since(l.start)
 	l.a.cfg.Metrics.RestoreSeconds.WithLabelValues("complete").Observe(done.Seconds())
 	reqs, waited, reading, writing := l.ps.Timing()
@@ -377,6 +409,9 @@ var beforeLazyKill = func() {}
 func (l *lazyRestore) teardown() {
 	if l.daemon != nil {
 		l.daemon.Stop()
+	}
+	if l.guard != nil {
+		l.guard.release() // after complete: nothing; else the guard kills what is left of the tree
 	}
 	for _, f := range l.uffds {
 		f.Close()

@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -89,6 +90,7 @@ func TestLazyRestoreHeapIntact(t *testing.T) {
 		return len(left) == 0
 	})
 	assert.Empty(t, lazyDaemons(t), "no criu lazy-pages daemon outlives its restore")
+	waitFor(t, 10*time.Second, "the guard's exit: none outlives a complete lazy restore", func() bool { return len(lazyGuards(t)) == 0 })
 	assert.Equal(t, 128+15, c.stop())
 }
 
@@ -143,11 +145,16 @@ func TestLazyRestoreUnverifiedChunkKillsApp(t *testing.T) {
 	require.NoError(t, r.agent.noLazy)
 	r.serveLocal()
 	id, _, cmd := dumpHeap(t, r, 256)
-	// The chunk: 1 MiB in the middle of the largest pages image (the heap).
-	size := largestPages(t, r, id)
 	orig := openImages
 	openImages = func(d *os.File, m *checkpoint.Manifest, k *checkpoint.KeyRing) (checkpoint.ImageReaderAt, func(), error) {
 		src, done, err := orig(d, m, k)
+		// The chunk: 1 MiB in the middle of the largest pages image (the heap).
+		var size int64
+		for _, img := range m.Pack.Images {
+			if strings.HasPrefix(img.Name, "pages-") && img.Size > size {
+				size = img.Size
+			}
+		}
 		return failingChunk{src, size / 2, size/2 + 1<<20}, done, err
 	}
 	t.Cleanup(func() { openImages = orig })
@@ -167,46 +174,40 @@ func TestLazyRestoreUnverifiedChunkKillsApp(t *testing.T) {
 	assert.Empty(t, lazyDaemons(t))
 }
 
-// A checkpoint whose stored chunks are all damaged is found before CRIU starts (the small images
-// are read and checked first): no resume, a cold start, no fallback to a full restore of the same
-// corrupt checkpoint.
+// A page the restore itself reads (the first chunk of each pages image: stacks and other non-lazy
+// runs) flipped in the chunk store is found before CRIU starts: no resume, a cold start, no
+// fallback to a full restore of the same corrupt images. (A flipped lazy page is found when it is
+// served: TestLazyRestoreUnverifiedChunkKillsApp.)
 func TestLazyRestoreCorruptPagesColdStarts(t *testing.T) {
 	r := newRig(t, Config{FreezeTimeout: time.Hour})
 	r.serveLocal()
 	id, _, cmd := dumpHeap(t, r, 64)
-	packs, err := filepath.Glob(filepath.Join(r.dir("app"), ".chunks", "*.pack"))
+	m, err := checkpoint.ReadManifest(filepath.Join(r.dir("app"), id))
 	require.NoError(t, err)
-	require.NotEmpty(t, packs)
-	for _, p := range packs {
-		f, err := os.OpenFile(p, os.O_RDWR, 0)
-		require.NoError(t, err)
-		st, _ := f.Stat()
-		for off := int64(32); off < st.Size(); off += 64 { // every chunk, however small
-			_, err = f.WriteAt([]byte{0x5a}, off)
-			require.NoError(t, err)
+	require.NotNil(t, m.Pack, "a streamed dump writes a pack")
+	flipped := 0
+	for _, img := range m.Pack.Images {
+		if !strings.HasPrefix(img.Name, "pages-") || len(img.Chunks) == 0 || img.Chunks[0].Name == "" {
+			continue
 		}
+		ref := img.Chunks[0]
+		f, err := os.OpenFile(filepath.Join(r.dir("app"), ".chunks", ref.Pack+".pack"), os.O_RDWR, 0)
+		require.NoError(t, err)
+		b := make([]byte, 1)
+		_, err = f.ReadAt(b, ref.Off+ref.Stored/2)
+		require.NoError(t, err)
+		b[0] ^= 0xff
+		_, err = f.WriteAt(b, ref.Off+ref.Stored/2)
+		require.NoError(t, err)
 		f.Close()
+		flipped++
 	}
+	require.NotZero(t, flipped)
 	c := r.restoreContainer("app", id, cmd...)
 	c.waitOutput("COLD START")
 	assert.Contains(t, r.logs.String(), "corrupt")
 	assert.NotContains(t, r.logs.String(), "restoring fully", "a corrupt checkpoint is not retried as a full restore")
 	c.stop()
-}
-
-// largestPages is the size of the checkpoint's largest pages image (the heap).
-func largestPages(t *testing.T, r *rig, id string) int64 {
-	t.Helper()
-	m, err := checkpoint.ReadManifest(filepath.Join(r.dir("app"), id))
-	require.NoError(t, err)
-	require.NotNil(t, m.Pack, "a streamed dump writes a pack")
-	var size int64
-	for _, img := range m.Pack.Images {
-		if strings.HasPrefix(img.Name, "pages-") && img.Size > size {
-			size = img.Size
-		}
-	}
-	return size
 }
 
 // The decision path: --lazy-restore=off, an unknown value, and a CRIU whose feature check fails
@@ -238,6 +239,47 @@ func TestFullRestoreWhenLazyOff(t *testing.T) {
 	assert.Equal(t, 128+15, c.stop())
 }
 
+// repack rewrites checkpoint id of the rig's container as a pack (the store's format: chunks
+// compressed, encrypted and checked one by one), under a new ID, as a streamed dump will write it.
+func repack(t testing.TB, r *rig, id string) string {
+	t.Helper()
+	src := filepath.Join(r.dir("app"), id)
+	m, err := checkpoint.ReadManifest(src)
+	require.NoError(t, err)
+	w, err := checkpoint.Begin(r.dir("app"), checkpoint.NewID(time.Now()))
+	require.NoError(t, err)
+	w.Key = testKey
+	ring, err := checkpoint.NewKeyRing(testKey, nil)
+	require.NoError(t, err)
+	sink, err := w.Pack(ring, m.Pod.Namespace, checkpoint.PackOptions{})
+	require.NoError(t, err)
+	for _, f := range m.Files {
+		name, ok := strings.CutPrefix(f.Path, checkpoint.ImagesDir+"/")
+		if !ok { // carried and checkpoint-files: as they were
+			data, err := os.ReadFile(filepath.Join(src, f.Path))
+			require.NoError(t, err)
+			require.NoError(t, os.MkdirAll(filepath.Join(w.Path(), filepath.Dir(f.Path)), 0o700))
+			require.NoError(t, w.WriteFile(f.Path, data))
+			st, err := os.Stat(filepath.Join(src, f.Path))
+			require.NoError(t, err)
+			require.NoError(t, os.Chmod(filepath.Join(w.Path(), f.Path), st.Mode()))
+			continue
+		}
+		in, err := os.Open(filepath.Join(src, f.Path))
+		require.NoError(t, err)
+		wc, err := sink.Create(name)
+		require.NoError(t, err)
+		_, err = io.Copy(wc, in)
+		require.NoError(t, err)
+		require.NoError(t, wc.Close())
+		in.Close()
+	}
+	m.Files, m.Pack = nil, nil
+	require.NoError(t, w.Commit(m))
+	require.NoError(t, w.Close())
+	return filepath.Base(w.Final())
+}
+
 // The same heap from a pack: each page the daemon asks for is read from a chunk decrypted and
 // checked on demand; the app's own check of every byte passes.
 func TestLazyRestoreFromPack(t *testing.T) {
@@ -245,8 +287,12 @@ func TestLazyRestoreFromPack(t *testing.T) {
 	require.NoError(t, r.agent.noLazy)
 	r.serveLocal()
 	id, out, cmd := dumpHeap(t, r, 256)
+	packed := id // a streamed dump writes a pack; an older one of image files is repacked
+	if m, err := checkpoint.ReadManifest(filepath.Join(r.dir("app"), id)); err == nil && m.Pack == nil {
+		packed = repack(t, r, id)
+	}
 	dumped := readCounts(t, out)
-	c := r.restoreContainer("app", id, cmd...)
+	c := r.restoreContainer("app", packed, cmd...)
 	c.waitOutput("restored; supervising the restored tree")
 	waitFor(t, time.Minute, "all memory present", func() bool { return strings.Contains(r.logs.String(), "lazy restore complete") })
 	root, err := appRoot(c.launcherPID())
@@ -329,4 +375,102 @@ func TestLazyRestoreDaemonDeathKillsApp(t *testing.T) {
 	assert.Contains(t, r.logs.String(), "the app was killed")
 	assert.NotContains(t, c.out.String(), "ballast BAD", "the app never read a zero page in place of its own")
 	assert.NotContains(t, c.out.String(), "ballast ok")
+	waitFor(t, 10*time.Second, "the guard's exit", func() bool { return len(lazyGuards(t)) == 0 })
+}
+
+// lazyGuards lists the running lazy restore guards started by this test process.
+func lazyGuards(t *testing.T) []int {
+	var out []int
+	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range cmdlines {
+		b, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(string(b), "\x00"+GuardSubcommand+"\x00") {
+			continue
+		}
+		var pid int
+		if _, err := fmt.Sscanf(p, "/proc/%d/cmdline", &pid); err != nil {
+			continue
+		}
+		if _, ppid, err := procState(pid); err == nil && ppid == os.Getpid() {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// noGuard plays a lazy restore without a guard (STASIS_TEST_NO_GUARD=1): the agent-death test
+// must then fail, which shows that it is the guard that saves the app.
+func noGuard(int, int, []*os.File) (*lazyGuard, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	r.Close()
+	return &lazyGuard{control: w, done: make(chan struct{})}, nil
+}
+
+// vanish plays the agent's death during the transfer: its copies of the userfaultfds close, its
+// daemon and page server die, and it does nothing more; hold later, the guard's control pipe
+// closes as the agent's last descriptor goes (hold widens the moment in which the app, were its
+// missing ranges no longer registered, would read zeros).
+func (l *lazyRestore) vanish(hold time.Duration) {
+	close(l.dead)
+	for _, f := range l.uffds {
+		f.Close()
+	}
+	l.daemon.Stop()
+	l.ps.Close()
+	time.Sleep(hold)
+	l.guard.control.Close()
+}
+
+// The agent dies (kill -9, OOM, a DaemonSet rollout) while the app reads its heap and pages are
+// missing: the guard, which lives in the app container's cgroups and still holds the
+// userfaultfds, kills the app; the app never reads a zero page in place of its own. Run with
+// STASIS_TEST_NO_GUARD=1 it fails: the app runs on over zero pages.
+func TestLazyRestoreAgentDeathKillsApp(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour})
+	require.NoError(t, r.agent.noLazy)
+	r.serveLocal()
+	id, _, cmd := dumpHeap(t, r, 128)
+	release := make(chan struct{})
+	defer close(release)
+	orig := openImages
+	openImages = func(d *os.File, m *checkpoint.Manifest, k *checkpoint.KeyRing) (checkpoint.ImageReaderAt, func(), error) {
+		src, done, err := orig(d, m, k)
+		return stallingChunk{src, 32 << 20, 96 << 20, release}, done, err
+	}
+	resumed := make(chan *lazyRestore, 1)
+	lazyResumed = func(l *lazyRestore) { resumed <- l }
+	if os.Getenv("STASIS_TEST_NO_GUARD") == "1" {
+		startGuard = noGuard
+	}
+	t.Cleanup(func() { openImages, lazyResumed, startGuard = orig, func(*lazyRestore) {}, startLazyGuard })
+
+	c := r.restoreContainer("app", id, cmd...)
+	c.waitOutput("restored; supervising the restored tree")
+	l := <-resumed
+	if l.guard.cmd != nil {
+		// In the app container's cgroups (its own pids cgroup here), not the agent's.
+		assert.Equal(t, cgroups(t, c.launcherPID()), cgroups(t, l.guard.cmd.Process.Pid))
+		assert.NotEqual(t, cgroups(t, os.Getpid()), cgroups(t, l.guard.cmd.Process.Pid))
+	}
+	root, err := appRoot(c.launcherPID())
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(root, syscall.SIGUSR1)) // reads the whole heap: blocks on the stalled pages
+	time.Sleep(200 * time.Millisecond)
+	l.vanish(time.Second)
+	select {
+	case <-c.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the app was not killed: %s", c.out.String())
+	}
+	assert.NotContains(t, c.out.String(), "ballast BAD", "the app never read a zero page in place of its own")
+	assert.NotContains(t, c.out.String(), "ballast ok")
+	assert.NotContains(t, r.logs.String(), "the app was killed", "the dead agent did not kill it: the guard did")
+	// Without the guard the app crashes on its own (a Go runtime reading zeros where its heap
+	// was: "unexpected signal during runtime execution", exit 2): it ran on wrong memory.
+	assert.Equal(t, 128+int(syscall.SIGKILL), c.status.ExitStatus(), "the app was SIGKILLed before it could run on wrong memory")
+	assert.False(t, strings.Contains(c.out.String(), "unexpected signal"), "the app crashed on zero pages")
+	waitFor(t, 10*time.Second, "the guard's exit", func() bool { return len(lazyGuards(t)) == 0 })
 }

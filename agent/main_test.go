@@ -42,6 +42,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	stasisBin = filepath.Join(dir, "stasis")
+	guardBinary = stasisBin // the agent's own binary is this test binary: the guard is stasis's
 	counterBin = filepath.Join(dir, "counter")
 	callerBin = filepath.Join(dir, "localcaller")
 	for _, b := range [][2]string{{stasisBin, "github.com/stasis-k8s/stasis"}, {counterBin, "./testdata/counter"}, {callerBin, "./testdata/localcaller"}} {

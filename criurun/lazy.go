@@ -262,26 +262,30 @@ func (l *LazyPages) HoldUserfaultfds(want int, started func() bool, within time.
 	for {
 		select {
 		case <-l.done:
-			return nil, nil // it has finished (or failed: the caller sees it from the page server)
+			return nil, l.exitedEarly()
 		default:
 		}
 		if fds := userfaultfds(pid); len(fds) >= want || started() {
-			out, err := dupFrom(pid, fds)
-			if errors.Is(err, unix.ESRCH) {
-				// It exited between the listing and the pidfd: a small app's pages all went in
-				// one go (or it failed, which the caller sees from the page server).
-				select {
-				case <-l.done:
-					return nil, nil
-				case <-time.After(within):
-				}
+			held, err := dupFrom(pid, fds)
+			if errors.Is(err, unix.ESRCH) { // it exited meanwhile
+				<-l.done
+				return nil, l.exitedEarly()
 			}
-			return out, err
+			return held, err
 		} else if time.Now().After(deadline) {
 			return nil, fmt.Errorf("criu lazy-pages holds %d userfaultfds after %s, want %d", len(fds), within, want)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
+}
+
+// exitedEarly is HoldUserfaultfds' verdict on a daemon that exited before its descriptors were
+// held: nil if it exited cleanly (every page was in), else why: the app must not resume.
+func (l *LazyPages) exitedEarly() error {
+	if l.err != nil {
+		return fmt.Errorf("criu lazy-pages exited before its userfaultfds were held: %v", l.err)
+	}
+	return nil
 }
 
 // userfaultfds lists the userfaultfd descriptors of process pid.
