@@ -68,6 +68,9 @@ func liveChunks(dir *os.File) (map[string]bool, error) {
 	for _, id := range ids {
 		m, err := readManifestAt(dir, id)
 		if err != nil {
+			if _, lerr := confine.Lstat(dir, id); errors.Is(lerr, unix.ENOENT) {
+				continue // pruned meanwhile by another prune: its chunks are not live
+			}
 			return nil, fmt.Errorf("sweeping chunks: checkpoint %s: %w", id, err)
 		}
 		if m == nil || m.Pack == nil || m.Pack.validate() != nil {
