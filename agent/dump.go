@@ -124,7 +124,7 @@ func (d *dump) open(ctx context.Context, id string) error {
 	if d.dir, err = confine.MkdirAll(d.root, d.c.Dir, 0o700); err != nil {
 		return fmt.Errorf("checkpoint directory %s in the container: %w", d.c.Dir, err)
 	}
-	d.makeRoom()
+	d.makeRoom(ctx)
 	if d.w, err = checkpoint.BeginAt(d.dir, id); err != nil {
 		return fmt.Errorf("checkpoint directory %s in the container: %w", d.c.Dir, err)
 	}

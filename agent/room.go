@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"fmt"
 
 	"golang.org/x/sys/unix"
@@ -19,7 +20,7 @@ const roomMargin = 0.25
 
 // makeRoom prunes the container's older checkpoints before the dump when the volume's free space
 // is below what the last checkpoint took, plus a margin.
-func (d *dump) makeRoom() {
+func (d *dump) makeRoom(ctx context.Context) {
 	need, err := checkpoint.NewestSize(d.dir)
 	if err != nil || need == 0 {
 		return
@@ -29,7 +30,7 @@ func (d *dump) makeRoom() {
 	if err != nil || free >= want {
 		return
 	}
-	if err := checkpoint.PruneAt(d.dir, 1, d.a.cfg.Now().Add(-d.a.cfg.DumpTimeout)); err != nil {
+	if err := checkpoint.MakeRoom(ctx, d.dir, d.a.cfg.Now().Add(-d.a.cfg.DumpTimeout)); err != nil {
 		d.log.Warn().Err(err).Msg("pruning older checkpoints to make room")
 		return
 	}

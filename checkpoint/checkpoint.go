@@ -18,6 +18,7 @@
 package checkpoint
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -277,6 +278,26 @@ func PruneAt(dir *os.File, keep int, staleBefore time.Time) error {
 		return fmt.Errorf("pruning %s: %s", dir.Name(), strings.Join(errs, "; "))
 	}
 	return nil
+}
+
+// MakeRoom is PruneAt keeping only the newest checkpoint, for a dump about to start on a volume
+// short of room: its sweep waits (until ctx ends) for a sweep or a dump that holds the chunk
+// store instead of skipping, since the space of the pruned checkpoints is in their chunks.
+func MakeRoom(ctx context.Context, dir *os.File, staleBefore time.Time) error {
+	if err := PruneAt(dir, 1, staleBefore); err != nil {
+		return err
+	}
+	for {
+		swept, err := trySweep(dir, staleBefore)
+		if err != nil || swept {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("making room in %s: the chunk store stayed busy: %w", dir.Name(), ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 }
 
 // removeEntry renames name out of the way first, so that a checkpoint is never seen half removed

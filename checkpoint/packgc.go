@@ -23,28 +23,35 @@ import (
 // A manifest that cannot be parsed references nothing (such a checkpoint is never restored); one
 // that cannot be read stops the sweep. Only regular files are removed; nothing is followed.
 func sweepChunks(dir *os.File, staleBefore time.Time) error {
+	_, err := trySweep(dir, staleBefore)
+	return err
+}
+
+// trySweep is sweepChunks reporting whether it swept: false when a dump or another sweep holds
+// the store, or a dump is in progress.
+func trySweep(dir *os.File, staleBefore time.Time) (bool, error) {
 	chunks, err := confine.OpenEntry(dir, chunksDir, unix.O_RDONLY|unix.O_DIRECTORY)
 	if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
-		return nil // no store, or something a pod planted there (not followed)
+		return true, nil // no store, or something a pod planted there (not followed)
 	}
 	if err != nil {
-		return fmt.Errorf("chunk store: %w", err)
+		return false, fmt.Errorf("chunk store: %w", err)
 	}
 	defer chunks.Close()
 	if err := unix.Flock(int(chunks.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		if err == unix.EWOULDBLOCK {
-			return nil // a dump in progress
+			return false, nil // a dump in progress
 		}
-		return fmt.Errorf("locking the chunk store: %w", err)
+		return false, fmt.Errorf("locking the chunk store: %w", err)
 	}
 	if dumpInProgress(dir, staleBefore) {
-		return nil
+		return false, nil
 	}
 	live, err := liveChunks(dir)
 	if err != nil {
-		return err
+		return false, err
 	}
-	return sweepUnmarked(chunks, live)
+	return true, sweepUnmarked(chunks, live)
 }
 
 // dumpInProgress reports a .tmp- checkpoint younger than staleBefore in dir.
