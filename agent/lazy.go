@@ -83,6 +83,9 @@ func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target,
 		return 0, fmt.Errorf("%w: %v", errLazyUnavailable, err)
 	}
 	l := &lazyRestore{a: a, log: log, work: work, start: start, m: plan.m, dead: make(chan struct{})}
+	if fd, err := unix.Dup(int(plan.cdir.Fd())); err == nil {
+		l.cdir = os.NewFile(uintptr(fd), plan.cdir.Name())
+	}
 	defer func() {
 		if !l.handedOver {
 			l.teardown()
@@ -146,7 +149,10 @@ func (a *Agent) observeFullRestore(d time.Duration) {
 
 // lazyRestore is one lazy restore's resources: they live until all pages are in (or it fails).
 type lazyRestore struct {
-	a          *Agent
+	a *Agent
+	// cdir is the container's checkpoint directory (a descriptor of the agent's own), where a
+	// checkpoint whose pages fail their check is quarantined.
+	cdir       *os.File
 	log        zerolog.Logger
 	m          *checkpoint.Manifest
 	work       string
@@ -388,6 +394,13 @@ func (l *lazyRestore) finish(host int) {
 		beforeLazyKill()
 		_ = criurun.SignalTree(host, syscall.SIGKILL)
 		l.a.cfg.Metrics.RestoreResults.WithLabelValues("killed-lazy").Inc()
+		if (errors.Is(err, criurun.ErrPagesUnverified) || l.pagesFailed()) && l.cdir != nil {
+			if qerr := checkpoint.Quarantine(l.cdir, l.m.ID); qerr != nil {
+				l.log.Warn().Err(qerr).Msg("could not take the corrupt checkpoint out of the candidates for restore")
+			} else {
+				l.log.Warn().Str("checkpoint", l.m.ID).Msg("corrupt checkpoint quarantined: the next start of this identity does not restore it")
+			}
+		}
 		l.log.Error().Err(err).Str("checkpoint", l.m.ID).Str("daemonLog", criurun.LogTail(l.work+"/lazy-pages.log", 8)).
 			Msg("lazy restore failed after the app resumed: the app was killed (it must not run on memory that is not its own); the container restarts and starts afresh or from another checkpoint")
 		return
@@ -407,6 +420,9 @@ var beforeLazyKill = func() {}
 
 // teardown stops the daemon and the page server and removes the private images.
 func (l *lazyRestore) teardown() {
+	if l.cdir != nil {
+		l.cdir.Close()
+	}
 	if l.daemon != nil {
 		l.daemon.Stop()
 	}

@@ -170,6 +170,16 @@ func TestLazyRestoreUnverifiedChunkKillsApp(t *testing.T) {
 	assert.NotContains(t, c.out.String(), "ballast ok")
 	assert.NotContains(t, c.out.String(), "ballast BAD", "the app never reads memory that is not its own")
 	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("killed-lazy")))
+	// Quarantined: the next start of the identity does not restore it again (and get killed again).
+	waitFor(t, 10*time.Second, "the checkpoint quarantined", func() bool {
+		_, err := os.Stat(filepath.Join(r.dir("app"), ".failed-"+id))
+		return err == nil
+	})
+	left, err := checkpoint.List(r.dir("app"))
+	require.NoError(t, err)
+	for _, e := range left {
+		assert.NotEqual(t, id, e.ID, "no longer a candidate for restore")
+	}
 	assert.Equal(t, uint64(0), histCount(t, r.agent.cfg.Metrics.RestoreSeconds, "complete"))
 	assert.Empty(t, lazyDaemons(t))
 }

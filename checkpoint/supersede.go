@@ -61,3 +61,18 @@ func superseded(dir *os.File, podUID string) bool {
 	_, err := confine.Lstat(dir, supersededPrefix+podUID)
 	return err == nil
 }
+
+// Quarantine takes complete checkpoint id of dir out of the candidates for restore, keeping it for
+// diagnosis as a failed one (.failed-<id>, pruned like failed dumps): a chunk of it failed its
+// check after the app had resumed (a lazy restore), and every later pod of the identity would
+// otherwise restore it again and be killed again.
+func Quarantine(dir *os.File, id string) error {
+	if !ValidID(id) {
+		return fmt.Errorf("quarantining checkpoint %q: not a checkpoint ID", id)
+	}
+	err := unix.Renameat2(int(dir.Fd()), id, int(dir.Fd()), failedPrefix+id, unix.RENAME_NOREPLACE)
+	if err != nil {
+		return fmt.Errorf("quarantining checkpoint %s: %w", id, err)
+	}
+	return dir.Sync()
+}

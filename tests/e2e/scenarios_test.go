@@ -197,12 +197,15 @@ func TestScenario5CheckpointFiles(t *testing.T) {
 }
 
 // Scenario 6: a checkpoint corrupted before the restore: the pod starts cold, an Event says why,
-// and the Job still completes.
+// and the Job still completes. The damage is found before the app resumes (the pod starts cold
+// and a RestoreFailed Event says why) or, when it is in memory a lazy restore serves after the
+// resume, when that memory is read: the app is killed (never run on memory that is not its own),
+// the checkpoint quarantined, and the Job's next pod starts cold.
 func TestScenario6CorruptCheckpoint(t *testing.T) {
 	ctx := context.Background()
 	ns := newNamespace(t, "s6")
 	const name = "counter"
-	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: name, Checkpoint: true, Args: []string{"--to=30"}})
+	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: name, Checkpoint: true, BackoffLimit: 1, Args: []string{"--to=30"}})
 	require.NoError(t, err)
 	old, err := env.WaitJobPod(ctx, ns, name, 3*time.Minute)
 	require.NoError(t, err)
@@ -220,10 +223,20 @@ func TestScenario6CorruptCheckpoint(t *testing.T) {
 
 	_, err = env.SetSuspend(ctx, ns, name, false)
 	require.NoError(t, err)
-	newPod, err := env.WaitJobPod(ctx, ns, name, 3*time.Minute, old)
-	require.NoError(t, err)
-	after, err := env.WaitCount(ctx, ns, newPod.Name, 0, time.Minute)
-	require.NoError(t, err)
+	seen := []*corev1.Pod{old}
+	var after harness.CounterOutput
+	var coldPod *corev1.Pod
+	for attempt := 0; attempt < 2 && coldPod == nil; attempt++ {
+		newPod, err := env.WaitJobPod(ctx, ns, name, 3*time.Minute, seen...)
+		require.NoError(t, err)
+		seen = append(seen, newPod)
+		if after, err = env.WaitCount(ctx, ns, newPod.Name, 0, time.Minute); err == nil {
+			coldPod = newPod
+			break
+		}
+		t.Logf("pod %s did not start cold (%v): a lazy restore met the damage after the resume; the next pod must", newPod.Name, err)
+	}
+	require.NotNil(t, coldPod, "a pod of the Job starts cold")
 	assert.Equal(t, 1, after.FreshStarts, "a corrupt checkpoint must give a cold start")
 	assert.Equal(t, 0, after.First(), "a cold start counts from 0")
 
@@ -235,11 +248,14 @@ func TestScenario6CorruptCheckpoint(t *testing.T) {
 	require.NoError(t, err)
 	var why []string
 	for _, ev := range evs.Items {
-		if ev.InvolvedObject.Name == newPod.Name && ev.Type == corev1.EventTypeWarning {
+		if ev.InvolvedObject.Name == coldPod.Name && ev.Type == corev1.EventTypeWarning {
 			why = append(why, ev.Reason+": "+ev.Message)
 		}
 	}
-	t.Logf("warning Events of %s: %q", newPod.Name, why)
+	t.Logf("warning Events of %s: %q", coldPod.Name, why)
+	if len(seen) > 2 {
+		return // the quarantined checkpoint is no candidate any more: the cold pod had nothing to restore
+	}
 	// The launcher reports the cold start to the agent, which records it on the pod.
 	var coldStart []string
 	for _, w := range why {
@@ -247,7 +263,7 @@ func TestScenario6CorruptCheckpoint(t *testing.T) {
 			coldStart = append(coldStart, w)
 		}
 	}
-	assert.NotEmpty(t, coldStart, "a RestoreFailed Event on %s must say why the checkpoint was not restored; got %q", newPod.Name, why)
+	assert.NotEmpty(t, coldStart, "a RestoreFailed Event on %s must say why the checkpoint was not restored; got %q", coldPod.Name, why)
 }
 
 // Scenario 7: a memory-heavy app (600 MiB touched) drains within the CRIU-bound time. Reports the
