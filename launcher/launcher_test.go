@@ -90,9 +90,10 @@ func TestFreezeWatchdog(t *testing.T) {
 		}
 		return 0
 	}
-	require.Eventually(t, func() bool { return size() > 0 }, 5*time.Second, 10*time.Millisecond, "the app runs")
+	// Bounds, not speed assertions: the unit tier runs beside the agent's CRIU tests on 2 cores.
+	require.Eventually(t, func() bool { return size() > 0 }, 30*time.Second, 10*time.Millisecond, "the app runs")
 	require.NoError(t, criurun.SignalTree(pid, syscall.SIGSTOP)) // as a dump leaves it
-	require.Eventually(t, func() bool { return Stopped(pid) }, 5*time.Second, 10*time.Millisecond)
+	require.Eventually(t, func() bool { return Stopped(pid) }, 30*time.Second, 10*time.Millisecond)
 	stoppedAt := size()
 	require.Eventually(t, func() bool { return !Stopped(pid) && size() > stoppedAt }, 30*time.Second, 50*time.Millisecond,
 		"the watchdog resumes the app and it runs on")
