@@ -165,8 +165,11 @@ func TestLazyRestoreUnverifiedChunkKillsApp(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatalf("the app was not killed: %s", c.out.String())
 	}
+	// The agent logs the kill after the container saw it: wait for the log, bounded.
+	waitFor(t, 10*time.Second, "the agent's log of the kill", func() bool {
+		return strings.Contains(r.logs.String(), "the app was killed")
+	})
 	assert.Contains(t, r.logs.String(), "lazy pages could not be served")
-	assert.Contains(t, r.logs.String(), "the app was killed")
 	assert.NotContains(t, c.out.String(), "ballast ok")
 	assert.NotContains(t, c.out.String(), "ballast BAD", "the app never reads memory that is not its own")
 	assert.Equal(t, 1.0, counterValue(t, r.agent.cfg.Metrics.RestoreResults.WithLabelValues("killed-lazy")))
