@@ -1,12 +1,12 @@
 package agent
 
 // Lazy restore (issue 16): the app resumes before all its memory is back. CRIU restores every
-// task with its anonymous private memory left to a `criu lazy-pages` daemon (criurun/lazy.go), and
-// the daemon asks the agent's page server (criurun/pageserver.go) for each page the app faults on
-// and, in the background, for all the others. The page server reads them from the checkpoint
-// through an ImageReaderAt, which verifies every chunk before returning it: no page the agent did
-// not verify is ever mapped. A chunk that does not verify leaves the app's faulting thread blocked
-// and the agent kills the restored tree: it never runs on wrong (or zero) memory.
+// task with its anonymous private memory left to the agent's lazy-pages daemon (criurun/uffd.go),
+// which fills each page the app faults on and, in the background, all the others. It reads them
+// from the checkpoint through an ImageReaderAt (criurun/pageserver.go), which verifies every chunk
+// before returning it: no page the agent did not verify is ever mapped. A chunk that does not
+// verify leaves the app's faulting thread blocked and the agent kills the restored tree: it never
+// runs on wrong (or zero) memory.
 
 import (
 	"context"
@@ -159,11 +159,10 @@ type lazyRestore struct {
 	start      time.Time
 	images, wd *os.File
 	tasks      map[uint64]*criurun.Pagemap
-	daemon     *criurun.LazyPages
+	daemon     *criurun.LazyDaemon
 	ps         *criurun.PageServer
-	served     chan error
 	closeSrc   func()
-	uffds      []*os.File // the agent's copies: see HoldUserfaultfds
+	uffds      []*os.File // copies for the guard
 	guard      *lazyGuard // kills the app if the agent dies before every page is in (guard.go)
 	handedOver bool
 	dead       chan struct{} // closed by a test playing the agent's death: it does nothing more
@@ -298,13 +297,10 @@ func imageNames(m *checkpoint.Manifest) []string {
 // the container and on the host, still stopped.
 func (l *lazyRestore) run(ctx context.Context, t Target, src checkpoint.ImageReaderAt, inherit []criurun.InheritFD, options []string) (int, int, error) {
 	var err error
-	l.daemon, err = l.a.cfg.Criu.StartLazyPages(l.images, l.wd, "lazy-pages.log")
-	if err != nil {
+	l.ps = criurun.NewPageServer(l.tasks, src)
+	if l.daemon, err = criurun.StartLazyDaemon(l.work, l.ps); err != nil {
 		return 0, 0, fmt.Errorf("%w: %v", errLazyUnavailable, err)
 	}
-	l.ps = criurun.NewPageServer(l.tasks, src)
-	l.served = make(chan error, 1)
-	go func() { l.served <- l.ps.Serve(l.daemon.Conn) }()
 	st, _ := criurun.StartTime(t.PID)
 	pid, err := criurun.Restore(ctx, criurun.RestoreOptions{
 		Bundle: l.a.cfg.Criu, Join: criurun.Join{PID: t.PID, StartTime: st, Cgroups: true},
@@ -326,28 +322,32 @@ func (l *lazyRestore) run(ctx context.Context, t Target, src checkpoint.ImageRea
 	if err != nil {
 		return 0, 0, criurun.LogError("restore", err, l.work+"/restore.log")
 	}
-	if l.uffds, err = l.daemon.HoldUserfaultfds(len(l.tasks), func() bool { return l.ps.Served() > 0 }, 5*time.Second); err != nil {
+	select { // sent before the restore returns
+	case <-l.daemon.Restored():
+	case <-time.After(5 * time.Second):
+		return 0, 0, fmt.Errorf("%w: the restore did not hand over all its tasks", errLazyUnavailable)
+	}
+	if l.uffds, err = l.daemon.Userfaultfds(); err != nil {
 		return 0, 0, fmt.Errorf("%w: %v", errLazyUnavailable, err)
 	}
 	return pid, host, nil
 }
 
-// pagesFailed says whether the page server stopped on pages it could not verify.
+// pagesFailed says whether the daemon stopped on pages it could not verify.
 func (l *lazyRestore) pagesFailed() bool {
 	select {
-	case err := <-l.served:
-		l.served <- err
-		return errors.Is(err, criurun.ErrPagesUnverified)
+	case <-l.daemon.Done():
+		return errors.Is(l.daemon.Err(), criurun.ErrPagesUnverified)
 	default:
 		return false
 	}
 }
 
-// finish waits until every page is in, then tears the daemon and the page server down. A page
-// that does not verify, a daemon that dies early or a transfer that outlasts the restore timeout
-// kills the restored tree: a task faulting on a page never delivered stays blocked, and memory
-// the daemon never filled would read as zeros once its userfaultfd is gone. An app that exits
-// meanwhile (its pod deleted) ends the transfer too.
+// finish waits until every page is in, then tells the guard and stops the daemon. A page that
+// does not verify, a userfaultfd that fails or a transfer that outlasts the restore timeout kills
+// the restored tree: a task faulting on a page never delivered stays blocked, and memory never
+// filled would read as zeros once the userfaultfds are gone. An app that exits meanwhile (its pod
+// deleted) ends the transfer too.
 func (l *lazyRestore) finish(host int) {
 	defer l.teardown()
 	exited := watchExit(host)
@@ -355,29 +355,9 @@ func (l *lazyRestore) finish(host int) {
 	defer timeout.Stop()
 	var err error
 	select {
-	case err = <-l.served:
-		if err == nil {
-			select { // the daemon exits once the session is closed
-			case <-l.daemon.Done():
-				err = l.daemon.Wait()
-			case <-time.After(10 * time.Second):
-				err = errors.New("criu lazy-pages did not exit after the last page")
-			}
-		}
+	case <-l.daemon.Complete():
 	case <-l.daemon.Done():
-		// It exits right after acknowledging the end of the session: the page server's result
-		// says whether that is what happened.
-		select {
-		case err = <-l.served:
-		case <-time.After(time.Second):
-			err = errors.New("the page server did not finish")
-		}
-		if err == nil {
-			err = l.daemon.Wait()
-		}
-		if err != nil {
-			err = fmt.Errorf("criu lazy-pages exited before every page was in: %v", err)
-		}
+		err = fmt.Errorf("the lazy-pages daemon stopped before every page was in: %w", l.daemon.Err())
 	case <-exited:
 		l.log.Info().Str("checkpoint", l.m.ID).Msg("the lazily restored app exited before all its memory was in")
 		return
@@ -401,16 +381,23 @@ func (l *lazyRestore) finish(host int) {
 				l.log.Warn().Str("checkpoint", l.m.ID).Msg("corrupt checkpoint quarantined: the next start of this identity does not restore it")
 			}
 		}
-		l.log.Error().Err(err).Str("checkpoint", l.m.ID).Str("daemonLog", criurun.LogTail(l.work+"/lazy-pages.log", 8)).
+		l.log.Error().Err(err).Str("checkpoint", l.m.ID).
 			Msg("lazy restore failed after the app resumed: the app was killed (it must not run on memory that is not its own); the container restarts and starts afresh or from another checkpoint")
 		return
 	}
+	// The guard closes its copies of the userfaultfds and exits; the daemon answers faults until
+	// then (a copy nobody reads would leave a fault unanswered).
 	l.guard.complete()
+	select {
+	case <-l.guard.done:
+	case <-time.After(10 * time.Second):
+		l.log.Warn().Msg("the lazy restore's guard did not exit after the last page")
+	}
 	done := time.Since(l.start)
 	l.a.cfg.Metrics.RestoreSeconds.WithLabelValues("complete").Observe(done.Seconds())
-	reqs, waited, reading, writing := l.ps.Timing()
-	l.log.Info().Str("checkpoint", l.m.ID).Float64("completeSeconds", done.Seconds()).Int64("lazyBytes", l.ps.Served()).
-		Int("requests", reqs).Float64("daemonSeconds", waited.Seconds()).Float64("readSeconds", reading.Seconds()).Float64("sendSeconds", writing.Seconds()).
+	bytes, faults, zeros, reading := l.daemon.Stats()
+	l.log.Info().Str("checkpoint", l.m.ID).Float64("completeSeconds", done.Seconds()).Int64("lazyBytes", bytes).
+		Int64("faults", faults).Int64("zeroPages", zeros).Float64("readSeconds", reading.Seconds()).
 		Msg("lazy restore complete: all memory present")
 }
 
@@ -423,14 +410,14 @@ func (l *lazyRestore) teardown() {
 	if l.cdir != nil {
 		l.cdir.Close()
 	}
-	if l.daemon != nil {
-		l.daemon.Stop()
-	}
 	if l.guard != nil {
 		l.guard.release() // after complete: nothing; else the guard kills what is left of the tree
 	}
 	for _, f := range l.uffds {
 		f.Close()
+	}
+	if l.daemon != nil {
+		l.daemon.Stop()
 	}
 	if l.ps != nil {
 		l.ps.Close()

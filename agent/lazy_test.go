@@ -89,23 +89,18 @@ func TestLazyRestoreHeapIntact(t *testing.T) {
 		left, _ := filepath.Glob(filepath.Join(restoreDir, "stasis-lazy-*"))
 		return len(left) == 0
 	})
-	assert.Empty(t, lazyDaemons(t), "no criu lazy-pages daemon outlives its restore")
+	assert.Empty(t, userfaultfds(t), "the agent holds no userfaultfd after the restore")
 	waitFor(t, 10*time.Second, "the guard's exit: none outlives a complete lazy restore", func() bool { return len(lazyGuards(t)) == 0 })
 	assert.Equal(t, 128+15, c.stop())
 }
 
-// lazyDaemons lists the running `criu lazy-pages` processes started by this test process.
-func lazyDaemons(t *testing.T) []string {
+// userfaultfds lists the userfaultfds open in this process (the agent's).
+func userfaultfds(t *testing.T) []string {
 	var out []string
-	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range cmdlines {
-		b, err := os.ReadFile(p)
-		if err != nil || !strings.Contains(string(b), "\x00lazy-pages\x00") {
-			continue
-		}
-		st, err := os.ReadFile(filepath.Join(filepath.Dir(p), "status"))
-		if err == nil && strings.Contains(string(st), fmt.Sprintf("\nPPid:\t%d\n", os.Getpid())) {
-			out = append(out, p)
+	fds, _ := filepath.Glob("/proc/self/fd/*")
+	for _, fd := range fds {
+		if target, err := os.Readlink(fd); err == nil && target == "anon_inode:[userfaultfd]" {
+			out = append(out, fd)
 		}
 	}
 	return out
@@ -184,7 +179,7 @@ func TestLazyRestoreUnverifiedChunkKillsApp(t *testing.T) {
 		assert.NotEqual(t, id, e.ID, "no longer a candidate for restore")
 	}
 	assert.Equal(t, uint64(0), histCount(t, r.agent.cfg.Metrics.RestoreSeconds, "complete"))
-	assert.Empty(t, lazyDaemons(t))
+	waitFor(t, 10*time.Second, "the daemon's userfaultfds closed", func() bool { return len(userfaultfds(t)) == 0 })
 }
 
 // A page the restore itself reads (the first chunk of each pages image: stacks and other non-lazy
@@ -346,51 +341,6 @@ func (r stallingReader) ReadAt(b []byte, off int64) (int, error) {
 	return r.ReaderAtCloser.ReadAt(b, off)
 }
 
-// The lazy-pages daemon dies (OOM, crash) while the app reads its heap and pages are missing: the
-// app is killed and never reads a zero page in place of its own (the agent holds copies of the
-// userfaultfds, so the kernel keeps the missing ranges registered until the app is gone).
-func TestLazyRestoreDaemonDeathKillsApp(t *testing.T) {
-	r := newRig(t, Config{FreezeTimeout: time.Hour})
-	require.NoError(t, r.agent.noLazy)
-	r.serveLocal()
-	id, _, cmd := dumpHeap(t, r, 128)
-	release := make(chan struct{})
-	defer close(release)
-	orig := openImages
-	openImages = func(d *os.File, m *checkpoint.Manifest, k *checkpoint.KeyRing) (checkpoint.ImageReaderAt, func(), error) {
-		src, done, err := orig(d, m, k)
-		return stallingChunk{src, 32 << 20, 96 << 20, release}, done, err
-	}
-	// The agent reacts to the daemon's death a second late: the app, if it could run on, would
-	// find zero pages where its heap is missing and say so.
-	beforeLazyKill = func() { time.Sleep(time.Second) }
-	t.Cleanup(func() { openImages, beforeLazyKill = orig, func() {} })
-
-	c := r.restoreContainer("app", id, cmd...)
-	c.waitOutput("restored; supervising the restored tree")
-	root, err := appRoot(c.launcherPID())
-	require.NoError(t, err)
-	require.NoError(t, syscall.Kill(root, syscall.SIGUSR1)) // reads the whole heap: blocks on the stalled pages
-	var daemons []string
-	waitFor(t, 10*time.Second, "the daemon", func() bool { daemons = lazyDaemons(t); return len(daemons) == 1 })
-	var pid int
-	_, err = fmt.Sscanf(daemons[0], "/proc/%d/cmdline", &pid)
-	require.NoError(t, err)
-	time.Sleep(200 * time.Millisecond)
-	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
-	select {
-	case <-c.done:
-	case <-time.After(30 * time.Second):
-		t.Fatalf("the app was not killed: %s", c.out.String())
-	}
-	// Without the agent's copies of the userfaultfds the app runs on over zero pages here: it
-	// either reports them or crashes on its own before the agent's kill.
-	assert.Contains(t, r.logs.String(), "the app was killed")
-	assert.NotContains(t, c.out.String(), "ballast BAD", "the app never read a zero page in place of its own")
-	assert.NotContains(t, c.out.String(), "ballast ok")
-	waitFor(t, 10*time.Second, "the guard's exit", func() bool { return len(lazyGuards(t)) == 0 })
-}
-
 // lazyGuards lists the running lazy restore guards started by this test process.
 func lazyGuards(t *testing.T) []int {
 	var out []int
@@ -422,8 +372,8 @@ func noGuard(int, int, []*os.File) (*lazyGuard, error) {
 	return &lazyGuard{control: w, done: make(chan struct{})}, nil
 }
 
-// vanish plays the agent's death during the transfer: its copies of the userfaultfds close, its
-// daemon and page server die, and it does nothing more; hold later, the guard's control pipe
+// vanish plays the agent's death during the transfer: its daemon (and the userfaultfds it holds)
+// and its page source stop, and it does nothing more; hold later, the guard's control pipe
 // closes as the agent's last descriptor goes (hold widens the moment in which the app, were its
 // missing ranges no longer registered, would read zeros).
 func (l *lazyRestore) vanish(hold time.Duration) {

@@ -3,10 +3,8 @@ package criurun
 // Lazy restore (issue 16), as CRIU builds it (criu/uffd.c): `criu restore --lazy-pages` restores
 // every task but leaves the runs its pagemaps mark PE_LAZY (anonymous private memory, which a
 // plain dump already marks) unpopulated and registered with a userfaultfd per task; it hands those
-// descriptors over the unix socket "lazy-pages.socket" of its work directory to a `criu
-// lazy-pages` daemon, which fills a page when a task faults on it and pulls every other one in the
-// background once the restore has finished, asking a page server for them (PS_IOV_GET, see
-// pageserver.go). When all pages are in, the daemon closes the page-server session and exits.
+// descriptors to a lazy-pages daemon (the agent's own: uffd.go), which fills a page when a task
+// faults on it and every other one in the background once the restore has finished.
 //
 // The restore itself still reads the non-lazy runs (stacks, file-backed private mappings, vDSO)
 // from the pages images, at their offsets: PrepareLazyPages writes those images sparse, with the
@@ -22,8 +20,6 @@ import (
 	"os/exec"
 	"regexp"
 	"strconv"
-	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -138,102 +134,6 @@ func writeSparsePages(src checkpoint.ImageReaderAt, dst *os.File, pm *Pagemap) e
 	return nil
 }
 
-// LazyPages is a running `criu lazy-pages` daemon and the agent's end of its page-server socket.
-type LazyPages struct {
-	// Conn is the page server's end: serve it with PageServer.Serve.
-	Conn *os.File
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
-}
-
-// StartLazyPages starts the daemon on the images (the same private directory the restore reads)
-// with work as its working directory (the restore's: the socket between them lives there), and
-// waits until it listens. The daemon runs in the agent's namespaces: it only reads images and
-// works on the userfaultfds the restore sends it. Its page server is the agent, over a socket pair
-// (--ps-socket): no port, nobody else can connect.
-func (b Bundle) StartLazyPages(images, work *os.File, logFile string) (*LazyPages, error) {
-	plugins, err := os.Open(b.Dir + "/" + bundlePlugins)
-	if err != nil {
-		return nil, fmt.Errorf("criu bundle: %w", err)
-	}
-	defer plugins.Close()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("page server socket: %w", err)
-	}
-	// A whole answer (up to 4 MiB of pages) fits in the socket: the daemon reads it without waiting
-	// on the server between pieces.
-	if unix.SetsockoptInt(fds[0], unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 8<<20) != nil {
-		_ = unix.SetsockoptInt(fds[0], unix.SOL_SOCKET, unix.SO_SNDBUF, 8<<20)
-	}
-	mine, theirs := os.NewFile(uintptr(fds[0]), "page-server"), os.NewFile(uintptr(fds[1]), "lazy-pages-ps")
-	defer theirs.Close()
-	statusR, statusW, err := os.Pipe()
-	if err != nil {
-		mine.Close()
-		return nil, err
-	}
-	defer statusR.Close()
-	// fds in the daemon: 3 plugins, 4 images, 5 work, 6 page server, 7 status.
-	argv := b.argv(3, "lazy-pages", "--page-server", "--ps-socket", "6", "-D", fdPath(4), "-W", fdPath(5),
-		"-o", logFile, "-v2", "--status-fd", "7")
-	var stderr bytes.Buffer
-	cmd := &exec.Cmd{Path: argv[0], Args: argv, Env: []string{NoBreakpointsEnv}, Stderr: &stderr,
-		ExtraFiles: []*os.File{plugins, images, work, theirs, statusW}}
-	err = cmd.Start()
-	statusW.Close()
-	if err != nil {
-		mine.Close()
-		return nil, fmt.Errorf("starting criu lazy-pages: %w", err)
-	}
-	l := &LazyPages{Conn: mine, cmd: cmd, done: make(chan struct{})}
-	go func() {
-		l.err = cmd.Wait()
-		if l.err != nil {
-			l.err = fmt.Errorf("criu lazy-pages: %w; stderr: %s", l.err, bytes.TrimSpace(stderr.Bytes()))
-		}
-		close(l.done)
-	}()
-	ready := make(chan error, 1)
-	go func() {
-		var b [1]byte
-		_, err := statusR.Read(b[:]) // CRIU writes one byte once it listens; EOF if it died
-		ready <- err
-	}()
-	select {
-	case err = <-ready:
-	case <-time.After(30 * time.Second):
-		err = errors.New("not listening after 30 s")
-	}
-	if err != nil {
-		l.Stop()
-		return nil, fmt.Errorf("criu lazy-pages did not start: %v (%v)", err, l.Wait())
-	}
-	return l, nil
-}
-
-// Done is closed when the daemon has exited.
-func (l *LazyPages) Done() <-chan struct{} { return l.done }
-
-// Wait waits for the daemon's exit and returns its error (nil: it transferred every page and
-// closed the page-server session).
-func (l *LazyPages) Wait() error {
-	<-l.done
-	return l.err
-}
-
-// Stop kills the daemon (if still running), waits for it and closes the page server's socket.
-func (l *LazyPages) Stop() {
-	select {
-	case <-l.done:
-	default:
-		_ = l.cmd.Process.Kill()
-		<-l.done
-	}
-	l.Conn.Close()
-}
-
 // copyRange copies n bytes at off from in to out; a read error is the source's (ErrPagesUnverified).
 func copyRange(out *os.File, in io.ReaderAt, off, n int64, buf []byte) error {
 	for n > 0 {
@@ -247,81 +147,4 @@ func copyRange(out *os.File, in io.ReaderAt, off, n int64, buf []byte) error {
 		off, n = off+int64(len(b)), n-int64(len(b))
 	}
 	return nil
-}
-
-// HoldUserfaultfds duplicates into the caller the daemon's userfaultfds. While a copy is open,
-// the kernel keeps a task's lazy ranges registered: should the daemon die, a task that faults on a
-// page not yet delivered stays blocked (until the agent kills it) instead of finding a zero page,
-// which is what a released userfaultfd leaves. The daemon receives one per task with memory (want)
-// before it serves anything, and closes each once all of that task's pages are in: so once it
-// holds want, or has served a page (started is true), those it holds are all that matter. Close
-// the copies once every page is in.
-func (l *LazyPages) HoldUserfaultfds(want int, started func() bool, within time.Duration) ([]*os.File, error) {
-	pid := l.cmd.Process.Pid
-	deadline := time.Now().Add(within)
-	for {
-		select {
-		case <-l.done:
-			return nil, l.exitedEarly()
-		default:
-		}
-		if fds := userfaultfds(pid); len(fds) >= want || started() {
-			held, err := dupFrom(pid, fds)
-			if errors.Is(err, unix.ESRCH) { // it exited meanwhile
-				<-l.done
-				return nil, l.exitedEarly()
-			}
-			return held, err
-		} else if time.Now().After(deadline) {
-			return nil, fmt.Errorf("criu lazy-pages holds %d userfaultfds after %s, want %d", len(fds), within, want)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
-// exitedEarly is HoldUserfaultfds' verdict on a daemon that exited before its descriptors were
-// held: nil if it exited cleanly (every page was in), else why: the app must not resume.
-func (l *LazyPages) exitedEarly() error {
-	if l.err != nil {
-		return fmt.Errorf("criu lazy-pages exited before its userfaultfds were held: %v", l.err)
-	}
-	return nil
-}
-
-// userfaultfds lists the userfaultfd descriptors of process pid.
-func userfaultfds(pid int) []int {
-	dir := fmt.Sprintf("/proc/%d/fd", pid)
-	entries, _ := os.ReadDir(dir)
-	var out []int
-	for _, e := range entries {
-		if t, err := os.Readlink(dir + "/" + e.Name()); err == nil && t == "anon_inode:[userfaultfd]" {
-			if n, err := strconv.Atoi(e.Name()); err == nil {
-				out = append(out, n)
-			}
-		}
-	}
-	return out
-}
-
-func dupFrom(pid int, fds []int) ([]*os.File, error) {
-	pfd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return nil, fmt.Errorf("pidfd of criu lazy-pages: %w", err)
-	}
-	defer unix.Close(pfd)
-	var out []*os.File
-	for _, fd := range fds {
-		n, err := unix.PidfdGetfd(pfd, fd, 0)
-		if err == unix.EBADF {
-			continue // closed meanwhile: that task has all its pages
-		}
-		if err != nil {
-			for _, f := range out {
-				f.Close()
-			}
-			return nil, fmt.Errorf("userfaultfd %d of criu lazy-pages: %w", fd, err)
-		}
-		out = append(out, os.NewFile(uintptr(n), "userfaultfd"))
-	}
-	return out, nil
 }

@@ -1,14 +1,9 @@
 package criurun
 
-// A page server for CRIU's lazy-pages daemon (lazy restore, issue 16), speaking the protocol of
-// criu/page-xfer.c: the daemon sends PS_IOV_GET {nr_pages, vaddr, dst_id = the task's PID in the
-// images} for pages its tasks fault on or that it pulls in the background; the server answers
-// PS_IOV_ADD_F {nr_pages (may be fewer than asked), vaddr, dst_id} followed by the pages, in the
-// order asked (the daemon matches answers to requests by order); PS_IOV_CLOSE ends the session
-// (all pages are in) and is acknowledged with an int32 0. Pages come from an ImageReaderAt, which
-// verifies every chunk against the signed manifest before returning it: a page that does not
-// verify is never sent, and the request stays unanswered (the faulting task stays blocked in the
-// kernel) until the caller kills the restored tree.
+// The pages of a lazy restore (issue 16): the tasks' pagemaps, and their lazy runs read from an
+// ImageReaderAt, which verifies every chunk against the signed manifest before returning it. A
+// page that does not verify is never given to the lazy-pages daemon (uffd.go): the task that
+// faulted on it stays blocked in the kernel until the caller kills the restored tree.
 
 import (
 	"bufio"
@@ -19,8 +14,6 @@ import (
 	"runtime"
 	"sort"
 	"sync"
-	"sync/atomic"
-	"time"
 
 	"google.golang.org/protobuf/encoding/protowire"
 
@@ -37,14 +30,6 @@ const (
 	peParent  = 1 << 0
 	peLazy    = 1 << 1
 	pePresent = 1 << 2
-
-	psIovAddF       = 6
-	psIovGet        = 7
-	psIovClose      = 0x1023
-	psIovForceClose = 0x1024
-	psCmdBits       = 16
-
-	psiSize = 32 // struct page_server_iov {u32 cmd; (pad); u64 nr_pages, vaddr, dst_id}
 )
 
 // PagemapEntry is one run of pages of a task, and where its data sits in the pages image.
@@ -200,7 +185,7 @@ func (p *Pagemap) find(vaddr uint64) (PagemapEntry, bool) {
 	return p.Entries[i], true
 }
 
-// PageServer serves the lazy pages of a restore's tasks.
+// PageServer reads the lazy pages of a restore's tasks, for the lazy-pages daemon.
 type PageServer struct {
 	tasks  map[uint64]*Pagemap // by PID in the images (dst_id)
 	images checkpoint.ImageReaderAt
@@ -208,18 +193,6 @@ type PageServer struct {
 	mu     sync.Mutex
 	pages  map[uint32]checkpoint.ReaderAtCloser
 	aheads map[uint32]*readAhead
-
-	served atomic.Int64 // bytes sent
-	// Where the session's time went: waiting for the daemon's next request, reading (and
-	// checking) pages, writing them to the daemon.
-	waited, reading, writing time.Duration
-	requests                 int
-}
-
-// Timing says how many requests were served and where the time went (waiting for the daemon,
-// reading and checking pages, sending them); valid once Serve has returned.
-func (s *PageServer) Timing() (requests int, waited, reading, writing time.Duration) {
-	return s.requests, s.waited, s.reading, s.writing
 }
 
 // NewPageServer serves the tasks' pagemaps (by PID in the images) from images.
@@ -227,64 +200,12 @@ func NewPageServer(tasks map[uint64]*Pagemap, images checkpoint.ImageReaderAt) *
 	return &PageServer{tasks: tasks, images: images, pages: map[uint32]checkpoint.ReaderAtCloser{}, aheads: map[uint32]*readAhead{}}
 }
 
-// Served is the number of page bytes sent so far.
-func (s *PageServer) Served() int64 { return s.served.Load() }
-
-// ErrPagesUnverified marks a page request answered by nothing because its pages did not verify (or
-// could not be read): the restored tree must not run on.
+// ErrPagesUnverified marks a fault answered by nothing because its pages did not verify (or could
+// not be read): the restored tree must not run on.
 var ErrPagesUnverified = errors.New("lazy pages could not be served")
 
-// Serve answers the daemon on conn until it closes the session (nil: every page it wanted was
-// sent) or something fails (an error; nothing more is written on conn, so the task that faulted
-// stays blocked until the caller kills it). The caller closes conn.
-func (s *PageServer) Serve(conn io.ReadWriter) error {
-	r := bufio.NewReader(conn)
-	w := bufio.NewWriterSize(conn, 1<<20)
-	var hdr [psiSize]byte
-	buf := make([]byte, 4<<20)
-	for {
-		t0 := time.Now()
-		if _, err := io.ReadFull(r, hdr[:]); err != nil {
-			return fmt.Errorf("page server: the lazy-pages daemon went away before the end of the session: %w", err)
-		}
-		t1 := time.Now()
-		s.waited += t1.Sub(t0)
-		cmd := binary.LittleEndian.Uint32(hdr[0:])
-		nr, vaddr, id := binary.LittleEndian.Uint64(hdr[8:]), binary.LittleEndian.Uint64(hdr[16:]), binary.LittleEndian.Uint64(hdr[24:])
-		switch cmd & (1<<psCmdBits - 1) {
-		case psIovGet:
-			data, n, err := s.read(id, vaddr, nr, buf)
-			if err != nil {
-				return fmt.Errorf("%w: task %d, %d pages at %#x: %v", ErrPagesUnverified, id, nr, vaddr, err)
-			}
-			t2 := time.Now()
-			s.reading += t2.Sub(t1)
-			buf = data[:cap(data)]
-			binary.LittleEndian.PutUint32(hdr[0:], psIovAddF|pePresent<<psCmdBits)
-			binary.LittleEndian.PutUint64(hdr[8:], n)
-			if _, err := w.Write(hdr[:]); err != nil {
-				return err
-			}
-			if _, err := w.Write(data); err != nil {
-				return err
-			}
-			if err := w.Flush(); err != nil {
-				return err
-			}
-			s.served.Add(int64(len(data)))
-			s.writing += time.Since(t2)
-			s.requests++
-		case psIovClose, psIovForceClose:
-			_, err := conn.Write([]byte{0, 0, 0, 0})
-			return err
-		default:
-			return fmt.Errorf("page server: unexpected command %#x from the lazy-pages daemon", cmd)
-		}
-	}
-}
-
 // read returns the verified pages [vaddr, vaddr+nr pages) of task id, or fewer when the run that
-// holds vaddr ends earlier (the protocol allows it).
+// holds vaddr ends earlier.
 func (s *PageServer) read(id, vaddr, nr uint64, buf []byte) ([]byte, uint64, error) {
 	pm, ok := s.tasks[id]
 	if !ok {

@@ -6,9 +6,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
-	"net"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -76,20 +74,9 @@ func TestParsePagemap(t *testing.T) {
 	assert.ErrorContains(t, err, "not a pagemap")
 }
 
-// psi is one struct page_server_iov.
-func psi(cmd uint32, nr, vaddr, id uint64) []byte {
-	b := make([]byte, psiSize)
-	binary.LittleEndian.PutUint32(b[0:], cmd)
-	binary.LittleEndian.PutUint64(b[8:], nr)
-	binary.LittleEndian.PutUint64(b[16:], vaddr)
-	binary.LittleEndian.PutUint64(b[24:], id)
-	return b
-}
-
-// The protocol of criu/page-xfer.c as the lazy-pages daemon speaks it: an answer per PS_IOV_GET,
-// cut at the end of the run; the session closed with an int32 0; a request for pages the
-// server must not serve (not lazy, unknown task) gets no answer at all and ends the session.
-func TestPageServerProtocol(t *testing.T) {
+// The page source serves lazy runs only, cut at the end of the run; pages the daemon must not get
+// (not lazy, unknown task) are an error.
+func TestPageServerRead(t *testing.T) {
 	pages := make([]byte, 6*PageSize)
 	for i := range pages {
 		pages[i] = byte(i / PageSize)
@@ -99,48 +86,29 @@ func TestPageServerProtocol(t *testing.T) {
 		{Vaddr: 0x10000, NrPages: 4, Flags: pePresent | peLazy},
 	})))
 	require.NoError(t, err)
-	serve := func() (net.Conn, chan error) {
-		s := NewPageServer(map[uint64]*Pagemap{42: pm}, memImages{"pages-1.img": pages})
-		a, b := net.Pipe()
-		done := make(chan error, 1)
-		go func() { done <- s.Serve(a); a.Close() }()
-		return b, done
-	}
-	c, done := serve()
-	_, err = c.Write(psi(psIovGet, 8, 0x11000, 42)) // 8 asked, 3 left in the run
+	s := NewPageServer(map[uint64]*Pagemap{42: pm}, memImages{"pages-1.img": pages})
+	defer s.Close()
+	data, n, err := s.read(42, 0x11000, 8, nil) // 8 asked, 3 left in the run
 	require.NoError(t, err)
-	hdr := make([]byte, psiSize)
-	_, err = io.ReadFull(c, hdr)
-	require.NoError(t, err)
-	assert.Equal(t, uint32(psIovAddF|pePresent<<psCmdBits), binary.LittleEndian.Uint32(hdr))
-	assert.Equal(t, uint64(3), binary.LittleEndian.Uint64(hdr[8:]))
-	assert.Equal(t, uint64(0x11000), binary.LittleEndian.Uint64(hdr[16:]))
-	assert.Equal(t, uint64(42), binary.LittleEndian.Uint64(hdr[24:]))
-	data := make([]byte, 3*PageSize)
-	_, err = io.ReadFull(c, data)
-	require.NoError(t, err)
+	assert.Equal(t, uint64(3), n)
 	assert.Equal(t, pages[3*PageSize:6*PageSize], data, "run 2 starts at image page 2; 0x11000 is its second page")
-	_, err = c.Write(psi(psIovClose, 0, 0, 0))
-	require.NoError(t, err)
-	ack := make([]byte, 4)
-	_, err = io.ReadFull(c, ack)
-	require.NoError(t, err)
-	assert.Equal(t, []byte{0, 0, 0, 0}, ack)
-	require.NoError(t, <-done)
+	_, _, err = s.read(42, 0x1000, 1, nil)
+	assert.ErrorContains(t, err, "no lazy pages", "a run CRIU restores itself")
+	_, _, err = s.read(7, 0x10000, 1, nil)
+	assert.ErrorContains(t, err, "no pagemap")
+}
 
-	for _, bad := range [][]byte{psi(psIovGet, 1, 0x1000, 42), psi(psIovGet, 1, 0x10000, 7), psi(99, 0, 0, 0)} {
-		c, done := serve()
-		_, err = c.Write(bad)
-		require.NoError(t, err)
-		select {
-		case err := <-done:
-			assert.Error(t, err)
-		case <-time.After(5 * time.Second):
-			t.Fatal("the server neither answered nor stopped")
-		}
-		n, _ := c.Read(make([]byte, 1))
-		assert.Zero(t, n, "nothing is written for a request that cannot be served")
-	}
+// The daemon's book of missing runs: what went in, was unmapped or moved.
+func TestLazySpans(t *testing.T) {
+	task := &lazyTask{spans: []span{{0x10000, 0x20000, 0x10000}, {0x30000, 0x31000, 0x30000}}}
+	assert.Equal(t, 0, task.find(0x1f000))
+	assert.Equal(t, -1, task.find(0x20000))
+	task.drop(0x12000, 0x14000) // a copy, or madvise(DONTNEED), in the middle of a run
+	assert.Equal(t, []span{{0x10000, 0x12000, 0x10000}, {0x14000, 0x20000, 0x14000}, {0x30000, 0x31000, 0x30000}}, task.spans)
+	task.remap(0x14000, 0x50000, 0x2000) // mremap of part of a run: its image address travels
+	assert.Equal(t, []span{{0x10000, 0x12000, 0x10000}, {0x16000, 0x20000, 0x16000}, {0x30000, 0x31000, 0x30000}, {0x50000, 0x52000, 0x14000}}, task.spans)
+	task.remap(0x50000, 0x30000, 0x2000) // onto a run: what was there is gone
+	assert.Equal(t, []span{{0x10000, 0x12000, 0x10000}, {0x16000, 0x20000, 0x16000}, {0x30000, 0x32000, 0x14000}}, task.spans)
 }
 
 // Read-ahead returns what the image holds, for sequential and random readers alike, and an error

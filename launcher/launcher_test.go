@@ -17,6 +17,23 @@ import (
 	"github.com/stasis-k8s/stasis/criurun"
 )
 
+// TestMain lets a test run this binary as a ticking app (STASIS_TEST_TICKS=file): one process
+// appending a line every 50 ms, with no children.
+func TestMain(m *testing.M) {
+	if path := os.Getenv("STASIS_TEST_TICKS"); path != "" {
+		for {
+			f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+			if err != nil {
+				os.Exit(3)
+			}
+			_, _ = f.WriteString("x\n")
+			f.Close()
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	os.Exit(m.Run())
+}
+
 func TestCombineEntrypoint(t *testing.T) {
 	tests := []struct {
 		name string
@@ -76,7 +93,13 @@ func TestReservePIDs(t *testing.T) {
 // the limit has passed, unless the pod is being deleted (SIGTERM seen).
 func TestFreezeWatchdog(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "ticks")
-	pid, err := startApp([]string{"sh", "-c", `while :; do echo x >> "$0"; sleep 0.05; done`, out})
+	// An app without children: a shell loop forks `sleep`, and a child forked between the listing
+	// of the tree and the SIGSTOP runs on and exits; its exit makes the kernel send SIGHUP and
+	// SIGCONT to the app's orphaned, stopped process group (the app runs in a session of its own),
+	// and the SIGHUP ends the shell.
+	t.Setenv("STASIS_TEST_TICKS", out)
+	pid, err := startApp([]string{os.Args[0]})
+	os.Unsetenv("STASIS_TEST_TICKS")
 	require.NoError(t, err)
 	// Long enough for the test to see the stop on a loaded machine before the watchdog ends it.
 	s := &supervisor{log: zerolog.Nop(), sigs: make(chan os.Signal, 1), watchdog: 8 * time.Second}
