@@ -2,9 +2,9 @@ package agent
 
 // The lazy restore's guard: a process that outlives the agent. While a lazily restored app still
 // misses memory, the only thing that keeps a fault on a missing page from completing with a zero
-// page is an open userfaultfd: the daemon's, the agent's copies (HoldUserfaultfds) and the
-// guard's. If the agent dies (a DaemonSet rollout, an OOM kill, kill -9), its copies and its
-// daemon go with it; the guard's stay open, the app's faulting threads stay blocked, and the
+// page is an open userfaultfd: the agent's (its lazy-pages daemon's) and the guard's copies. If
+// the agent dies (a DaemonSet rollout, an OOM kill, kill -9), its descriptors go with it; the
+// guard's stay open, the app's faulting threads stay blocked, and the
 // guard, seeing the agent's end of its control pipe close without the "complete" byte, kills the
 // restored tree before it closes them. It lives in the app container's cgroups, not the agent's:
 // the teardown of the agent's container does not reach it, the app's does.

@@ -185,7 +185,7 @@ func (l *lazyRestore) vanished() bool {
 }
 
 // prepare writes the private images directory: every image verified, the tasks' pages images
-// sparse (their lazy runs stay with the page server).
+// sparse (their lazy runs stay with the lazy-pages daemon).
 func (l *lazyRestore) prepare(src checkpoint.ImageReaderAt) error {
 	dir := filepath.Join(l.work, checkpoint.ImagesDir)
 	if err := os.Mkdir(dir, 0o700); err != nil {
@@ -293,7 +293,7 @@ func imageNames(m *checkpoint.Manifest) []string {
 	return out
 }
 
-// run starts the daemon and the page server and restores; it returns the restored root's PID in
+// run starts the lazy-pages daemon and restores; it returns the restored root's PID in
 // the container and on the host, still stopped.
 func (l *lazyRestore) run(ctx context.Context, t Target, src checkpoint.ImageReaderAt, inherit []criurun.InheritFD, options []string) (int, int, error) {
 	var err error
@@ -405,7 +405,7 @@ func (l *lazyRestore) finish(host int) {
 // the kill, to show that the app does not run on meanwhile.
 var beforeLazyKill = func() {}
 
-// teardown stops the daemon and the page server and removes the private images.
+// teardown stops the daemon, closes the pages and removes the private images.
 func (l *lazyRestore) teardown() {
 	if l.cdir != nil {
 		l.cdir.Close()

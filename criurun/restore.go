@@ -34,8 +34,8 @@ type RestoreOptions struct {
 	Inherit []InheritFD
 	// Extra are the user's restore options (restore-advanced-options), already checked.
 	Extra []string
-	// LazyPages: leave the lazy runs to a `criu lazy-pages` daemon already listening in WorkDir
-	// (StartLazyPages); the pages images hold the other runs only (PrepareLazyPages).
+	// LazyPages: leave the lazy runs to a lazy-pages daemon already listening in WorkDir
+	// (StartLazyDaemon); the pages images hold the other runs only (PrepareLazyPages).
 	LazyPages bool
 }
 
