@@ -22,6 +22,7 @@ import (
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
+	"github.com/stasis-k8s/stasis/agentapi"
 	"github.com/stasis-k8s/stasis/checkpoint"
 	"github.com/stasis-k8s/stasis/criurun"
 	"github.com/stasis-k8s/stasis/internal/confine"
@@ -76,13 +77,14 @@ var openImages = func(dir *os.File, m *checkpoint.Manifest, ring *checkpoint.Key
 // restoreLazily restores the container lazily and resumes it; the rest of its memory arrives in
 // the background (finishLazy). An error wrapping errLazyUnavailable: nothing was resumed, the
 // caller restores fully instead.
-func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target, plan *restorePlan, inherit []criurun.InheritFD, options []string) (int, error) {
+func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target, plan *restorePlan, inherit []criurun.InheritFD, req agentapi.RestoreRequest) (int, error) {
+	options := req.Options
 	start := time.Now()
 	work, err := os.MkdirTemp(a.cfg.RestoreDir, "stasis-lazy-")
 	if err != nil {
 		return 0, fmt.Errorf("%w: %v", errLazyUnavailable, err)
 	}
-	l := &lazyRestore{a: a, log: log, work: work, start: start, m: plan.m, dead: make(chan struct{})}
+	l := &lazyRestore{a: a, log: log, work: work, start: start, m: plan.m, launcher: t.PID, req: req, dead: make(chan struct{})}
 	if fd, err := unix.Dup(int(plan.cdir.Fd())); err == nil {
 		l.cdir = os.NewFile(uintptr(fd), plan.cdir.Name())
 	}
@@ -126,7 +128,12 @@ func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target,
 	log.Info().Str("checkpoint", plan.m.ID).Float64("resumedSeconds", resumed.Seconds()).Msg("restored lazily: the app runs, its memory arrives in the background")
 	l.handedOver = true
 	lazyResumed(l)
-	go l.finish(host)
+	ended := a.lazyStarted(t.PID)
+	go func() {
+		l.finish(host)
+		l.teardown()
+		ended()
+	}()
 	return pid, nil
 }
 
@@ -149,7 +156,9 @@ func (a *Agent) observeFullRestore(d time.Duration) {
 
 // lazyRestore is one lazy restore's resources: they live until all pages are in (or it fails).
 type lazyRestore struct {
-	a *Agent
+	a        *Agent
+	launcher int // the container's PID 1 (host PID), which the restored tree runs under
+	req      agentapi.RestoreRequest
 	// cdir is the container's checkpoint directory (a descriptor of the agent's own), where a
 	// checkpoint whose pages fail their check is quarantined.
 	cdir       *os.File
@@ -349,7 +358,6 @@ func (l *lazyRestore) pagesFailed() bool {
 // filled would read as zeros once the userfaultfds are gone. An app that exits meanwhile (its pod
 // deleted) ends the transfer too.
 func (l *lazyRestore) finish(host int) {
-	defer l.teardown()
 	exited := watchExit(host)
 	timeout := time.NewTimer(l.a.cfg.RestoreTimeout)
 	defer timeout.Stop()
@@ -372,6 +380,7 @@ func (l *lazyRestore) finish(host int) {
 	}
 	if err != nil {
 		beforeLazyKill()
+		l.a.recordKilledLazy(l.launcher, agentapi.RestoreOutcome{Killed: true, CheckpointID: l.m.ID, Message: err.Error()})
 		_ = criurun.SignalTree(host, syscall.SIGKILL)
 		l.a.cfg.Metrics.RestoreResults.WithLabelValues("killed-lazy").Inc()
 		if (errors.Is(err, criurun.ErrPagesUnverified) || l.pagesFailed()) && l.cdir != nil {
@@ -382,7 +391,11 @@ func (l *lazyRestore) finish(host int) {
 			}
 		}
 		l.log.Error().Err(err).Str("checkpoint", l.m.ID).
-			Msg("lazy restore failed after the app resumed: the app was killed (it must not run on memory that is not its own); the container restarts and starts afresh or from another checkpoint")
+			Msg("lazy restore failed after the app resumed: the app was killed (it must not run on memory that is not its own); its launcher starts it afresh")
+		if l.a.cfg.Events != nil && l.req.Pod.Name != "" {
+			l.a.cfg.Events.PodEvent(context.Background(), l.req.Pod, true, "RestoreFailed", fmt.Sprintf(
+				"container %s: checkpoint %s: the lazy restore failed after the app resumed (%v): the app was killed before it could run on memory that is not its own and starts afresh; the checkpoint is set aside", l.req.Container, l.m.ID, err))
+		}
 		return
 	}
 	// The guard closes its copies of the userfaultfds and exits; the daemon answers faults until
@@ -401,6 +414,77 @@ func (l *lazyRestore) finish(host int) {
 		Msg("lazy restore complete: all memory present")
 }
 
+// launcherKey is a process, its PID and start time: a reused PID is another key.
+type launcherKey struct {
+	pid   int
+	start uint64
+}
+
+// recordKilledLazy remembers that the agent killed the tree restored under launcher, for the
+// launcher to ask (TakeRestoreOutcome). Records of launchers gone meanwhile are dropped.
+func (a *Agent) recordKilledLazy(launcher int, o agentapi.RestoreOutcome) {
+	st, err := criurun.StartTime(launcher)
+	if err != nil {
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for k := range a.killedLazy {
+		if s, err := criurun.StartTime(k.pid); err != nil || s != k.start {
+			delete(a.killedLazy, k)
+		}
+	}
+	if a.killedLazy == nil {
+		a.killedLazy = map[launcherKey]agentapi.RestoreOutcome{}
+	}
+	a.killedLazy[launcherKey{launcher, st}] = o
+}
+
+// lazyStarted registers a lazy restore under launcher until the returned func is called (after
+// its teardown).
+func (a *Agent) lazyStarted(launcher int) func() {
+	st, _ := criurun.StartTime(launcher)
+	k, done := launcherKey{launcher, st}, make(chan struct{})
+	a.mu.Lock()
+	if a.lazyActive == nil {
+		a.lazyActive = map[launcherKey]chan struct{}{}
+	}
+	a.lazyActive[k] = done
+	a.mu.Unlock()
+	return func() {
+		a.mu.Lock()
+		delete(a.lazyActive, k)
+		a.mu.Unlock()
+		close(done)
+	}
+}
+
+// TakeRestoreOutcome returns (once) what became of the tree restored under the caller: killed by
+// the agent, or not. A lazy restore still tearing down (its guard killing what is left of the
+// tree) is waited for, within ctx: the caller may start the app afresh once it has the answer.
+func (a *Agent) TakeRestoreOutcome(ctx context.Context, callerPID int) (agentapi.RestoreOutcome, error) {
+	st, err := criurun.StartTime(callerPID)
+	if err != nil {
+		return agentapi.RestoreOutcome{}, nil
+	}
+	k := launcherKey{callerPID, st}
+	a.mu.Lock()
+	active := a.lazyActive[k]
+	a.mu.Unlock()
+	if active != nil {
+		select {
+		case <-active:
+		case <-ctx.Done():
+			return agentapi.RestoreOutcome{}, fmt.Errorf("the lazy restore is still ending: %w", ctx.Err())
+		}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	o := a.killedLazy[k]
+	delete(a.killedLazy, k)
+	return o, nil
+}
+
 // beforeLazyKill is a test's hook: it widens the moment between a failure (the daemon's death) and
 // the kill, to show that the app does not run on meanwhile.
 var beforeLazyKill = func() {}
@@ -412,6 +496,14 @@ func (l *lazyRestore) teardown() {
 	}
 	if l.guard != nil {
 		l.guard.release() // after complete: nothing; else the guard kills what is left of the tree
+		if l.guard.cmd != nil && !l.vanished() {
+			// Before the launcher may start the app afresh (TakeRestoreOutcome waits for this):
+			// the guard kills every process below the launcher.
+			select {
+			case <-l.guard.done:
+			case <-time.After(15 * time.Second):
+			}
+		}
 	}
 	for _, f := range l.uffds {
 		f.Close()

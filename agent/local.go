@@ -124,6 +124,7 @@ func (l *Local) Handler() http.Handler {
 	mux.HandleFunc("POST "+agentapi.LocalPathRestore, l.guard(l.restore))
 	mux.HandleFunc("POST "+agentapi.LocalPathCheckpoint, l.guard(l.checkpoint))
 	mux.HandleFunc("POST "+agentapi.LocalPathConsumed, l.guard(l.consumed))
+	mux.HandleFunc("GET "+agentapi.LocalPathRestoreOutcome, l.guard(l.restoreOutcome))
 	return mux
 }
 
@@ -302,6 +303,19 @@ func (l *Local) consumed(w http.ResponseWriter, r *http.Request, id identity) {
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// restoreOutcome tells the caller whether the agent killed the tree it restored under it.
+func (l *Local) restoreOutcome(w http.ResponseWriter, r *http.Request, id identity) {
+	ctx, cancel := context.WithTimeout(r.Context(), 20*time.Second)
+	defer cancel()
+	_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(30 * time.Second))
+	o, err := l.a.TakeRestoreOutcome(ctx, id.PID)
+	if err != nil {
+		writeError(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, o)
 }
 
 // localListener identifies each connection as it is accepted and enforces the per-pod

@@ -105,7 +105,7 @@ func (a *Agent) restore(ctx context.Context, log zerolog.Logger, t Target, req a
 	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	start := time.Now()
-	pid, err = a.restoreContainer(rctx, log, t, root, plan, req.Options)
+	pid, err = a.restoreContainer(rctx, log, t, root, plan, req)
 	if err != nil && rctx.Err() != nil {
 		err = fmt.Errorf("restore did not finish within %s (--restore-timeout): %w", timeout, err)
 	}
@@ -265,7 +265,8 @@ func verifyImages(pl *restorePlan, ring *checkpoint.KeyRing) error {
 // restoreContainer puts the checkpoint-files back, runs CRIU inside the container's namespaces and
 // resumes the restored tree. It returns the restored root's PID as
 // seen in the container.
-func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Target, root *os.File, plan *restorePlan, options []string) (int, error) {
+func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Target, root *os.File, plan *restorePlan, req agentapi.RestoreRequest) (int, error) {
+	options := req.Options
 	// Carried files first: a checkpoint-files path over one of them is the user's, and wins.
 	if err := checkpoint.PutBackCarriedAt(plan.dir, plan.m, root); err != nil {
 		return 0, fmt.Errorf("putting the carried files back: %w", err)
@@ -283,7 +284,7 @@ func (a *Agent) restoreContainer(ctx context.Context, log zerolog.Logger, t Targ
 		return 0, err
 	}
 	if a.noLazy == nil {
-		pid, err := a.restoreLazily(ctx, log, t, plan, inherit, options)
+		pid, err := a.restoreLazily(ctx, log, t, plan, inherit, req)
 		if !errors.Is(err, errLazyUnavailable) {
 			return pid, err
 		}

@@ -37,3 +37,23 @@ func (c *Client) Restore(ctx context.Context, base string, req RestoreRequest) (
 	err := c.do(ctx, http.MethodPost, base+LocalPathRestore, req, &r)
 	return r, err
 }
+
+// LocalPathRestoreOutcome: GET → RestoreOutcome of the caller's restore. The launcher asks when
+// the tree the agent restored for it was killed (SIGKILL) without a SIGTERM: if the agent killed
+// it because its lazy restore failed after the resume, the launcher starts the app afresh in the
+// same container instead of exiting (a Job would count the exit as a failure).
+const LocalPathRestoreOutcome = "/v1/restore-outcome"
+
+// RestoreOutcome says whether the agent killed the caller's restored tree, and why.
+type RestoreOutcome struct {
+	Killed       bool   `json:"killed"`
+	CheckpointID string `json:"checkpointID,omitempty"`
+	Message      string `json:"message,omitempty"`
+}
+
+// RestoreOutcome asks the agent what became of the caller's restore.
+func (c *Client) RestoreOutcome(ctx context.Context, base string) (RestoreOutcome, error) {
+	var o RestoreOutcome
+	err := c.do(ctx, http.MethodGet, base+LocalPathRestoreOutcome, nil, &o)
+	return o, err
+}

@@ -94,9 +94,11 @@ func Run(ctx context.Context, args []string) error {
 			if err := reservePIDs(); err != nil {
 				log.Warn().Err(err).Msg("reserving PIDs after the restore")
 			}
-			os.Exit(s.ended(s.supervise(res.PID)))
-		}
-		if env.restoreID != "" {
+			code := s.supervise(res.PID)
+			if !s.killedByAgent(ctx, env, code) {
+				os.Exit(s.ended(code))
+			}
+		} else if env.restoreID != "" {
 			log.Warn().Str("checkpoint", env.restoreID).Str("reason", res.Message).Msg("COLD START instead of restore")
 		} else {
 			log.Debug().Str("reason", res.Message).Msg("nothing to continue: fresh start")
@@ -248,6 +250,8 @@ type supervisor struct {
 	// watchdog: an app stopped this long without a SIGTERM is resumed (the second line behind the
 	// agent's thaw: an agent gone for good must not leave the app frozen forever).
 	watchdog time.Duration
+	// terminating: a SIGTERM was seen (the pod is being deleted).
+	terminating bool
 	// checkpoint asks the agent to checkpoint the pod on SIGTERM (nil: no agent, no checkpoint),
 	// within grace, the pod's terminationGracePeriodSeconds.
 	checkpoint func(ctx context.Context) (agentapi.CheckpointStatus, error)
@@ -268,6 +272,29 @@ func (s *supervisor) ended(code int) int {
 		s.log.Warn().Err(err).Msg("the app exited 0, but its checkpoints could not be marked consumed")
 	}
 	return code
+}
+
+// killedByAgent says whether the restored tree, which ended with code, was killed by the agent
+// because its lazy restore failed after the resume (the checkpoint is then out of the candidates):
+// the caller starts the app afresh in the same container, as it does when a restore fails before
+// the resume, instead of exiting 137 (which a Job counts as a failed pod).
+func (s *supervisor) killedByAgent(ctx context.Context, env launchEnv, code int) bool {
+	if code != 128+int(syscall.SIGKILL) || s.terminating {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second) // the agent may wait for its guard
+	defer cancel()
+	o, err := agentapi.NewLocalClient(env.socket, 0).RestoreOutcome(ctx, agentapi.LocalBase)
+	if err != nil {
+		s.log.Warn().Err(err).Msg("the restored app was killed; the agent could not say why")
+		return false
+	}
+	if !o.Killed {
+		return false
+	}
+	s.log.Warn().Str("checkpoint", o.CheckpointID).Str("reason", o.Message).
+		Msg("COLD START: the agent killed the restored app (its memory could not all be restored) and set the checkpoint aside")
+	return true
 }
 
 // supervise returns the exit code of the app (pid, our child): its exit status, or 128+n when
@@ -316,6 +343,7 @@ func (s *supervisor) supervise(pid int) int {
 			first := n == syscall.SIGTERM && !terminating
 			if n == syscall.SIGTERM {
 				terminating = true // the pod is being deleted: never resume a frozen app now
+				s.terminating = true
 			}
 			switch {
 			case n == syscall.SIGTERM && Stopped(pid):

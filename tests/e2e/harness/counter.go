@@ -30,6 +30,8 @@ type CounterOutput struct {
 	Lines []CounterLine
 	// FreshStarts counts "start pid=… token=…" lines: a restored process prints none.
 	FreshStarts int
+	// StartedAt holds, for each fresh start, the index in Lines of its first number.
+	StartedAt []int
 	// Done is true once the app printed "done" (it reached --to).
 	Done bool
 	// Text is the whole output.
@@ -63,6 +65,7 @@ func ParseCounter(out string) CounterOutput {
 		switch f[0] {
 		case "start":
 			o.FreshStarts++
+			o.StartedAt = append(o.StartedAt, len(o.Lines))
 			continue
 		case "done":
 			o.Done = true
