@@ -5,7 +5,7 @@ package agent
 // page is an open userfaultfd: the agent's (its lazy-pages daemon's) and the guard's copies. If
 // the agent dies (a DaemonSet rollout, an OOM kill, kill -9), its descriptors go with it; the
 // guard's stay open, the app's faulting threads stay blocked, and the
-// guard, seeing the agent's end of its control pipe close without the "complete" byte, kills the
+// guard, seeing the agent's end of its control socket close without the "complete" byte, kills the
 // restored tree before it closes them. It lives in the app container's cgroups, not the agent's:
 // the teardown of the agent's container does not reach it, the app's does.
 //
@@ -27,6 +27,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -38,10 +39,15 @@ import (
 // GuardSubcommand is the hidden subcommand of the stasis binary that runs a lazy restore's guard.
 const GuardSubcommand = "lazy-guard"
 
-// guardComplete is the byte the agent writes when every page is in: the guard exits quietly.
-const guardComplete = 'c'
+// Messages on the guard's control socket: guardComplete when every page is in (the guard exits
+// quietly); guardHold with a userfaultfd (SCM_RIGHTS) the app's fork created during the transfer,
+// for the guard to hold too.
+const (
+	guardComplete = 'c'
+	guardHold     = 'u'
+)
 
-// Descriptors of the guard: its control pipe (read end), its ready pipe (write end), then the
+// Descriptors of the guard: its control socket, its ready pipe (write end), then the
 // userfaultfds.
 const (
 	guardControlFD = 3
@@ -56,7 +62,8 @@ var guardBinary = "/proc/self/exe"
 // lazyGuard is the agent's side of a running guard.
 type lazyGuard struct {
 	cmd     *exec.Cmd
-	control *os.File // the only write end of the guard's control pipe
+	mu      sync.Mutex // control: hold (the daemon's goroutine) against complete and release
+	control *os.File   // the agent's end of the guard's control socket (the only one)
 	done    chan struct{}
 }
 
@@ -72,10 +79,12 @@ func startLazyGuard(launcher, root int, uffds []*os.File) (*lazyGuard, error) {
 	if err != nil {
 		return nil, fmt.Errorf("the restored root (PID %d): %w", root, err)
 	}
-	controlR, controlW, err := os.Pipe()
+	// A socket, not a pipe: it also carries the userfaultfds of children forked later (hold).
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, err
 	}
+	controlW, controlR := os.NewFile(uintptr(pair[0]), "guard-control"), os.NewFile(uintptr(pair[1]), "control")
 	defer controlR.Close()
 	readyR, readyW, err := os.Pipe()
 	if err != nil {
@@ -120,13 +129,31 @@ func startLazyGuard(launcher, root int, uffds []*os.File) (*lazyGuard, error) {
 
 // complete tells the guard every page is in: it exits without acting.
 func (g *lazyGuard) complete() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	_, _ = g.control.Write([]byte{guardComplete})
 	g.control.Close()
 }
 
-// release closes the control pipe without "complete": the guard kills the restored tree (what is
+// hold hands the guard a userfaultfd of a child the app forked during the transfer. Best effort:
+// a guard that cannot take it still kills the tree if the agent dies.
+func (g *lazyGuard) hold(uffd int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if sc, err := g.control.SyscallConn(); err == nil {
+		_ = sc.Control(func(fd uintptr) {
+			_ = unix.Sendmsg(int(fd), []byte{guardHold}, unix.UnixRights(uffd), nil, 0)
+		})
+	}
+}
+
+// release closes the control socket without "complete": the guard kills the restored tree (what is
 // left of it) and exits. The agent's own death does the same.
-func (g *lazyGuard) release() { g.control.Close() }
+func (g *lazyGuard) release() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.control.Close()
+}
 
 // guardProc is a process the guard may kill: held by a pidfd opened while its start time matched.
 type guardProc struct {
@@ -210,13 +237,35 @@ func guardWait(control *os.File, launcher guardProc) string {
 		}
 		if fds[0].Revents != 0 {
 			var b [1]byte
-			if n, _ := control.Read(b[:]); n == 1 && b[0] == guardComplete {
+			oob := make([]byte, unix.CmsgSpace(4))
+			n, oobn, _, _, err := unix.Recvmsg(int(control.Fd()), b[:], oob, unix.MSG_CMSG_CLOEXEC)
+			switch {
+			case err == unix.EINTR || err == unix.EAGAIN:
+				continue
+			case err == nil && n == 1 && b[0] == guardComplete:
 				return ""
+			case err == nil && n == 1 && b[0] == guardHold:
+				holdUffds(oob[:oobn]) // kept open, never read, until the guard exits
+				continue
 			}
 			return "the agent ended (or gave up) the transfer"
 		}
 		if fds[1].Revents != 0 {
 			return "the container's launcher exited"
+		}
+	}
+}
+
+// holdUffds keeps the userfaultfds of a control message open (checked to be userfaultfds; anything
+// else is closed).
+func holdUffds(oob []byte) {
+	msgs, _ := unix.ParseSocketControlMessage(oob)
+	for i := range msgs {
+		fds, _ := unix.ParseUnixRights(&msgs[i])
+		for _, fd := range fds {
+			if t, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", fd)); err != nil || t != "anon_inode:[userfaultfd]" {
+				unix.Close(fd)
+			}
 		}
 	}
 }

@@ -119,6 +119,7 @@ func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target,
 		killChildren(t.PID)
 		return 0, noChildrenLeft(t.PID, fmt.Errorf("%w: %v", errLazyUnavailable, err))
 	}
+	l.daemon.OnFork(l.guard.hold) // a child forked during the transfer is guarded too
 	if err := criurun.SignalTree(host, syscall.SIGCONT); err != nil {
 		_ = criurun.SignalTree(host, syscall.SIGKILL)
 		return 0, fmt.Errorf("resuming the restored tree: %w", err)

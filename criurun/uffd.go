@@ -92,6 +92,7 @@ type LazyDaemon struct {
 	incoming []*lazyTask // received from the restore
 	restored bool        // lazyRestoreFinished received
 	stopping bool
+	onFork   func(uffd int)
 	closed   bool // the loop has ended and closed the descriptors
 
 	// The loop's only.
@@ -183,6 +184,14 @@ func (d *LazyDaemon) Userfaultfds() ([]*os.File, error) {
 		out = append(out, os.NewFile(uintptr(fd), "userfaultfd"))
 	}
 	return out, nil
+}
+
+// OnFork sets a function called with the userfaultfd of each child an app task forks from now
+// on (the daemon keeps it; the function may dup it, e.g. for the guard to hold).
+func (d *LazyDaemon) OnFork(f func(uffd int)) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.onFork = f
 }
 
 // Stop ends the daemon, which closes its descriptors: any page not in by then is a zero page to
@@ -409,6 +418,12 @@ func (d *LazyDaemon) event(t *lazyTask, m []byte) error {
 		unix.CloseOnExec(fd)
 		child := &lazyTask{id: t.id, uffd: fd, spans: append([]span(nil), t.spans...)}
 		d.tasks = append(d.tasks, child)
+		d.mu.Lock()
+		onFork := d.onFork
+		d.mu.Unlock()
+		if onFork != nil {
+			onFork(fd)
+		}
 	case uffdEventRemap: // from, to, len
 		t.remap(arg(0), arg(1), arg(2))
 	case uffdEventRemove, uffdEventUnmap: // start, end: what was there is gone, zeros from now on
