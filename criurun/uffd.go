@@ -513,6 +513,11 @@ func (d *LazyDaemon) copyIn(t *lazyTask, addr, img, n uint64) (again bool, err e
 	case err == unix.EEXIST: // the page after the copied ones is there already: the app's own
 		t.drop(addr+copied, addr+copied+PageSize)
 		wake(t.uffd, addr+copied, PageSize)
+	case err == unix.ENOENT && got*PageSize-copied > PageSize:
+		// UFFDIO_COPY works within one mapping, and a run of the checkpoint may now span
+		// several (CRIU dumps neighbouring mappings as one run; an mprotect splits one without
+		// an event): page by page, to tell a boundary from memory that is gone.
+		return d.copyPages(t, addr+copied, data[copied:])
 	case err == unix.ENOENT: // no longer mapped (or registered) there: gone with its events
 		t.drop(addr+copied, addr+got*PageSize)
 		wake(t.uffd, addr+copied, got*PageSize-copied)
@@ -520,6 +525,31 @@ func (d *LazyDaemon) copyIn(t *lazyTask, addr, img, n uint64) (again bool, err e
 		t.gone = true
 	default:
 		return false, fmt.Errorf("userfaultfd: copying %d pages to %#x: %w", got, addr, err)
+	}
+	return false, nil
+}
+
+// copyPages copies data to addr one page at a time (see copyIn), dropping each page that went in,
+// was there already, or is no longer mapped.
+func (d *LazyDaemon) copyPages(t *lazyTask, addr uint64, data []byte) (again bool, err error) {
+	for off := uint64(0); off < uint64(len(data)); off += PageSize {
+		a := addr + off
+		copied, err := uffdCopy(t.uffd, a, data[off:off+PageSize])
+		d.served.Add(int64(copied))
+		switch {
+		case err == nil:
+			t.drop(a, a+PageSize)
+		case err == unix.EEXIST || err == unix.ENOENT:
+			t.drop(a, a+PageSize)
+			wake(t.uffd, a, PageSize)
+		case err == unix.EAGAIN:
+			return true, nil
+		case err == unix.ESRCH:
+			t.gone = true
+			return false, nil
+		default:
+			return false, fmt.Errorf("userfaultfd: copying a page to %#x: %w", a, err)
+		}
 	}
 	return false, nil
 }

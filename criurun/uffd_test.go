@@ -155,3 +155,46 @@ func TestLazyDaemonServesFaults(t *testing.T) {
 		assert.NotEqual(t, "anon_inode:[userfaultfd]", target, "the daemon closed its userfaultfd")
 	}
 }
+
+// A run of the checkpoint that now spans two mappings (CRIU dumps neighbouring mappings as one
+// run; an mprotect or madvise splits one without an event): UFFDIO_COPY refuses a range across
+// the boundary, and every page still gets its own contents, none a zero page.
+func TestLazyDaemonRunAcrossMappings(t *testing.T) {
+	const n = 32
+	mem, uffd := registeredMemory(t, n)
+	base := uint64(uintptr(unsafe.Pointer(&mem[0])))
+	require.NoError(t, unix.Madvise(mem[16*PageSize:], unix.MADV_DONTFORK), "split the mapping in two")
+	pages := make([]byte, n*PageSize)
+	for i := range pages {
+		pages[i] = byte(i/PageSize + 1)
+	}
+	pm, err := ParsePagemap(bytes.NewReader(pagemapImage(1, []PagemapEntry{{Vaddr: base, NrPages: n, Flags: pePresent | peLazy}})))
+	require.NoError(t, err)
+	src := NewPageServer(map[uint64]*Pagemap{7: pm}, memImages{"pages-1.img": pages})
+	defer src.Close()
+	work := t.TempDir()
+	d, err := StartLazyDaemon(work, src)
+	require.NoError(t, err)
+	defer d.Stop()
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: filepath.Join(work, LazySocketName), Net: "unix"})
+	require.NoError(t, err)
+	defer conn.Close()
+	handOver(t, conn, 7, uffd)
+	unix.Close(uffd)
+
+	assert.Equal(t, bytes.Repeat([]byte{11}, PageSize), touch(t, mem, 10), "a fault whose pages cross into the next mapping")
+	var fin [4]byte
+	binary.LittleEndian.PutUint32(fin[:], lazyRestoreFinished)
+	_, err = conn.Write(fin[:])
+	require.NoError(t, err)
+	select {
+	case <-d.Complete():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the background transfer did not complete")
+	}
+	for i := 0; i < n; i++ {
+		assert.Equal(t, bytes.Repeat([]byte{byte(i + 1)}, PageSize), touch(t, mem, i), "page %d", i)
+	}
+	_, _, zeros, _ := d.Stats()
+	assert.Zero(t, zeros)
+}
