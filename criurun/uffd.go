@@ -387,9 +387,12 @@ func (d *LazyDaemon) missing() bool {
 }
 
 // events reads and handles the pending messages of t's userfaultfd: one read, after poll said
-// there are some (the descriptor may have been made blocking: the guard's copy shares its flags);
-// more are left for the next poll.
+// there may be some; more are left for the next poll. Its flags are shared with the guard's copy,
+// which os/exec makes blocking.
 func (d *LazyDaemon) events(t *lazyTask, buf []byte) error {
+	// The kernel may wake a fault before it is read (a signal to the faulting thread): poll's
+	// answer does not promise a message, and a blocking read would stall every task.
+	_ = unix.SetNonblock(t.uffd, true)
 	n, err := unix.Read(t.uffd, buf)
 	if err == unix.EAGAIN || err == unix.EINTR {
 		return nil
