@@ -86,6 +86,44 @@ func touch(t *testing.T, mem []byte, i int) []byte {
 	}
 }
 
+// lazyDaemonOn starts a daemon whose checkpoint has the first n pages of mem (page i full of
+// byte i+1) as one lazy run of task 7, and hands it uffd (closed here: the daemon's now, as after
+// CRIU's restore). The connection stays open for restoreFinished.
+func lazyDaemonOn(t *testing.T, mem []byte, n, uffd int) (*LazyDaemon, *net.UnixConn) {
+	pages := make([]byte, n*PageSize)
+	for i := range pages {
+		pages[i] = byte(i/PageSize + 1)
+	}
+	base := uint64(uintptr(unsafe.Pointer(&mem[0])))
+	pm, err := ParsePagemap(bytes.NewReader(pagemapImage(1, []PagemapEntry{{Vaddr: base, NrPages: uint64(n), Flags: pePresent | peLazy}})))
+	require.NoError(t, err)
+	src := NewPageServer(map[uint64]*Pagemap{7: pm}, memImages{"pages-1.img": pages})
+	t.Cleanup(src.Close)
+	work := t.TempDir()
+	d, err := StartLazyDaemon(work, src)
+	require.NoError(t, err)
+	t.Cleanup(d.Stop)
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: filepath.Join(work, LazySocketName), Net: "unix"})
+	require.NoError(t, err)
+	t.Cleanup(func() { conn.Close() })
+	handOver(t, conn, 7, uffd)
+	unix.Close(uffd)
+	return d, conn
+}
+
+// restoreFinished plays the end of CRIU's restore and waits for the background transfer.
+func restoreFinished(t *testing.T, d *LazyDaemon, conn *net.UnixConn) {
+	var fin [4]byte
+	binary.LittleEndian.PutUint32(fin[:], lazyRestoreFinished)
+	_, err := conn.Write(fin[:])
+	require.NoError(t, err)
+	select {
+	case <-d.Complete():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the background transfer did not complete")
+	}
+}
+
 // The daemon against a real userfaultfd: a fault gets the checkpoint's page (a zero page where the
 // checkpoint has none); memory the app gives back with madvise(DONTNEED) while its pages are still
 // missing reads as zeros, never as the checkpoint's stale pages (CRIU's daemon could hang the app
@@ -94,26 +132,8 @@ func touch(t *testing.T, mem []byte, i int) []byte {
 func TestLazyDaemonServesFaults(t *testing.T) {
 	const n = 64
 	mem, uffd := registeredMemory(t, n)
-	base := uint64(uintptr(unsafe.Pointer(&mem[0])))
 	// The checkpoint has pages 0-31 (page i full of byte i+1), lazily; 32-63 were never touched.
-	pages := make([]byte, 32*PageSize)
-	for i := range pages {
-		pages[i] = byte(i/PageSize + 1)
-	}
-	pm, err := ParsePagemap(bytes.NewReader(pagemapImage(1, []PagemapEntry{{Vaddr: base, NrPages: 32, Flags: pePresent | peLazy}})))
-	require.NoError(t, err)
-	src := NewPageServer(map[uint64]*Pagemap{7: pm}, memImages{"pages-1.img": pages})
-	defer src.Close()
-
-	work := t.TempDir()
-	d, err := StartLazyDaemon(work, src)
-	require.NoError(t, err)
-	defer d.Stop()
-	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: filepath.Join(work, LazySocketName), Net: "unix"})
-	require.NoError(t, err)
-	defer conn.Close()
-	handOver(t, conn, 7, uffd)
-	unix.Close(uffd) // the daemon's now, as after CRIU's restore
+	d, conn := lazyDaemonOn(t, mem, 32, uffd)
 
 	assert.Equal(t, bytes.Repeat([]byte{21}, PageSize), touch(t, mem, 20), "a fault gets the checkpoint's page")
 	assert.Equal(t, make([]byte, PageSize), touch(t, mem, 40), "a page the checkpoint does not have is a zero page")
@@ -126,15 +146,7 @@ func TestLazyDaemonServesFaults(t *testing.T) {
 	default:
 	}
 
-	var fin [4]byte
-	binary.LittleEndian.PutUint32(fin[:], lazyRestoreFinished)
-	_, err = conn.Write(fin[:])
-	require.NoError(t, err)
-	select {
-	case <-d.Complete():
-	case <-time.After(10 * time.Second):
-		t.Fatal("the background transfer did not complete")
-	}
+	restoreFinished(t, d, conn)
 	for i := 0; i < n; i++ {
 		want := byte(0)
 		if i < 32 && (i < 2 || i >= 5) {
@@ -162,36 +174,11 @@ func TestLazyDaemonServesFaults(t *testing.T) {
 func TestLazyDaemonRunAcrossMappings(t *testing.T) {
 	const n = 32
 	mem, uffd := registeredMemory(t, n)
-	base := uint64(uintptr(unsafe.Pointer(&mem[0])))
 	require.NoError(t, unix.Madvise(mem[16*PageSize:], unix.MADV_DONTFORK), "split the mapping in two")
-	pages := make([]byte, n*PageSize)
-	for i := range pages {
-		pages[i] = byte(i/PageSize + 1)
-	}
-	pm, err := ParsePagemap(bytes.NewReader(pagemapImage(1, []PagemapEntry{{Vaddr: base, NrPages: n, Flags: pePresent | peLazy}})))
-	require.NoError(t, err)
-	src := NewPageServer(map[uint64]*Pagemap{7: pm}, memImages{"pages-1.img": pages})
-	defer src.Close()
-	work := t.TempDir()
-	d, err := StartLazyDaemon(work, src)
-	require.NoError(t, err)
-	defer d.Stop()
-	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: filepath.Join(work, LazySocketName), Net: "unix"})
-	require.NoError(t, err)
-	defer conn.Close()
-	handOver(t, conn, 7, uffd)
-	unix.Close(uffd)
+	d, conn := lazyDaemonOn(t, mem, n, uffd)
 
 	assert.Equal(t, bytes.Repeat([]byte{11}, PageSize), touch(t, mem, 10), "a fault whose pages cross into the next mapping")
-	var fin [4]byte
-	binary.LittleEndian.PutUint32(fin[:], lazyRestoreFinished)
-	_, err = conn.Write(fin[:])
-	require.NoError(t, err)
-	select {
-	case <-d.Complete():
-	case <-time.After(10 * time.Second):
-		t.Fatal("the background transfer did not complete")
-	}
+	restoreFinished(t, d, conn)
 	for i := 0; i < n; i++ {
 		assert.Equal(t, bytes.Repeat([]byte{byte(i + 1)}, PageSize), touch(t, mem, i), "page %d", i)
 	}
