@@ -165,11 +165,9 @@ type Agent struct {
 	restores map[string]*podRestore // by pod UID
 	// noLazy says why restores are not lazy (nil: they are), decided at start.
 	noLazy error
-	// killedLazy: restored trees the agent killed after the resume (a failed lazy restore), by
-	// their launcher, until the launcher asks (TakeRestoreOutcome).
-	killedLazy map[launcherKey]agentapi.RestoreOutcome
-	// lazyActive: lazy restores still transferring or tearing down, by launcher; closed when done.
-	lazyActive map[launcherKey]chan struct{}
+	// lazyRuns: lazy restores by their container's launcher, until it asks how they ended
+	// (TakeRestoreOutcome) or is gone.
+	lazyRuns map[launcherKey]*lazyRun
 }
 
 type operation struct {

@@ -84,7 +84,7 @@ func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target,
 	if err != nil {
 		return 0, fmt.Errorf("%w: %v", errLazyUnavailable, err)
 	}
-	l := &lazyRestore{a: a, log: log, work: work, start: start, m: plan.m, launcher: t.PID, req: req, dead: make(chan struct{})}
+	l := &lazyRestore{a: a, log: log, work: work, start: start, m: plan.m, req: req, dead: make(chan struct{})}
 	if fd, err := unix.Dup(int(plan.cdir.Fd())); err == nil {
 		l.cdir = os.NewFile(uintptr(fd), plan.cdir.Name())
 	}
@@ -129,11 +129,11 @@ func (a *Agent) restoreLazily(ctx context.Context, log zerolog.Logger, t Target,
 	log.Info().Str("checkpoint", plan.m.ID).Float64("resumedSeconds", resumed.Seconds()).Msg("restored lazily: the app runs, its memory arrives in the background")
 	l.handedOver = true
 	lazyResumed(l)
-	ended := a.lazyStarted(t.PID)
+	l.ended = a.lazyStarted(t.PID)
 	go func() {
 		l.finish(host)
 		l.teardown()
-		ended()
+		close(l.ended.done)
 	}()
 	return pid, nil
 }
@@ -157,9 +157,9 @@ func (a *Agent) observeFullRestore(d time.Duration) {
 
 // lazyRestore is one lazy restore's resources: they live until all pages are in (or it fails).
 type lazyRestore struct {
-	a        *Agent
-	launcher int // the container's PID 1 (host PID), which the restored tree runs under
-	req      agentapi.RestoreRequest
+	a     *Agent
+	req   agentapi.RestoreRequest
+	ended *lazyRun // how it ended, for the container's launcher
 	// cdir is the container's checkpoint directory (a descriptor of the agent's own), where a
 	// checkpoint whose pages fail their check is quarantined.
 	cdir       *os.File
@@ -381,7 +381,7 @@ func (l *lazyRestore) finish(host int) {
 	}
 	if err != nil {
 		beforeLazyKill()
-		l.a.recordKilledLazy(l.launcher, agentapi.RestoreOutcome{Killed: true, CheckpointID: l.m.ID, Message: err.Error()})
+		l.ended.outcome = agentapi.RestoreOutcome{Killed: true, CheckpointID: l.m.ID, Message: err.Error()} // read after done
 		_ = criurun.SignalTree(host, syscall.SIGKILL)
 		l.a.cfg.Metrics.RestoreResults.WithLabelValues("killed-lazy").Inc()
 		if (errors.Is(err, criurun.ErrPagesUnverified) || l.pagesFailed()) && l.cdir != nil {
@@ -421,43 +421,29 @@ type launcherKey struct {
 	start uint64
 }
 
-// recordKilledLazy remembers that the agent killed the tree restored under launcher, for the
-// launcher to ask (TakeRestoreOutcome). Records of launchers gone meanwhile are dropped.
-func (a *Agent) recordKilledLazy(launcher int, o agentapi.RestoreOutcome) {
-	st, err := criurun.StartTime(launcher)
-	if err != nil {
-		return
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	for k := range a.killedLazy {
-		if s, err := criurun.StartTime(k.pid); err != nil || s != k.start {
-			delete(a.killedLazy, k)
-		}
-	}
-	if a.killedLazy == nil {
-		a.killedLazy = map[launcherKey]agentapi.RestoreOutcome{}
-	}
-	a.killedLazy[launcherKey{launcher, st}] = o
+// lazyRun is a lazy restore as its container's launcher may ask about it: done is closed after
+// its teardown (the guard has killed what was left of the tree), outcome is final by then.
+type lazyRun struct {
+	done    chan struct{}
+	outcome agentapi.RestoreOutcome
 }
 
-// lazyStarted registers a lazy restore under launcher until the returned func is called (after
-// its teardown).
-func (a *Agent) lazyStarted(launcher int) func() {
+// lazyStarted registers a lazy restore under launcher, dropping those of launchers gone since.
+func (a *Agent) lazyStarted(launcher int) *lazyRun {
 	st, _ := criurun.StartTime(launcher)
-	k, done := launcherKey{launcher, st}, make(chan struct{})
+	run := &lazyRun{done: make(chan struct{})}
 	a.mu.Lock()
-	if a.lazyActive == nil {
-		a.lazyActive = map[launcherKey]chan struct{}{}
+	defer a.mu.Unlock()
+	for k := range a.lazyRuns {
+		if s, err := criurun.StartTime(k.pid); err != nil || s != k.start {
+			delete(a.lazyRuns, k)
+		}
 	}
-	a.lazyActive[k] = done
-	a.mu.Unlock()
-	return func() {
-		a.mu.Lock()
-		delete(a.lazyActive, k)
-		a.mu.Unlock()
-		close(done)
+	if a.lazyRuns == nil {
+		a.lazyRuns = map[launcherKey]*lazyRun{}
 	}
+	a.lazyRuns[launcherKey{launcher, st}] = run
+	return run
 }
 
 // TakeRestoreOutcome returns (once) what became of the tree restored under the caller: killed by
@@ -470,20 +456,20 @@ func (a *Agent) TakeRestoreOutcome(ctx context.Context, callerPID int) (agentapi
 	}
 	k := launcherKey{callerPID, st}
 	a.mu.Lock()
-	active := a.lazyActive[k]
+	run := a.lazyRuns[k]
 	a.mu.Unlock()
-	if active != nil {
-		select {
-		case <-active:
-		case <-ctx.Done():
-			return agentapi.RestoreOutcome{}, fmt.Errorf("the lazy restore is still ending: %w", ctx.Err())
-		}
+	if run == nil {
+		return agentapi.RestoreOutcome{}, nil
+	}
+	select {
+	case <-run.done:
+	case <-ctx.Done():
+		return agentapi.RestoreOutcome{}, fmt.Errorf("the lazy restore is still ending: %w", ctx.Err())
 	}
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	o := a.killedLazy[k]
-	delete(a.killedLazy, k)
-	return o, nil
+	delete(a.lazyRuns, k)
+	a.mu.Unlock()
+	return run.outcome, nil
 }
 
 // beforeLazyKill is a test's hook: it widens the moment between a failure (the daemon's death) and
