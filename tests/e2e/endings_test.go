@@ -113,8 +113,17 @@ func TestPreemptedJobPodContinues(t *testing.T) {
 	require.Greater(t, x, fa/2, "the victim must take more than half of %s's free CPU (%dm free on %s, %dm on %s)", a, fa, a, fb, b)
 	cpu := fmt.Sprintf("%dm", x)
 
+	// Created first: the Priority admission plugin reads PriorityClasses from an informer, so a
+	// pod naming one created a moment ago can be refused ("no PriorityClass with name").
+	pc, err := env.Client.SchedulingV1().PriorityClasses().Create(ctx, &schedulingv1.PriorityClass{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: "stasis-e2e-high-"}, Value: 1000000,
+		Description: "e2e: preempts a checkpointed Job pod"}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		_ = env.Client.SchedulingV1().PriorityClasses().Delete(context.Background(), pc.Name, metav1.DeleteOptions{})
+	})
 	// The victim on node a: b cordoned while it is scheduled.
-	_, err := env.Run(ctx, "cordon", b)
+	_, err = env.Run(ctx, "cordon", b)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = env.Uncordon(context.Background(), b) })
 	_, err = env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "victim", Checkpoint: true, CPURequest: cpu,
@@ -128,13 +137,6 @@ func TestPreemptedJobPodContinues(t *testing.T) {
 	_, err = env.WaitCount(ctx, ns, victim.Name, 8, time.Minute)
 	require.NoError(t, err)
 
-	pc, err := env.Client.SchedulingV1().PriorityClasses().Create(ctx, &schedulingv1.PriorityClass{
-		ObjectMeta: metav1.ObjectMeta{GenerateName: "stasis-e2e-high-"}, Value: 1000000,
-		Description: "e2e: preempts a checkpointed Job pod"}, metav1.CreateOptions{})
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		_ = env.Client.SchedulingV1().PriorityClasses().Delete(context.Background(), pc.Name, metav1.DeleteOptions{})
-	})
 	grace := int64(1)
 	preemptor := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "preemptor"},
@@ -149,8 +151,7 @@ func TestPreemptedJobPodContinues(t *testing.T) {
 	disrupted := make(chan string, 1)
 	go func() { disrupted <- disruption(ctx, ns, victim.Name) }()
 	t0 := time.Now()
-	_, err = env.Client.CoreV1().Pods(ns).Create(ctx, preemptor, metav1.CreateOptions{})
-	require.NoError(t, err)
+	require.NoError(t, createWhenPriorityKnown(ctx, ns, preemptor))
 
 	why := waitEvent(t, ns, victim.Name, "Preempted by")
 	t.Logf("victim %s on %s (%s CPU requested; free: %s %dm, %s %dm): %s", victim.Name, a, cpu, a, fa, b, fb, why)
@@ -502,4 +503,17 @@ func firstOf(s []string) []string {
 		return s[:1]
 	}
 	return s
+}
+
+// createWhenPriorityKnown creates pod, retrying while the API server's Priority admission plugin
+// has not yet seen the pod's PriorityClass in its informer cache.
+func createWhenPriorityKnown(ctx context.Context, ns string, pod *corev1.Pod) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := env.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{})
+		if err == nil || !strings.Contains(err.Error(), "no PriorityClass with name") || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
