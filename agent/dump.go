@@ -203,6 +203,11 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 		LeaveRunning: d.req.LeaveRunning,
 		Config:       cfg,
 	}, stream, sink)
+	if errors.Is(err, criurun.ErrImageStream) || errors.Is(err, criurun.ErrStreamAfterCriu) {
+		// The images did not reach the volume; CRIU failed only because the agent stopped taking
+		// them (broken pipes), or succeeded: its log would hide the cause.
+		return 0, fmt.Errorf("criu dump: %w", err)
+	}
 	if err != nil {
 		// CRIU's log, read through a descriptor: never a file a pod swapped in by symlink.
 		logPath := path.Join(d.c.Dir, d.w.TmpName(), checkpoint.ImagesDir, checkpoint.DumpLogName)

@@ -3,6 +3,7 @@ package agent
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -58,6 +59,9 @@ func TestFullVolumeFailsCleanly(t *testing.T) {
 	second := r.checkpoint("u2", agentapi.ContainerSpec{Name: "app", Dir: r.dir("app")})
 	require.Equal(t, agentapi.PhaseFailed, second.Phase)
 	assert.Contains(t, second.Message, "is full")
+	// Said once, and without CRIU's log: CRIU only saw its pipes close.
+	assert.Equal(t, 1, strings.Count(second.Message, "no space left on device"), second.Message)
+	assert.NotContains(t, second.Message, "CRIU log")
 	n := len(readCounts(t, out))
 	waitCount(t, c, out, n+3) // thawed at once: it counts on
 

@@ -117,6 +117,10 @@ var networkArgs = []string{"--tcp-close", "--network-lock", "skip"}
 // successful dump, stopped, and the caller must thaw it.
 var ErrStreamAfterCriu = errors.New("CRIU succeeded but its images did not all reach their destination")
 
+// ErrImageStream is a stream that failed while CRIU ran (a full volume, a chunk store error):
+// CRIU then fails only because its pipes closed, so its log says nothing about the cause.
+var ErrImageStream = errors.New("image stream")
+
 // runStreamed runs CRIU's command line beside its streamer. A cancelled ctx kills CRIU; a failed
 // stream gives CRIU streamGrace to fail by itself (its pipes and socket are closed) before it is
 // killed. The error is CRIU's or the stream's, the stream's first.
@@ -155,7 +159,7 @@ func (b Bundle) runStreamed(ctx context.Context, call *Call, s *Stream, args []s
 	case serr != nil && werr == nil && ctx.Err() == nil:
 		return st, fmt.Errorf("%w: %w", ErrStreamAfterCriu, serr)
 	case serr != nil:
-		return st, fmt.Errorf("image stream: %w", serr)
+		return st, fmt.Errorf("%w: %w", ErrImageStream, serr)
 	case ctx.Err() != nil:
 		return st, fmt.Errorf("criu cancelled: %w (CRIU was killed)", ctx.Err())
 	case werr != nil:

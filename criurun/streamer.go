@@ -355,7 +355,7 @@ func (c *capture) handle(conn *net.UnixConn) error {
 			p.Close()
 			c.s.untrack(n, p)
 			if err != nil {
-				c.s.fail(fmt.Errorf("image %s: %w", name, err))
+				c.s.fail(err) // the sink's errors name their image (and offset); the pipe's are named here
 			}
 		}()
 	}
@@ -372,14 +372,14 @@ func (c *capture) file(name string, p *os.File) (int64, error) {
 			before := cap(held)
 			held = append(held, buf[:n]...)
 			if c.buffered.Add(int64(cap(held)-before)) > maxBuffered {
-				return 0, fmt.Errorf("more than %d MiB of images waiting for the sink at once", maxBuffered>>20)
+				return 0, fmt.Errorf("image %s: more than %d MiB of images waiting for the sink at once", name, maxBuffered>>20)
 			}
 		}
 		if errors.Is(err, io.EOF) {
 			return int64(len(held)), c.whole(name, held)
 		}
 		if err != nil {
-			return 0, c.readErr(err)
+			return 0, c.readErr(name, err)
 		}
 		if len(held) >= directAfter {
 			select {
@@ -392,14 +392,15 @@ func (c *capture) file(name string, p *os.File) (int64, error) {
 	}
 }
 
-// readErr is a read error of an image pipe, or the stream's own error when fail closed it.
-func (c *capture) readErr(err error) error {
+// readErr is a read error of image name's pipe, or nil when fail closed it (the stream's first
+// error is recorded already).
+func (c *capture) readErr(name string, err error) error {
 	select {
 	case <-c.s.failed:
-		return nil // the first error is recorded already
+		return nil
 	default:
 	}
-	return err
+	return fmt.Errorf("image %s: reading CRIU's pipe: %w", name, err)
 }
 
 // whole hands a complete small image to the sink.
@@ -447,7 +448,7 @@ func (c *capture) direct(name string, head []byte, p *os.File) (int64, error) {
 			}
 			if err != nil {
 				if !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
-					rerr = c.readErr(err)
+					rerr = c.readErr(name, err)
 				}
 				return
 			}
@@ -467,6 +468,9 @@ func (c *capture) direct(name string, head []byte, p *os.File) (int64, error) {
 	cerr := w.Close()
 	if werr != nil {
 		rerr = nil // the reader saw the pipe closed because of werr
+		if errors.Is(cerr, werr) {
+			cerr = nil // the sink's Close repeats its failure
+		}
 	}
 	return n, errors.Join(werr, rerr, cerr)
 }
