@@ -16,9 +16,10 @@ import (
 // the agents' private TLS key, see KeyFromFile), each by HMAC-SHA256 with a label of its own, so
 // that knowing one subkey gives nothing about another:
 //
-//	manifest MAC   Key                                   signs manifest.json (unchanged)
-//	chunk naming   HMAC(Key, "stasis chunk name key v1")  names a chunk by HMAC of its plaintext
-//	namespace KEK  HMAC(Key, "stasis kek v1\x00"+ns)      wraps the data keys of ns's checkpoints
+//	manifest MAC   Key                                          signs manifest.json (unchanged)
+//	chunk naming   HMAC(Key, "stasis chunk name key v2 blake3")  keys the BLAKE3 naming a chunk
+//	               HMAC(Key, "stasis chunk name key v1")         HMAC-SHA256 names of older packs
+//	namespace KEK  HMAC(Key, "stasis kek v1\x00"+ns)             wraps the data keys of ns's checkpoints
 //
 // Each checkpoint draws a random 256-bit data key that encrypts the chunks it writes; the manifest
 // holds it wrapped (AES-256-GCM) by its namespace's KEK, with the KEK's id. A chunk reused from an
@@ -41,7 +42,8 @@ type KEKSource interface {
 // KeyRing holds the keys of the checkpoint store.
 type KeyRing struct {
 	manifest Key
-	naming   []byte
+	naming   []byte // HMAC-SHA256 chunk names (packs written before BLAKE3)
+	naming3  []byte // keyed BLAKE3 chunk names
 	keks     KEKSource
 }
 
@@ -53,7 +55,8 @@ func NewKeyRing(manifest Key, keks KEKSource) (*KeyRing, error) {
 	if keks == nil {
 		keks = DerivedKEKs{root: manifest}
 	}
-	return &KeyRing{manifest: manifest, naming: subkey(manifest, "stasis chunk name key v1"), keks: keks}, nil
+	return &KeyRing{manifest: manifest, naming: subkey(manifest, "stasis chunk name key v1"),
+		naming3: subkey(manifest, "stasis chunk name key v2 blake3"), keks: keks}, nil
 }
 
 // KeyRingFromFile is NewKeyRing(KeyFromFile(path), nil): the agent's key file (export runs on the
@@ -64,6 +67,14 @@ func KeyRingFromFile(path string) (*KeyRing, error) {
 		return nil, err
 	}
 	return NewKeyRing(k, nil)
+}
+
+// namer is the chunk namer of a pack's naming.
+func (r *KeyRing) namer(naming string) chunkNamer {
+	if naming == NamingBLAKE3 {
+		return chunkNamer{naming: naming, key: r.naming3}
+	}
+	return chunkNamer{naming: naming, key: r.naming}
 }
 
 // Manifest is the key signing manifests.

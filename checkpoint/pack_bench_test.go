@@ -70,7 +70,7 @@ func BenchmarkPackSeal(b *testing.B) {
 				if allZero(c) {
 					continue
 				}
-				name := chunkName(ring.naming, c)
+				name := ring.namer(NamingBLAKE3).name(c)
 				stored += int64(len(sealChunk(buf, opt.Codec, dk, name, c)))
 			}
 		}
@@ -147,7 +147,7 @@ func BenchmarkPackEncryptionCost(b *testing.B) {
 					for off := 0; off < len(heap); off += DefaultChunkSize {
 						c := heap[off:min(off+DefaultChunkSize, len(heap))]
 						if !allZero(c) {
-							sealChunk(buf, DefaultCodec, k, chunkName(ring.naming, c), c)
+							sealChunk(buf, DefaultCodec, k, ring.namer(NamingBLAKE3).name(c), c)
 						}
 					}
 					best[k != nil] = min(best[k != nil], threadCPU()-start)

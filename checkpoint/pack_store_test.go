@@ -248,10 +248,51 @@ func TestPackKeys(t *testing.T) {
 	_, k1, _ := ring.keks.Current("ns1")
 	_, k2, _ := ring.keks.Current("ns2")
 	require.NotEqual(t, k1, k2)
-	require.NotEqual(t, []byte(ring.manifest), ring.naming)
-	require.NotEqual(t, k1, ring.naming)
-	// The chunk name is keyed: not the sha256 of the plaintext, and another key names it otherwise.
-	require.NotEqual(t, chunkName(ring.naming, []byte("x")), chunkName(other.naming, []byte("x")))
+	for _, key := range [][]byte{ring.naming, ring.naming3} {
+		require.NotEqual(t, []byte(ring.manifest), key)
+		require.NotEqual(t, k1, key)
+	}
+	require.NotEqual(t, ring.naming, ring.naming3)
+	// The chunk name is keyed: another key names it otherwise, and so does the other naming.
+	for _, naming := range []string{namingHMAC, NamingBLAKE3} {
+		require.NotEqual(t, ring.namer(naming).name([]byte("x")), other.namer(naming).name([]byte("x")))
+	}
+	require.NotEqual(t, ring.namer(namingHMAC).name([]byte("x")), ring.namer(NamingBLAKE3).name([]byte("x")))
+}
+
+// TestPackHMACNamingStillRead: a pack written before BLAKE3 (chunks named by HMAC-SHA256) still
+// reads back and checks; the next dump, under BLAKE3, shares none of its chunks (their names
+// differ) and writes the heap anew, and the one after that dedupes against it again.
+func TestPackHMACNamingStillRead(t *testing.T) {
+	dir := t.TempDir()
+	heap := jsonHeap(8<<20, 7)
+	images := map[string][]byte{"pages-1.img": heap}
+	t0 := time.Now().Add(-time.Hour)
+	old, err := packCheckpoint(t, dir, t0, PackOptions{hmacNaming: true}, images)
+	require.NoError(t, err)
+	m0, r0 := openPacked(t, old)
+	require.Equal(t, namingHMAC, m0.Pack.Naming)
+	got, err := readAllImage(r0, "pages-1.img")
+	require.NoError(t, err)
+	require.Equal(t, heap, got)
+
+	next, err := packCheckpoint(t, dir, t0.Add(time.Minute), PackOptions{}, images)
+	require.NoError(t, err)
+	m1, r1 := openPacked(t, next)
+	require.Equal(t, NamingBLAKE3, m1.Pack.Naming)
+	require.Equal(t, m0.Pack.Written, m1.Pack.Written, "nothing shared across namings")
+	got, err = readAllImage(r1, "pages-1.img")
+	require.NoError(t, err)
+	require.Equal(t, heap, got)
+
+	third, err := packCheckpoint(t, dir, t0.Add(2*time.Minute), PackOptions{}, images)
+	require.NoError(t, err)
+	m2, _ := openPacked(t, third)
+	require.Zero(t, m2.Pack.Written)
+
+	// A naming no reader knows is refused before any chunk is read.
+	m2.Pack.Naming = "sha1"
+	require.ErrorContains(t, m2.Pack.validate(), `chunk naming "sha1" unknown`)
 }
 
 // TestPackENOSPC: a dump that fills the volume fails with ENOSPC, leaves none of its chunks nor

@@ -51,7 +51,7 @@ func (s *packSink) compute(j *chunkJob) {
 		s.done(j, ChunkRef{Len: len(j.data)})
 		return
 	}
-	j.name = chunkName(s.ring.naming, j.data)
+	j.name = s.namer.name(j.data)
 	ref, reused := s.reuse(j.name, len(j.data))
 	if reused {
 		s.done(j, ref)
@@ -239,7 +239,7 @@ func (s *packSink) drain() {
 
 // pack builds the manifest's pack: every chunk located.
 func (s *packSink) pack() (*Pack, error) {
-	p := &Pack{ChunkSize: s.opt.ChunkSize, Keys: s.keys, Images: make([]PackedImage, len(s.images)), Written: s.written}
+	p := &Pack{ChunkSize: s.opt.ChunkSize, Naming: s.namer.naming, Keys: s.keys, Images: make([]PackedImage, len(s.images)), Written: s.written}
 	counted := map[string]bool{}
 	for i, img := range s.images {
 		for k, c := range img.Chunks {

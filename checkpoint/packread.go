@@ -31,7 +31,7 @@ type PackReader struct {
 	// files are the pack files opened so far, by id.
 	filesMu sync.Mutex
 	files   map[string]*os.File
-	naming  []byte
+	namer   chunkNamer
 	keys    []*dataKey // as Pack.Keys
 	byName  map[string]*PackedImage
 }
@@ -53,7 +53,7 @@ func OpenPack(dir *os.File, m *Manifest, ring *KeyRing) (*PackReader, error) {
 	if err := m.Pack.validate(); err != nil {
 		return nil, err
 	}
-	r := &PackReader{pack: m.Pack, naming: ring.naming, byName: map[string]*PackedImage{}, files: map[string]*os.File{}}
+	r := &PackReader{pack: m.Pack, namer: ring.namer(m.Pack.Naming), byName: map[string]*PackedImage{}, files: map[string]*os.File{}}
 	for _, wk := range m.Pack.Keys {
 		dk, err := ring.unwrap(m.Pod.Namespace, wk)
 		if err != nil {
@@ -149,7 +149,7 @@ func (r *PackReader) readChunk(c ChunkRef) ([]byte, error) {
 	if c.Key >= 0 && len(r.keys) > 0 {
 		dk = r.keys[c.Key]
 	}
-	return openChunk(buf, dk, r.naming, c.Name, c.Len)
+	return openChunk(buf, dk, r.namer, c.Name, c.Len)
 }
 
 // packFile opens pack file id once (a regular file reached without a symlink); r.mu is held

@@ -28,6 +28,8 @@ type PackOptions struct {
 	Plain bool
 	// Workers compress and encrypt (0: GOMAXPROCS).
 	Workers int
+	// hmacNaming names chunks by HMAC-SHA256, as packs written before BLAKE3 (tests of those).
+	hmacNaming bool
 }
 
 // ioWorkers append records to pack files: page-cache copies, the disk works behind them
@@ -54,7 +56,7 @@ func (w *Writer) Pack(ring *KeyRing, namespace string, opt PackOptions) (ImageSi
 	if opt.ChunkSize%4096 != 0 || opt.ChunkSize > maxChunkSize {
 		return nil, fmt.Errorf("chunk size %d: not a multiple of 4096 up to %d", opt.ChunkSize, maxChunkSize)
 	}
-	s := &packSink{w: w, ring: ring, ns: namespace, opt: opt, ctx: w.context(),
+	s := &packSink{w: w, ring: ring, namer: ring.namer(opt.naming()), ns: namespace, opt: opt, ctx: w.context(),
 		keyIdx: map[string]int{}, names: map[string]bool{}, seen: map[string]ChunkRef{},
 		loc: map[string]chunkLoc{}, packSizes: map[string]int64{}}
 	if err := s.open(); err != nil {
@@ -64,6 +66,13 @@ func (w *Writer) Pack(ring *KeyRing, namespace string, opt PackOptions) (ImageSi
 	s.start()
 	w.pack = s
 	return s, nil
+}
+
+func (o PackOptions) naming() string {
+	if o.hmacNaming {
+		return namingHMAC
+	}
+	return NamingBLAKE3
 }
 
 func (o PackOptions) withDefaults() PackOptions {
@@ -81,11 +90,12 @@ func (o PackOptions) withDefaults() PackOptions {
 
 // packSink is the ImageSink of a Writer's pack.
 type packSink struct {
-	w    *Writer
-	ring *KeyRing
-	ns   string
-	opt  PackOptions
-	ctx  context.Context
+	w     *Writer
+	ring  *KeyRing
+	namer chunkNamer // names this dump's chunks
+	ns    string
+	opt   PackOptions
+	ctx   context.Context
 	// chunks is the chunk store, shared-locked (flock) until the checkpoint is committed or
 	// aborted: the sweep of PruneAt takes the lock exclusively, so it never removes a chunk a
 	// dump in progress wrote or reuses.
@@ -167,7 +177,7 @@ func (s *packSink) open() error {
 }
 
 // loadPrev indexes the chunks of the newest complete checkpoint, if its manifest is authentic
-// and its chunks can be shared: same namespace, chunk size and encryption. Anything else gives
+// and its chunks can be shared: same namespace, chunk size, naming and encryption. Anything else gives
 // an empty index (the dump then writes every chunk).
 func (s *packSink) loadPrev() (map[string]prevChunk, map[string]int64) {
 	out, live := map[string]prevChunk{}, map[string]int64{}
@@ -176,7 +186,7 @@ func (s *packSink) loadPrev() (map[string]prevChunk, map[string]int64) {
 		return out, live
 	}
 	m, err := readAuthentic(s.w.dir, ids[0], s.ring.manifest)
-	if err != nil || m.Pack == nil || m.Pod.Namespace != s.ns || m.Pack.ChunkSize != s.opt.ChunkSize ||
+	if err != nil || m.Pack == nil || m.Pod.Namespace != s.ns || m.Pack.ChunkSize != s.opt.ChunkSize || m.Pack.Naming != s.namer.naming ||
 		(len(m.Pack.Keys) == 0) != s.opt.Plain || m.Pack.validate() != nil {
 		return out, live
 	}
