@@ -242,6 +242,7 @@ func (a *Agent) Start(req agentapi.CheckpointRequest) (agentapi.CheckpointStatus
 	prev, ok := a.ops[req.Pod.UID]
 	if ok && (!prev.periodic || req.LeaveRunning) {
 		a.mu.Unlock()
+		prev.promote(dumpUrgency(req))
 		// Not a question that holds a frozen app (no touch): an eviction retried after the API
 		// server refused it (a PDB) joins the finished operation and is allowed at once, again
 		// and again; the app must be released all the same.
@@ -254,13 +255,13 @@ func (a *Agent) Start(req agentapi.CheckpointRequest) (agentapi.CheckpointStatus
 	op.status = agentapi.CheckpointStatus{Pod: req.Pod, Node: a.cfg.NodeName, Phase: agentapi.PhasePending, StartedAt: a.cfg.Now().UTC(), Message: "waiting for a dump slot"}
 	a.ops[req.Pod.UID] = op
 	if prev == nil {
-		a.queue(op) // in the order asked: the order of the evictions
+		a.queue(op, req) // by urgency, then in the order asked: the order of the evictions
 	}
 	a.mu.Unlock()
 	go func() {
 		if prev != nil {
 			<-prev.done
-			a.queue(op)
+			a.queue(op, req)
 		}
 		a.run(ctx, op, req)
 	}()
@@ -403,11 +404,33 @@ func (a *Agent) run(ctx context.Context, op *operation, req agentapi.CheckpointR
 }
 
 // queue puts the operation in the node's queue for a dump slot (schedule.go).
-func (a *Agent) queue(op *operation) {
-	w := a.sched.enqueue()
+func (a *Agent) queue(op *operation, req agentapi.CheckpointRequest) {
+	w := a.sched.enqueue(dumpUrgency(req))
 	op.mu.Lock()
 	op.sched, op.waiter = a.sched, w
 	op.mu.Unlock()
+}
+
+// promote raises the urgency of the operation's place in the queue, if it waits for a slot.
+func (op *operation) promote(u urgency) {
+	op.mu.Lock()
+	sched, w := op.sched, op.waiter
+	op.mu.Unlock()
+	if sched != nil && w != nil {
+		sched.promote(w, u)
+	}
+}
+
+// dumpUrgency: a termination's grace period runs, an eviction is retried, a periodic checkpoint
+// leaves the app running.
+func dumpUrgency(req agentapi.CheckpointRequest) urgency {
+	switch {
+	case req.Reason == ReasonTermination:
+		return urgencyTermination
+	case req.LeaveRunning:
+		return urgencyPeriodic
+	}
+	return urgencyEviction
 }
 
 func (a *Agent) finish(op *operation, req agentapi.CheckpointRequest, ok bool, msg string) {

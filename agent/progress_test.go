@@ -26,7 +26,7 @@ func TestQueuedDumpsReportTheirPlaceAndProgress(t *testing.T) {
 		r.finder[n] = c.launcherPID()
 		waitCount(t, c, out, 1)
 	}
-	hold := r.agent.sched.enqueue()
+	hold := r.agent.sched.enqueue(urgencyEviction)
 	release, err := r.agent.sched.acquire(context.Background(), hold)
 	require.NoError(t, err)
 	for _, n := range names {

@@ -45,7 +45,7 @@ func defaultSchedConfig() schedConfig { return schedConfig{Max: DefaultMaxConcur
 // or slower volumes, where the climb finds its own knee.
 const DefaultMaxConcurrentDumps = 4
 
-// scheduler hands out dump slots in arrival order, adapts the number of slots to the node's
+// scheduler hands out dump slots by urgency, then in arrival order, adapts the number of slots to the node's
 // measured throughput and tells a waiting dump its place.
 type scheduler struct {
 	cfg schedConfig
@@ -53,7 +53,7 @@ type scheduler struct {
 	mu      sync.Mutex
 	limit   int
 	running int
-	queue   []*slotWaiter // FIFO
+	queue   []*slotWaiter // by urgency, then FIFO
 	levels  map[int]*levelRate
 }
 
@@ -64,9 +64,24 @@ type levelRate struct {
 	at          time.Time
 }
 
+// urgency orders the queue: a more urgent dump goes before every less urgent one waiting, in
+// arrival order within the same urgency.
+type urgency int
+
+const (
+	// urgencyPeriodic: a periodic checkpoint; the app runs on, nothing is lost by waiting.
+	urgencyPeriodic urgency = iota
+	// urgencyEviction: an eviction or Job suspend; its caller retries (429) until the dump is done.
+	urgencyEviction
+	// urgencyTermination: the pod got SIGTERM and its grace period runs: the kubelet kills the
+	// app when it ends, dumped or not.
+	urgencyTermination
+)
+
 // slotWaiter is one dump waiting for a slot.
 type slotWaiter struct {
-	ready chan struct{}
+	ready   chan struct{}
+	urgency urgency
 }
 
 // grant is a slot held: the level it was granted at, and whether dumps were waiting when it was
@@ -90,7 +105,7 @@ func newScheduler(cfg schedConfig) *scheduler {
 	return &scheduler{cfg: cfg, limit: cfg.Min, levels: map[int]*levelRate{}}
 }
 
-// acquire waits for a slot in arrival order; w (made by enqueue) is the caller's place. The
+// acquire waits for w's slot; w (made by enqueue) is the caller's place. The
 // returned release must be called once with what the dump wrote and how long it held the slot.
 func (s *scheduler) acquire(ctx context.Context, w *slotWaiter) (func(bytes int64, took time.Duration), error) {
 	var g grant
@@ -125,14 +140,44 @@ func (s *scheduler) acquire(ctx context.Context, w *slotWaiter) (func(bytes int6
 	}, nil
 }
 
-// enqueue puts a dump at the end of the queue (granted at once when a slot is free).
-func (s *scheduler) enqueue() *slotWaiter {
+// enqueue puts a dump in the queue after every dump at least as urgent (granted at once when a
+// slot is free).
+func (s *scheduler) enqueue(u urgency) *slotWaiter {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	w := &slotWaiter{ready: make(chan struct{})}
-	s.queue = append(s.queue, w)
+	w := &slotWaiter{ready: make(chan struct{}), urgency: u}
+	s.insert(w)
 	s.dispatch()
 	return w
+}
+
+// promote raises a waiting dump's urgency (a pod asked to checkpoint for an eviction gets SIGTERM
+// while it waits) and moves it up accordingly; a dump holding a slot is left alone.
+func (s *scheduler) promote(w *slotWaiter, u urgency) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if w.urgency >= u {
+		return
+	}
+	for _, q := range s.queue {
+		if q == w {
+			s.remove(w)
+			w.urgency = u
+			s.insert(w)
+			return
+		}
+	}
+}
+
+// insert places w after the last waiting dump at least as urgent. Called with mu held.
+func (s *scheduler) insert(w *slotWaiter) {
+	i := len(s.queue)
+	for i > 0 && s.queue[i-1].urgency < w.urgency {
+		i--
+	}
+	s.queue = append(s.queue, nil)
+	copy(s.queue[i+1:], s.queue[i:])
+	s.queue[i] = w
 }
 
 // place is how many dumps are ahead of w (running, then waiting before it), and the current

@@ -7,6 +7,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/stasis-k8s/stasis/agentapi"
 )
 
 // simulateDrain runs n dumps of size bytes through s on a node whose throughput with k dumps at
@@ -15,7 +17,7 @@ func simulateDrain(t *testing.T, s *scheduler, n int, bytes int64, rate func(k i
 	t.Helper()
 	ws := make([]*slotWaiter, n)
 	for i := range ws {
-		ws[i] = s.enqueue()
+		ws[i] = s.enqueue(urgencyEviction)
 	}
 	var limits []int
 	type held struct {
@@ -105,7 +107,7 @@ func TestSchedulerForgets(t *testing.T) {
 // Waiting dumps learn their place; a cancelled one leaves the queue, and the ones behind move up.
 func TestSchedulerPlace(t *testing.T) {
 	s := newScheduler(schedConfig{Max: 1, Min: 1})
-	w0, w1, w2 := s.enqueue(), s.enqueue(), s.enqueue()
+	w0, w1, w2 := s.enqueue(urgencyEviction), s.enqueue(urgencyEviction), s.enqueue(urgencyEviction)
 	rel, err := s.acquire(context.Background(), w0)
 	require.NoError(t, err)
 	ahead, running, limit := s.place(w2)
@@ -130,11 +132,57 @@ func TestSchedulerPlace(t *testing.T) {
 func TestSchedulerLoneDumpsDoNotMoveTheLimit(t *testing.T) {
 	s := newScheduler(schedConfig{Max: 4, Min: 1})
 	for i := 0; i < 5; i++ {
-		w := s.enqueue()
+		w := s.enqueue(urgencyEviction)
 		rel, err := s.acquire(context.Background(), w)
 		require.NoError(t, err)
 		rel(256<<20, time.Second)
 	}
 	assert.Equal(t, 1, s.limit)
 	assert.Empty(t, s.levels)
+}
+
+// A termination (its grace period runs) goes before evictions and periodic checkpoints waiting,
+// an eviction before periodic ones; the same urgency keeps its arrival order. An eviction that
+// gets SIGTERM while it waits moves up with the terminations.
+func TestSchedulerUrgency(t *testing.T) {
+	s := newScheduler(schedConfig{Max: 1, Min: 1})
+	running := s.enqueue(urgencyPeriodic)
+	rel, err := s.acquire(context.Background(), running)
+	require.NoError(t, err)
+	p1 := s.enqueue(urgencyPeriodic)
+	e1 := s.enqueue(urgencyEviction)
+	e2 := s.enqueue(urgencyEviction)
+	t1 := s.enqueue(urgencyTermination)
+	p2 := s.enqueue(urgencyPeriodic)
+	e3 := s.enqueue(urgencyEviction)
+	order := func() []*slotWaiter { return append([]*slotWaiter(nil), s.queue...) }
+	require.Equal(t, []*slotWaiter{t1, e1, e2, e3, p1, p2}, order())
+	ahead, _, _ := s.place(e1)
+	assert.Equal(t, 2, ahead, "the running dump and the termination")
+
+	s.promote(e2, urgencyTermination)
+	require.Equal(t, []*slotWaiter{t1, e2, e1, e3, p1, p2}, order())
+	s.promote(t1, urgencyEviction) // never lowered
+	require.Equal(t, []*slotWaiter{t1, e2, e1, e3, p1, p2}, order())
+
+	var granted []*slotWaiter
+	for _, w := range []*slotWaiter{t1, e2, e1, e3, p1, p2} {
+		rel(1, time.Second)
+		select {
+		case <-w.ready:
+		case <-time.After(time.Second):
+			t.Fatalf("the next slot did not go to waiter %d", len(granted))
+		}
+		granted = append(granted, w)
+		rel, err = s.acquire(context.Background(), w)
+		require.NoError(t, err)
+	}
+	rel(1, time.Second)
+	assert.Len(t, granted, 6)
+}
+
+func TestDumpUrgency(t *testing.T) {
+	assert.Equal(t, urgencyTermination, dumpUrgency(agentapi.CheckpointRequest{Reason: ReasonTermination}))
+	assert.Equal(t, urgencyPeriodic, dumpUrgency(agentapi.CheckpointRequest{LeaveRunning: true, Reason: "periodic"}))
+	assert.Equal(t, urgencyEviction, dumpUrgency(agentapi.CheckpointRequest{Reason: "eviction"}))
 }
