@@ -144,20 +144,7 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 	if err != nil {
 		return 0, err
 	}
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		tk := time.NewTicker(200 * time.Millisecond)
-		defer tk.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-tk.C:
-				op.bytes.Store(base + d.w.Written())
-			}
-		}
-	}()
+	defer d.reportProgress(op, base)()
 	logLevel := int32(2)
 	if d.req.Diagnosis {
 		logLevel = 4
@@ -203,21 +190,47 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 		LeaveRunning: d.req.LeaveRunning,
 		Config:       cfg,
 	}, stream, sink)
+	if err != nil {
+		return 0, d.criuError(err)
+	}
+	return time.Since(begin), nil
+}
+
+// reportProgress publishes the bytes the dump wrote so far every 200 ms (the eviction's 429
+// quotes them) until the returned stop is called.
+func (d *dump) reportProgress(op *operation, base int64) (stop func()) {
+	done := make(chan struct{})
+	go func() {
+		tk := time.NewTicker(200 * time.Millisecond)
+		defer tk.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-tk.C:
+				op.bytes.Store(base + d.w.Written())
+			}
+		}
+	}()
+	return func() { close(done) }
+}
+
+// criuError is a failed CRIU dump's error, quoting CRIU's log when it says why.
+func (d *dump) criuError(err error) error {
 	if errors.Is(err, criurun.ErrImageStream) || errors.Is(err, criurun.ErrStreamAfterCriu) {
 		// The images did not reach the volume; CRIU failed only because the agent stopped taking
 		// them (broken pipes), or succeeded: its log would hide the cause.
-		return 0, fmt.Errorf("criu dump: %w", err)
+		return fmt.Errorf("criu dump: %w", err)
 	}
-	if err != nil {
-		// CRIU's log, read through a descriptor: never a file a pod swapped in by symlink.
-		logPath := path.Join(d.c.Dir, d.w.TmpName(), checkpoint.ImagesDir, checkpoint.DumpLogName)
-		if f, ferr := d.w.OpenFile(path.Join(checkpoint.ImagesDir, checkpoint.DumpLogName)); ferr == nil {
-			defer f.Close()
-			logPath = fmt.Sprintf("/proc/self/fd/%d", f.Fd())
-		}
-		return 0, criurun.LogError("dump", err, logPath)
+	// CRIU's log, read through a descriptor: never a file a pod swapped in by symlink. The failed
+	// checkpoint is removed, so the log has no place to name (with diagnosis on it is kept, and
+	// the agent logs where).
+	f, ferr := d.w.OpenFile(path.Join(checkpoint.ImagesDir, checkpoint.DumpLogName))
+	if ferr != nil {
+		return fmt.Errorf("criu dump failed: %w (its log cannot be read: %v)", err, ferr)
 	}
-	return time.Since(begin), nil
+	defer f.Close()
+	return criurun.LogErrorAt("dump", err, fmt.Sprintf("/proc/self/fd/%d", f.Fd()), checkpoint.DumpLogName)
 }
 
 // keyRing is the checkpoint store's keys: derived from the manifest key, the namespaces' KEKs

@@ -277,7 +277,7 @@ func TestDumpRefusesUnrestorableSockets(t *testing.T) {
 		{"UDP bound to the pod IP", []string{"-listen", "127.0.0.1:7071", "-udp", "10.213.3.2:5353"},
 			noMPTCP, "127.0.0.1:7071", []string{"UDP 10.213.3.2:5353 (bound)"}},
 		{"Go's default listener: Multipath TCP", []string{"-listen", ":7070"},
-			"", "127.0.0.1:7070", []string{"Unsupported proto 262", "GODEBUG=multipathtcp=0"}},
+			"", "127.0.0.1:7070", []string{"CRIU log dump.log:", "Unsupported proto 262", "GODEBUG=multipathtcp=0"}},
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -100,7 +100,13 @@ func LogTail(path string, n int) string {
 
 // LogError wraps err with CRIU's log, quoted.
 func LogError(op string, err error, logPath string) error {
-	return fmt.Errorf("criu %s failed: %w; CRIU log %s:\n%s", op, err, logPath, indent(LogTail(logPath, 12)))
+	return LogErrorAt(op, err, logPath, logPath)
+}
+
+// LogErrorAt is LogError reading the log at readPath (e.g. a descriptor's /proc/self/fd path)
+// and naming it shown (where an operator finds it).
+func LogErrorAt(op string, err error, readPath, shown string) error {
+	return fmt.Errorf("criu %s failed: %w; CRIU log %s:\n%s", op, err, shown, indent(LogTail(readPath, 12)))
 }
 
 func indent(s string) string {
