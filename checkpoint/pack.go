@@ -25,9 +25,10 @@ import (
 // Each image is cut into chunks of Pack.ChunkSize bytes (the last one shorter). A chunk of zeros
 // is not stored. Any other is named by a keyed hash of its plaintext (Pack.Naming: keyed BLAKE3,
 // or HMAC-SHA256 in packs written before BLAKE3) under the chunk naming key (never a plain hash:
-// a pod reading its volume must not be able to confirm a guess of its memory), compressed when that saves 10 % or more, encrypted with AES-256-GCM under the data key
-// of the checkpoint that first wrote it (fresh random nonce per chunk; the record's header, the
-// chunk's name and its key's id are additional data), and appended to a pack file of the dump.
+// a pod reading its volume must not be able to confirm a guess of its memory), compressed when
+// that saves 10 % or more, encrypted with AES-256-GCM under the data key of the checkpoint that
+// first wrote it (fresh random nonce per chunk; the record's header, the chunk's name and its
+// key's id are additional data), and appended to a pack file of the dump.
 // A pack file is written by one dump only, under a temporary name, synced and renamed into place
 // at the end: never written again, never replaced. (One file per chunk cost a file creation per
 // 256 KiB, which capped the writer near 100 MB/s on this VM; see docs/agent.md.)
