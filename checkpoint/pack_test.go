@@ -93,13 +93,36 @@ func writeImage(sink ImageSink, name string, data []byte) error {
 	if err != nil {
 		return err
 	}
-	for off, step := 0, 7777; off < len(data); off, step = off+step, step*3%65536+1 {
+	// As the streamer does: the head by Write, in uneven pieces, the rest by ReadFrom, from a
+	// reader as uneven as a pipe.
+	off := 0
+	for step := 7777; off < min(len(data), 1<<20); off, step = min(off+step, len(data)), step*3%65536+1 {
 		if _, err := wc.Write(data[off:min(off+step, len(data))]); err != nil {
 			wc.Close()
 			return err
 		}
 	}
+	if _, err := wc.(io.ReaderFrom).ReadFrom(&unevenReader{data: data[off:], step: 4099}); err != nil {
+		wc.Close()
+		return err
+	}
 	return wc.Close()
+}
+
+// unevenReader returns data in pieces of changing sizes.
+type unevenReader struct {
+	data []byte
+	step int
+}
+
+func (r *unevenReader) Read(p []byte) (int, error) {
+	if len(r.data) == 0 {
+		return 0, io.EOF
+	}
+	r.step = r.step*5%200000 + 1
+	n := copy(p[:min(len(p), r.step)], r.data)
+	r.data = r.data[n:]
+	return n, nil
 }
 
 func sortedKeys(m map[string][]byte) []string {

@@ -320,6 +320,31 @@ func (iw *imageWriter) Write(p []byte) (int, error) {
 	return n, nil
 }
 
+// ReadFrom fills chunks straight from r until EOF (the image pipe: one copy fewer than Write).
+func (iw *imageWriter) ReadFrom(r io.Reader) (int64, error) {
+	var n int64
+	for {
+		if err := iw.s.failed(); err != nil {
+			return n, err
+		}
+		k, err := io.ReadFull(r, iw.buf[len(iw.buf):cap(iw.buf)])
+		iw.buf = iw.buf[:len(iw.buf)+k]
+		n += int64(k)
+		iw.s.in.Add(int64(k))
+		if len(iw.buf) == cap(iw.buf) {
+			if ferr := iw.flush(); ferr != nil {
+				return n, ferr
+			}
+		}
+		switch {
+		case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+			return n, nil
+		case err != nil:
+			return n, err
+		}
+	}
+}
+
 // flush hands the buffered chunk to the workers.
 func (iw *imageWriter) flush() error {
 	s := iw.s

@@ -434,6 +434,9 @@ func (c *capture) direct(name string, head []byte, p *os.File) (int64, error) {
 		w.Close()
 		return 0, err
 	}
+	if rf, ok := w.(io.ReaderFrom); ok {
+		return c.readInto(name, rf, w, p, n)
+	}
 	filled, free := make(chan []byte, 4), make(chan []byte, 6)
 	for range cap(free) {
 		free <- make([]byte, chunk)
@@ -473,6 +476,38 @@ func (c *capture) direct(name string, head []byte, p *os.File) (int64, error) {
 		}
 	}
 	return n, errors.Join(werr, rerr, cerr)
+}
+
+// readInto streams the rest of image name from pipe p into a sink that reads for itself (the
+// pack fills its chunks straight from the pipe: one copy fewer), n bytes already written.
+func (c *capture) readInto(name string, rf io.ReaderFrom, w io.Closer, p *os.File, n int64) (int64, error) {
+	pr := &pipeReader{p: p}
+	k, err := rf.ReadFrom(pr)
+	n += k
+	if err != nil && err == pr.err {
+		err = c.readErr(name, err) // the pipe's; nil when the stream failed first
+	} else if err != nil {
+		p.Close() // the sink's: CRIU's next write fails (EPIPE)
+	}
+	cerr := w.Close()
+	if errors.Is(cerr, err) {
+		cerr = nil // the sink's Close repeats its failure
+	}
+	return n, errors.Join(err, cerr)
+}
+
+// pipeReader remembers the pipe's own error (EOF is none), to tell it from the sink's.
+type pipeReader struct {
+	p   *os.File
+	err error
+}
+
+func (r *pipeReader) Read(b []byte) (int, error) {
+	k, err := r.p.Read(b)
+	if err != nil && !errors.Is(err, io.EOF) {
+		r.err = err
+	}
+	return k, err
 }
 
 // serve answers a restoring CRIU from the source, one goroutine per image (CRIU reads several at

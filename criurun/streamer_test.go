@@ -27,6 +27,7 @@ type testDirSink struct {
 	dir       string
 	failAfter int64
 	failOn    string // an image whose Close fails
+	readFrom  bool   // its writers read for themselves (io.ReaderFrom), as the pack's do
 	written   int64
 }
 
@@ -35,7 +36,33 @@ func (s *testDirSink) Create(name string) (io.WriteCloser, error) {
 	if err != nil {
 		return nil, err
 	}
+	if s.readFrom {
+		return &readingWriter{failingWriter{f: f, s: s}}, nil
+	}
 	return &failingWriter{f: f, s: s}, nil
+}
+
+// readingWriter reads the image itself, in pieces of 100 KiB, as Write would have been given them.
+type readingWriter struct{ failingWriter }
+
+func (w *readingWriter) ReadFrom(r io.Reader) (int64, error) {
+	var n int64
+	b := make([]byte, 100<<10)
+	for {
+		k, err := io.ReadFull(r, b)
+		if k > 0 {
+			if _, werr := w.Write(b[:k]); werr != nil {
+				return n, werr
+			}
+			n += int64(k)
+		}
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+	}
 }
 
 type failingWriter struct {
@@ -184,6 +211,12 @@ func openDir(t *testing.T, p string) *os.File {
 // A counter dumped through the streamer into a sink, killed, and restored through the streamer
 // from those images in another container, continues its sequence.
 func TestStreamDumpRestore(t *testing.T) {
+	for _, readFrom := range []bool{false, true} {
+		t.Run(fmt.Sprintf("sink-reads-for-itself=%v", readFrom), func(t *testing.T) { testStreamDumpRestore(t, readFrom) })
+	}
+}
+
+func testStreamDumpRestore(t *testing.T, readFrom bool) {
 	b := testBundle(t)
 	bin := buildCounter(t)
 	base := t.TempDir()
@@ -195,7 +228,7 @@ func TestStreamDumpRestore(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	st, err := DumpStreamed(ctx, DumpOptions{Bundle: b, Join: j, Pid: inCtr, ImagesDir: logs, LogFile: "dump.log", LogLevel: 4},
-		openDir(t, filepath.Join(base, "stream-dump")), &testDirSink{dir: images.Name()})
+		openDir(t, filepath.Join(base, "stream-dump")), &testDirSink{dir: images.Name(), readFrom: readFrom})
 	if err != nil {
 		log, _ := os.ReadFile(filepath.Join(logs.Name(), "dump.log"))
 		t.Fatalf("dump: %v\n%s", err, log[max(0, len(log)-3000):])
@@ -242,6 +275,12 @@ func TestStreamDumpRestore(t *testing.T) {
 // A sink that fails in the middle of the pages fails the dump, promptly, and the counter
 // carries on (CRIU thaws the tree of a failed dump).
 func TestStreamDumpSinkFails(t *testing.T) {
+	for _, readFrom := range []bool{false, true} {
+		t.Run(fmt.Sprintf("sink-reads-for-itself=%v", readFrom), func(t *testing.T) { testStreamDumpSinkFails(t, readFrom) })
+	}
+}
+
+func testStreamDumpSinkFails(t *testing.T, readFrom bool) {
 	b := testBundle(t)
 	bin := buildCounter(t)
 	base := t.TempDir()
@@ -252,9 +291,11 @@ func TestStreamDumpSinkFails(t *testing.T) {
 	defer cancel()
 	start := time.Now()
 	_, err := DumpStreamed(ctx, DumpOptions{Bundle: b, Join: j, Pid: inCtr, ImagesDir: logs, LogFile: "dump.log", LogLevel: 4},
-		openDir(t, filepath.Join(base, "stream")), &testDirSink{dir: openDir(t, filepath.Join(base, "images")).Name(), failAfter: 16 << 20})
+		openDir(t, filepath.Join(base, "stream")), &testDirSink{dir: openDir(t, filepath.Join(base, "images")).Name(), failAfter: 16 << 20, readFrom: readFrom})
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "disk full")
+	assert.Equal(t, 1, strings.Count(err.Error(), "disk full"), "said once: %v", err)
+	assert.ErrorIs(t, err, ErrImageStream)
 	assert.Less(t, time.Since(start), streamGrace, "CRIU stopped by itself, it was not killed after the grace")
 	n := lastNumber(t, file)
 	waitNumber(t, file, n+3)
