@@ -91,6 +91,9 @@ type Config struct {
 	CheckpointMount string
 	// RestoreTimeout bounds one container's restore; then it starts afresh.
 	RestoreTimeout time.Duration
+	// PlainCheckpoints stores checkpoint chunks unencrypted (--encrypt-checkpoints=false); they
+	// stay named by a keyed hash, checked on read and listed in the signed manifest.
+	PlainCheckpoints bool
 	// LazyRestore: "auto" (default: lazy when `criu check --feature uffd-noncoop` passes at
 	// start) or "off" (always a full restore). See lazy.go.
 	LazyRestore string

@@ -28,6 +28,7 @@ import (
 //     dedupe against; CRIU streaming into the agent, named, compressed, encrypted, fsynced,
 //     committed) against the raw `criu dump` CLI in the same namespaces plus an fsync of its
 //     images;
+//   - the same first dump with encryption off: what encryption costs;
 //   - bytes on disk of that checkpoint against the app's resident memory;
 //   - a repeat dump of the unchanged heap right after it: its time, and the bytes it added to the
 //     volume against the first's;
@@ -70,6 +71,7 @@ type benchFigures struct {
 	// first); repeatDump: the next dump of the unchanged heap; rawDump, rawSync: the raw CLI's
 	// dump and that plus fsync.
 	firstDump, repeatDump, rawDump, rawSync, agentRestore, rawRestore time.Duration
+	plainFirstDump                                                    time.Duration // a first dump with encryption off
 	disk, imageBytes, rss                                             int64
 	firstAdded, repeatAdded                                           int64 // bytes added to the volume
 }
@@ -109,14 +111,20 @@ func benchHeap(b *testing.B, app func(out string) []string) {
 		f.firstDump, f.firstAdded, f.disk, f.imageBytes = f.firstDump+first, f.firstAdded+added, f.disk+disk, f.imageBytes+m.ImagesSize
 		_, repeat, repeated := benchAgentDump(b, r, fmt.Sprintf("bench-%d-repeat", i))
 		f.repeatDump, f.repeatAdded = f.repeatDump+repeat, f.repeatAdded+repeated
+		// The same first dump with encryption off (--encrypt-checkpoints=false): its cost.
+		require.NoError(b, os.RemoveAll(dir))
+		r.agent.cfg.PlainCheckpoints = true
+		_, plain, _ := benchAgentDump(b, r, fmt.Sprintf("bench-%d-plain", i))
+		r.agent.cfg.PlainCheckpoints = false
+		f.plainFirstDump += plain
 		if raw != "" {
 			require.NoError(b, os.RemoveAll(raw))
 		}
 		raw = filepath.Join(base, fmt.Sprintf("raw-%d", i))
 		rD, rS, rss := benchRawDump(b, r, raw)
 		f.rawDump, f.rawSync, f.rss = f.rawDump+rD, f.rawSync+rS, rss
-		fmt.Printf("  run #%d: agent first dump %.2f s (%d MiB on disk), repeat %.2f s (%d MiB added to the volume); raw %.2f s, +fsync %.2f s\n",
-			i, first.Seconds(), disk>>20, repeat.Seconds(), repeated>>20, rD.Seconds(), rS.Seconds())
+		fmt.Printf("  run #%d: agent first dump %.2f s (%d MiB on disk; not encrypted %.2f s), repeat %.2f s (%d MiB added to the volume); raw %.2f s, +fsync %.2f s\n",
+			i, first.Seconds(), disk>>20, plain.Seconds(), repeat.Seconds(), repeated>>20, rD.Seconds(), rS.Seconds())
 	}
 	// Restores: leave the app frozen by a last dump (as an eviction does), stop it, then restore
 	// the agent's checkpoint and the raw images alternately.
@@ -144,6 +152,8 @@ func (f benchFigures) print(b *testing.B, runs int) {
 	fmt.Printf("  touched memory (RSS): %.0f MiB\n", touched/(1<<20))
 	fmt.Printf("  first dump (nothing to dedupe against): agent %.2f s; raw criu %.2f s; raw criu + fsync %.2f s; agent against raw+fsync: %.2f x throughput\n",
 		mean(f.firstDump), mean(f.rawDump), mean(f.rawSync), mean(f.rawSync)/mean(f.firstDump))
+	fmt.Printf("  encryption: first dump %.2f s encrypted, %.2f s not: costs %+.0f %%\n",
+		mean(f.firstDump), mean(f.plainFirstDump), 100*(mean(f.firstDump)/mean(f.plainFirstDump)-1))
 	fmt.Printf("  repeat dump of the unchanged heap (unchanged chunks not written again): agent %.2f s; %.2f x raw+fsync throughput\n",
 		mean(f.repeatDump), mean(f.rawSync)/mean(f.repeatDump))
 	fmt.Printf("  bytes on disk: %.0f MiB (images %.0f MiB) = %.2f x touched memory\n",

@@ -169,7 +169,7 @@ func (d *dump) runCriu(ctx context.Context, op *operation, base int64) (time.Dur
 	if err != nil {
 		return 0, err
 	}
-	sink, err := d.w.Pack(ring, d.req.Pod.Namespace, checkpoint.PackOptions{})
+	sink, err := d.w.Pack(ring, d.req.Pod.Namespace, checkpoint.PackOptions{Plain: d.a.cfg.PlainCheckpoints})
 	if err != nil {
 		return 0, fmt.Errorf("checkpoint store: %w", err)
 	}

@@ -254,6 +254,24 @@ func TestFullRestoreWhenLazyOff(t *testing.T) {
 	assert.Equal(t, 128+15, c.stop())
 }
 
+// With encryption off, the checkpoint's chunks are stored in the clear (no data key in the
+// manifest) and still restore, lazily, verified.
+func TestPlainCheckpointRestores(t *testing.T) {
+	r := newRig(t, Config{FreezeTimeout: time.Hour, PlainCheckpoints: true})
+	r.serveLocal()
+	id, out, cmd := dumpHeap(t, r, 16)
+	m, err := checkpoint.ReadManifest(filepath.Join(r.dir("app"), id))
+	require.NoError(t, err)
+	require.NotNil(t, m.Pack)
+	assert.Empty(t, m.Pack.Keys, "no data key: the chunks are not encrypted")
+	dumped := readCounts(t, out)
+	c := r.restoreContainer("app", id, cmd...)
+	c.waitOutput("restored; supervising the restored tree")
+	got := waitCount(t, c, out, len(dumped)+2)
+	assert.True(t, isSequence(got), "%v", got)
+	assert.Equal(t, 128+15, c.stop())
+}
+
 // repack rewrites checkpoint id of the rig's container as a pack (the store's format: chunks
 // compressed, encrypted and checked one by one), under a new ID, as a streamed dump will write it.
 func repack(t testing.TB, r *rig, id string) string {

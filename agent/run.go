@@ -39,6 +39,7 @@ type RunConfig struct {
 	SocketDir, Kubeconfig                      string
 	ManifestKeyFile, RestoreDir                string
 	LazyRestore                                string
+	EncryptCheckpoints                         bool
 	LogLevel                                   string
 }
 
@@ -61,6 +62,7 @@ func (c *RunConfig) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.DumpTimeout, "dump-timeout", 15*time.Minute, "abandon one container's dump after this time")
 	fs.DurationVar(&c.RestoreTimeout, "restore-timeout", 5*time.Minute, "start a container afresh when its restore takes longer")
 	fs.StringVar(&c.LazyRestore, "lazy-restore", LazyRestoreAuto, "auto: a restored app resumes before all its memory is read back (CRIU lazy pages, each page verified before it is mapped) when this kernel offers non-cooperative userfaultfd, else a full restore; off: always a full restore")
+	fs.BoolVar(&c.EncryptCheckpoints, "encrypt-checkpoints", true, "encrypt checkpoint chunks with AES-256-GCM under a data key per checkpoint wrapped by the namespace's key (a checkpoint holds whatever the app held in memory); false stores them in the clear, still checked on read (docs/agent.md: its cost measured)")
 	fs.IntVar(&c.KeepOlder, "keep-checkpoints", 1, "older complete checkpoints kept per container besides the newest (a request's keep wins)")
 	fs.StringVar(&c.HealthListen, "health-listen", ":8081", "plain HTTP address for /healthz, /readyz and /metrics")
 	fs.StringVar(&c.SocketDir, "socket-dir", wiring.HostAgentDir, "directory of the launchers' local socket "+wiring.AgentSocketName)
@@ -149,7 +151,7 @@ func newAgent(ctx context.Context, rc RunConfig, criu criurun.Bundle, criuVersio
 	a, err := New(ctx, Config{
 		NodeName: rc.NodeName, Criu: criu, CriuVersion: criuVersion, ManifestKey: key, NamespaceKeys: keks, RestoreDir: rc.RestoreDir,
 		MaxConcurrentDumps: rc.MaxConcurrentDumps, MinConcurrentDumps: rc.MinConcurrentDumps, FreezeTimeout: rc.FreezeTimeout, DumpTimeout: rc.DumpTimeout,
-		RestoreTimeout: rc.RestoreTimeout, KeepOlder: rc.KeepOlder, LazyRestore: rc.LazyRestore,
+		RestoreTimeout: rc.RestoreTimeout, KeepOlder: rc.KeepOlder, LazyRestore: rc.LazyRestore, PlainCheckpoints: !rc.EncryptCheckpoints,
 		ReleaseAfter: rc.ReleaseAfter, Pods: pods, StateDir: rc.StateDir,
 		Finder: runtime, Events: events, Metrics: NewMetrics(reg), Log: log,
 	})
