@@ -461,8 +461,8 @@ func TestDeploymentRolloutStartsFreshOneCopy(t *testing.T) {
 	}
 }
 
-// Issue 14: a one-replica Deployment's pod deleted with kubectl delete (1 GiB touched, so its
-// checkpoint on SIGTERM takes a while). The ReplicaSet replaces it at once, without waiting for
+// Issue 14: a one-replica Deployment's pod deleted with kubectl delete (1 GiB of incompressible
+// memory touched, so its checkpoint on SIGTERM writes 1 GiB and takes a while). The ReplicaSet replaces it at once, without waiting for
 // its end; the webhook holds the replacement's creation (429, retried by the controller, an
 // Event on the ReplicaSet) until the old pod has ended: never two copies, and the replacement
 // continues from the termination checkpoint, not an older one or none.
@@ -470,7 +470,7 @@ func TestDeploymentPodDeletedWaitsAndContinues(t *testing.T) {
 	ctx := context.Background()
 	ns := newNamespace(t, "deldeploy")
 	_, err := env.CreateCounterDeployment(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, GraceSeconds: 30,
-		MemoryRequest: "1536Mi", Args: []string{"--interval=300ms", "--touch-mib=1024"}})
+		MemoryRequest: "1536Mi", Args: []string{"--interval=300ms", "--touch-mib=1024", "--touch-random"}})
 	require.NoError(t, err)
 	pod, err := env.WaitPodWithLabel(ctx, ns, "app=counter", 3*time.Minute)
 	require.NoError(t, err)

@@ -53,8 +53,10 @@ func TestFaultWebhookReplicaKilledMidDrain(t *testing.T) {
 func webhookStoppedMidDrain(t *testing.T, kill bool) {
 	ctx := context.Background()
 	ns := newNamespace(t, "whkill")
+	// Incompressible memory: the dump writes all 2 GiB, so the eviction review is in flight for
+	// seconds (a pattern heap dumps in about 1 s).
 	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "whkill", Checkpoint: true, Indexed: true,
-		Args: []string{"--interval=300ms", "--touch-mib=2048"}})
+		Args: []string{"--interval=300ms", "--touch-mib=2048", "--touch-random"}})
 	require.NoError(t, err)
 	pod, err := env.WaitJobPod(ctx, ns, "whkill", 3*time.Minute)
 	require.NoError(t, err)

@@ -169,13 +169,15 @@ func TestDeploymentScaledDownAndUpContinues(t *testing.T) {
 
 // A termination whose dump cannot finish within the pod's grace period (1 s, 3 GiB of memory):
 // the kubelet kills the container mid-dump, the partial checkpoint is never completed, and the
-// next pod continues from the previous complete one (issue 15).
+// next pod continues from the previous complete one (issue 15). The memory is incompressible
+// and changes on every line, so the termination's dump shares no chunk with the eviction's and
+// must write all 3 GiB (a dump of an unchanged heap only names its chunks: about 1 s here).
 func TestDumpCutByGracePeriodKeepsThePreviousCheckpoint(t *testing.T) {
 	ctx := context.Background()
 	ns := newNamespace(t, "grace")
 	// The kubelet's SIGKILL (137) counts against backoffLimit: allow it once.
 	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, Indexed: true, GraceSeconds: 1, BackoffLimit: 1,
-		Args: []string{"--interval=300ms", "--touch-mib=3072"}})
+		Args: []string{"--interval=300ms", "--touch-mib=3072", "--touch-random", "--touch-vary"}})
 	require.NoError(t, err)
 	pod, err := env.WaitJobPod(ctx, ns, "counter", 3*time.Minute)
 	require.NoError(t, err)
@@ -206,8 +208,9 @@ func TestDumpCutByGracePeriodKeepsThePreviousCheckpoint(t *testing.T) {
 func TestFaultAgentKilledMidDump(t *testing.T) {
 	ctx := context.Background()
 	ns := newNamespace(t, "middump")
+	// 2 GiB of incompressible memory: the dump writes all of it, seconds, so 0.7 s is mid-dump.
 	_, err := env.CreateCounterJob(ctx, ns, harness.CounterSpec{Name: "counter", Checkpoint: true, Indexed: true,
-		Args: []string{"--interval=300ms", "--touch-mib=2048"}})
+		Args: []string{"--interval=300ms", "--touch-mib=2048", "--touch-random"}})
 	require.NoError(t, err)
 	pod, err := env.WaitJobPod(ctx, ns, "counter", 3*time.Minute)
 	require.NoError(t, err)

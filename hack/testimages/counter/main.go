@@ -4,7 +4,7 @@
 //
 // Each line is "<n>" followed by optional fields the tests assert on:
 //
-//	mem=ok|bad     with --touch-mib: the touched memory still holds the pattern written at start
+//	mem=ok|bad     with --touch-mib: the touched memory still holds the pattern written last
 //	file=ok|...    with --file: the file written at start (in the writable layer) still holds the
 //	               token this process keeps in memory
 //	held=ok|...    with --hold: the file it keeps open and appends every number to (a log in the
@@ -26,6 +26,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
 	"flag"
 	"fmt"
@@ -59,6 +60,8 @@ func main() {
 	huntAgents := flag.String("hunt", "", "ADDR,...: look for the agents' key on every route, with the agents at these addresses (\"-\": none)")
 	to := flag.Int("to", 0, "exit 0 after printing this number (0: count forever)")
 	touchMiB := flag.Int("touch-mib", 0, "allocate and touch this many MiB at start, and check them on every line")
+	touchRandom := flag.Bool("touch-random", false, "with --touch-mib: fill the memory with pseudo-random bytes (incompressible, no two chunks alike) around the checked ones")
+	touchVary := flag.Bool("touch-vary", false, "with --touch-mib: change the checked bytes of every page on every line (no two checkpoints share a chunk)")
 	file := flag.String("file", "", "write a random token to this file at start, and check it on every line")
 	hold := flag.String("hold", "", "keep this file open and append every number to it, and check it on every line")
 	remove := flag.String("remove", "", "remove this file of the image at start, and check it stays removed")
@@ -101,10 +104,10 @@ func main() {
 	var mem []byte
 	if *touchMiB > 0 {
 		mem = make([]byte, *touchMiB<<20)
-		for i := 0; i < len(mem); i += pageSize {
-			mem[i] = pattern(i)
-			mem[i+pageSize-1] = ^pattern(i)
+		if *touchRandom {
+			fillRandom(mem)
 		}
+		setMem(mem, 0)
 		fmt.Printf("touched %d MiB\n", *touchMiB)
 	}
 	if *file != "" {
@@ -127,13 +130,18 @@ func main() {
 
 	t := time.NewTicker(*interval)
 	defer t.Stop()
+	var gen byte // of the checked bytes (--touch-vary)
 	for n := 0; ; n++ {
 		if b, err := os.ReadFile(HostileMarker); err == nil {
 			fmt.Printf("HOSTILE MARKER %q\n", b)
 		}
 		fields := []string{fmt.Sprint(n)}
 		if mem != nil {
-			fields = append(fields, "mem="+checkMem(mem))
+			fields = append(fields, "mem="+checkMem(mem, gen))
+			if *touchVary {
+				gen = byte(n + 1)
+				setMem(mem, gen)
+			}
 		}
 		if *file != "" {
 			fields = append(fields, "file="+checkFile(*file, token))
@@ -188,10 +196,29 @@ func maybeOOM(spec string, n int) {
 
 func pattern(i int) byte { return byte(i/pageSize*31 + 7) }
 
-// checkMem reads two bytes of every page: cheap, and it touches every page a restore brought back.
-func checkMem(mem []byte) string {
+// setMem writes the checked bytes of every page (the first and the last) for generation gen.
+func setMem(mem []byte, gen byte) {
 	for i := 0; i < len(mem); i += pageSize {
-		if mem[i] != pattern(i) || mem[i+pageSize-1] != ^pattern(i) {
+		mem[i] = pattern(i) + gen
+		mem[i+pageSize-1] = ^(pattern(i) + gen)
+	}
+}
+
+// fillRandom fills mem with xorshift64* output: fast, and incompressible for a codec.
+func fillRandom(mem []byte) {
+	x := uint64(time.Now().UnixNano()) | 1
+	for i := 0; i+8 <= len(mem); i += 8 {
+		x ^= x >> 12
+		x ^= x << 25
+		x ^= x >> 27
+		binary.LittleEndian.PutUint64(mem[i:], x*0x2545F4914F6CDD1D)
+	}
+}
+
+// checkMem reads two bytes of every page: cheap, and it touches every page a restore brought back.
+func checkMem(mem []byte, gen byte) string {
+	for i := 0; i < len(mem); i += pageSize {
+		if mem[i] != pattern(i)+gen || mem[i+pageSize-1] != ^(pattern(i)+gen) {
 			return "bad"
 		}
 	}
