@@ -45,8 +45,8 @@ func defaultSchedConfig() schedConfig { return schedConfig{Max: DefaultMaxConcur
 // or slower volumes, where the climb finds its own knee.
 const DefaultMaxConcurrentDumps = 4
 
-// scheduler hands out dump slots by urgency, then in arrival order, adapts the number of slots to the node's
-// measured throughput and tells a waiting dump its place.
+// scheduler hands out dump slots by urgency, then in arrival order, adapts the number of slots
+// to the node's measured throughput and tells a waiting dump its place.
 type scheduler struct {
 	cfg schedConfig
 
@@ -105,8 +105,8 @@ func newScheduler(cfg schedConfig) *scheduler {
 	return &scheduler{cfg: cfg, limit: cfg.Min, levels: map[int]*levelRate{}}
 }
 
-// acquire waits for w's slot; w (made by enqueue) is the caller's place. The
-// returned release must be called once with what the dump wrote and how long it held the slot.
+// acquire waits for w's slot; w (made by enqueue) is the caller's place. The returned release
+// must be called once with what the dump wrote and how long it held the slot.
 func (s *scheduler) acquire(ctx context.Context, w *slotWaiter) (func(bytes int64, took time.Duration), error) {
 	var g grant
 	select {
