@@ -57,7 +57,13 @@ func floodClient() (kubernetes.Interface, error) {
 // flood creates pods made by mk at rate per second for d, open loop: every creation is sent at its
 // scheduled time on its own goroutine whatever the answers before it, and its latency counts from
 // that time (a client that cannot keep up shows as latency, not as a lower rate). It returns what
-// the client saw.
+// the client saw. At most maxInFlight creations wait for their answers at once: past that a
+// creation waits for a free place (still timed from its scheduled time), so that a saturated API
+// server shows as latency rather than as this process running out of descriptors (each waiting
+// request beyond HTTP/2's streams opens a connection), which failed the evictions measured beside
+// the flood.
+const maxInFlight = 2000
+
 func flood(ctx context.Context, c kubernetes.Interface, ns string, rate int, d time.Duration, dryRun bool, mk func(i int) *corev1.Pod) floodStats {
 	n := int(float64(rate) * d.Seconds())
 	type result struct {
@@ -70,6 +76,7 @@ func flood(ctx context.Context, c kubernetes.Interface, ns string, rate int, d t
 		opts.DryRun = []string{metav1.DryRunAll}
 	}
 	var wg sync.WaitGroup
+	inFlight := make(chan struct{}, maxInFlight)
 	t0 := time.Now()
 	for i := 0; i < n && ctx.Err() == nil; i++ {
 		at := t0.Add(time.Duration(float64(i) / float64(rate) * float64(time.Second)))
@@ -79,7 +86,9 @@ func flood(ctx context.Context, c kubernetes.Interface, ns string, rate int, d t
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			inFlight <- struct{}{}
 			_, err := c.CoreV1().Pods(ns).Create(ctx, mk(i), opts)
+			<-inFlight
 			results <- result{time.Since(at), err}
 		}()
 	}
