@@ -462,10 +462,11 @@ func TestDeploymentRolloutStartsFreshOneCopy(t *testing.T) {
 }
 
 // Issue 14: a one-replica Deployment's pod deleted with kubectl delete (1 GiB of incompressible
-// memory touched, so its checkpoint on SIGTERM writes 1 GiB and takes a while). The ReplicaSet replaces it at once, without waiting for
-// its end; the webhook holds the replacement's creation (429, retried by the controller, an
-// Event on the ReplicaSet) until the old pod has ended: never two copies, and the replacement
-// continues from the termination checkpoint, not an older one or none.
+// memory touched, so its checkpoint on SIGTERM writes 1 GiB and takes a while). The ReplicaSet
+// replaces it at once, without waiting for its end; the webhook holds the replacement's creation
+// (429, retried by the controller, an Event on the ReplicaSet) until the old pod has ended: never
+// two copies, and the replacement continues from the termination checkpoint, not an older one or
+// none.
 func TestDeploymentPodDeletedWaitsAndContinues(t *testing.T) {
 	ctx := context.Background()
 	ns := newNamespace(t, "deldeploy")

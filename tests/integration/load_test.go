@@ -54,6 +54,9 @@ func floodClient() (kubernetes.Interface, error) {
 	return kubernetes.NewForConfig(cfg)
 }
 
+// maxInFlight bounds the creations of a flood waiting for their answers at once.
+const maxInFlight = 2000
+
 // flood creates pods made by mk at rate per second for d, open loop: every creation is sent at its
 // scheduled time on its own goroutine whatever the answers before it, and its latency counts from
 // that time (a client that cannot keep up shows as latency, not as a lower rate). It returns what
@@ -62,8 +65,6 @@ func floodClient() (kubernetes.Interface, error) {
 // server shows as latency rather than as this process running out of descriptors (each waiting
 // request beyond HTTP/2's streams opens a connection), which failed the evictions measured beside
 // the flood.
-const maxInFlight = 2000
-
 func flood(ctx context.Context, c kubernetes.Interface, ns string, rate int, d time.Duration, dryRun bool, mk func(i int) *corev1.Pod) floodStats {
 	n := int(float64(rate) * d.Seconds())
 	type result struct {
